@@ -1,0 +1,49 @@
+"""gmcompress: compress pretrained PyTorch networks with (relaxed) group matrices."""
+
+from .groups import (
+    FiniteGroup,
+    cyclic,
+    dihedral,
+    direct_product,
+    from_permutations,
+    from_table,
+    group,
+    left_cosets,
+    regular_basis,
+    semidirect_product,
+    subgroup,
+    symmetric,
+)
+from .structure import (
+    GMFit,
+    coefficients,
+    displacement,
+    displacement_rank,
+    from_coefficients,
+    group_matrix,
+    project,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FiniteGroup",
+    "GMFit",
+    "coefficients",
+    "cyclic",
+    "dihedral",
+    "direct_product",
+    "displacement",
+    "displacement_rank",
+    "from_coefficients",
+    "from_permutations",
+    "from_table",
+    "group",
+    "group_matrix",
+    "left_cosets",
+    "project",
+    "regular_basis",
+    "semidirect_product",
+    "subgroup",
+    "symmetric",
+]

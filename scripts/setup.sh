@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install gmcompress with its test and model extras on a fresh machine.
+# torch is pinned to the CPU wheel of this machine first, so nothing pulls a multi-GB CUDA build;
+# the package itself only asks for torch>=2.2. ccexam declares torchvision, which its nets do not
+# need (and which breaks this CPU torch), so it goes in with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q --no-deps "ccexam==1.0.0"
+python -m pip install -q -e ".[test,models]"

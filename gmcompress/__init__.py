@@ -14,6 +14,7 @@ from .groups import (
     subgroup,
     symmetric,
 )
+from .nn import GMConv2d, GMLinear, GMPointwiseConv2d, GMPool
 from .structure import (
     GMFit,
     coefficients,
@@ -28,6 +29,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FiniteGroup",
+    "GMConv2d",
+    "GMLinear",
+    "GMPointwiseConv2d",
+    "GMPool",
     "GMFit",
     "coefficients",
     "cyclic",

@@ -492,3 +492,49 @@ def _frozen(q: np.ndarray, blocks: Sequence[int]) -> RegularBasis:
     q = np.ascontiguousarray(q)
     q.setflags(write=False)
     return RegularBasis(q=q, blocks=tuple(int(b) for b in blocks))
+
+
+def double_coset_ids(g: FiniteGroup, left: Iterable[int], right: Iterable[int]) -> np.ndarray:
+    """``(N,)`` id of the double coset ``K g H`` of each element (K = ``left``, H = ``right``), by first element."""
+    k = np.asarray(list(left), dtype=np.int64)
+    h = np.asarray(list(right), dtype=np.int64)
+    ids = np.full(g.order, -1, dtype=np.int64)
+    count = 0
+    for a in range(g.order):
+        if ids[a] < 0:
+            ids[g.table[g.table[k, a][:, None], h[None, :]].ravel()] = count
+            count += 1
+    return ids
+
+
+# spatial action of the square's symmetry groups on a k x k grid -------------------------------
+
+SQUARE_GROUPS = ("C1", "C2", "C4", "D1", "D2", "D4")
+
+
+def grid_action(g: FiniteGroup | str, size: int) -> np.ndarray:
+    """Pixel permutations of a ``size x size`` grid for a group of the square (C1, C2, C4, D1, D2, D4).
+
+    Returns ``perm`` of shape ``(|H|, size * size)`` with ``(h . img).ravel() == img.ravel()[perm[h]]``,
+    the same transform as ``torch.rot90(img, k, dims=(-2, -1))`` after ``torch.flip(img, dims=(-1,))``
+    for ``h = r^k s^f``. C2 is the half turn, D1 the single flip, D2 half turn and flip.
+    """
+    g = group(g)
+    base = np.arange(size * size).reshape(size, size)
+    kind = g.name
+    if kind not in SQUARE_GROUPS:
+        raise ValueError(f"grid_action supports the square's groups {SQUARE_GROUPS}, got {kind}")
+    n_rot = {"C1": 1, "C2": 2, "C4": 4, "D1": 1, "D2": 2, "D4": 4}[kind]
+    step = 4 // n_rot
+    perms = []
+    for idx in range(g.order):
+        flip, rot = divmod(idx, n_rot) if kind.startswith("D") else (0, idx)
+        img = np.flip(base, axis=-1) if flip else base
+        perms.append(np.rot90(img, rot * step, axes=(-2, -1)).ravel())
+    perm = np.stack(perms)
+    # the map h -> permutation must be a homomorphism: (g_a g_b) . img == g_a . (g_b . img)
+    for a in range(g.order):
+        for b in range(g.order):
+            if not np.array_equal(perm[g.table[a, b]], perm[b][perm[a]]):
+                raise AssertionError(f"grid action of {kind} is not a homomorphism")  # pragma: no cover
+    return perm

@@ -14,6 +14,7 @@ Feature layout is channel-major: flat index ``channel * N + group_index``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
-from .groups import FiniteGroup, group
+from .groups import FiniteGroup, double_coset_ids, grid_action, group, left_cosets
 
 __all__ = [
     "GMFit",
@@ -30,10 +31,15 @@ __all__ = [
     "from_coefficients",
     "displacement",
     "displacement_rank",
+    "Pattern",
+    "regular_pattern",
+    "coset_pattern",
+    "conv_pattern",
     "relaxed_dense",
     "channel_counts",
     "resolve_support",
     "project",
+    "project_pattern",
 ]
 
 
@@ -86,59 +92,162 @@ def _check_square(m: np.ndarray, g: FiniteGroup) -> None:
         raise ValueError(f"expected a (..., {g.order}, {g.order}) matrix for group {g.name}, got {m.shape}")
 
 
-def channel_counts(shape: tuple[int, int], g: FiniteGroup, what: str = "weight") -> tuple[int, int]:
-    """``(c_out, c_in)`` for a ``(c_out*N, c_in*N)`` matrix, or a ValueError that says how to fix it."""
+@dataclass(frozen=True)
+class Pattern:
+    """Where each kernel value lands in one ``(n_out x n_in)`` block of a structured weight.
+
+    ``index[p, q]`` is the kernel class of entry ``(p, q)``: a group element ``g_p^{-1} g_q`` for a
+    group matrix, a double coset for maps between coset spaces, an (element, pixel) pair for a group
+    convolution. Every output position p sees each class exactly ``counts[class]`` times. The
+    coefficient matrix generalises design.md's F: ``F[class, p] = sum_{q: index[p, q] = class} W[p, q]``.
+    """
+
+    index: np.ndarray
+    counts: np.ndarray
+    name: str = ""
+
+    @property
+    def n_out(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def n_in(self) -> int:
+        return int(self.index.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.counts.shape[0])
+
+    @functools.cached_property
+    def _row_order(self) -> np.ndarray:
+        return np.argsort(self.index, axis=1, kind="stable")
+
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+
+    def class_sums(self, m: np.ndarray) -> np.ndarray:
+        """``(..., n_out, n_in) -> (..., n_classes, n_out)``: sums of the entries of each class, per row."""
+        if (self.counts == 1).all() and self.n_in == self.n_classes:  # a permutation: plain gather
+            inv = np.empty_like(self.index)
+            np.put_along_axis(inv, self.index, np.arange(self.n_in)[None, :], axis=1)
+            return np.swapaxes(m[..., np.arange(self.n_out)[:, None], inv], -1, -2)
+        order = np.broadcast_to(self._row_order, m.shape)
+        sums = np.add.reduceat(np.take_along_axis(m, order, axis=-1), self._starts, axis=-1)
+        return np.swapaxes(sums, -1, -2)
+
+    def expand(self, f: np.ndarray) -> np.ndarray:
+        """``(..., n_classes, n_out) -> (..., n_out, n_in)``: ``M[p, q] = F[index[p, q], p]``."""
+        return f[..., self.index, np.arange(self.n_out)[:, None]]
+
+
+def _pattern_from_index(index: np.ndarray, name: str) -> Pattern:
+    index = np.ascontiguousarray(index, dtype=np.int64)
+    counts = np.bincount(index[0], minlength=int(index.max()) + 1)
+    for row in index[1:]:
+        if not np.array_equal(np.bincount(row, minlength=counts.size), counts):
+            raise ValueError(f"pattern {name}: class multiplicities differ between output positions")
+    index.setflags(write=False)
+    counts.setflags(write=False)
+    return Pattern(index, counts, name)
+
+
+@functools.lru_cache(maxsize=128)
+def regular_pattern(g: FiniteGroup) -> Pattern:
+    """Group matrices: ``index[i, j] = idx(g_i^{-1} g_j)``, one entry of each element per row."""
+    return _pattern_from_index(g.right_shift_index(), g.name)
+
+
+@functools.lru_cache(maxsize=128)
+def coset_pattern(g: FiniteGroup, in_subgroup: tuple[int, ...], out_subgroup: tuple[int, ...]) -> Pattern:
+    """Maps from functions on ``G/H`` (``H = in_subgroup``) to functions on ``G/K`` (``K = out_subgroup``).
+
+    ``y(sK) = sum_{rH} f(s^{-1} r) x(rH)`` with f bi-invariant (``f(k g h) = f(g)``), so the kernel
+    lives on the double cosets ``K\\G/H`` and ``index[p, q]`` is the double coset of ``s_p^{-1} r_q``
+    (coset representatives as in :func:`left_cosets`). H = K = {e} gives :func:`regular_pattern`.
+    """
+    in_reps = left_cosets(g, in_subgroup)[:, 0]
+    out_reps = left_cosets(g, out_subgroup)[:, 0]
+    ids = double_coset_ids(g, out_subgroup, in_subgroup)
+    index = ids[g.table[g.inverse[out_reps][:, None], in_reps[None, :]]]
+    return _pattern_from_index(index, f"{g.name}/({len(in_subgroup)}->{len(out_subgroup)})")
+
+
+@functools.lru_cache(maxsize=128)
+def conv_pattern(h: FiniteGroup, kernel_size: int, lifting: bool) -> Pattern:
+    """Group convolution over a group H of the square (C2, C4, D2, D4) with ``k x k`` kernels.
+
+    Positions are output orientations ``h_out``; a block's input axis is ``(h_in, pixel v)``
+    (``pixel v`` alone when lifting). The tied weight is
+    ``W[h_out, (h_in, v)] = psi(h_out^{-1} h_in, h_out^{-1} . v)`` (p4/p4m weight tying), so the kernel
+    classes are pairs (relative element, pixel) — or pixels when lifting — and a relaxed form adds a
+    modulation over output orientations.
+    """
+    perm = grid_action(h, kernel_size)  # (h . img).ravel() == img.ravel()[perm[h]]
+    k2 = kernel_size * kernel_size
+    n = h.order
+    if lifting:
+        index = perm.copy()  # class u = h_out^{-1} . v
+    else:
+        rel = h.table[h.inverse][:, :, None]  # (h_out, h_in, 1): h_out^{-1} h_in
+        index = (rel * k2 + perm[:, None, :]).reshape(n, n * k2)
+    return _pattern_from_index(index, f"{h.name}-conv{kernel_size}x{kernel_size}{'-lift' if lifting else ''}")
+
+
+def channel_counts(shape: tuple[int, int], pattern: Pattern, what: str = "weight") -> tuple[int, int]:
+    """``(c_out, c_in)`` for a ``(c_out*n_out, c_in*n_in)`` matrix, or a ValueError that says how to fix it."""
     out_f, in_f = shape
-    n = g.order
-    if out_f % n or in_f % n:
+    if out_f % pattern.n_out or in_f % pattern.n_in:
         raise ValueError(
-            f"{what} of shape (out={out_f}, in={in_f}) does not divide into {g.name} blocks: both sizes must "
-            f"be multiples of the group order N={n}. Pick a group whose order divides both, or pad "
+            f"{what} of shape (out={out_f}, in={in_f}) does not divide into {pattern.name} blocks: out must be a "
+            f"multiple of {pattern.n_out} and in a multiple of {pattern.n_in} (the group order N={pattern.n_out}"
+            f" for a plain group matrix). Pick a group whose order divides both, or pad "
             f"(on_mismatch='pad') / skip the layer."
         )
-    return out_f // n, in_f // n
+    return out_f // pattern.n_out, in_f // pattern.n_in
 
 
-def resolve_support(g: FiniteGroup, support: Iterable[int] | None) -> np.ndarray:
-    """Sorted, unique element indices of the kernel support (all of G when None)."""
+def resolve_support(pattern: Pattern, support: Iterable[int] | None) -> np.ndarray:
+    """Sorted, unique kernel classes of the support (all classes when None)."""
     if support is None:
-        return np.arange(g.order)
+        return np.arange(pattern.n_classes)
     s = np.unique(np.asarray(list(support), dtype=np.int64))
-    if s.size == 0 or s.min() < 0 or s.max() >= g.order:
-        raise ValueError(f"support must be a non-empty set of element indices of {g.name} (0..{g.order - 1})")
+    if s.size == 0 or s.min() < 0 or s.max() >= pattern.n_classes:
+        raise ValueError(
+            f"support must be a non-empty set of kernel classes of {pattern.name} (0..{pattern.n_classes - 1})"
+        )
     return s
 
 
-def relaxed_dense(kernels: np.ndarray, modulations: np.ndarray, support: np.ndarray, g: FiniteGroup) -> np.ndarray:
-    """Dense ``(c_out N, c_in N)`` matrix of ``W[o, c] = sum_k diag(a[k, o]) GM(b[k, o, c])``.
+def relaxed_dense(kernels: np.ndarray, modulations: np.ndarray, support: np.ndarray, pattern: Pattern) -> np.ndarray:
+    """Dense ``(c_out n_out, c_in n_in)`` matrix of ``W[o, c] = sum_k diag(a[k, o]) GM(b[k, o, c])``.
 
     ``kernels`` has shape ``(r, c_out, c_in, |S|)`` (values on the support), ``modulations``
-    ``(r, c_out, N)``.
+    ``(r, c_out, n_out)``.
     """
     r, c_out, c_in, _ = kernels.shape
-    n = g.order
-    full = np.zeros((r, c_out, c_in, n), dtype=np.result_type(kernels, modulations))
+    full = np.zeros((r, c_out, c_in, pattern.n_classes), dtype=np.result_type(kernels, modulations))
     full[..., support] = kernels
     f = np.einsum("kocg,kop->ocgp", full, modulations)  # coefficient matrices per block
-    blocks = from_coefficients(f, g)  # (c_out, c_in, N, N) [o, c, p, q]
-    return blocks.transpose(0, 2, 1, 3).reshape(c_out * n, c_in * n)
+    blocks = pattern.expand(f)  # (c_out, c_in, n_out, n_in) [o, c, p, q]
+    return blocks.transpose(0, 2, 1, 3).reshape(c_out * pattern.n_out, c_in * pattern.n_in)
 
 
-def _block_coefficients(w: np.ndarray, g: FiniteGroup, c_out: int, c_in: int) -> np.ndarray:
-    n = g.order
-    blocks = w.reshape(c_out, n, c_in, n).transpose(0, 2, 1, 3)  # (o, c, p, q)
-    return coefficients(blocks, g)  # (o, c, g, p)
+def _class_sums(w: np.ndarray, pattern: Pattern, c_out: int, c_in: int) -> np.ndarray:
+    blocks = w.reshape(c_out, pattern.n_out, c_in, pattern.n_in).transpose(0, 2, 1, 3)  # (o, c, p, q)
+    return pattern.class_sums(blocks)  # (o, c, class, p)
 
 
 @dataclass
 class GMFit:
     """A least-squares fit of a dense matrix by a (relaxed) group matrix.
 
-    ``kernels`` ``(r, c_out, c_in, |S|)``, ``modulations`` ``(r, c_out, N)``, ``support`` the element
-    indices the kernels live on; ``relative_error = ||W - dense()||_F / ||W||_F``.
+    ``kernels`` ``(r, c_out, c_in, |S|)``, ``modulations`` ``(r, c_out, n_out)``, ``support`` the kernel
+    classes (group elements for a plain GM) the kernels live on;
+    ``relative_error = ||W - dense()||_F / ||W||_F``.
     """
 
-    group: FiniteGroup
+    pattern: Pattern
     kernels: np.ndarray
     modulations: np.ndarray
     support: np.ndarray
@@ -154,14 +263,14 @@ class GMFit:
     @property
     def shape(self) -> tuple[int, int]:
         _, c_out, c_in, _ = self.kernels.shape
-        return c_out * self.group.order, c_in * self.group.order
+        return c_out * self.pattern.n_out, c_in * self.pattern.n_in
 
     @property
     def num_parameters(self) -> int:
         return int(self.kernels.size + (self.modulations.size if self.modulate else 0))
 
     def dense(self) -> np.ndarray:
-        return relaxed_dense(self.kernels, self.modulations, self.support, self.group)
+        return relaxed_dense(self.kernels, self.modulations, self.support, self.pattern)
 
 
 def project(
@@ -172,6 +281,8 @@ def project(
     support: Iterable[int] | None = None,
     inputs: np.ndarray | None = None,
     *,
+    in_subgroup: Iterable[int] | None = None,
+    out_subgroup: Iterable[int] | None = None,
     damping: float = 0.1,
     max_iter: int = 100,
 ) -> GMFit:
@@ -180,7 +291,10 @@ def project(
     * ``modulate=False`` (rank 1 only): the exact GM projection, the mean along each group diagonal.
     * ``modulate=True``: per output channel, the truncated SVD of the stacked coefficient matrix
       (Eckart-Young), split as ``b = u s / sqrt(N)`` and ``a = v sqrt(N)`` (so ``a`` is ~1 near a GM).
-    * ``support``: kernels restricted to those elements; the other coefficient rows are fitted by 0.
+    * ``support``: group elements the kernels may use; the other coefficients are fitted by 0.
+    * ``in_subgroup`` / ``out_subgroup`` (element lists of subgroups H, K): fit a map between the coset
+      spaces ``G/H -> G/K`` (features ``c * |G/H|``), kernels on the double cosets ``K\\G/H``
+      (:func:`coset_pattern`); ``support`` elements then select their double cosets.
     * ``inputs`` (calibration activations, ``(samples, c_in N)``): the kernels minimise
       ``||(W - W_gm) X^T||_F`` instead, with the modulations from the plain fit held fixed
       (linear least squares, solved with LSQR from the plain fit). ``damping`` adds
@@ -188,23 +302,53 @@ def project(
       overfit (0 = pure activation-aware, large = the plain fit).
     """
     g = group(g)
+    if in_subgroup is None and out_subgroup is None:
+        pattern = regular_pattern(g)
+        classes = None if support is None else list(support)
+    else:
+        h = tuple(int(v) for v in (in_subgroup if in_subgroup is not None else [g.identity]))
+        k = tuple(int(v) for v in (out_subgroup if out_subgroup is not None else [g.identity]))
+        pattern = coset_pattern(g, h, k)
+        ids = double_coset_ids(g, k, h)
+        classes = None if support is None else sorted({int(ids[s]) for s in support})
+    return project_pattern(w, pattern, rank, modulate, classes, inputs, damping=damping, max_iter=max_iter)
+
+
+def project_pattern(
+    w: np.ndarray,
+    pattern: Pattern,
+    rank: int = 1,
+    modulate: bool = True,
+    support: Iterable[int] | None = None,
+    inputs: np.ndarray | None = None,
+    *,
+    damping: float = 0.1,
+    max_iter: int = 100,
+    what: str = "weight",
+) -> GMFit:
+    """:func:`project` for any :class:`Pattern` (support given as kernel classes).
+
+    With multiplicities ``m`` the least-squares problem is the SVD of ``F / sqrt(m)`` (class sums
+    scaled), since ``||W - M||^2 = ||W||^2 - sum m mean^2 + sum m (mean - M)^2`` class by class.
+    """
     w = np.asarray(w, dtype=np.float64)
     if w.ndim != 2:
-        raise ValueError(f"project expects a 2-D weight, got shape {w.shape}")
+        raise ValueError(f"{what}: expected a 2-D weight, got shape {w.shape}")
     if not np.isfinite(w).all():
-        raise ValueError(f"weight of shape {w.shape} contains NaN or inf values; fix the model before compressing")
-    c_out, c_in = channel_counts(w.shape, g)
-    n = g.order
-    sup = resolve_support(g, support)
+        raise ValueError(f"{what} of shape {w.shape} contains NaN or inf values; fix the model before compressing")
+    c_out, c_in = channel_counts(w.shape, pattern, what)
+    n = pattern.n_out
+    sup = resolve_support(pattern, support)
     rank = int(rank)
     if not modulate and rank != 1:
         raise ValueError(f"rank={rank} needs modulate=True: a sum of unmodulated group matrices is one group matrix")
     if not 1 <= rank <= n:
-        raise ValueError(f"rank must lie in 1..N={n} for group {g.name}, got {rank}")
+        raise ValueError(f"rank must lie in 1..{n} (number of output positions of {pattern.name}), got {rank}")
 
-    f = _block_coefficients(w, g, c_out, c_in)[:, :, sup, :]  # (o, c, s, p)
+    root_m = np.sqrt(pattern.counts[sup])[:, None]
+    f = _class_sums(w, pattern, c_out, c_in)[:, :, sup, :] / root_m  # (o, c, s, p), scaled means
     if not modulate:
-        kernels = f.mean(axis=-1)[None]
+        kernels = (f.mean(axis=-1) / root_m[:, 0])[None]
         modulations = np.ones((1, c_out, n))
     else:
         stacked = f.reshape(c_out, c_in * sup.size, n)
@@ -214,6 +358,7 @@ def project(
         sign = np.where(vt.sum(axis=-1) < 0, -1.0, 1.0)  # (o, k): make the modulations mostly positive
         modulations = (vt * sign[..., None] * np.sqrt(n)).transpose(1, 0, 2)
         kernels = (u * (s * sign / np.sqrt(n))[:, None, :]).transpose(2, 0, 1).reshape(k, c_out, c_in, sup.size)
+        kernels = kernels / root_m[:, 0]
         if k < rank:  # fewer singular values than asked: pad with zero terms
             kernels = np.concatenate([kernels, np.zeros((rank - k, c_out, c_in, sup.size))])
             modulations = np.concatenate([modulations, np.ones((rank - k, c_out, n))])
@@ -221,9 +366,9 @@ def project(
     output_error = None
     if inputs is not None:
         kernels, output_error = _fit_kernels_to_inputs(
-            w, np.asarray(inputs, dtype=np.float64), kernels, modulations, sup, g, max_iter, damping
+            w, np.asarray(inputs, dtype=np.float64), kernels, modulations, sup, pattern, max_iter, damping
         )
-    fit = GMFit(g, kernels, modulations, sup, 0.0, modulate, inputs is not None, output_error)
+    fit = GMFit(pattern, kernels, modulations, sup, 0.0, modulate, inputs is not None, output_error)
     fit.relative_error = _relative_error(w, fit.dense())
     return fit
 
@@ -239,7 +384,7 @@ def _fit_kernels_to_inputs(
     kernels0: np.ndarray,
     modulations: np.ndarray,
     sup: np.ndarray,
-    g: FiniteGroup,
+    pattern: Pattern,
     max_iter: int,
     damping: float,
 ) -> tuple[np.ndarray, float]:
@@ -265,12 +410,12 @@ def _fit_kernels_to_inputs(
     scale = float(np.linalg.norm(target)) or 1.0
 
     def matvec(b: np.ndarray) -> np.ndarray:
-        dense = relaxed_dense(b.reshape(kernels0.shape), modulations, sup, g)
+        dense = relaxed_dense(b.reshape(kernels0.shape), modulations, sup, pattern)
         return np.concatenate([(dense @ x.T).ravel(), sqrt_mu * dense.ravel()]) / scale
 
     def rmatvec(resid: np.ndarray) -> np.ndarray:
         grad = resid[:n_out].reshape(w.shape[0], x.shape[0]) @ x + sqrt_mu * resid[n_out:].reshape(w.shape)
-        coef = _block_coefficients(grad / scale, g, c_out, c_in)[:, :, sup, :]  # (o, c, s, p)
+        coef = _class_sums(grad / scale, pattern, c_out, c_in)[:, :, sup, :]  # (o, c, s, p)
         return np.einsum("ocsp,kop->kocs", coef, modulations).ravel()
 
     op = scipy.sparse.linalg.LinearOperator(
@@ -279,5 +424,5 @@ def _fit_kernels_to_inputs(
     result = scipy.sparse.linalg.lsqr(op, target / scale, x0=kernels0.ravel(), atol=1e-8, btol=1e-8, iter_lim=max_iter)
     kernels = result[0].reshape(kernels0.shape)
     reference = w @ x_report.T
-    resid = reference - relaxed_dense(kernels, modulations, sup, g) @ x_report.T
+    resid = reference - relaxed_dense(kernels, modulations, sup, pattern) @ x_report.T
     return kernels, float(np.linalg.norm(resid)) / (float(np.linalg.norm(reference)) or 1.0)

@@ -1,0 +1,143 @@
+"""Shared machinery of the GM layers: parameters, constants that follow ``.to()``, the weight cache."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..structure import GMFit, Pattern
+
+BiasMode = bool | str  # True: one bias per output feature (as nn.Linear); "shared": one per output channel
+
+
+class GMModule(nn.Module):
+    """Base of the GM layers: kernels ``(r, c_out, c_in, |S|)`` and modulations ``(r, c_out, n_out)``.
+
+    Derived float constants (the block basis) are kept as non-persistent buffers re-derived from
+    float64 masters after every ``.to()``/``.half()``/``.float()``, so a round trip through a low
+    precision never degrades them; the state_dict holds only learnable parameters.
+    """
+
+    def __init__(
+        self,
+        pattern: Pattern,
+        c_out: int,
+        c_in: int,
+        rank: int,
+        modulate: bool,
+        support: np.ndarray | None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        rank = int(rank)
+        if not modulate and rank != 1:
+            raise ValueError(f"rank={rank} needs modulate=True: a sum of unmodulated group matrices is one GM")
+        if not 1 <= rank <= pattern.n_out:
+            raise ValueError(f"rank must lie in 1..{pattern.n_out} for {pattern.name}, got {rank}")
+        self.pattern = pattern
+        self.c_out, self.c_in, self.rank, self.modulate = c_out, c_in, rank, modulate
+        factory = {"device": device, "dtype": dtype}
+        n_support = pattern.n_classes if support is None else len(support)
+        self.kernels = nn.Parameter(torch.empty(rank, c_out, c_in, n_support, **factory))
+        if modulate:
+            self.modulations = nn.Parameter(torch.ones(rank, c_out, pattern.n_out, **factory))
+        else:
+            self.register_parameter("modulations", None)
+        self.register_buffer("_index", torch.tensor(pattern.index, device=device), persistent=False)
+        full = support is None or len(support) == pattern.n_classes
+        self.register_buffer(
+            "_support", None if full else torch.tensor(np.asarray(support), device=device), persistent=False
+        )
+        self._constants: dict[str, np.ndarray] = {}
+        self._cache: dict[str, tuple[tuple, object]] = {}
+        self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
+
+    # ------------------------------------------------------------------ constants and cache
+    def _register_constant(self, name: str, value: np.ndarray) -> None:
+        self._constants[name] = np.asarray(value, dtype=np.float64)
+        self.register_buffer(name, self._constant_tensor(name), persistent=False)
+
+    def _constant_tensor(self, name: str) -> torch.Tensor:
+        return torch.tensor(self._constants[name], dtype=self.kernels.dtype, device=self.kernels.device)
+
+    def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
+        out = super()._apply(fn, recurse)
+        for name in self._constants:
+            setattr(self, name, self._constant_tensor(name))
+        self._cache.clear()
+        return out
+
+    def _cache_allowed(self) -> bool:
+        if self.training or torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._structure_params()))
+
+    def _structure_params(self) -> list[torch.Tensor]:
+        return [p for p in (self.kernels, self.modulations) if p is not None]
+
+    def _cached(self, name: str, build: Callable[[], object]) -> object:
+        """``build()``, memoised in eval mode without autograd; invalidated when a parameter changes."""
+        if not self._cache_allowed():
+            self._cache.pop(name, None)
+            return build()
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self._structure_params())
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self._cache[name] = (key, value)
+        return value
+
+    # ------------------------------------------------------------------ parameters
+    def reset_structure_parameters(self, fan_in: int) -> None:
+        bound = 1.0 / math.sqrt(max(1, fan_in) * self.rank)
+        with torch.no_grad():
+            self.kernels.uniform_(-bound, bound)
+            if self.modulations is not None:
+                self.modulations.fill_(1.0)
+
+    def load_fit(self, fit: GMFit) -> None:
+        """Copy kernels and modulations of a :class:`~gmcompress.structure.GMFit` into the layer."""
+        if tuple(fit.kernels.shape) != tuple(self.kernels.shape):
+            raise ValueError(f"fit kernels {fit.kernels.shape} do not match layer kernels {tuple(self.kernels.shape)}")
+        with torch.no_grad():
+            self.kernels.copy_(torch.from_numpy(np.ascontiguousarray(fit.kernels)))
+            if self.modulations is not None:
+                self.modulations.copy_(torch.from_numpy(np.ascontiguousarray(fit.modulations)))
+        self.fit_error = float(fit.relative_error)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The materialised ``(c_out n_out, c_in n_in)`` weight of the structured part."""
+        from .functional import materialize
+
+        return materialize(self.kernels, self.modulations, self._support, self._index, self.pattern.n_classes)
+
+    @property
+    def num_structured_parameters(self) -> int:
+        return sum(p.numel() for p in self._structure_params())
+
+    def _structure_repr(self) -> str:
+        dense = self.c_out * self.pattern.n_out * self.c_in * self.pattern.n_in
+        ratio = dense / max(1, self.num_structured_parameters)
+        return f"pattern={self.pattern.name}, rank={self.rank}, modulate={self.modulate}, compression={ratio:.1f}x"
+
+
+def make_bias(mode: BiasMode, c_out: int, n_out: int, out_features: int, factory: dict) -> nn.Parameter | None:
+    if mode is False or mode is None:
+        return None
+    if mode is True:
+        return nn.Parameter(torch.zeros(out_features, **factory))
+    if mode == "shared":
+        return nn.Parameter(torch.zeros(c_out, **factory))
+    raise ValueError(f"bias must be True, False or 'shared' (one bias per output channel), got {mode!r}")
+
+
+def expand_bias(bias: torch.Tensor, out_features: int, n_out: int) -> torch.Tensor:
+    if bias.shape[0] == out_features:
+        return bias
+    return bias.repeat_interleave(n_out)[:out_features]

@@ -1,0 +1,240 @@
+"""``GMConv2d`` (group convolution over a group of the square, exact or relaxed) and ``GMPointwiseConv2d``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from ..groups import SQUARE_GROUPS, FiniteGroup, group
+from ..structure import conv_pattern, project_pattern
+from .base import BiasMode, GMModule, expand_bias, make_bias
+from .linear import GMLinear
+
+
+class GMConv2d(GMModule):
+    """Convolution whose weight is tied by a group H of the square (C2, C4, D2, D4, ...).
+
+    Channels carry fibres of size ``|H|`` (channel index ``c' * |H| + h``). The exact form (rank 1,
+    ``modulate=False``) is the p4/p4m G-CNN layer ``W[h_out, h_in] = h_out . psi(h_out^{-1} h_in)``,
+    equivariant to rotating/flipping the image and permuting the fibres; a relaxed rank-r form adds a
+    learnt modulation over output orientations. With ``lifting=True`` the input has plain channels
+    (e.g. RGB) and ``W[h_out] = h_out . psi``.
+
+    stride, padding, dilation and bias behave as in ``nn.Conv2d`` (groups=1, square odd kernels).
+    ``bias="shared"`` keeps one bias per output channel fibre (exactly equivariant).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        group: str | FiniteGroup = "C4",
+        rank: int = 1,
+        modulate: bool = True,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: BiasMode = True,
+        lifting: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        h = group_of_square(group)
+        k = int(kernel_size[0] if isinstance(kernel_size, tuple) else kernel_size)
+        if isinstance(kernel_size, tuple) and kernel_size[0] != kernel_size[1]:
+            raise ValueError(f"GMConv2d needs a square kernel to rotate it, got {kernel_size}")
+        fibre = h.order
+        label = f"GMConv2d({in_channels}, {out_channels}, kernel_size={k}, group={h.name})"
+        if out_channels % fibre or (not lifting and in_channels % fibre):
+            what = "out_channels" if out_channels % fibre else "in_channels"
+            raise ValueError(
+                f"{label}: {what} must be a multiple of |H|={fibre} (channel = c' * |H| + orientation); "
+                f"use lifting=True for an input without orientation fibres, or pick a smaller group"
+            )
+        pattern = conv_pattern(h, k, bool(lifting))
+        c_in = in_channels if lifting else in_channels // fibre
+        super().__init__(pattern, out_channels // fibre, c_in, rank, modulate, None, device, dtype)
+        self.group, self.lifting = h, bool(lifting)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (k, k)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        factory = {"device": device, "dtype": dtype}
+        self.bias = make_bias(bias, self.c_out, fibre, out_channels, factory)
+        fan_in = in_channels * k * k
+        self.reset_structure_parameters(fan_in)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in))
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        group: str | FiniteGroup = "C4",
+        rank: int = 1,
+        modulate: bool = True,
+        lifting: bool | None = None,
+        inputs: np.ndarray | torch.Tensor | None = None,
+        *,
+        damping: float = 0.1,
+        name: str = "",
+    ) -> GMConv2d:
+        """Fit a pretrained ``nn.Conv2d`` by least squares (orbit average for the exact form).
+
+        ``lifting=None`` treats the input as plain channels when ``in_channels`` is not a multiple of
+        ``|H|``. ``inputs`` are unfolded patches ``(samples, in_channels * k * k)`` for an
+        activation-aware fit.
+        """
+        label = f"{name or 'Conv2d'}({conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size})"
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{label}: from_dense expects nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1 or conv.kernel_size[0] != conv.kernel_size[1] or conv.padding_mode != "zeros":
+            raise ValueError(f"{label}: GMConv2d supports groups=1, square kernels and zero padding")
+        h = group_of_square(group)
+        if lifting is None:
+            lifting = conv.in_channels % h.order != 0
+        w = conv.weight.detach().to(torch.float64).cpu().numpy()
+        if not np.isfinite(w).all():
+            raise ValueError(f"{label}: weight contains NaN or inf values; fix or retrain the layer before compressing")
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size[0],
+            h,
+            rank,
+            modulate,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            lifting,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        x = None if inputs is None else torch.as_tensor(inputs).detach().to(torch.float64).cpu().numpy()
+        fit = project_pattern(
+            w.reshape(conv.out_channels, -1), layer.pattern, rank, modulate, None, x, damping=damping, what=label
+        )
+        layer.load_fit(fit)
+        if conv.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The tied ``(out_channels, in_channels, k, k)`` convolution weight."""
+        return self.dense_weight().view(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._cached("dense", lambda: self.weight)
+        bias = None if self.bias is None else expand_bias(self.bias, self.out_channels, self.group.order)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def to_dense(self) -> nn.Conv2d:
+        out = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+            device=self.kernels.device,
+            dtype=self.kernels.dtype,
+        )
+        with torch.no_grad():
+            out.weight.copy_(self.weight)
+            if self.bias is not None:
+                out.bias.copy_(expand_bias(self.bias, self.out_channels, self.group.order))
+        return out
+
+    def transform_input(self, x: torch.Tensor, h: int) -> torch.Tensor:
+        """Act with h on a feature map: rotate/flip the image and (unless lifting) permute the fibres."""
+        return transform_feature_map(x, self.group, h, fibred=not self.lifting)
+
+    @torch.no_grad()
+    def check_equivariance(self, x: torch.Tensor | None = None, elements: Iterable[int] | None = None) -> float:
+        """Max over h of ``||f(h . x) - h . f(x)|| / ||f(x)||`` with a real image rotation/flip.
+
+        Needs a square input and a 'same'-style padding (odd kernel, padding = dilation * (k - 1) / 2,
+        stride 1) so that the rotation centre is preserved.
+        """
+        if x is None:
+            x = torch.randn(2, self.in_channels, 9, 9, dtype=self.kernels.dtype, device=self.kernels.device)
+        y = self(x)
+        worst = 0.0
+        for h in elements if elements is not None else range(self.group.order):
+            hy = transform_feature_map(y, self.group, h, fibred=True)
+            worst = max(worst, float((self(self.transform_input(x, h)) - hy).norm() / y.norm().clamp_min(1e-30)))
+        return worst
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, group={self.group.name}, "
+            f"lifting={self.lifting}, {self._structure_repr()}, stride={self.stride}, padding={self.padding}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def group_of_square(spec: str | FiniteGroup) -> FiniteGroup:
+    h = group(spec)
+    if h.name not in SQUARE_GROUPS:
+        raise ValueError(f"GMConv2d acts with a group of the square {SQUARE_GROUPS}, got {h.name}")
+    return h
+
+
+def transform_feature_map(x: torch.Tensor, h_group: FiniteGroup, h: int, fibred: bool) -> torch.Tensor:
+    """``(h . x)(p, h') = x(h^{-1} p, h^{-1} h')``: rotate/flip the spatial grid, permute each fibre.
+
+    The spatial transform is ``torch.rot90(flip?(img))`` for ``h = r^k s^f``, the same as
+    :func:`gmcompress.groups.grid_action`.
+    """
+    name = h_group.name
+    n_rot = {"C1": 1, "C2": 2, "C4": 4, "D1": 1, "D2": 2, "D4": 4}[name]
+    flip, rot = divmod(h, n_rot) if name.startswith("D") else (0, h)
+    out = torch.flip(x, dims=(-1,)) if flip else x
+    out = torch.rot90(out, rot * (4 // n_rot), dims=(-2, -1))
+    if fibred:
+        n = h_group.order
+        b, c = out.shape[:2]
+        perm = torch.tensor(h_group.table[h_group.inverse[h]], device=x.device)  # new[h'] = old[h^{-1} h']
+        out = out.reshape(b, c // n, n, *out.shape[2:])[:, :, perm].reshape(out.shape)
+    return out
+
+
+class GMPointwiseConv2d(nn.Module):
+    """A 1x1 convolution compressed over the channel axis: a :class:`GMLinear` applied at every pixel."""
+
+    def __init__(self, linear: GMLinear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, group: str | FiniteGroup, rank: int = 1, **kwargs) -> GMPointwiseConv2d:
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding not in (0, (0, 0)):
+            raise ValueError(
+                f"{kwargs.get('name') or 'Conv2d'}: GMPointwiseConv2d needs a 1x1, stride-1, unpadded "
+                f"convolution, got kernel_size={conv.kernel_size}, stride={conv.stride}"
+            )
+        linear = nn.Linear(
+            conv.in_channels,
+            conv.out_channels,
+            bias=conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight[:, :, 0, 0])
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        return cls(GMLinear.from_dense(linear, group, rank, **kwargs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.movedim(1, -1)).movedim(-1, 1)

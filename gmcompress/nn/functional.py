@@ -1,0 +1,131 @@
+"""Torch kernels shared by the GM layers: dense materialisation and the block-diagonal fast path.
+
+Layout conventions (design.md section 2): features are channel-major, ``x.view(B, c, N)``. Kernels
+``b`` have shape ``(r, c_out, c_in, |S|)``, modulations ``a`` shape ``(r, c_out, n_out)``; the weight
+block of output channel o and input channel c is ``sum_k diag(a[k, o]) GM(b[k, o, c])``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..groups import FiniteGroup, regular_basis
+
+
+def full_kernels(kernels: torch.Tensor, support: torch.Tensor | None, n_classes: int) -> torch.Tensor:
+    """Scatter kernel values on the support into all ``n_classes`` classes (zeros elsewhere)."""
+    if support is None:
+        return kernels
+    shape = (*kernels.shape[:-1], n_classes)
+    return kernels.new_zeros(shape).index_copy(-1, support, kernels)
+
+
+def materialize(
+    kernels: torch.Tensor,
+    modulations: torch.Tensor | None,
+    support: torch.Tensor | None,
+    index: torch.Tensor,
+    n_classes: int,
+) -> torch.Tensor:
+    """Dense ``(c_out n_out, c_in n_in)`` weight: ``W[o p, c q] = sum_k a[k, o, p] b[k, o, c, index[p, q]]``."""
+    r, c_out, c_in, _ = kernels.shape
+    n_out, n_in = index.shape
+    full = full_kernels(kernels, support, n_classes)
+    blocks = full[..., index]  # (r, c_out, c_in, n_out, n_in)
+    if modulations is None:
+        w = blocks[0]
+    else:
+        w = torch.einsum("kocpq,kop->ocpq", blocks, modulations)
+    return w.permute(0, 2, 1, 3).reshape(c_out * n_out, c_in * n_in)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The real block-diagonal basis of a group, arranged for the fast path.
+
+    Blocks of equal size d are grouped in a *class*; inside a class the coordinates are ordered
+    (coordinate-in-block, block), so ``Q^T x`` of a class viewed as ``(d, nb, ...)`` gives, for every
+    coordinate, a contiguous stack over the blocks (batched GEMMs on plain views, no permutes).
+
+    ``q`` is the permuted basis, ``classes`` lists ``(d, nb, offset)``, ``rho[c]`` is
+    ``(N, d, d, nb)``-shaped: ``rho[c][s, y, x, b] = (Q_b^T B_s Q_b)[x, y]``.
+    """
+
+    q: np.ndarray
+    classes: tuple[tuple[int, int, int], ...]
+    rho: tuple[np.ndarray, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def block_plan(g: FiniteGroup) -> BlockPlan:
+    basis = regular_basis(g)
+    n = g.order
+    cols, classes, rho = [], [], []
+    offset = 0
+    starts = basis.offsets
+    for d in sorted(set(basis.blocks)):
+        members = [s for s, size in zip(starts, basis.blocks) if size == d]
+        nb = len(members)
+        order = [start + y for y in range(d) for start in members]
+        cols.extend(order)
+        qc = basis.q[:, order].reshape(n, d, nb)  # [i, coordinate, block]
+        # rho[s, y, x, b] = sum_i qc[i, x, b] qc[table[i, s], y, b]
+        shifted = qc[g.table]  # [i, s, y, b] = qc[table[i, s], y, b]
+        rho.append(np.einsum("ixb,isyb->syxb", qc, shifted))
+        classes.append((d, nb, offset))
+        offset += d * nb
+    return BlockPlan(np.ascontiguousarray(basis.q[:, cols]), tuple(classes), tuple(rho))
+
+
+def block_weights(kernels: torch.Tensor, rho: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per class, ``(d, d, nb, c_in, r c_out)`` block weights ``W[y, x, b][c, (k, o)]``.
+
+    ``rho`` is restricted to the kernel support (``rho_c[s]`` for the support's elements s).
+    """
+    return [torch.einsum("kocs,syxb->yxbcko", kernels, rho_c).flatten(-2).contiguous() for rho_c in rho]
+
+
+def block_forward(
+    x: torch.Tensor, q: torch.Tensor, classes: tuple[tuple[int, int, int], ...], weights: list[torch.Tensor]
+) -> torch.Tensor:
+    """``x (B, c_in, N) -> (B, r c_out, N)``: transform, per-block batched GEMMs, transform back."""
+    batch, c_in, n = x.shape
+    z = torch.matmul(q.t(), x.reshape(batch * c_in, n).t())  # (N, B c_in) in the permuted basis
+    pieces = []
+    for (d, nb, offset), w in zip(classes, weights):
+        zc = z[offset : offset + d * nb].view(d, nb, batch, c_in)
+        for xo in range(d):
+            acc = torch.bmm(zc[0], w[0, xo])
+            for y in range(1, d):
+                acc = torch.baddbmm(acc, zc[y], w[y, xo])
+            pieces.append(acc)  # (nb, B, r c_out)
+    yq = torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0]
+    rco = yq.shape[-1]
+    return torch.matmul(yq.view(n, batch * rco).t(), q.t()).view(batch, rco, n)
+
+
+def kernel_spectra(kernels_full: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Conjugated real FFT of kernels ``(r, c_out, c_in, N)`` over the cyclic factors: ``(r, c_out, c_in, F)``."""
+    r, c_out, c_in, _ = kernels_full.shape
+    dims = tuple(range(-len(shape), 0))
+    return torch.fft.rfftn(kernels_full.reshape(r, c_out, c_in, *shape), dim=dims).flatten(3).conj()
+
+
+def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``x (B, c_in, N) -> (B, r, c_out, N)`` by FFT over the cyclic factors (abelian groups).
+
+    ``y_o(i) = sum_c sum_m f_{o,c}(m) x_c(i + m)`` (a cross-correlation), so in frequency
+    ``Y_o = sum_c conj(F_{o,c}) X_c``; ``spectra`` is :func:`kernel_spectra`.
+    """
+    batch, c_in, n = x.shape
+    r, c_out = spectra.shape[:2]
+    dims = tuple(range(-len(shape), 0))
+    xf = torch.fft.rfftn(x.reshape(batch, c_in, *shape), dim=dims).flatten(2)
+    yf = torch.einsum("bcf,kocf->bkof", xf, spectra)
+    half = (*shape[:-1], shape[-1] // 2 + 1)
+    y = torch.fft.irfftn(yf.reshape(batch, r, c_out, *half), s=shape, dim=dims)
+    return y.reshape(batch, r, c_out, n)

@@ -1,0 +1,276 @@
+"""``GMLinear``: a linear layer whose weight is a (relaxed) group matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..groups import FiniteGroup, group, left_cosets
+from ..structure import Pattern, channel_counts, coset_pattern, project_pattern, regular_pattern, resolve_support
+from .base import BiasMode, GMModule, expand_bias, make_bias
+from .functional import block_forward, block_plan, block_weights, fft_forward, full_kernels, kernel_spectra
+
+IMPLS = ("auto", "dense", "blocks", "fft")
+
+
+class GMLinear(GMModule):
+    """``y = W x + b`` with ``W[o, c] = sum_k diag(a[k, o]) GM(b[k, o, c])`` (channel-major features).
+
+    ``in_features = c_in * N`` and ``out_features = c_out * N`` for a group of order N (or the sizes of
+    the coset spaces ``G/H`` and ``G/K`` with ``in_subgroup``/``out_subgroup``). Rank 1 without
+    modulation is exactly G-equivariant; rank N reproduces any matrix.
+
+    Args:
+        group: a group spec (``"C16"``, ``"D8"``, ``"C4xC4"``) or a FiniteGroup.
+        rank: number of modulated group-matrix terms.
+        modulate: learn the modulations ``a`` (else ``a = 1``, rank 1 only).
+        support: group elements the kernels may use (e.g. a stencil); all of G when None.
+        bias: True (one per output feature, like nn.Linear), "shared" (one per output channel: keeps
+            exact equivariance) or False.
+        impl: "dense" (materialise W; cached in eval mode), "blocks" (real block-diagonal basis,
+            batched GEMMs), "fft" (abelian groups), "auto" (blocks when the group is large enough).
+        pad: zero-pad sizes that are not multiples of N instead of raising.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: str | FiniteGroup,
+        rank: int = 1,
+        modulate: bool = True,
+        support: Iterable[int] | None = None,
+        bias: BiasMode = True,
+        impl: str = "auto",
+        *,
+        in_subgroup: Sequence[int] | None = None,
+        out_subgroup: Sequence[int] | None = None,
+        pad: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        g = _group(group)
+        pattern, classes = _linear_pattern(g, in_subgroup, out_subgroup, support)
+        in_padded = _round_up(in_features, pattern.n_in) if pad else in_features
+        out_padded = _round_up(out_features, pattern.n_out) if pad else out_features
+        c_out, c_in = channel_counts((out_padded, in_padded), pattern, f"GMLinear({in_features}, {out_features})")
+        super().__init__(pattern, c_out, c_in, rank, modulate, classes, device, dtype)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        regular = in_subgroup is None and out_subgroup is None
+        if impl == "blocks" and not regular:
+            raise ValueError("impl='blocks' needs a plain group matrix (no in_subgroup/out_subgroup); use 'dense'")
+        if impl == "fft" and (not regular or g.cyclic_shape is None):
+            raise ValueError(f"impl='fft' needs a product of cyclic groups, got {g.name}; use 'blocks' or 'dense'")
+        self.group, self.impl, self.regular = g, impl, regular
+        self.in_subgroup, self.out_subgroup = in_subgroup, out_subgroup
+        self.in_features, self.out_features = in_features, out_features
+        self.in_padded, self.out_padded = in_padded, out_padded
+        self.bias = make_bias(bias, c_out, pattern.n_out, out_features, {"device": device, "dtype": dtype})
+        if regular:
+            plan = block_plan(g)
+            self._classes = plan.classes
+            self._register_constant("_q", plan.q)
+            rho = [r if classes is None else r[classes] for r in plan.rho]
+            self._n_rho = len(rho)
+            for i, r in enumerate(rho):
+                self._register_constant(f"_rho{i}", r)
+        self.reset_structure_parameters(in_padded)
+        if self.bias is not None:
+            bound = 1.0 / np.sqrt(in_padded)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # ------------------------------------------------------------------ construction from a dense layer
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        group: str | FiniteGroup,
+        rank: int = 1,
+        modulate: bool = True,
+        support: Iterable[int] | None = None,
+        inputs: np.ndarray | torch.Tensor | None = None,
+        *,
+        impl: str = "auto",
+        pad: bool = False,
+        in_subgroup: Sequence[int] | None = None,
+        out_subgroup: Sequence[int] | None = None,
+        damping: float = 0.1,
+        name: str = "",
+    ) -> GMLinear:
+        """Fit ``linear`` by :func:`gmcompress.structure.project` (activation-aware when ``inputs`` is given)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name or 'layer'}: from_dense expects nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach().to(torch.float64).cpu().numpy()
+        label = f"{name or 'Linear'}({linear.in_features}, {linear.out_features})"
+        if not np.isfinite(w).all():
+            raise ValueError(f"{label}: weight contains NaN or inf values; fix or retrain the layer before compressing")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            group,
+            rank,
+            modulate,
+            support,
+            bias=linear.bias is not None,
+            impl=impl,
+            pad=pad,
+            in_subgroup=in_subgroup,
+            out_subgroup=out_subgroup,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        w = np.pad(w, ((0, layer.out_padded - w.shape[0]), (0, layer.in_padded - w.shape[1])))
+        x = None
+        if inputs is not None:
+            x = torch.as_tensor(inputs).detach().to(torch.float64).cpu().reshape(-1, linear.in_features).numpy()
+            x = np.pad(x, ((0, 0), (0, layer.in_padded - x.shape[1])))
+        classes = None if layer._support is None else layer._support.cpu().numpy()
+        fit = project_pattern(w, layer.pattern, rank, modulate, classes, x, damping=damping, what=label)
+        layer.load_fit(fit)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """An equivalent ``nn.Linear`` (the materialised weight)."""
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.kernels.device,
+            dtype=self.kernels.dtype,
+        )
+        with torch.no_grad():
+            out.weight.copy_(self.weight)
+            if self.bias is not None:
+                out.bias.copy_(expand_bias(self.bias, self.out_features, self.pattern.n_out))
+        return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight."""
+        return self.dense_weight()[: self.out_features, : self.in_features]
+
+    # ------------------------------------------------------------------ forward
+    def resolved_impl(self, batch: int | None = None) -> str:
+        """The path ``forward`` takes: "auto" picks blocks for plain GMs with N >= 4, else dense."""
+        if self.impl != "auto":
+            return self.impl
+        if self.regular and self.group.order >= 4:
+            return "blocks"
+        return "dense"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"GMLinear expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.in_padded != self.in_features:
+            x2 = F.pad(x2, (0, self.in_padded - self.in_features))
+        impl = self.resolved_impl(x2.shape[0])
+        if impl == "dense":
+            y = F.linear(x2, self._cached("dense", self.dense_weight))
+        else:
+            n = self.pattern.n_out
+            xg = x2.view(-1, self.c_in, n)
+            if impl == "blocks":
+                weights = self._cached("blocks", self._block_weights)
+                y = block_forward(xg, self._q, self._classes, weights).view(-1, self.rank, self.c_out, n)
+            else:
+                spectra = self._cached("fft", self._kernel_spectra)
+                y = fft_forward(xg, spectra, self.group.cyclic_shape)
+            y = y[:, 0] if self.modulations is None else (y * self.modulations).sum(1)
+            y = y.reshape(-1, self.out_padded)
+        if self.out_padded != self.out_features:
+            y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + expand_bias(self.bias, self.out_features, self.pattern.n_out)
+        return y.reshape(*lead, self.out_features)
+
+    def _kernel_spectra(self) -> torch.Tensor:
+        return kernel_spectra(full_kernels(self.kernels, self._support, self.pattern.n_out), self.group.cyclic_shape)
+
+    def _block_weights(self) -> list[torch.Tensor]:
+        rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]
+        return block_weights(self.kernels, rho)
+
+    # ------------------------------------------------------------------ equivariance
+    def group_action(self, h: int, space: str = "in") -> torch.Tensor:
+        """Index ``perm`` with ``(h . x)[..., c, p] = x[..., c, perm[p]]`` on the input or output space.
+
+        Regular: ``(L_h x)(g) = x(h^{-1} g)``; coset spaces: ``(h . x)(gH) = x(h^{-1} g H)``.
+        """
+        g = self.group
+        sub = self.in_subgroup if space == "in" else self.out_subgroup
+        if sub is None:
+            return torch.tensor(g.table[g.inverse[h]])
+        cosets = left_cosets(g, sub)
+        coset_of = np.empty(g.order, dtype=np.int64)
+        coset_of[cosets.ravel()] = np.repeat(np.arange(len(cosets)), cosets.shape[1])
+        return torch.as_tensor(coset_of[g.table[g.inverse[h], cosets[:, 0]]])
+
+    @torch.no_grad()
+    def check_equivariance(self, x: torch.Tensor | None = None, elements: Iterable[int] | None = None) -> float:
+        """Max over group elements h of ``||f(h . x) - h . f(x)|| / ||f(x)||`` (0 up to rounding for exact GMs).
+
+        Padded layers are measured on the padded sizes (the padding is not acted on).
+        """
+        if self.in_padded != self.in_features or self.out_padded != self.out_features:
+            raise ValueError("check_equivariance needs unpadded sizes (the group does not act on padding)")
+        if x is None:
+            x = torch.randn(8, self.in_features, dtype=self.kernels.dtype, device=self.kernels.device)
+        y = self(x)
+        n_in, n_out = self.pattern.n_in, self.pattern.n_out
+        worst = 0.0
+        for h in elements if elements is not None else range(self.group.order):
+            pin, pout = self.group_action(h, "in"), self.group_action(h, "out")
+            hx = x.reshape(*x.shape[:-1], self.c_in, n_in)[..., pin].reshape(x.shape)
+            hy = y.reshape(*y.shape[:-1], self.c_out, n_out)[..., pout].reshape(y.shape)
+            worst = max(worst, float((self(hx) - hy).norm() / y.norm().clamp_min(1e-30)))
+        return worst
+
+    def extra_repr(self) -> str:
+        extra = (
+            f", padded=({self.in_padded}, {self.out_padded})"
+            if self.in_padded != self.in_features or self.out_padded != self.out_features
+            else ""
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group={self.group.name}, "
+            f"{self._structure_repr()}, impl={self.impl}, bias={self.bias is not None}{extra}"
+        )
+
+
+def _group(spec: str | FiniteGroup) -> FiniteGroup:
+    return group(spec)
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def _linear_pattern(
+    g: FiniteGroup,
+    in_subgroup: Sequence[int] | None,
+    out_subgroup: Sequence[int] | None,
+    support: Iterable[int] | None,
+) -> tuple[Pattern, np.ndarray | None]:
+    if in_subgroup is None and out_subgroup is None:
+        pattern = regular_pattern(g)
+        classes = None if support is None else resolve_support(pattern, support)
+        return pattern, classes
+    from ..groups import double_coset_ids
+
+    h = tuple(int(v) for v in (in_subgroup if in_subgroup is not None else [g.identity]))
+    k = tuple(int(v) for v in (out_subgroup if out_subgroup is not None else [g.identity]))
+    pattern = coset_pattern(g, h, k)
+    if support is None:
+        return pattern, None
+    ids = double_coset_ids(g, k, h)
+    return pattern, resolve_support(pattern, sorted({int(ids[s]) for s in support}))

@@ -85,7 +85,11 @@ class GMModule(nn.Module):
         if not self._cache_allowed():
             self._cache.pop(name, None)
             return build()
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self._structure_params())
+        # inference tensors (made under torch.inference_mode) carry no version counter
+        key = tuple(
+            (None if p.is_inference() else p._version, p.data_ptr(), p.dtype, p.device)
+            for p in self._structure_params()
+        )
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]

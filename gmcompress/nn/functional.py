@@ -112,7 +112,13 @@ def kernel_spectra(kernels_full: torch.Tensor, shape: tuple[int, ...]) -> torch.
     """Conjugated real FFT of kernels ``(r, c_out, c_in, N)`` over the cyclic factors: ``(r, c_out, c_in, F)``."""
     r, c_out, c_in, _ = kernels_full.shape
     dims = tuple(range(-len(shape), 0))
+    kernels_full = kernels_full.to(_fft_dtype(kernels_full.dtype))
     return torch.fft.rfftn(kernels_full.reshape(r, c_out, c_in, *shape), dim=dims).flatten(3).conj()
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """FFTs of half types are not supported everywhere: run them in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -124,8 +130,8 @@ def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...]) 
     batch, c_in, n = x.shape
     r, c_out = spectra.shape[:2]
     dims = tuple(range(-len(shape), 0))
-    xf = torch.fft.rfftn(x.reshape(batch, c_in, *shape), dim=dims).flatten(2)
+    xf = torch.fft.rfftn(x.reshape(batch, c_in, *shape).to(_fft_dtype(x.dtype)), dim=dims).flatten(2)
     yf = torch.einsum("bcf,kocf->bkof", xf, spectra)
     half = (*shape[:-1], shape[-1] // 2 + 1)
     y = torch.fft.irfftn(yf.reshape(batch, r, c_out, *half), s=shape, dim=dims)
-    return y.reshape(batch, r, c_out, n)
+    return y.reshape(batch, r, c_out, n).to(x.dtype)

@@ -100,15 +100,21 @@ class GMLinear(GMModule):
         in_subgroup: Sequence[int] | None = None,
         out_subgroup: Sequence[int] | None = None,
         damping: float = 0.1,
+        bias: BiasMode | None = None,
         name: str = "",
     ) -> GMLinear:
-        """Fit ``linear`` by :func:`gmcompress.structure.project` (activation-aware when ``inputs`` is given)."""
+        """Fit ``linear`` by :func:`gmcompress.structure.project` (activation-aware when ``inputs`` is given).
+
+        The bias is kept per output feature (``bias=None``, exact copy) or, with ``bias="shared"``,
+        replaced by its mean over each output channel's group axis (the least-squares equivariant bias).
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name or 'layer'}: from_dense expects nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach().to(torch.float64).cpu().numpy()
         label = f"{name or 'Linear'}({linear.in_features}, {linear.out_features})"
         if not np.isfinite(w).all():
             raise ValueError(f"{label}: weight contains NaN or inf values; fix or retrain the layer before compressing")
+        bias_mode = (linear.bias is not None) if bias is None or linear.bias is None else bias
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -116,7 +122,7 @@ class GMLinear(GMModule):
             rank,
             modulate,
             support,
-            bias=linear.bias is not None,
+            bias=bias_mode,
             impl=impl,
             pad=pad,
             in_subgroup=in_subgroup,
@@ -132,9 +138,13 @@ class GMLinear(GMModule):
         classes = None if layer._support is None else layer._support.cpu().numpy()
         fit = project_pattern(w, layer.pattern, rank, modulate, classes, x, damping=damping, what=label)
         layer.load_fit(fit)
-        if linear.bias is not None:
+        if layer.bias is not None:
             with torch.no_grad():
-                layer.bias.copy_(linear.bias)
+                if layer.bias.shape == linear.bias.shape:
+                    layer.bias.copy_(linear.bias)
+                else:
+                    padded = F.pad(linear.bias, (0, layer.out_padded - layer.out_features))
+                    layer.bias.copy_(padded.view(layer.c_out, -1)[:, : layer.pattern.n_out].mean(1))
         return layer
 
     def to_dense(self) -> nn.Linear:

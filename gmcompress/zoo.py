@@ -153,6 +153,35 @@ def mnist_accuracy(model: nn.Module, reference: nn.Module | None = None) -> dict
     return {"accuracy": float((model(x_te).argmax(1) == y_te).float().mean())}
 
 
+def mnist_augmented(
+    copies: int = 8, max_shift: int = 2, max_degrees: float = 12.0, seed: int = 0
+) -> torch.utils.data.TensorDataset:
+    """The training digits plus ``copies`` randomly shifted and rotated versions of each (fixed seed).
+
+    Distillation needs inputs more than labels: the teacher labels the augmented digits (soft targets),
+    which stretches the 3,500 training digits. Labels are kept for the task loss (small moves keep the
+    class). Held-out digits are never used.
+    """
+    from scipy import ndimage
+
+    x_tr, y_tr, _, _ = mnist_split()
+    background = float(x_tr.min())
+    rng = np.random.default_rng(seed)
+    images = x_tr[:, 0].numpy()
+    out = [images]
+    for _ in range(copies):
+        batch = np.empty_like(images)
+        for i, img in enumerate(images):
+            rotated = ndimage.rotate(
+                img, rng.uniform(-max_degrees, max_degrees), reshape=False, order=1, cval=background
+            )
+            dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+            batch[i] = ndimage.shift(rotated, (dy, dx), order=0, cval=background)
+        out.append(batch)
+    x = torch.from_numpy(np.concatenate(out)).unsqueeze(1)
+    return torch.utils.data.TensorDataset(x, y_tr.repeat(copies + 1))
+
+
 def split_sentences(held_out: int = 500) -> tuple[list[str], list[str]]:
     """Lee sentences: the first ones for distillation/calibration, the last ``held_out`` for evaluation."""
     sentences = lee_sentences()

@@ -345,3 +345,63 @@ def test_minilm_compresses_through_the_fallback(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh, out.eval()(**enc))
     assert np.isfinite(zoo.minilm_cosine(out, model)["cosine"])
+
+
+def test_cli_plan_compress_report_finetune(tmp_path, capsys):
+    from gmcompress.cli import main
+
+    assert main(["plan", "--model", "cli_models:mlp", "--group", "C8"]) == 0
+    assert "GMLinear C8" in capsys.readouterr().out
+    out = tmp_path / "mlp.pt"
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                "cli_models:mlp",
+                "--group",
+                "C8",
+                "--rank",
+                "2",
+                "--out",
+                str(out),
+                "--markdown",
+                str(tmp_path / "r.md"),
+                "--plot",
+                str(tmp_path / "r.png"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "metric: neg_mse" in text and out.exists() and (tmp_path / "r.png").exists()
+    assert main(["report", "--model", "cli_models:mlp", "--checkpoint", str(out)]) == 0
+    assert "parameters" in capsys.readouterr().out
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(
+        "version: 1\ndefaults:\n  group: C8\n  rank: 2\nfinetune:\n  steps: 8\n  batch_size: 16\n"
+        "  lr: 0.01\n  loss: mse\n"
+    )
+    tuned = tmp_path / "tuned.pt"
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                "cli_models:mlp",
+                "--recipe",
+                str(recipe),
+                "--checkpoint",
+                str(out),
+                "--out",
+                str(tuned),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "fine-tuned" in text and "8 steps" in text and tuned.exists()
+    assert main(["finetune", "--model", "cli_models:mlp", "--group", "C8"]) == 2
+    assert "no fine-tuning budget" in capsys.readouterr().err

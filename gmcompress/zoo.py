@@ -205,12 +205,6 @@ class SentenceDataset(torch.utils.data.Dataset):
         return minilm_tokenize(batch)
 
 
-def mnist_train_data() -> torch.utils.data.TensorDataset:
-    """The 3,500 training digits and labels of :func:`mnist_split` (never the held-out ones)."""
-    x_tr, y_tr, _, _ = mnist_split()
-    return torch.utils.data.TensorDataset(x_tr, y_tr)
-
-
 def minilm_train_data() -> SentenceDataset:
     return SentenceDataset(split_sentences()[0])
 
@@ -240,7 +234,7 @@ def minilm_cosine(model: nn.Module, reference: nn.Module, batch_size: int = 64) 
 mnistnet.example_inputs = mnist_example_inputs  # type: ignore[attr-defined]
 mnistnet.calibration = mnist_calibration  # type: ignore[attr-defined]
 mnistnet.evaluate = mnist_accuracy  # type: ignore[attr-defined]
-mnistnet.train_data = mnist_train_data  # type: ignore[attr-defined]
+mnistnet.train_data = mnist_augmented  # type: ignore[attr-defined]
 minilm.train_data = minilm_train_data  # type: ignore[attr-defined]
 minilm.example_inputs = minilm_example_inputs  # type: ignore[attr-defined]
 minilm.calibration = minilm_calibration  # type: ignore[attr-defined]

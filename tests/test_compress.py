@@ -240,7 +240,7 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    for name in ["mnistnet", "minilm"]:
+    for name in ["mnistnet", "mnistnet-equivariant", "minilm"]:
         recipe = gm.load_recipe(f"recipes/{name}.yaml")
         assert recipe.finetune is not None
 
@@ -315,7 +315,8 @@ def test_mnistnet_end_to_end_with_shipped_recipe(tmp_path):
     rep = out.gm_report
     assert rep.params_before == 421_642 == sum(p.numel() for p in net.parameters())
     assert rep.params_after == sum(p.numel() for p in out.parameters())
-    assert [r.status for r in rep.layers] == ["compressed"] * 3 + ["skipped"]
+    assert [r.status for r in rep.layers] == ["skipped", "skipped", "compressed", "skipped"]
+    assert rep.params_before / rep.params_after > 8
     gm.save(out, tmp_path / "mnist.pt")
     torch.save(x, tmp_path / "x.pt")
     fresh = _fresh_process_outputs(tmp_path, "mnistnet", tmp_path / "mnist.pt", tmp_path / "x.pt")

@@ -146,7 +146,9 @@ def test_mnistnet_recovers_with_a_small_budget():
 
     net = zoo.mnistnet()
     x_tr, y_tr, _, _ = zoo.mnist_split()
-    student = gm.compress(net, recipe="recipes/mnistnet.yaml", calibration=zoo.mnist_calibration(), progress=False)
+    student = gm.compress(
+        net, recipe="recipes/mnistnet-equivariant.yaml", calibration=zoo.mnist_calibration(), progress=False
+    )
     before = zoo.mnist_accuracy(student)["accuracy"]
     finetune(student, net, (x_tr[:2048], y_tr[:2048]), epochs=2, lr=2e-3, loss="mix", progress=False, device="cpu")
     after = zoo.mnist_accuracy(student)["accuracy"]

@@ -333,7 +333,6 @@ def compress(
     for name, module in traced.layers:
         if (include is not None and not _search(include, name)) or (exclude is not None and _search(exclude, name)):
             plans.append(LayerPlan(name, module, None, reason="excluded by include/exclude"))
-            _plan_layer(name, module, None, "")  # still checks the weights
             continue
         settings, decided = rules.resolve(name, type(module).__name__)
         plans.append(_plan_layer(name, module, settings, decided))

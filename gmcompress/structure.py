@@ -38,6 +38,7 @@ __all__ = [
     "relaxed_dense",
     "channel_counts",
     "resolve_support",
+    "pattern_for",
     "project",
     "project_pattern",
 ]
@@ -273,6 +274,28 @@ class GMFit:
         return relaxed_dense(self.kernels, self.modulations, self.support, self.pattern)
 
 
+def pattern_for(
+    g: FiniteGroup,
+    support: Iterable[int] | None = None,
+    in_subgroup: Iterable[int] | None = None,
+    out_subgroup: Iterable[int] | None = None,
+) -> tuple[Pattern, np.ndarray | None]:
+    """The pattern of a plain GM (no subgroups) or of a coset-space map, and the support's kernel classes.
+
+    ``support`` lists group elements; for coset spaces each element stands for its double coset.
+    """
+    if in_subgroup is None and out_subgroup is None:
+        pattern = regular_pattern(g)
+        return pattern, None if support is None else resolve_support(pattern, support)
+    h = tuple(int(v) for v in (in_subgroup if in_subgroup is not None else [g.identity]))
+    k = tuple(int(v) for v in (out_subgroup if out_subgroup is not None else [g.identity]))
+    pattern = coset_pattern(g, h, k)
+    if support is None:
+        return pattern, None
+    ids = double_coset_ids(g, k, h)
+    return pattern, resolve_support(pattern, sorted({int(ids[s]) for s in support}))
+
+
 def project(
     w: np.ndarray,
     g: FiniteGroup | str,
@@ -301,16 +324,7 @@ def project(
       ``damping * mean(diag(X^T X)) * ||W - W_gm||_F^2`` so that few calibration samples do not
       overfit (0 = pure activation-aware, large = the plain fit).
     """
-    g = group(g)
-    if in_subgroup is None and out_subgroup is None:
-        pattern = regular_pattern(g)
-        classes = None if support is None else list(support)
-    else:
-        h = tuple(int(v) for v in (in_subgroup if in_subgroup is not None else [g.identity]))
-        k = tuple(int(v) for v in (out_subgroup if out_subgroup is not None else [g.identity]))
-        pattern = coset_pattern(g, h, k)
-        ids = double_coset_ids(g, k, h)
-        classes = None if support is None else sorted({int(ids[s]) for s in support})
+    pattern, classes = pattern_for(group(g), support, in_subgroup, out_subgroup)
     return project_pattern(w, pattern, rank, modulate, classes, inputs, damping=damping, max_iter=max_iter)
 
 

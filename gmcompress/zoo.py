@@ -78,6 +78,19 @@ class SentenceEncoder(nn.Module):
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+class TokenStates(nn.Module):
+    """The masked last-layer token states of a :class:`SentenceEncoder` (shares its BERT): a richer
+    distillation target than the pooled embedding, one 384-vector per token instead of per sentence."""
+
+    def __init__(self, encoder: SentenceEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return tokens * attention_mask.unsqueeze(-1).to(tokens.dtype)
+
+
 def _minilm_path() -> str:
     import os
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..groups import FiniteGroup, group, left_cosets
-from ..structure import Pattern, channel_counts, coset_pattern, project_pattern, regular_pattern, resolve_support
+from ..groups import FiniteGroup, left_cosets
+from ..groups import group as _as_group
+from ..structure import channel_counts, pattern_for, project_pattern
 from .base import BiasMode, GMModule, expand_bias, make_bias
 from .functional import block_forward, block_plan, block_weights, fft_forward, full_kernels, kernel_spectra
 
@@ -53,8 +54,8 @@ class GMLinear(GMModule):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        g = _group(group)
-        pattern, classes = _linear_pattern(g, in_subgroup, out_subgroup, support)
+        g = _as_group(group)
+        pattern, classes = pattern_for(g, support, in_subgroup, out_subgroup)
         in_padded = _round_up(in_features, pattern.n_in) if pad else in_features
         out_padded = _round_up(out_features, pattern.n_out) if pad else out_features
         c_out, c_in = channel_counts((out_padded, in_padded), pattern, f"GMLinear({in_features}, {out_features})")
@@ -313,14 +314,10 @@ class GMLinear(GMModule):
         )
 
 
-def _group(spec: str | FiniteGroup) -> FiniteGroup:
-    return group(spec)
-
-
 def group_config(g: FiniteGroup) -> dict:
     """A JSON-able description of a group: its spec when the spec rebuilds it, else its Cayley table."""
     try:
-        if group(g.name) == g:
+        if _as_group(g.name) == g:
             return {"spec": g.name}
     except ValueError:
         pass
@@ -329,30 +326,9 @@ def group_config(g: FiniteGroup) -> dict:
 
 def group_from_config(config: dict) -> FiniteGroup:
     if "spec" in config:
-        return group(config["spec"])
+        return _as_group(config["spec"])
     return FiniteGroup(np.asarray(config["table"]), name=config.get("name"), validate=True)
 
 
 def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
-
-
-def _linear_pattern(
-    g: FiniteGroup,
-    in_subgroup: Sequence[int] | None,
-    out_subgroup: Sequence[int] | None,
-    support: Iterable[int] | None,
-) -> tuple[Pattern, np.ndarray | None]:
-    if in_subgroup is None and out_subgroup is None:
-        pattern = regular_pattern(g)
-        classes = None if support is None else resolve_support(pattern, support)
-        return pattern, classes
-    from ..groups import double_coset_ids
-
-    h = tuple(int(v) for v in (in_subgroup if in_subgroup is not None else [g.identity]))
-    k = tuple(int(v) for v in (out_subgroup if out_subgroup is not None else [g.identity]))
-    pattern = coset_pattern(g, h, k)
-    if support is None:
-        return pattern, None
-    ids = double_coset_ids(g, k, h)
-    return pattern, resolve_support(pattern, sorted({int(ids[s]) for s in support}))

@@ -150,14 +150,9 @@ def _plan_layer(name: str, module: nn.Module, settings: LayerSettings | None, de
             bias="shared" if s.bias == "shared" else None,
             name=name,
         )
-        shell = GMLinear(
-            n_in, n_out, g, s.rank, s.modulate, s.support, bias=module.bias is not None, pad=plan.pad, device="meta"
-        )
-        plan.params_after = _count_params(shell) - (
-            shell.bias.numel() if s.bias == "shared" and shell.bias is not None else 0
-        )
-        if s.bias == "shared" and module.bias is not None:
-            plan.params_after += shell.c_out
+        bias_mode = ("shared" if s.bias == "shared" else True) if module.bias is not None else False
+        shell = GMLinear(n_in, n_out, g, s.rank, s.modulate, s.support, bias=bias_mode, pad=plan.pad, device="meta")
+        plan.params_after = _count_params(shell)
         if isinstance(module, nn.Linear):
             plan.build = lambda x: GMLinear.from_dense(module, g, s.rank, inputs=x, **kwargs)
         else:

@@ -79,16 +79,26 @@ class SentenceEncoder(nn.Module):
 
 
 class TokenStates(nn.Module):
-    """The masked last-layer token states of a :class:`SentenceEncoder` (shares its BERT): a richer
-    distillation target than the pooled embedding, one 384-vector per token instead of per sentence."""
+    """Masked token states of a :class:`SentenceEncoder` (sharing its BERT) as a distillation target.
 
-    def __init__(self, encoder: SentenceEncoder) -> None:
+    ``all_layers=False``: the last layer's states, one 384-vector per token instead of one per sentence.
+    ``all_layers=True``: the states after every encoder layer, stacked ``(B, layers, T, 384)``, so each
+    compressed layer gets a local target (TinyBERT-style hidden-state distillation).
+    """
+
+    def __init__(self, encoder: SentenceEncoder, all_layers: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
+        self.all_layers = all_layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return tokens * attention_mask.unsqueeze(-1).to(tokens.dtype)
+        out = self.encoder.bert(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.all_layers
+        )
+        mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        if not self.all_layers:
+            return out.last_hidden_state * mask
+        return torch.stack(out.hidden_states[1:], dim=1) * mask.unsqueeze(1)
 
 
 def _minilm_path() -> str:

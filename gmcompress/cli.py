@@ -135,9 +135,12 @@ def _finetune(args: argparse.Namespace, factory: Callable, original: torch.nn.Mo
             calibration=calibration,
             progress=not args.quiet,
         )
-    eval_fn = (lambda m: evaluate(m, original)) if evaluate is not None else None
+    # a factory may name a richer distillation target than the model's output (MiniLM: token states)
+    view = getattr(factory, "distill_view", None)
+    trained, teacher = (view(student), view(original)) if view is not None else (student, original)
+    eval_fn = (lambda _: evaluate(student, original)) if evaluate is not None else None
     before = eval_fn(student) if eval_fn else {}
-    result = finetune(student, original, data, eval_fn=eval_fn, progress=not args.quiet, **settings)
+    result = finetune(trained, teacher, data, eval_fn=eval_fn, progress=not args.quiet, **settings)
     after = eval_fn(student) if eval_fn else {}
     reference = evaluate(original, original) if evaluate is not None else {}
     rows = [[k, f"{reference[k]:.4f}", f"{before[k]:.4f}", f"{after[k]:.4f}"] for k in after]

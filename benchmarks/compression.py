@@ -115,7 +115,7 @@ def plot(rows: list[dict], key: str, title: str, path: Path) -> None:
 def mnist(quick: bool) -> list[str]:
     net = zoo.mnistnet()
     names = ["classifier.0"]
-    points = [("C8", 1), ("C16", 1)] if quick else [("C4", 1), ("C8", 1), ("C16", 1), ("C32", 1), ("C64", 1)]
+    points = [("C16", 1)] if quick else [("C4", 1), ("C8", 1), ("C16", 1), ("C32", 1), ("C64", 1)]
     data = zoo.mnist_augmented(copies=1)
     if quick:
         data = torch.utils.data.TensorDataset(*data[:1024])
@@ -145,7 +145,7 @@ def minilm(quick: bool) -> list[str]:
     names = [f"bert.encoder.layer.{i}.{part}.dense" for i in range(6) for part in ("intermediate", "output")]
     points = [("C8", 1)] if quick else [("C4", 1), ("C8", 1), ("C16", 1)]
     train, _ = zoo.split_sentences()
-    data = zoo.SentenceDataset(train[:64] if quick else train[:512])
+    data = zoo.SentenceDataset(train[:32] if quick else train[:512])
 
     def recipe_for(spec, rank):
         return gm.recipe.parse_recipe(

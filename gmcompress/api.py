@@ -360,6 +360,7 @@ def compress(
         row.params_after = _count_params(new)
         inner = new.linear if isinstance(new, GMPointwiseConv) else new
         row.fit_error = inner.fit_error
+        row.output_error = inner.output_error
         row.equivariance_error = _equivariance_error(new)
         rows[p.name] = row
     report.layers = [rows.get(p.name, p.report_row()) for p in plans]

@@ -87,6 +87,7 @@ class CompressionReport:
                     f"{r.params_before:,}",
                     f"{r.params_after:,}",
                     _fmt(r.fit_error),
+                    _fmt(r.output_error),
                     _fmt(r.macs_before, "{:,}"),
                     _fmt(r.macs_after, "{:,}"),
                     _fmt(r.equivariance_error, "{:.1e}"),
@@ -134,6 +135,7 @@ class CompressionReport:
         "params before",
         "params after",
         "fit err",
+        "calib out err",
         "MACs before",
         "MACs after",
         "equiv err",
@@ -161,7 +163,8 @@ class CompressionReport:
         eq_note = f"; max equivariance error of the GM weights {eq:.1e}" if eq is not None else ""
         return (
             f"{len(self.compressed)} of {len(self.layers)} layers compressed via {route}{eq_note}. "
-            "Fit err = ||W - W_gm|| / ||W||; equiv err measured on the structured weight (bias excluded)."
+            "Fit err = ||W - W_gm|| / ||W||; calib out err = ||(W - W_gm) X^T|| / ||W X^T|| on the calibration "
+            "inputs (activation-aware fits); equiv err measured on the structured weight (bias excluded)."
         )
 
     def to_json(self) -> str:

@@ -56,6 +56,7 @@ class GMModule(nn.Module):
         self._constants: dict[str, np.ndarray] = {}
         self._cache: dict[str, tuple[tuple, object]] = {}
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
+        self.output_error: float | None = None  # relative output error on the calibration inputs, if any
 
     # ------------------------------------------------------------------ constants and cache
     def _register_constant(self, name: str, value: np.ndarray) -> None:
@@ -114,6 +115,7 @@ class GMModule(nn.Module):
             if self.modulations is not None:
                 self.modulations.copy_(torch.from_numpy(np.ascontiguousarray(fit.modulations)))
         self.fit_error = float(fit.relative_error)
+        self.output_error = fit.output_error
 
     def dense_weight(self) -> torch.Tensor:
         """The materialised ``(c_out n_out, c_in n_in)`` weight of the structured part."""

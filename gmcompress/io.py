@@ -47,11 +47,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model``'s manifest and state_dict to ``path`` atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"manifest": manifest(model), "state_dict": model.state_dict()}
+    atomic_torch_save({"manifest": manifest(model), "state_dict": model.state_dict()}, path)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, then rename: an interruption never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

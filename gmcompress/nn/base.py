@@ -117,6 +117,14 @@ class GMModule(nn.Module):
         self.fit_error = float(fit.relative_error)
         self.output_error = fit.output_error
 
+    def _export(self, out: nn.Module, weight: torch.Tensor, out_features: int) -> nn.Module:
+        """Fill a plain torch layer with the materialised weight and the (expanded) bias."""
+        with torch.no_grad():
+            out.weight.copy_(weight)
+            if self.bias is not None:
+                out.bias.copy_(expand_bias(self.bias, out_features, self.pattern.n_out))
+        return out
+
     def dense_weight(self) -> torch.Tensor:
         """The materialised ``(c_out n_out, c_in n_in)`` weight of the structured part."""
         from .functional import materialize

@@ -174,11 +174,7 @@ class GMConv2d(GMModule):
             device=self.kernels.device,
             dtype=self.kernels.dtype,
         )
-        with torch.no_grad():
-            out.weight.copy_(self.weight)
-            if self.bias is not None:
-                out.bias.copy_(expand_bias(self.bias, self.out_channels, self.group.order))
-        return out
+        return self._export(out, self.weight, self.out_channels)
 
     def transform_input(self, x: torch.Tensor, h: int) -> torch.Tensor:
         """Act with h on a feature map: rotate/flip the image and (unless lifting) permute the fibres."""

@@ -181,11 +181,7 @@ class GMLinear(GMModule):
             device=self.kernels.device,
             dtype=self.kernels.dtype,
         )
-        with torch.no_grad():
-            out.weight.copy_(self.weight)
-            if self.bias is not None:
-                out.bias.copy_(expand_bias(self.bias, self.out_features, self.pattern.n_out))
-        return out
+        return self._export(out, self.weight, self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:

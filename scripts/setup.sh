@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q --no-deps "ccexam==1.0.0"
-python -m pip install -q -e ".[test,models]"
+python -m pip install -q -e ".[test,models,bench]"

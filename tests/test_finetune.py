@@ -37,6 +37,31 @@ def test_distillation_reduces_the_loss():
     assert after < 0.5 * before
 
 
+def test_task_loss_on_float_targets_is_regression():
+    """loss="task" with float targets (no teacher) trains by mean squared error: a linear map is learnt."""
+    torch.manual_seed(0)
+    true = torch.randn(8, 16)
+    x = torch.randn(256, 16)
+    y = x @ true.T
+    model = nn.Linear(16, 8, bias=False)
+    first = (model(x) - y).pow(2).mean().item()
+    losses = []
+    finetune(
+        model,
+        None,
+        (x, y),
+        steps=300,
+        batch_size=32,
+        lr=5e-2,
+        weight_decay=0.0,
+        loss="task",
+        progress=False,
+        on_step=lambda _: losses.append((model(x) - y).pow(2).mean().item()),
+    )
+    assert losses[-1] < 1e-2 * first
+    assert torch.allclose(model.weight, true, atol=0.05)
+
+
 def test_teacher_is_untouched():
     student, teacher, data = tiny()
     teacher.train()
@@ -179,3 +204,16 @@ def test_minilm_distillation_improves_cosine():
     )
     after = zoo.minilm_cosine(student, teacher)["cosine"]
     assert after > before + 0.1, (before, after)
+
+
+def test_distillation_text_is_clean_and_disjoint():
+    """The shipped text sources: Wikipedia sentences are markup-free sentences, unseen in the Lee held-out set."""
+    pytest.importorskip("gensim")
+    from gmcompress import zoo
+
+    wiki = zoo.wiki_sentences()
+    assert len(wiki) > 10_000
+    assert all(s.endswith(".") and s[0].isupper() and 6 <= len(s.split()) <= 60 for s in wiki)
+    assert not any(mark in s for s in wiki for mark in ("[[", "]]", "{{", "}}", "<ref", "&quot;"))
+    _, held_out = zoo.split_sentences()
+    assert not set(held_out) & set(wiki)

@@ -201,11 +201,12 @@ def finetune(
     """Fine-tune ``student`` (in place) to match ``teacher`` on ``data``; returns a :class:`FinetuneResult`.
 
     Losses: ``"kd"`` (KL between temperature-softened logits, times T^2), ``"mse"`` / ``"cosine"``
-    (outputs or embeddings), ``"task"`` (cross-entropy on integer labels, mean squared error on float targets), ``"mix"`` (``alpha * kd + (1 - alpha) *
-    task``). AdamW with linear warm-up (``warmup`` fraction of the steps) then cosine decay to 0, gradient
-    clipping at ``clip``. ``batch_size`` is the global batch (split over DDP ranks). ``eval_fn(student)``
-    runs after each epoch; the largest value of ``best_metric`` (default: its first key) is tracked.
-    ``amp``: None/False, "bf16" or "fp16" autocast. ``on_step(step)`` is called after every step.
+    (outputs or embeddings), ``"task"`` (cross-entropy on integer labels, mean squared error on float
+    targets), ``"mix"`` (``alpha * kd + (1 - alpha) * task``). AdamW with linear warm-up (``warmup``
+    fraction of the steps) then cosine decay to 0, gradient clipping at ``clip``. ``batch_size`` is the
+    global batch (split over DDP ranks). ``eval_fn(student)`` runs after each epoch; the largest value of
+    ``best_metric`` (default: its first key) is tracked. ``amp``: None/False, "bf16" or "fp16" autocast.
+    ``on_step(step)`` is called after every step.
     Everything is validated before any work.
     """
     _validate(lr, epochs, steps, loss, temperature, alpha, batch_size, warmup, teacher, clip)

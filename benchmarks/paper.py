@@ -157,6 +157,7 @@ def rotated_mnist(args: argparse.Namespace) -> None:
     }
     start = time.perf_counter()
     lines = []
+    points: dict[str, list[tuple[str, int, float]]] = {}
     for split, classes in (("rotated", None), ("partial (classes 0-4 rotated)", {0, 1, 2, 3, 4})):
         train = (rotated(x_tr, y_tr, classes, 1), y_tr)
         test = (rotated(x_te, y_te, classes, 2), y_te)
@@ -166,6 +167,7 @@ def rotated_mnist(args: argparse.Namespace) -> None:
             params = sum(p.numel() for p in model.parameters())
             acc, secs = train_eval(model, train, test, epochs, seed=0)
             lines.append(f"| {name} | {params:,} | {acc:.4f} | {secs:.0f} |")
+            points.setdefault(split, []).append((name, params, acc))
             print(f"{split}: {name}: {params:,} params, accuracy {acc:.4f}", flush=True)
         lines.append("")
     header = [
@@ -178,7 +180,28 @@ def rotated_mnist(args: argparse.Namespace) -> None:
     print(text)
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "paper.md").write_text(text)
+        plot(points, RESULTS / "paper_mnist.png")
+        (RESULTS / "paper.md").write_text(text + "\n\n![accuracy against parameters](paper_mnist.png)\n")
+
+
+def plot(points: dict[str, list[tuple[str, int, float]]], path: Path) -> None:
+    """Held-out accuracy against parameter count, one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4))
+    for ax, (split, rows) in zip(axes, points.items()):
+        for name, params, acc in rows:
+            ax.scatter(params, acc, label=name)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title(split)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -295,7 +295,34 @@ def run(quick: bool = False, epochs: int | None = None, seeds: int | None = None
         )
         print(f"plume: {name}: {params:,} params, RMSE future {future:.4f} domain {domain:.4f}", flush=True)
     lines += ["", *claim_lines(results)]
+    if not quick:
+        plot(results, RESULTS / "plume.png", f"smoke plume {cfg.res}x{cfg.res}, {cfg.horizon}-step rollouts")
+        lines += ["", "![RMSE against parameters](plume.png)"]
     return lines
+
+
+def plot(results: dict[str, tuple[int, float, float]], path: Path, title: str) -> None:
+    """RMSE against parameter count (log scale), one line per model family, one panel per test split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (split, col) in zip(axes, (("future frames", 1), ("held-out domains", 2))):
+        for family, style in (("CNN", "o-"), ("p4 exact", "s-"), ("p4 relaxed r2", "^-")):
+            pts = sorted(v for k, v in results.items() if k.rsplit(" ", 1)[0] == family)
+            ax.plot([p[0] for p in pts], [p[col] for p in pts], style, label=family)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_title(split)
+    axes[0].set_ylabel("rollout RMSE")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def claim_lines(results: dict[str, tuple[int, float, float]]) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,6 +78,30 @@ def slow_layers(
     return out
 
 
+CURVES: dict[str, list[tuple[int, float]]] = {}  # model -> (batch, speed-up), filled by measure() for the plot
+
+
+def plot(path: str, title: str) -> None:
+    """Speed-up (original / compressed latency) against batch size, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in CURVES.items():
+        ax.plot([b for b, _ in pts], [r for _, r in pts], "o-", label=label.split(" (")[0])
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speed-up (original / compressed latency)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def measure(
     label: str, original: nn.Module, compressed: nn.Module, batches: dict[int, object], device: str, min_run_time: float
 ) -> list[str]:
@@ -88,9 +113,11 @@ def measure(
         "|---|---|---|---|---|---|---|---|---|",
     ]
     slow: list[str] = []
+    curve = CURVES.setdefault(label, [])
     for batch, inputs in batches.items():
         t0 = median_ms(original, inputs, device, min_run_time)
         t1 = median_ms(compressed, inputs, device, min_run_time)
+        curve.append((batch, t0 / t1))
         m0 = gm.report.count_macs(original, inputs)[0]
         m1 = gm.report.count_macs(compressed, inputs)[0]
         lines.append(
@@ -167,8 +194,10 @@ def main() -> None:
     )
     print(text)
     if args.out:
+        png = str(Path(args.out).with_suffix(".png"))
+        plot(png, f"whole-model speed-up, {name}")
         with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+            fh.write(text + f"\n\n![speed-up against batch size]({Path(png).name})\n")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from gmcompress.nn import GMConv2d
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / "out" / "plume-cache"
+GENERATOR_VERSION = 1  # bump when simulate(), strength() or domains() change: the cache key includes it
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def rotate_velocity(v: np.ndarray | torch.Tensor, k: int = 1):
     """Turn a velocity field ``(..., x, y, 2)`` by ``k`` quarter turns: ``v'(p) = R v(R^-1 p)``."""
     lib = torch if isinstance(v, torch.Tensor) else np
     for _ in range(k % 4):
-        v = lib.rot90(v, 1, (-3, -2)) if lib is np else torch.rot90(v, 1, (-3, -2))
+        v = lib.rot90(v, 1, (-3, -2))
         v = lib.stack([-v[..., 1], v[..., 0]], -1)
     return v
 
@@ -125,10 +126,14 @@ def domains(cfg: PlumeConfig) -> dict[str, list[float]]:
     }
 
 
+def cache_path(cfg: PlumeConfig) -> Path:
+    spec = {**asdict(cfg), "generator": GENERATOR_VERSION}
+    return CACHE / f"plume-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]}.npz"
+
+
 def dataset(cfg: PlumeConfig) -> dict[str, np.ndarray]:
     """All simulations ``{"train": (S, frames, x, y, 2), "domain": ...}``, cached under ``out/plume-cache``."""
-    key = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
-    path = CACHE / f"plume-{key}.npz"
+    path = cache_path(cfg)
     if path.exists():
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
@@ -251,8 +256,13 @@ def run(quick: bool = False, epochs: int | None = None, seeds: int | None = None
     epochs = epochs or (2 if quick else 30)
     seeds = seeds or (1 if quick else 2)
     t0 = time.perf_counter()
+    cached = cache_path(cfg).exists()
     sims = dataset(cfg)
-    gen_s = time.perf_counter() - t0
+    simulation = (
+        "simulations read from out/plume-cache"
+        if cached
+        else f"simulated in {time.perf_counter() - t0:.0f} s (cached in out/plume-cache)"
+    )
     solver_error = check_solver_symmetry(cfg)
     data = windows(sims["train"], cfg.history, 0, cfg.train_frames)
     scale = float(np.sqrt((sims["train"] ** 2).mean()))
@@ -261,7 +271,7 @@ def run(quick: bool = False, epochs: int | None = None, seeds: int | None = None
         f"{domains(cfg)['train']}), {len(data[0])} one-step pairs from their first {cfg.train_frames} frames; "
         f"{cfg.history} input frames, {cfg.horizon}-step rollouts; {epochs} epochs (AdamW 2e-3, batch 16); "
         f"RMSEs are the mean over {seeds} training seeds (the spread is max - min). "
-        f"RMS velocity {scale:.3f}. Simulation {gen_s:.0f} s (cached in out/plume-cache). The solver itself is "
+        f"RMS velocity {scale:.3f}; {simulation}. The solver itself is "
         f"symmetric: a turned simulation differs from the simulation of the turned force by {solver_error:.1e} "
         f"(relative); the data break the symmetry only through the direction-dependent strength.",
         "",

@@ -125,7 +125,7 @@ def minilm(quick: bool, group: str | None = None, text: str = "lee", epochs: int
         "| model | parameters (whole model) | parameters (feed-forward layers) | cosine |",
         "|---|---|---|---|",
         f"| original | {rep.params_before:,} | {before:,} | 1.0000 |",
-        f"| compressed, before fine-tuning | {rep.params_after:,} | {after:,} ({before / after:.1f}x fewer) | "
+        f"| compressed, before fine-tuning | {rep.params_after:,} | {after:,} ({before / after:.2f}x fewer) | "
         f"{cos1:.4f} |",
         f"| compressed, after fine-tuning | {rep.params_after:,} | {after:,} | {cos2:.4f} |",
         "",

@@ -123,6 +123,12 @@ def _loss(
         return (1 - F.cosine_similarity(student_out, teacher_out, dim=-1)).mean()
     if labels is None:
         raise ValueError(f"loss={kind!r} needs labels: give data as (inputs, labels)")
+    if kind == "mix" and labels.is_floating_point():
+        raise ValueError(
+            "loss='mix' adds KD on logits to cross-entropy on class labels, but the labels are float "
+            f"targets {tuple(labels.shape)} (regression): use loss='task' (MSE to the targets) or "
+            "'mse' (to the teacher)"
+        )
     # class labels -> cross-entropy; float targets (regression, e.g. forecasting) -> mean squared error
     task = F.mse_loss(student_out, labels) if labels.is_floating_point() else F.cross_entropy(student_out, labels)
     return task if kind == "task" else alpha * kd() + (1 - alpha) * task

@@ -60,6 +60,8 @@ def test_task_loss_on_float_targets_is_regression():
     )
     assert losses[-1] < 1e-2 * first
     assert torch.allclose(model.weight, true, atol=0.05)
+    with pytest.raises(ValueError, match="float targets"):  # KD on logits makes no sense for regression
+        finetune(model, nn.Linear(16, 8), (x, y), steps=1, loss="mix", progress=False)
 
 
 def test_teacher_is_untouched():

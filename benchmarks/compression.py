@@ -13,7 +13,6 @@ and one Pareto plot per model to ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from gmcompress import zoo
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import replace_layers  # noqa: E402
+from common import measured_on, pyplot, save_figure  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -91,11 +91,7 @@ def table(label: str, key: str, rows: list[dict], reference: float) -> list[str]
 
 
 def plot(rows: list[dict], key: str, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, color in (("GM", "tab:blue"), ("SVD", "tab:orange"), ("pruning", "tab:green")):
         pts = sorted((r for r in rows if r["method"].startswith(method)), key=lambda r: r["layer_weights"])
@@ -107,9 +103,7 @@ def plot(rows: list[dict], key: str, title: str, path: Path) -> None:
     ax.set_ylabel(key)
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def mnist(quick: bool) -> list[str]:
@@ -189,9 +183,7 @@ def main() -> None:
     if args.only in (None, "minilm"):
         lines += minilm(args.quick) + [""]
     header = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'host'} ({platform.machine()}, "
-        f"{torch.get_num_threads()} CPU threads), torch {torch.__version__}; "
-        f"{(time.perf_counter() - start) / 60:.1f} min.",
+        f"{measured_on()}; {(time.perf_counter() - start) / 60:.1f} min.",
         "",
     ]
     text = "\n".join(header + lines)

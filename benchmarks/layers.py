@@ -12,11 +12,11 @@ parameter ratios; ``--out`` also writes it to a file.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import torch
+from common import measured_on
 from torch.utils import benchmark
 
 from gmcompress.nn import GMLinear
@@ -101,8 +101,7 @@ def main() -> None:
     rows = cuda_rows(args.quick, min_run_time) if args.device == "cuda" else cpu_rows(args.quick, min_run_time)
     header = "| device | dtype | n | group | rank | batch | impl | dense us | GM us | speed-up | param ratio |"
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.node() or 'host'} ({platform.machine()}, "
-        f"{torch.get_num_threads()} threads), torch {torch.__version__}; {time.perf_counter() - start:.0f} s.",
+        f"{measured_on()}; {time.perf_counter() - start:.0f} s.",
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),

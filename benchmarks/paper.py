@@ -21,13 +21,13 @@ Reports held-out accuracy and parameter counts into ``results/paper.md``. The sm
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import plume  # benchmarks/plume.py, next to this script
 import torch
+from common import measured_on, pyplot, save_figure
 from torch import nn
 
 import gmcompress as gm
@@ -171,8 +171,7 @@ def rotated_mnist(args: argparse.Namespace) -> None:
             print(f"{split}: {name}: {params:,} params, accuracy {acc:.4f}", flush=True)
         lines.append("")
     header = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'host'} ({platform.machine()}, "
-        f"{torch.get_num_threads()} CPU threads), torch {torch.__version__}; {epochs} epochs on "
+        f"{measured_on()}; {epochs} epochs on "
         f"{len(x_tr):,} digits, tested on {len(x_te):,}; {(time.perf_counter() - start) / 60:.1f} min.",
         "",
     ]
@@ -186,11 +185,7 @@ def rotated_mnist(args: argparse.Namespace) -> None:
 
 def plot(points: dict[str, list[tuple[str, int, float]]], path: Path) -> None:
     """Held-out accuracy against parameter count, one panel per split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4))
     for ax, (split, rows) in zip(axes, points.items()):
         for name, params, acc in rows:
@@ -199,9 +194,7 @@ def plot(points: dict[str, list[tuple[str, int, float]]], path: Path) -> None:
         ax.set_ylabel("held-out accuracy")
         ax.set_title(split)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import math
-import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import measured_on, pyplot, save_figure
 from torch import nn
 
 import gmcompress as gm
@@ -313,11 +313,7 @@ def run(quick: bool = False, epochs: int | None = None, seeds: int | None = None
 
 def plot(results: dict[str, tuple[int, float, float]], path: Path, title: str) -> None:
     """RMSE against parameter count (log scale), one line per model family, one panel per test split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, (split, col) in zip(axes, (("future frames", 1), ("held-out domains", 2))):
         for family, style in (("CNN", "o-"), ("p4 exact", "s-"), ("p4 relaxed r2", "^-")):
@@ -329,10 +325,7 @@ def plot(results: dict[str, tuple[int, float, float]], path: Path, title: str) -
     axes[0].set_ylabel("rollout RMSE")
     axes[0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def claim_lines(results: dict[str, tuple[int, float, float]]) -> list[str]:
@@ -367,10 +360,7 @@ def main() -> None:
 
 
 def main_with(quick: bool, epochs: int | None = None, seeds: int | None = None) -> None:
-    header = (
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'host'} ({platform.machine()}, "
-        f"{torch.get_num_threads()} CPU threads), torch {torch.__version__}."
-    )
+    header = f"{measured_on()}."
     text = "\n".join([header, "", *run(quick, epochs, seeds)])
     print(text)
     if not quick:

@@ -21,13 +21,13 @@ Prints markdown tables (original / compressed / fine-tuned, parameters, CPU minu
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from common import measured_on
 
 import gmcompress as gm
 from gmcompress import zoo
@@ -149,8 +149,7 @@ def main() -> None:
         suffix = "_".join(v for v in variant if v)
         args.out = Path(__file__).parent / "results" / (f"recovery_{suffix}.md" if suffix else "recovery.md")
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'host'} ({platform.machine()}, "
-        f"{torch.get_num_threads()} CPU threads), torch {torch.__version__}.",
+        f"{measured_on()}.",
         "",
     ]
     if args.only in (None, "mnist"):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import measured_on, pyplot, save_figure
 from torch import nn
 from torch.utils import benchmark
 
@@ -83,11 +84,7 @@ CURVES: dict[str, list[tuple[int, float]]] = {}  # model -> (batch, speed-up), f
 
 def plot(path: str, title: str) -> None:
     """Speed-up (original / compressed latency) against batch size, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in CURVES.items():
         ax.plot([b for b, _ in pts], [r for _, r in pts], "o-", label=label.split(" (")[0])
@@ -97,9 +94,7 @@ def plot(path: str, title: str) -> None:
     ax.set_ylabel("speed-up (original / compressed latency)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def measure(
@@ -186,8 +181,7 @@ def main() -> None:
     )
     text = "\n".join(
         [
-            f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'host'} ({name}), torch "
-            f"{torch.__version__}, fp32; {time.perf_counter() - start:.0f} s.",
+            f"{measured_on(name)}, fp32; {time.perf_counter() - start:.0f} s.",
             "",
         ]
         + sections

@@ -25,6 +25,7 @@ from gmcompress import zoo
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import replace_layers  # noqa: E402
 from common import measured_on, pyplot, save_figure  # noqa: E402
+from readme import refresh  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -192,6 +193,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         name = f"compression_{args.only}.md" if args.only else "compression.md"
         (RESULTS / name).write_text(text)
+        refresh()
 
 
 if __name__ == "__main__":

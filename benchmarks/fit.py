@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from readme import refresh
 
 import gmcompress as gm
 from gmcompress import zoo
@@ -114,6 +115,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"wrote {args.out}", file=sys.stderr)
+        refresh()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from common import measured_on
+from readme import refresh
 from torch.utils import benchmark
 
 from gmcompress.nn import GMLinear
@@ -117,6 +118,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+        refresh()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import numpy as np
 import plume  # benchmarks/plume.py, next to this script
 import torch
 from common import measured_on, pyplot, save_figure
+from readme import refresh
 from torch import nn
 
 import gmcompress as gm
@@ -181,6 +182,7 @@ def rotated_mnist(args: argparse.Namespace) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         plot(points, RESULTS / "paper_mnist.png")
         (RESULTS / "paper.md").write_text(text + "\n\n![accuracy against parameters](paper_mnist.png)\n")
+        refresh()
 
 
 def plot(points: dict[str, list[tuple[str, int, float]]], path: Path) -> None:

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import measured_on, pyplot, save_figure
+from readme import refresh
 from torch import nn
 
 import gmcompress as gm
@@ -366,6 +367,7 @@ def main_with(quick: bool, epochs: int | None = None, seeds: int | None = None) 
     if not quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "plume.md").write_text(text + "\n")
+        refresh()
 
 
 if __name__ == "__main__":

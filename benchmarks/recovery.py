@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 from common import measured_on
+from readme import refresh
 
 import gmcompress as gm
 from gmcompress import zoo
@@ -161,6 +162,7 @@ def main() -> None:
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+        refresh()
 
 
 if __name__ == "__main__":

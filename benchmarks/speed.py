@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 from common import measured_on, pyplot, save_figure
+from readme import refresh
 from torch import nn
 from torch.utils import benchmark
 
 import gmcompress as gm
 from gmcompress import zoo
-from gmcompress.fx import run_model
+from gmcompress.batches import run_model
 from gmcompress.nn import GMConv2d, GMLinear, GMPointwiseConv
 
 
@@ -192,6 +193,7 @@ def main() -> None:
         plot(png, f"whole-model speed-up, {name}")
         with open(args.out, "w") as fh:
             fh.write(text + f"\n\n![speed-up against batch size]({Path(png).name})\n")
+        refresh()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .fx import find_layers, module_aliases, run_model, swap
+from .batches import run_model
+from .fx import find_layers, module_aliases, swap
 from .groups import group as parse_group
 from .nn import GMConv2d, GMLinear, GMPointwiseConv, is_pointwise
 from .nn.conv import group_of_square

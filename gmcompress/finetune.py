@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from .fx import first_tensor, run_model
+from .batches import first_tensor, run_model, split_batch, to_device
 from .io import atomic_torch_save, save
 
 __all__ = ["finetune", "FinetuneResult", "LOSSES"]
@@ -72,26 +72,6 @@ class _ListDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.items[i]
-
-
-def _split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
-    """A batch is ``inputs`` or ``(inputs, labels)``; a one-tensor TensorDataset batch is ``[inputs]``."""
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 1:
-            return batch[0], None
-        if len(batch) == 2:
-            return batch[0], batch[1]
-    return batch, None
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
 
 
 def _loss(
@@ -144,38 +124,231 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _validate(
-    lr: float,
-    epochs: int | None,
-    steps: int | None,
-    loss: str,
-    temperature: float,
-    alpha: float,
-    batch_size: int,
-    warmup: float,
-    teacher: nn.Module | None,
-    clip: float | None,
+@dataclass(frozen=True)
+class _Settings:
+    """The hyper-parameters of one run (what a checkpoint must agree with to be resumed)."""
+
+    epochs: int | None
+    steps: int | None
+    lr: float
+    batch_size: int
+    loss: str
+    temperature: float
+    alpha: float
+    warmup: float
+    weight_decay: float
+    clip: float | None
+    checkpoint_every: int
+    amp: bool | str | None
+    seed: int
+
+    def validate(self, teacher: nn.Module | None) -> None:
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs or steps")
+        if (self.epochs is not None and self.epochs < 1) or (self.steps is not None and self.steps < 1):
+            raise ValueError(f"epochs/steps must be >= 1, got epochs={self.epochs}, steps={self.steps}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"clip must be > 0 or None, got {self.clip}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.loss != "task" and teacher is None:
+            raise ValueError(f"loss={self.loss!r} distils from a teacher: pass teacher=<the original model>")
+        _amp_dtype(self.amp)
+
+
+@dataclass
+class _Trainer:
+    """The state of one run: what is trained, how, and where it is checkpointed."""
+
+    settings: _Settings
+    student: nn.Module
+    model: nn.Module  # the student, or its DistributedDataParallel wrapper
+    teacher: nn.Module | None
+    loader: DataLoader
+    sampler: DistributedSampler
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    total: int = 0
+    checkpoint_dir: Path | None = None
+    result: FinetuneResult = field(default_factory=FinetuneResult)
+    step: int = 0
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.loader)
+
+
+def _make_loader(
+    dataset: Dataset, batch_size: int, world: int, rank: int, seed: int, collate_fn: Callable | None
+) -> tuple[DataLoader, DistributedSampler]:
+    """Shard with ``DistributedSampler`` (one replica in a single process, so both see the same global batches).
+
+    The loader has a private generator: creating its iterator must not draw from the global RNG (dropout),
+    or a resumed run would diverge from an uninterrupted one.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size // world,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_fn or getattr(dataset, "collate", None),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
+
+
+def _make_optimizer(
+    params: list[nn.Parameter], lr: float, weight_decay: float, total: int, warmup: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with a linear warm-up over ``warmup * total`` steps, then cosine decay to 0."""
+    warm = int(warmup * total)
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress_frac = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _place_models(
+    student: nn.Module, teacher: nn.Module | None, device: torch.device, world: int
+) -> tuple[nn.Module, nn.Module | None]:
+    """Move the student to ``device`` (wrapped in DDP under torchrun); a teacher elsewhere is copied, not moved."""
+    student.to(device)
+    if teacher is not None:
+        if next(iter(teacher.parameters()), torch.empty(0, device=device)).device != device:
+            import copy
+
+            teacher = copy.deepcopy(teacher).to(device)  # never move the user's model
+    model: nn.Module = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return model, teacher
+
+
+def _restore(t: _Trainer) -> None:
+    """Resume from ``last.pt`` + ``trainer.pt`` in the checkpoint directory, when both are there."""
+    ckpt = t.checkpoint_dir
+    if ckpt is None or not (ckpt / "trainer.pt").exists() or not (ckpt / "last.pt").exists():
+        return
+    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    model_state = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
+    t.student.load_state_dict(model_state)
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    torch.set_rng_state(rngs[t.rank] if t.rank < len(rngs) else rngs[0])
+    t.step = int(state["step"])
+    t.result.history = list(state["history"])
+    t.result.best_metric = state["best_metric"]
+    t.result.best_path = state["best_path"]
+    t.result.resumed_from_step = t.step
+
+
+def _write_checkpoint(t: _Trainer) -> None:
+    """Atomically write ``last.pt`` and ``trainer.pt`` (every rank's RNG state gathered to rank 0)."""
+    if t.checkpoint_dir is None:
+        return
+    rngs = [torch.get_rng_state()]
+    if t.world > 1:
+        gathered: list[Any] = [None] * t.world
+        dist.all_gather_object(gathered, torch.get_rng_state())
+        rngs = gathered
+    if t.rank == 0:
+        save(t.student, t.checkpoint_dir / "last.pt")
+        state = {
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(),
+            "rng": rngs,
+            "step": t.step,
+            "history": t.result.history,
+            "best_metric": t.result.best_metric,
+            "best_path": t.result.best_path,
+        }
+        atomic_torch_save(state, t.checkpoint_dir / "trainer.pt")
+
+
+def _train_step(t: _Trainer, batch: Any, loss: str, temperature: float, alpha: float) -> float:
+    """One optimizer step on one batch; returns the loss."""
+    inputs, labels = split_batch(to_device(batch, t.device))
+    autocast = torch.autocast(t.device.type, dtype=t.amp_dtype) if t.amp_dtype else contextlib.nullcontext()
+    with autocast:
+        target = None
+        if t.teacher is not None and loss != "task":
+            with torch.no_grad():
+                target = first_tensor(run_model(t.teacher, inputs)).float()
+        out = first_tensor(run_model(t.model, inputs)).float()
+        value = _loss(loss, out, target, labels, temperature, alpha)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(value).backward()
+    if (clip := t.settings.clip) is not None:
+        t.scaler.unscale_(t.optimizer)
+        torch.nn.utils.clip_grad_norm_(t.params, clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    t.step += 1
+    return float(value.detach())
+
+
+def _end_epoch(
+    t: _Trainer, mean_loss: float, eval_fn: Callable[[nn.Module], dict[str, float]] | None, best_metric: str | None
 ) -> None:
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if (epochs is None) == (steps is None):
-        raise ValueError("give exactly one of epochs or steps")
-    if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
-        raise ValueError(f"epochs/steps must be >= 1, got epochs={epochs}, steps={steps}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= warmup < 1:
-        raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {warmup}")
-    if clip is not None and clip <= 0:
-        raise ValueError(f"clip must be > 0 or None, got {clip}")
-    if loss != "task" and teacher is None:
-        raise ValueError(f"loss={loss!r} distils from a teacher: pass teacher=<the original model>")
+    """Record the epoch, evaluate (rank 0), keep ``best.pt``, and checkpoint."""
+    entry: dict[str, Any] = {
+        "epoch": math.ceil(t.step / t.per_epoch),
+        "step": t.step,
+        "loss": mean_loss,
+        "lr": t.scheduler.get_last_lr()[0],
+    }
+    if eval_fn is not None and t.rank == 0:
+        t.student.eval()
+        metrics = eval_fn(t.student)
+        t.student.train()
+        entry.update(metrics)
+        key = best_metric or next(iter(metrics))
+        if t.result.best_metric is None or metrics[key] > t.result.best_metric:
+            t.result.best_metric = float(metrics[key])
+            if t.checkpoint_dir is not None:
+                save(t.student, t.checkpoint_dir / "best.pt")
+                t.result.best_path = str(t.checkpoint_dir / "best.pt")
+    t.result.history.append(entry)
+    _write_checkpoint(t)
+
+
+def _amp_dtype(amp: bool | str | None) -> torch.dtype | None:
+    """None, or the autocast dtype of ``amp`` (True means bf16)."""
+    if amp not in (None, False, True, "bf16", "fp16"):
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if amp is True:
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp if isinstance(amp, str) else "")
 
 
 def finetune(
@@ -215,169 +388,39 @@ def finetune(
     ``on_step(step)`` is called after every step.
     Everything is validated before any work.
     """
-    _validate(lr, epochs, steps, loss, temperature, alpha, batch_size, warmup, teacher, clip)
-    dataset = _as_dataset(data)
-    if len(dataset) < batch_size:
-        raise ValueError(f"data has {len(dataset)} examples, fewer than one batch of {batch_size}")
-    if amp not in (None, False, True, "bf16", "fp16"):
-        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    rank, world = _distributed()
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes {world}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and rank == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
-
-    student.to(device)
-    if teacher is not None:
-        if next(iter(teacher.parameters()), torch.empty(0, device=device)).device != device:
-            import copy
-
-            teacher = copy.deepcopy(teacher).to(device)  # never move the user's model
-        teacher_was_training = teacher.training
-        teacher.eval()
-    model: nn.Module = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    # a private generator: creating a loader iterator must not draw from the global RNG (dropout), or a
-    # resumed run would diverge from an uninterrupted one
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size // world,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=collate_fn or getattr(dataset, "collate", None),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    per_epoch = len(loader)
-    total = steps if steps is not None else epochs * per_epoch
-    warm = int(warmup * total)
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress_frac = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
-
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        amp if isinstance(amp, str) else "", torch.bfloat16 if amp is True else None
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    result = FinetuneResult()
-    step = 0
-    torch.manual_seed(seed)
-
-    if ckpt is not None and (ckpt / "trainer.pt").exists() and (ckpt / "last.pt").exists():
-        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-        model_state = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
-        student.load_state_dict(model_state)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        step = int(state["step"])
-        result.history = list(state["history"])
-        result.best_metric = state["best_metric"]
-        result.best_path = state["best_path"]
-        result.resumed_from_step = step
-
-    def write_checkpoint() -> None:
-        if ckpt is None:
-            return
-        rngs = [torch.get_rng_state()]
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, torch.get_rng_state())
-            rngs = gathered
-        if rank == 0:
-            save(student, ckpt / "last.pt")
-            atomic_torch_save(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rngs,
-                    "step": step,
-                    "history": result.history,
-                    "best_metric": result.best_metric,
-                    "best_path": result.best_path,
-                },
-                ckpt / "trainer.pt",
-            )
-
-    start = time.perf_counter()
-    bar = tqdm(
-        total=total, initial=step, desc="gmcompress: fine-tuning", disable=not progress or rank != 0, unit="step"
+    settings = _Settings(
+        epochs, steps, lr, batch_size, loss, temperature, alpha, warmup, weight_decay, clip, checkpoint_every, amp, seed
     )
     student_was_training = student.training
-    running, count = 0.0, 0
+    teacher_was_training = teacher.training if teacher is not None else False
+    t = _setup(student, teacher, data, settings, device, checkpoint_dir, collate_fn)
+    start = time.perf_counter()
+    bar = tqdm(
+        total=t.total, initial=t.step, desc="gmcompress: fine-tuning", disable=not progress or t.rank != 0, unit="step"
+    )
+    running: list[float] = []
     try:
-        model.train()
-        while step < total:
-            epoch, skip = divmod(step, per_epoch)
-            sampler.set_epoch(epoch)
-            for i, batch in enumerate(loader):
+        t.model.train()
+        while t.step < t.total:
+            epoch, skip = divmod(t.step, t.per_epoch)
+            t.sampler.set_epoch(epoch)
+            for i, batch in enumerate(t.loader):
                 if i < skip:
                     continue  # resuming mid-epoch: same order, skip what was done
-                inputs, labels = _split_batch(_to(batch, device))
-                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                with autocast:
-                    target = None
-                    if teacher is not None and loss != "task":
-                        with torch.no_grad():
-                            target = first_tensor(run_model(teacher, inputs)).float()
-                    out = first_tensor(run_model(model, inputs)).float()
-                    value = _loss(loss, out, target, labels, temperature, alpha)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(value).backward()
-                if clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                running, count = running + float(value.detach()), count + 1
+                running.append(_train_step(t, batch, loss, temperature, alpha))
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(value.detach()):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{running[-1]:.4f}", lr=f"{t.scheduler.get_last_lr()[0]:.2e}")
                 if on_step is not None:
-                    on_step(step)
-                if step % checkpoint_every == 0 and step % per_epoch != 0:
-                    write_checkpoint()
-                if step >= total or step % per_epoch == 0:
+                    on_step(t.step)
+                if t.step % settings.checkpoint_every == 0 and t.step % t.per_epoch != 0:
+                    _write_checkpoint(t)
+                if t.step >= t.total or t.step % t.per_epoch == 0:
                     break
-            if step % per_epoch == 0 or step >= total:
-                entry: dict[str, Any] = {
-                    "epoch": math.ceil(step / per_epoch),
-                    "step": step,
-                    "loss": running / max(1, count),
-                    "lr": scheduler.get_last_lr()[0],
-                }
-                running, count = 0.0, 0
-                if eval_fn is not None and rank == 0:
-                    student.eval()
-                    metrics = eval_fn(student)
-                    student.train()
-                    entry.update(metrics)
-                    key = best_metric or next(iter(metrics))
-                    if result.best_metric is None or metrics[key] > result.best_metric:
-                        result.best_metric = float(metrics[key])
-                        if ckpt is not None:
-                            save(student, ckpt / "best.pt")
-                            result.best_path = str(ckpt / "best.pt")
-                result.history.append(entry)
-                write_checkpoint()
+            if t.step % t.per_epoch == 0 or t.step >= t.total:
+                _end_epoch(t, sum(running) / max(1, len(running)), eval_fn, best_metric)
+                running = []
     except KeyboardInterrupt:
-        write_checkpoint()
+        _write_checkpoint(t)
         bar.close()
         raise
     finally:
@@ -385,6 +428,46 @@ def finetune(
         if teacher is not None:
             teacher.train(teacher_was_training)
     bar.close()
-    result.steps = step
-    result.seconds = time.perf_counter() - start
-    return result
+    t.result.steps = t.step
+    t.result.seconds = time.perf_counter() - start
+    return t.result
+
+
+def _setup(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    data: Any,
+    s: _Settings,
+    device: str | torch.device | None,
+    checkpoint_dir: str | os.PathLike | None,
+    collate_fn: Callable | None,
+) -> _Trainer:
+    """Validate everything, then build the loader, models, optimizer and schedule, and resume if asked."""
+    s.validate(teacher)
+    dataset = _as_dataset(data)
+    if len(dataset) < s.batch_size:
+        raise ValueError(f"data has {len(dataset)} examples, fewer than one batch of {s.batch_size}")
+    rank, world = _distributed()
+    if s.batch_size % world:
+        raise ValueError(f"batch_size {s.batch_size} must be a multiple of the number of processes {world}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and rank == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+
+    model, teacher = _place_models(student, teacher, device, world)
+    if teacher is not None:
+        teacher.eval()
+    loader, sampler = _make_loader(dataset, s.batch_size, world, rank, s.seed, collate_fn)
+    total = s.steps if s.steps is not None else s.epochs * len(loader)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer, scheduler = _make_optimizer(params, s.lr, s.weight_decay, total, s.warmup)
+    amp_dtype = _amp_dtype(s.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    t = _Trainer(s, student, model, teacher, loader, sampler, params, optimizer, scheduler, scaler, amp_dtype, device)
+    t.rank, t.world, t.total, t.checkpoint_dir = rank, world, total, ckpt
+    torch.manual_seed(s.seed)
+    _restore(t)
+    return t

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
 DENSE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -61,23 +60,3 @@ def module_aliases(model: nn.Module) -> dict[int, list[str]]:
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
     return names
-
-
-def run_model(model: nn.Module, inputs: object) -> object:
-    """Call ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def first_tensor(out: object) -> torch.Tensor:
-    """The first tensor of a model output (tensor, tuple, dict or ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out
-    for v in values:  # type: ignore[union-attr]
-        if isinstance(v, torch.Tensor):
-            return v
-    raise TypeError(f"model output of type {type(out).__name__} holds no tensor")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fx import run_model
+from .batches import run_model
 from .nn import GMConv2d, GMLinear
 
 __all__ = ["LayerReport", "CompressionReport", "count_macs", "measure_latency", "state_dict_bytes"]

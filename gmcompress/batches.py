@@ -1,0 +1,56 @@
+"""Calling a model on a batch: the batch forms gmcompress accepts and the output forms it reads.
+
+A batch of model inputs is a tensor (one positional input), a tuple or list (positional inputs) or a dict
+(keyword inputs, as Hugging Face models take). A model output is a tensor, a tuple, a dict or a
+``ModelOutput``; :func:`first_tensor` picks the tensor that distillation and reports compare.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["run_model", "first_tensor", "to_device", "split_batch"]
+
+
+def run_model(model: nn.Module, inputs: object) -> object:
+    """Call ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def first_tensor(out: object) -> torch.Tensor:
+    """The first tensor of a model output (tensor, tuple, dict or ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out
+    for v in values:  # type: ignore[union-attr]
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) tuple, list or dict to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
+    """A training batch is ``inputs`` or ``(inputs, labels)``; a one-tensor TensorDataset batch is ``[inputs]``."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 1:
+            return batch[0], None
+        if len(batch) == 2:
+            return batch[0], batch[1]
+    return batch, None

@@ -67,12 +67,12 @@ def main() -> None:
     rows = []
     start = time.perf_counter()
     for spec, rank in QUICK if args.quick else POINTS:
-        fit = gm.project(w, spec, rank=rank)
+        fit = gm.structure.project(w, spec, rank=rank)
         params = fit.num_parameters
         k = max(1, params // (in_f + out_f))
         s = np.linalg.svd(w, full_matrices=False)
         low_rank = (s[0][:, :k] * s[1][:k]) @ s[2][:k]
-        exact = gm.project(w, spec, rank=1, modulate=False).relative_error if rank == 1 else float("nan")
+        exact = gm.structure.project(w, spec, rank=1, modulate=False).relative_error if rank == 1 else float("nan")
         rows.append(
             (
                 spec,
@@ -85,7 +85,7 @@ def main() -> None:
                 k,
                 svd_error(w, k),
                 out_err(low_rank),
-                gm.project(noise, spec, rank=rank).relative_error,
+                gm.structure.project(noise, spec, rank=rank).relative_error,
             )
         )
     elapsed = time.perf_counter() - start

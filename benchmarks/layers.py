@@ -46,7 +46,7 @@ def _row(
         group=spec,
         rank=rank,
         batch=batch,
-        impl=layer.resolved_impl(batch),
+        impl=layer.resolved_impl(),
         dense_us=t_dense * 1e6,
         gm_us=t_gm * 1e6,
         params=weight.numel() / layer.num_structured_parameters,

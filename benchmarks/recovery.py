@@ -32,7 +32,7 @@ from readme import refresh
 
 import gmcompress as gm
 from gmcompress import zoo
-from gmcompress.recipe import parse_recipe
+from gmcompress.recipe import load_recipe, parse_recipe
 
 
 def _layer_ratio(report: gm.CompressionReport) -> tuple[int, int]:
@@ -54,7 +54,7 @@ def mnist(quick: bool) -> list[str]:
     rep = student.gm_report
     acc0, acc1 = zoo.mnist_accuracy(net)["accuracy"], zoo.mnist_accuracy(student)["accuracy"]
     data = zoo.mnist_augmented(copies=1 if quick else 8)
-    settings = dict(gm.load_recipe("recipes/mnistnet.yaml").finetune)
+    settings = dict(load_recipe("recipes/mnistnet.yaml").finetune)
     if quick:
         settings.update(epochs=1)
         data = torch.utils.data.TensorDataset(*data[:2048])

@@ -69,8 +69,7 @@ def slow_layers(
             if isinstance(module, GMConv2d):
                 why = "GMConv2d runs the materialised (tied) weight through the same dense convolution"
             else:
-                lin = module.linear if isinstance(module, GMPointwiseConv) else module
-                impl = lin.resolved_impl()
+                impl = module.resolved_impl()
                 why = f"path '{impl}': " + (
                     "the block path would not halve the MACs at this size, so the layer runs the dense weight"
                     if impl == "dense"

@@ -1,70 +1,32 @@
-"""gmcompress: compress pretrained PyTorch networks with (relaxed) group matrices."""
+"""gmcompress: compress pretrained PyTorch networks with (relaxed) group matrices.
 
-from .api import CompressionPlan, compress
+The workflow lives here; the layers are in :mod:`gmcompress.nn`, the group-matrix math in
+:mod:`gmcompress.structure` and :mod:`gmcompress.groups`, the per-kind layer handlers in
+:mod:`gmcompress.handlers`, the offline demo models in :mod:`gmcompress.zoo`.
+"""
+
+from . import groups, nn, structure
+from ._version import __version__
+from .api import CompressionPlan, compress, plan
 from .finetune import FinetuneResult, finetune
-from .groups import (
-    FiniteGroup,
-    cyclic,
-    dihedral,
-    direct_product,
-    from_permutations,
-    from_table,
-    group,
-    left_cosets,
-    regular_basis,
-    semidirect_product,
-    subgroup,
-    symmetric,
-)
+from .groups import group
 from .io import load, save
-from .nn import GMConv2d, GMLinear, GMPointwiseConv, GMPointwiseConv2d, GMPool
-from .recipe import Recipe, RecipeError, load_recipe
+from .recipe import Recipe
 from .report import CompressionReport
-from .structure import (
-    GMFit,
-    coefficients,
-    displacement,
-    displacement_rank,
-    from_coefficients,
-    group_matrix,
-    project,
-)
-
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
+    "compress",
+    "plan",
+    "finetune",
+    "save",
+    "load",
+    "Recipe",
+    "group",
     "CompressionPlan",
     "CompressionReport",
-    "Recipe",
-    "RecipeError",
-    "compress",
-    "finetune",
     "FinetuneResult",
-    "load",
-    "load_recipe",
-    "save",
-    "GMPointwiseConv",
-    "FiniteGroup",
-    "GMConv2d",
-    "GMLinear",
-    "GMPointwiseConv2d",
-    "GMPool",
-    "GMFit",
-    "coefficients",
-    "cyclic",
-    "dihedral",
-    "direct_product",
-    "displacement",
-    "displacement_rank",
-    "from_coefficients",
-    "from_permutations",
-    "from_table",
-    "group",
-    "group_matrix",
-    "left_cosets",
-    "project",
-    "regular_basis",
-    "semidirect_product",
-    "subgroup",
-    "symmetric",
+    "groups",
+    "nn",
+    "structure",
 ]

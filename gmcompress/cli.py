@@ -5,9 +5,10 @@
     gmcompress report   --model gmcompress.zoo:mnistnet --checkpoint out/mnistnet.pt
     gmcompress finetune --model gmcompress.zoo:mnistnet --recipe recipes/mnistnet.yaml --out out/mnistnet-ft.pt
 
-``--model package.module:factory`` names a function returning the pretrained model. A factory may
-carry ``example_inputs``, ``calibration`` and ``evaluate(model, reference) -> dict`` attributes (the
-zoo's do); ``--example-shape``, ``--example-inputs``, ``--calibration`` and ``--eval`` override them.
+``--model package.module:NAME`` names a :class:`gmcompress.zoo.DemoModel` (a factory with hooks for
+example inputs, calibration batches, ``evaluate(model, reference) -> dict`` and fine-tuning data: the
+zoo's models are) or any function returning the pretrained model. ``--example-shape``,
+``--example-inputs``, ``--calibration``, ``--eval`` and ``--data`` override the hooks.
 Errors end with exit code 2 and a one-line message.
 """
 
@@ -23,10 +24,11 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .api import compress
+from ._version import __version__
+from .api import compress, plan
 from .io import load, save
-from .report import CompressionReport, count_macs, measure_latency, state_dict_bytes
+from .report import CompressionReport, count_macs, format_table, measure_latency, state_dict_bytes
+from .zoo import DemoModel
 
 
 def _resolve(spec: str, what: str) -> Callable[..., Any]:
@@ -44,7 +46,26 @@ def _resolve(spec: str, what: str) -> Callable[..., Any]:
     return obj
 
 
-def _hooks(args: argparse.Namespace, factory: Callable) -> tuple[Any, Any, Callable | None]:
+def _demo_model(spec: str) -> DemoModel:
+    obj = _resolve(spec, "--model")
+    if isinstance(obj, DemoModel):
+        return obj
+    if not callable(obj):
+        raise ValueError(f"--model {spec!r} is a {type(obj).__name__}, not a function returning an nn.Module")
+    return DemoModel(build=obj)
+
+
+def _build(demo: DemoModel, spec: str) -> torch.nn.Module:
+    try:
+        model = demo.build()
+    except Exception as err:
+        raise ValueError(f"--model {spec}: building the model failed: {type(err).__name__}: {err}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _hooks(args: argparse.Namespace, factory: DemoModel) -> tuple[Any, Any, Callable | None]:
     example = None
     if args.example_shape:
         try:
@@ -54,14 +75,14 @@ def _hooks(args: argparse.Namespace, factory: Callable) -> tuple[Any, Any, Calla
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     elif args.example_inputs:
         example = _resolve(args.example_inputs, "--example-inputs")()
-    elif hasattr(factory, "example_inputs"):
+    elif factory.example_inputs is not None:
         example = factory.example_inputs()
     calibration = None
     if getattr(args, "calibration", None):
         calibration = _resolve(args.calibration, "--calibration")()
-    elif hasattr(factory, "calibration") and not getattr(args, "no_calibration", False):
+    elif factory.calibration is not None and not getattr(args, "no_calibration", False):
         calibration = factory.calibration()
-    evaluate = _resolve(args.eval, "--eval") if args.eval else getattr(factory, "evaluate", None)
+    evaluate = _resolve(args.eval, "--eval") if args.eval else factory.evaluate
     return example, calibration, evaluate
 
 
@@ -118,7 +139,7 @@ def _add_metrics(
             report.add_metric(key, before[key], after[key])
 
 
-def _finetune(args: argparse.Namespace, factory: Callable, original: torch.nn.Module) -> int:
+def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.Module) -> int:
     from .finetune import finetune
     from .recipe import load_recipe
 
@@ -132,17 +153,17 @@ def _finetune(args: argparse.Namespace, factory: Callable, original: torch.nn.Mo
         raise ValueError("no fine-tuning budget: give --epochs or a recipe with a finetune section")
     if args.data:
         data = _resolve(args.data, "--data")()
-    elif hasattr(factory, "train_data"):
+    elif factory.train_data is not None:
         data = factory.train_data()
     else:
         raise ValueError("no training data: give --data package.module:function")
     _, calibration, evaluate = _hooks(args, factory)
     if args.checkpoint:
-        student = load(args.checkpoint, factory())
+        student = load(args.checkpoint, _build(factory, args.model))
     else:
         student = _compress(args, original, calibration=calibration, progress=not args.quiet)
     # a factory may name a richer distillation target than the model's output (MiniLM: token states)
-    view = getattr(factory, "distill_view", None)
+    view = factory.distill_view
     trained, teacher = (view(student), view(original)) if view is not None else (student, original)
     eval_fn = (lambda _: evaluate(student, original)) if evaluate is not None else None
     before = eval_fn(student) if eval_fn else {}
@@ -150,9 +171,7 @@ def _finetune(args: argparse.Namespace, factory: Callable, original: torch.nn.Mo
     after = eval_fn(student) if eval_fn else {}
     reference = evaluate(original, original) if evaluate is not None else {}
     rows = [[k, f"{reference[k]:.4f}", f"{before[k]:.4f}", f"{after[k]:.4f}"] for k in after]
-    from .report import _table
-
-    print(_table(["metric", "original", "compressed", "fine-tuned"], rows))
+    print(format_table(["metric", "original", "compressed", "fine-tuned"], rows))
     print(f"{result.steps} steps in {result.seconds / 60:.1f} min")
     if args.out:
         save(student, args.out)
@@ -161,13 +180,12 @@ def _finetune(args: argparse.Namespace, factory: Callable, original: torch.nn.Mo
 
 
 def _run(args: argparse.Namespace) -> int:
-    factory = _resolve(args.model, "--model")
-    original = factory()
+    factory = _demo_model(args.model)
+    original = _build(factory, args.model)
     if args.command == "finetune":
         return _finetune(args, factory, original)
     if args.command == "plan":
-        plan = _compress(args, original, dry_run=True)
-        print(plan)
+        print(plan(original, args.group, args.rank, recipe=args.recipe, conv_group=args.conv_group))
         return 0
     example, calibration, evaluate = _hooks(args, factory)
     if args.command == "compress":
@@ -184,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
             report.plot(args.plot)
         return 0
     # report on a checkpoint
-    model = load(args.checkpoint, factory())
+    model = load(args.checkpoint, _build(factory, args.model))
     report = CompressionReport(
         params_before=sum(p.numel() for p in original.parameters()),
         params_after=sum(p.numel() for p in model.parameters()),
@@ -197,9 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         report.latency_before_ms = measure_latency(original, example)
         report.latency_after_ms = measure_latency(model, example)
     _add_metrics(report, evaluate, original, model)
-    from .report import _table
-
-    print(_table(report.TOTAL_HEADER, report.total_rows()))
+    print(format_table(report.TOTAL_HEADER, report.total_rows()))
     return 0
 
 

@@ -1,20 +1,23 @@
 """The graph pass: find the dense layers a model really calls, and swap in replacements.
 
-``find_layers`` traces the model with ``torch.fx.symbolic_trace`` and lists the ``call_module`` nodes
-of ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` in execution order. When the model does not trace (data-
-dependent control flow, Hugging Face models under transformers 5, ...) it says why and falls back to the
-module tree: every such leaf module, found by fully qualified name. ``swap`` replaces modules by
-name on a root module (a GraphModule shares its submodules with the traced model, so the graph's
-``call_module`` nodes then run the replacement).
+``find_layers`` traces the model with ``torch.fx`` (every module that has a handler in
+:mod:`gmcompress.handlers` is kept as a leaf, subclasses included) and lists the ``call_module`` nodes
+of those layers in execution order. When the model does not trace (data-dependent control flow,
+Hugging Face models under transformers 5, TorchScript modules, ...) it says why and falls back to the
+module tree: every such module, by fully qualified name. ``swap`` replaces modules by name on a root
+module (a GraphModule shares its submodules with the traced model, so the graph's ``call_module`` nodes
+then run the replacement).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import fx, jit, nn
 
-DENSE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+from .handlers import handler_for
+
+__all__ = ["TraceResult", "find_layers", "swap", "module_aliases"]
 
 
 @dataclass
@@ -26,20 +29,33 @@ class TraceResult:
     failure: str | None
 
 
-def find_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = DENSE_TYPES) -> TraceResult:
+class _LayerTracer(fx.Tracer):
+    """torch.fx's tracer, with every dense layer gmcompress knows kept as one ``call_module`` node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return handler_for(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
+def find_layers(model: nn.Module) -> TraceResult:
     """Dense layers of ``model`` in call order (traced) or module order (fallback), deduplicated by name."""
+    if isinstance(model, (jit.ScriptModule, jit.RecursiveScriptModule)):
+        raise TypeError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace): its layers cannot be "
+            "swapped; compress the original nn.Module, then script or export the result"
+        )
     try:
-        gm = fx.symbolic_trace(model)
+        graph = _LayerTracer().trace(model)
+        gm = fx.GraphModule(model, graph, type(model).__name__)
     except Exception as err:  # torch.fx raises many types for untraceable code
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        layers = [(name, m) for name, m in model.named_modules() if type(m) in types]
+        layers = [(name, m) for name, m in model.named_modules() if handler_for(m) is not None]
         return TraceResult(layers, None, reason)
     seen: set[str] = set()
     layers = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in seen:
             module = gm.get_submodule(node.target)
-            if type(module) in types:
+            if handler_for(module) is not None:
                 seen.add(node.target)
                 layers.append((str(node.target), module))
     return TraceResult(layers, gm, None)

@@ -11,11 +11,14 @@ group that costs more than a table lookup (the real regular basis, cosets) is ca
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .checks import check_group_order
 
 __all__ = [
     "FiniteGroup",
@@ -85,9 +88,6 @@ class FiniteGroup:
     def is_abelian(self) -> bool:
         return bool(np.array_equal(self.table, self.table.T))
 
-    def mul(self, a: int, b: int) -> int:
-        return int(self.table[a, b])
-
     def left_action(self, h: int) -> np.ndarray:
         """Permutation matrix of the left translation ``(L_h x)(g) = x(h^{-1} g)``."""
         n = self.order
@@ -155,6 +155,7 @@ def from_table(table: np.ndarray | Sequence[Sequence[int]], names: Sequence[str]
 def cyclic(n: int) -> FiniteGroup:
     """The cyclic group C_n: element k is the rotation r^k, ``k1 * k2 = (k1 + k2) mod n``."""
     n = _positive(n, "cyclic group order")
+    check_group_order(n, f"C{n}")
     ar = np.arange(n)
     names = ["e" if k == 0 else ("r" if k == 1 else f"r^{k}") for k in range(n)]
     return FiniteGroup((ar[:, None] + ar[None, :]) % n, names=names, name=f"C{n}", cyclic_shape=(n,), validate=False)
@@ -168,6 +169,7 @@ def dihedral(n: int) -> FiniteGroup:
     with ``s r s = r^{-1}``, so ``(r^a s^f)(r^b s^g) = r^(a + (-1)^f b) s^(f + g)``.
     """
     n = _positive(n, "dihedral group n")
+    check_group_order(2 * n, f"D{n}")
     idx = np.arange(2 * n)
     f, k = idx // n, idx % n
     sign = np.where(f == 1, -1, 1)
@@ -241,6 +243,7 @@ def symmetric(n: int) -> FiniteGroup:
 def direct_product(g: FiniteGroup, h: FiniteGroup) -> FiniteGroup:
     """``G x H`` with element ``(a, b)`` at index ``a * |H| + b``."""
     ng, nh = g.order, h.order
+    check_group_order(ng * nh, f"{g.name}x{h.name}")
     table = (g.table[:, None, :, None] * nh + h.table[None, :, None, :]).reshape(ng * nh, ng * nh)
     names = [f"({a},{b})" for a in g.names for b in h.names]
     shape = g.cyclic_shape + h.cyclic_shape if g.cyclic_shape and h.cyclic_shape else None
@@ -259,6 +262,7 @@ def semidirect_product(
     phi_h(n)``. It is checked to be a homomorphism ``H -> Aut(N)``.
     """
     nn_, nh = normal.order, acting.order
+    check_group_order(nn_ * nh, name or f"{normal.name}:{acting.name}")
     if callable(action):
         phi = np.array([[action(h, n) for n in range(nn_)] for h in range(nh)], dtype=np.int64)
     else:
@@ -310,9 +314,9 @@ def group(spec: str | FiniteGroup) -> FiniteGroup:
     return _parse(spec.replace(" ", ""))
 
 
-@functools.cache
-def _parse(spec: str) -> FiniteGroup:
-    factors: list[FiniteGroup] = []
+def _factors(spec: str) -> list[tuple[str, int, int]]:
+    """``(kind, n, power)`` per factor of a spec, checked, with the whole order within the limit."""
+    factors, order = [], 1
     for part in spec.split("x") if spec else [""]:
         m = _FACTOR.match(part)
         if not m:
@@ -320,14 +324,22 @@ def _parse(spec: str) -> FiniteGroup:
         kind, n, power = m.group(1), int(m.group(2)), int(m.group(3) or 1)
         if n < 1 or power < 1:
             raise ValueError(f"unknown group {spec!r}: orders and powers must be positive; expected {_ACCEPTED}")
-        if kind in "CZ":
-            base = cyclic(n)
-        elif kind == "D":
-            base = dihedral(n)
-        else:
-            if n > 5:
-                raise ValueError(f"unknown group {spec!r}: symmetric groups need n <= 5; expected {_ACCEPTED}")
-            base = symmetric(n)
+        if kind == "S" and n > 5:
+            raise ValueError(f"unknown group {spec!r}: symmetric groups need n <= 5; expected {_ACCEPTED}")
+        size = {"C": n, "Z": n, "D": 2 * n, "S": math.factorial(n)}[kind]
+        if power > 64:
+            raise ValueError(f"group {spec!r}: powers above 64 are not supported, got {power}")
+        order *= size**power
+        check_group_order(order, spec)
+        factors.append((kind, n, power))
+    return factors
+
+
+@functools.cache
+def _parse(spec: str) -> FiniteGroup:
+    factors: list[FiniteGroup] = []
+    for kind, n, power in _factors(spec):
+        base = cyclic(n) if kind in "CZ" else dihedral(n) if kind == "D" else symmetric(n)
         factors.extend([base] * power)
     out = factors[0]
     for f in factors[1:]:
@@ -388,8 +400,8 @@ def left_cosets(g: FiniteGroup, sub: Iterable[int]) -> np.ndarray:
 class RegularBasis:
     """A real orthogonal ``Q`` with ``Q^T GM(f) Q`` block-diagonal for every group matrix of G.
 
-    ``blocks`` lists the block sizes in column order; blocks are sorted by size. ``rho`` holds, for
-    every element g, ``Q^T B_g Q`` restricted to the blocks: ``rho[b]`` has shape ``(N, d_b, d_b)``.
+    ``blocks`` lists the block sizes in column order; blocks are sorted by size. The block of every group
+    diagonal ``B_g`` is computed where it is needed (``gmcompress.nn.functional.block_plan``).
     """
 
     q: np.ndarray
@@ -398,15 +410,6 @@ class RegularBasis:
     @property
     def offsets(self) -> tuple[int, ...]:
         return tuple(int(v) for v in np.concatenate([[0], np.cumsum(self.blocks)[:-1]]))
-
-
-def group_diagonals(g: FiniteGroup) -> np.ndarray:
-    """``(N, N, N)`` stack of the group diagonals ``B_g[i, j] = [g_i^{-1} g_j == g]``."""
-    n = g.order
-    pattern = g.right_shift_index()
-    out = np.zeros((n, n, n))
-    out[pattern, np.arange(n)[:, None], np.arange(n)[None, :]] = 1.0
-    return out
 
 
 def _is_block_diagonal(g: FiniteGroup, q: np.ndarray, blocks: Sequence[int], tol: float) -> bool:
@@ -510,6 +513,31 @@ def double_coset_ids(g: FiniteGroup, left: Iterable[int], right: Iterable[int]) 
 # spatial action of the square's symmetry groups on a k x k grid -------------------------------
 
 SQUARE_GROUPS = ("C1", "C2", "C4", "D1", "D2", "D4")
+_QUARTER_TURNS = {"C1": 4, "C2": 2, "C4": 1, "D1": 4, "D2": 2, "D4": 1}  # quarter turns per rotation step
+
+
+def square_group(g: FiniteGroup | str) -> FiniteGroup:
+    """``g`` when it is one of the square's symmetry groups :data:`SQUARE_GROUPS`, else a ValueError.
+
+    Recognised by name *and* Cayley table (C2 and D1 share a table; a ``from_table`` group that only
+    borrows the name "C4" is refused).
+    """
+    g = group(g)
+    if g.name not in SQUARE_GROUPS or g != group(g.name):
+        raise ValueError(f"expected a group of the square {SQUARE_GROUPS} (rotations by 90 degrees, flips), got {g!r}")
+    return g
+
+
+def square_element(g: FiniteGroup, h: int) -> tuple[bool, int]:
+    """Element ``h`` of a square group as ``(flip, quarter_turns)``: first flip left-right, then rotate.
+
+    Cyclic groups number rotations ``r^k`` as k; dihedral ones ``r^k s^f`` as ``f * n_rot + k``
+    (see :func:`dihedral`).
+    """
+    step = _QUARTER_TURNS[square_group(g).name]
+    n_rot = 4 // step
+    flip, rot = divmod(int(h), n_rot) if g.name.startswith("D") else (0, int(h))
+    return bool(flip), rot * step
 
 
 def grid_action(g: FiniteGroup | str, size: int) -> np.ndarray:
@@ -517,24 +545,20 @@ def grid_action(g: FiniteGroup | str, size: int) -> np.ndarray:
 
     Returns ``perm`` of shape ``(|H|, size * size)`` with ``(h . img).ravel() == img.ravel()[perm[h]]``,
     the same transform as ``torch.rot90(img, k, dims=(-2, -1))`` after ``torch.flip(img, dims=(-1,))``
-    for ``h = r^k s^f``. C2 is the half turn, D1 the single flip, D2 half turn and flip.
+    for ``h = r^k s^f`` (:func:`square_element`). C2 is the half turn, D1 the single flip, D2 half turn
+    and flip.
     """
-    g = group(g)
+    g = square_group(g)
     base = np.arange(size * size).reshape(size, size)
-    kind = g.name
-    if kind not in SQUARE_GROUPS:
-        raise ValueError(f"grid_action supports the square's groups {SQUARE_GROUPS}, got {kind}")
-    n_rot = {"C1": 1, "C2": 2, "C4": 4, "D1": 1, "D2": 2, "D4": 4}[kind]
-    step = 4 // n_rot
     perms = []
     for idx in range(g.order):
-        flip, rot = divmod(idx, n_rot) if kind.startswith("D") else (0, idx)
+        flip, quarter_turns = square_element(g, idx)
         img = np.flip(base, axis=-1) if flip else base
-        perms.append(np.rot90(img, rot * step, axes=(-2, -1)).ravel())
+        perms.append(np.rot90(img, quarter_turns, axes=(-2, -1)).ravel())
     perm = np.stack(perms)
     # the map h -> permutation must be a homomorphism: (g_a g_b) . img == g_a . (g_b . img)
     for a in range(g.order):
         for b in range(g.order):
             if not np.array_equal(perm[g.table[a, b]], perm[b][perm[a]]):
-                raise AssertionError(f"grid action of {kind} is not a homomorphism")  # pragma: no cover
+                raise AssertionError(f"grid action of {g.name} is not a homomorphism")  # pragma: no cover
     return perm

@@ -3,12 +3,14 @@
 The file is ``torch.save({"manifest": ..., "state_dict": ...})`` with plain containers only, so
 ``torch.load(path, weights_only=True)`` reads it (no pickled code). ``load`` re-applies the manifest to
 a fresh instance of the original architecture (re-tracing it when the saved model was a
-GraphModule) and loads the weights bit for bit.
+GraphModule) and loads the weights bit for bit. Every GM layer kind is found by name in
+:data:`gmcompress.nn.GM_LAYERS`.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,24 +19,23 @@ import torch
 from torch import fx, nn
 
 from .fx import find_layers, module_aliases, swap
-from .nn import GMConv2d, GMLinear, GMPointwiseConv
+from .nn import GM_LAYERS, GMLayer
 
-__all__ = ["save", "load", "manifest", "FORMAT"]
+__all__ = ["save", "load", "manifest", "atomic_torch_save", "read_checkpoint", "FORMAT"]
 
-FORMAT = "gmcompress/1"
-KINDS: dict[str, type[nn.Module]] = {"GMLinear": GMLinear, "GMConv2d": GMConv2d, "GMPointwiseConv": GMPointwiseConv}
+FORMAT = "gmcompress/2"
+_OLD_FORMATS = ("gmcompress/1",)  # 1: GMPointwiseConv wrapped a GMLinear at ".linear"
 
 
 def manifest(model: nn.Module) -> dict:
     """Per GM layer (by fully qualified name): its kind, constructor config and aliases."""
-    from . import __version__
+    from ._version import __version__
 
     layers: dict[str, dict] = {}
     aliases = module_aliases(model)
     for name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind in KINDS and not any(name.startswith(f"{other}.") for other in layers):
-            layers[name] = {"kind": kind, "config": module.config(), "aliases": aliases[id(module)]}
+        if isinstance(module, GMLayer) and not any(name.startswith(f"{other}.") for other in layers):
+            layers[name] = {"kind": type(module).__name__, "config": module.config(), "aliases": aliases[id(module)]}
     return {
         "format": FORMAT,
         "gmcompress_version": __version__,
@@ -46,20 +47,53 @@ def manifest(model: nn.Module) -> dict:
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model``'s manifest and state_dict to ``path`` atomically (temp file + rename)."""
     path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"cannot save to {path}: {path.parent} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"manifest": manifest(model), "state_dict": model.state_dict()}, path)
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename: an interruption never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file beside ``path``, then rename: an interruption never leaves half a file.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (the umask, or those of the file it
+    replaces), and a symlink at ``path`` keeps pointing where it did: its target is replaced.
+    """
+    target = Path(os.path.realpath(path))
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, _file_mode(target))
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _file_mode(path: Path) -> int:
+    if path.exists():
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with one clear error for a missing, empty or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip), UnicodeDecodeError ...
+        raise ValueError(
+            f"{path}: not a readable gmcompress/torch file ({type(err).__name__}); it may be empty, truncated or "
+            "of another format"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a gmcompress file (holds a {type(data).__name__}, expected a dict)")
+    return data
 
 
 def load(
@@ -72,43 +106,93 @@ def load(
     The GM layers named in the manifest replace the modules at those names, then the weights load
     with ``strict=True``. A model saved as a GraphModule is re-traced first (same graph pass as
     ``compress``). ``model`` is required: the manifest holds the structure of the GM layers, not code.
+    If anything fails, ``model`` is left as it was.
     """
-    data = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(data, dict) or data.get("manifest", {}).get("format") != FORMAT:
-        raise ValueError(f"{path}: not a gmcompress file (expected a manifest with format {FORMAT!r})")
-    meta = data["manifest"]
+    data = read_checkpoint(path, map_location)
+    meta = _manifest_of(data, path)
     if model is None:
         raise ValueError(
             f"{path}: pass model=<a fresh instance of the original architecture>; the file holds the "
             f"structure of the GM layers and the weights, not the model's code"
         )
-    root: nn.Module = model
-    if meta["graph_module"]:
-        traced = find_layers(model)
-        if traced.graph_module is not None:
-            root = traced.graph_module
-        else:
-            warnings.warn(
-                f"{path}: saved as a GraphModule, but {type(model).__name__} does not trace now "
-                f"({traced.failure}); loading into the module tree",
-                stacklevel=2,
-            )
-    for name, entry in meta["layers"].items():
-        kind = KINDS.get(entry["kind"])
-        if kind is None:
-            raise ValueError(f"{path}: layer {name!r} has unknown kind {entry['kind']!r}")
-        try:
-            old = root.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"{path}: the model has no layer {name!r}; is it the architecture that was compressed?"
-            ) from None
-        factory = {}
-        weight = getattr(old, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            factory = {"device": weight.device, "dtype": weight.dtype}
-        new = kind.from_config(entry["config"], **factory)
-        for alias in entry.get("aliases", [name]):
-            swap(root, alias, new)
-    root.load_state_dict(data["state_dict"], strict=True)
+    root = _load_root(model, meta, path)
+    swapped: list[tuple[str, nn.Module]] = []
+    try:
+        for name, entry in meta["layers"].items():
+            new = _rebuild_layer(root, name, entry, path)
+            for alias in entry.get("aliases", [name]):
+                swapped.append((alias, root.get_submodule(alias)))
+                swap(root, alias, new)
+        root.load_state_dict(data["state_dict"], strict=True)
+    except Exception as err:
+        for alias, old in reversed(swapped):
+            swap(root, alias, old)
+        if isinstance(err, RuntimeError):  # load_state_dict's mismatch report
+            raise ValueError(f"{path}: the weights do not fit this model: {str(err).splitlines()[0]}") from None
+        raise
     return root
+
+
+def _manifest_of(data: dict, path: str | os.PathLike) -> dict:
+    meta = data.get("manifest")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt in _OLD_FORMATS:
+        return _upgrade_v1(data)
+    if fmt != FORMAT or "state_dict" not in data:
+        raise ValueError(f"{path}: not a gmcompress file (expected a manifest with format {FORMAT!r})")
+    return meta
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """Format 1 stored a pointwise conv as ``GMPointwiseConv(linear=GMLinear)``: flatten it in place."""
+    meta = data["manifest"]
+    for name, entry in meta["layers"].items():
+        if entry["kind"] == "GMPointwiseConv":
+            config = dict(entry["config"]["linear"])
+            for key in ("in_subgroup", "out_subgroup"):
+                config.pop(key, None)
+            config["in_channels"], config["out_channels"] = config.pop("in_features"), config.pop("out_features")
+            entry["config"] = config
+            for alias in entry.get("aliases", [name]):
+                prefix = f"{alias}.linear." if alias else "linear."
+                for key in [k for k in data["state_dict"] if k.startswith(prefix)]:
+                    data["state_dict"][key.replace(prefix, prefix[: -len("linear.")], 1)] = data["state_dict"].pop(key)
+    return meta
+
+
+def _load_root(model: nn.Module, meta: dict, path: str | os.PathLike) -> nn.Module:
+    if not meta["graph_module"]:
+        return model
+    traced = find_layers(model)
+    if traced.graph_module is not None:
+        return traced.graph_module
+    warnings.warn(
+        f"{path}: saved as a GraphModule, but {type(model).__name__} does not trace now ({traced.failure}); "
+        "loading into the module tree",
+        stacklevel=3,
+    )
+    return model
+
+
+def _rebuild_layer(root: nn.Module, name: str, entry: dict, path: str | os.PathLike) -> nn.Module:
+    kind = GM_LAYERS.get(entry["kind"])
+    if kind is None:
+        raise ValueError(f"{path}: layer {name!r} has unknown kind {entry['kind']!r}")
+    try:
+        old = root.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"{path}: the model has no layer {name!r}; is it the architecture that was compressed?"
+        ) from None
+    factory = {}
+    weight = getattr(old, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        factory = {"device": weight.device, "dtype": weight.dtype}
+    new = kind.from_config(entry["config"], **factory)
+    for attr in ("in_features", "out_features", "in_channels", "out_channels"):
+        if hasattr(old, attr) and hasattr(new, attr) and getattr(old, attr) != getattr(new, attr):
+            raise ValueError(
+                f"{path}: layer {name!r} has {attr}={getattr(old, attr)} in this model but {getattr(new, attr)} "
+                "in the file; is it the architecture that was compressed?"
+            )
+    return new

@@ -1,9 +1,13 @@
-"""Recipes: which layers to compress and how, from YAML or keyword arguments.
+"""Recipes: which layers to compress and how, from YAML, a dict or keyword arguments.
 
-A recipe is ``version``, ``defaults`` (layer settings), ``layers`` (ordered rules) and an optional
-``finetune`` section. A rule matches by exact ``name``, by ``regex`` (``re.fullmatch`` on the fully
-qualified module name) or by module ``type`` (``Linear``, ``Conv1d``, ``Conv2d``) and either sets
-layer settings or says ``skip: true``.
+A recipe is ``version``, ``defaults`` (layer settings, :class:`~gmcompress.settings.LayerSettings`),
+``layers`` (ordered rules) and an optional ``finetune`` section (the keyword arguments of
+:func:`gmcompress.finetune`). A rule matches by exact ``name``, by ``regex`` or by module ``type``
+(``Linear``, ``Conv1d``, ``Conv2d``, ... as :func:`gmcompress.handlers.type_names` lists; subclasses
+match their base type) and either sets layer settings or says ``skip: true``.
+
+Regular expressions, here and in ``compress(include=..., exclude=...)``, must match the *whole* fully
+qualified module name (:func:`name_matches`, ``re.fullmatch``): ``"encoder\\..*\\.ffn\\..*"``, not ``"ffn"``.
 
 Priority (like torch.ao's QConfigMapping): exact name > regex > type > defaults. The settings of a layer
 are the defaults overridden by the first matching type rule, then the first matching regex rule, then
@@ -12,67 +16,29 @@ the first matching name rule; a ``skip`` from the highest-priority matching rule
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .groups import group as parse_group
+from .handlers import type_names
+from .settings import SETTING_TYPES, LayerSettings, check_setting
 
-__all__ = ["LayerSettings", "Rule", "Recipe", "RecipeError", "load_recipe", "parse_recipe"]
-
-LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
-ON_MISMATCH = ("skip", "pad", "error")
-IMPLS = ("auto", "dense", "blocks", "fft")
-BIAS = ("keep", "shared")
+__all__ = ["Rule", "Recipe", "RecipeError", "load_recipe", "parse_recipe", "name_matches"]
 
 
 class RecipeError(ValueError):
     """A malformed recipe: the message names the file, the key path and what was expected."""
 
 
-@dataclass(frozen=True)
-class LayerSettings:
-    """How one layer is compressed.
+def name_matches(pattern: str, name: str) -> bool:
+    """The one matching rule for module-name regexes: the pattern matches the whole name."""
+    return re.fullmatch(pattern, name) is not None
 
-    ``group`` applies to Linear layers and 1x1 convolutions (over features / channels); k x k
-    convolutions use ``conv_group`` (a group of the square: C2, C4, D2, D4) and are left dense when it
-    is None. ``support`` restricts kernels to those group elements. ``activation_aware`` uses the
-    calibration batches when ``compress`` gets some. ``bias="shared"`` replaces the bias by its mean
-    over each channel's group axis (exactly equivariant), ``"keep"`` copies it.
-    """
-
-    group: str | None = None
-    rank: int = 1
-    modulate: bool = True
-    support: tuple[int, ...] | None = None
-    min_features: int = 0
-    on_mismatch: str = "skip"
-    impl: str = "auto"
-    conv_group: str | None = None
-    lifting: bool | None = None
-    activation_aware: bool = True
-    damping: float = 0.1
-    bias: str = "keep"
-
-
-SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    "group": (str, type(None)),
-    "rank": (int,),
-    "modulate": (bool,),
-    "support": (list, type(None)),
-    "min_features": (int,),
-    "on_mismatch": (str,),
-    "impl": (str,),
-    "conv_group": (str, type(None)),
-    "lifting": (bool, type(None)),
-    "activation_aware": (bool,),
-    "damping": (float, int),
-    "bias": (str,),
-}
 
 FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
     "epochs": (int,),
@@ -92,6 +58,21 @@ FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+FINETUNE_RANGES: dict[str, tuple[str, Any]] = {
+    "epochs": (">= 1", lambda v: v >= 1),
+    "steps": (">= 1", lambda v: v >= 1),
+    "lr": ("> 0", lambda v: v > 0),
+    "batch_size": (">= 1", lambda v: v >= 1),
+    "loss": ("one of kd, mse, cosine, task, mix", lambda v: v in ("kd", "mse", "cosine", "task", "mix")),
+    "temperature": ("> 0", lambda v: v > 0),
+    "alpha": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "warmup": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "clip": ("> 0 or null", lambda v: v is None or v > 0),
+    "amp": ("null, false, true, bf16 or fp16", lambda v: v in (None, False, True, "bf16", "fp16")),
+}
+
+
 @dataclass(frozen=True)
 class Rule:
     """One ``layers`` entry: a matcher (name, regex or type), settings to override, or ``skip``."""
@@ -105,7 +86,7 @@ class Rule:
         if self.kind == "name":
             return name == self.pattern
         if self.kind == "regex":
-            return re.fullmatch(self.pattern, name) is not None
+            return name_matches(self.pattern, name)
         return module_type == self.pattern
 
 
@@ -133,9 +114,13 @@ class Recipe:
 
     def with_overrides(self, **overrides: Any) -> Recipe:
         """The recipe with keyword arguments of ``compress`` overriding its defaults (None = keep)."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if "support" in given:
-            given["support"] = tuple(given["support"])
+        given = {}
+        for key, value in overrides.items():
+            if value is not None:
+                try:
+                    given[key] = check_setting(key, value)
+                except ValueError as err:
+                    raise ValueError(f"compress(..., {key}={value!r}): {err}") from None
         return replace(self, defaults=replace(self.defaults, **given))
 
 
@@ -155,36 +140,52 @@ def _check_settings(raw: Mapping[str, Any], source: str, path: str, allow_skip: 
         if key not in SETTING_TYPES:
             expected = sorted(SETTING_TYPES) + (["skip", "name", "regex", "type"] if allow_skip else [])
             raise _fail(source, f"{path}.{key}", f"unknown key (expected one of {', '.join(expected)})")
-        types = SETTING_TYPES[key]
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise _fail(source, f"{path}.{key}", f"expected {names}, got {value!r}")
-        out[key] = _check_value(key, value, source, f"{path}.{key}")
+        try:
+            out[key] = check_setting(key, value)
+        except ValueError as err:
+            raise _fail(source, f"{path}.{key}", str(err).removeprefix(f"{key}: ")) from None
     return out
 
 
-def _check_value(key: str, value: Any, source: str, path: str) -> Any:
-    if key in ("group", "conv_group") and value is not None:
+def _check_rule(raw: Any, source: str, path: str) -> Rule:
+    if not isinstance(raw, Mapping):
+        raise _fail(source, path, f"expected a mapping with one of name/regex/type, got {raw!r}")
+    matchers = [k for k in ("name", "regex", "type") if k in raw]
+    if len(matchers) != 1:
+        raise _fail(source, path, f"expected exactly one of name, regex, type; got {matchers or 'none'}")
+    kind = matchers[0]
+    pattern = raw[kind]
+    if not isinstance(pattern, str):
+        raise _fail(source, f"{path}.{kind}", f"expected a string, got {pattern!r}")
+    if kind == "regex":
         try:
-            parse_group(value)
-        except ValueError as err:
-            raise _fail(source, path, str(err)) from None
-    if key == "rank" and value < 1:
-        raise _fail(source, path, f"expected a rank >= 1, got {value}")
-    if key == "min_features" and value < 0:
-        raise _fail(source, path, f"expected min_features >= 0, got {value}")
-    if key == "damping" and value < 0:
-        raise _fail(source, path, f"expected damping >= 0, got {value}")
-    choices = {"on_mismatch": ON_MISMATCH, "impl": IMPLS, "bias": BIAS}.get(key)
-    if choices and value not in choices:
-        raise _fail(source, path, f"expected one of {', '.join(choices)}, got {value!r}")
-    if key == "support" and value is not None:
-        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-            raise _fail(source, path, f"expected a non-empty list of element indices, got {value!r}")
-        return tuple(value)
-    if key == "damping":
-        return float(value)
-    return value
+            re.compile(pattern)
+        except re.error as err:
+            raise _fail(source, f"{path}.regex", f"invalid regular expression: {err}") from None
+    if kind == "type" and pattern not in type_names():
+        raise _fail(source, f"{path}.type", f"expected one of {', '.join(type_names())}, got {pattern!r}")
+    settings = _check_settings(raw, source, path, allow_skip=True)
+    return Rule(kind, pattern, settings, bool(raw.get("skip", False)))
+
+
+def _check_finetune(finetune: Any, source: str) -> dict[str, Any]:
+    if not isinstance(finetune, Mapping):
+        raise _fail(source, "finetune", "expected a mapping of fine-tuning settings")
+    for key, value in finetune.items():
+        path = f"finetune.{key}"
+        if key not in FINETUNE_TYPES:
+            raise _fail(source, path, f"unknown key (expected one of {', '.join(sorted(FINETUNE_TYPES))})")
+        types = FINETUNE_TYPES[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise _fail(source, path, f"expected {names}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _fail(source, path, f"expected a finite number, got {value!r}")
+        if key in FINETUNE_RANGES:
+            what, ok = FINETUNE_RANGES[key]
+            if not ok(value):
+                raise _fail(source, path, f"expected {what}, got {value!r}")
+    return dict(finetune)
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
@@ -204,55 +205,24 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     layers = data.get("layers") or []
     if not isinstance(layers, list):
         raise _fail(source, "layers", "expected a list of rules")
-    rules = []
-    for i, raw in enumerate(layers):
-        path = f"layers[{i}]"
-        if not isinstance(raw, Mapping):
-            raise _fail(source, path, f"expected a mapping with one of name/regex/type, got {raw!r}")
-        matchers = [k for k in ("name", "regex", "type") if k in raw]
-        if len(matchers) != 1:
-            raise _fail(source, path, f"expected exactly one of name, regex, type; got {matchers or 'none'}")
-        kind = matchers[0]
-        pattern = raw[kind]
-        if not isinstance(pattern, str):
-            raise _fail(source, f"{path}.{kind}", f"expected a string, got {pattern!r}")
-        if kind == "regex":
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise _fail(source, f"{path}.regex", f"invalid regular expression: {err}") from None
-        if kind == "type" and pattern not in LAYER_TYPES:
-            raise _fail(source, f"{path}.type", f"expected one of {', '.join(LAYER_TYPES)}, got {pattern!r}")
-        settings = _check_settings(raw, source, path, allow_skip=True)
-        rules.append(Rule(kind, pattern, settings, bool(raw.get("skip", False))))
+    rules = tuple(_check_rule(raw, source, f"layers[{i}]") for i, raw in enumerate(layers))
     finetune = data.get("finetune")
-    if finetune is not None:
-        if not isinstance(finetune, Mapping):
-            raise _fail(source, "finetune", "expected a mapping of fine-tuning settings")
-        for key, value in finetune.items():
-            if key not in FINETUNE_TYPES:
-                raise _fail(
-                    source, f"finetune.{key}", f"unknown key (expected one of {', '.join(sorted(FINETUNE_TYPES))})"
-                )
-            types = FINETUNE_TYPES[key]
-            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-                names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-                raise _fail(source, f"finetune.{key}", f"expected {names}, got {value!r}")
-        finetune = dict(finetune)
-    return Recipe(defaults, tuple(rules), finetune, source)
+    return Recipe(defaults, rules, None if finetune is None else _check_finetune(finetune, source), source)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
-    path = Path(path)
+def load_recipe(recipe: str | Path | Mapping[str, Any]) -> Recipe:
+    """Read and validate a YAML recipe file (or validate a recipe given as a dict)."""
+    if isinstance(recipe, Mapping):
+        return parse_recipe(recipe, "<recipe dict>")
+    if not isinstance(recipe, (str, Path)):
+        raise RecipeError(f"recipe must be a YAML path, a dict or a Recipe, got {type(recipe).__name__}")
+    path = Path(recipe)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     return parse_recipe(data, str(path))
-
-
-def setting_names() -> list[str]:
-    return [f.name for f in fields(LayerSettings)]

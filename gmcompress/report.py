@@ -1,8 +1,8 @@
 """What compression did: parameters, bytes, MACs, latency, fit and equivariance error, metrics.
 
-MACs are counted with forward hooks on the layers that hold the weights (``nn.Linear``, ``nn.Conv*``,
-and the GM layers at their *real* cost on the path they run, see ``GMLinear.macs_per_row``); matmuls
-written as functions (attention scores) are not counted by either side.
+MACs are counted with forward hooks on the layers that hold the weights: dense layers as their handler
+(:mod:`gmcompress.handlers`) counts them, GM layers at their *real* cost on the path they run
+(``GMLayer.macs``); matmuls written as functions (attention scores) are not counted by either side.
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ import torch
 from torch import nn
 
 from .batches import run_model
-from .nn import GMConv2d, GMLinear
+from .handlers import handler_for
+from .nn import GMLayer, NotApplicable
 
-__all__ = ["LayerReport", "CompressionReport", "count_macs", "measure_latency", "state_dict_bytes"]
+__all__ = [
+    "LayerReport",
+    "CompressionReport",
+    "count_macs",
+    "measure_latency",
+    "state_dict_bytes",
+    "format_table",
+    "equivariance_error",
+]
 
 
 @dataclass
@@ -150,9 +159,9 @@ class CompressionReport:
     def __str__(self) -> str:
         return "\n".join(
             [
-                _table(self.LAYER_HEADER, self.layer_rows()),
+                format_table(self.LAYER_HEADER, self.layer_rows()),
                 "",
-                _table(self.TOTAL_HEADER, self.total_rows()),
+                format_table(self.TOTAL_HEADER, self.total_rows()),
                 self._notes(),
             ]
         )
@@ -209,7 +218,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
@@ -219,19 +228,21 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int | None:
-    """MACs of one call of a weight-holding layer, or None for other modules."""
-    if isinstance(module, GMLinear):
-        rows = inp.numel() // module.in_features
-        return rows * module.macs_per_row(rows)
-    if isinstance(module, nn.Linear):
-        return inp.numel() // module.in_features * module.in_features * module.out_features
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, GMConv2d)):
-        k = 1
-        for s in module.kernel_size:
-            k *= s
-        groups = getattr(module, "groups", 1)
-        return out.numel() * (module.in_channels // groups) * k
-    return None
+    """MACs of one call of a weight-holding layer (dense or GM), or None for other modules."""
+    if isinstance(module, GMLayer):
+        return module.macs(inp, out)
+    handler = handler_for(module)
+    return None if handler is None else handler.dense_macs(module, inp, out)
+
+
+def equivariance_error(layer: nn.Module, max_elements: int = 16) -> float | None:
+    """``layer.check_equivariance`` of the structured weight (bias excluded) on up to ``max_elements``
+    group elements; None where it is not defined (padded layers, no group action)."""
+    try:
+        order = layer.group.order if getattr(layer, "group", None) is not None else max_elements
+        return layer.check_equivariance(elements=range(min(order, max_elements)), bias=False)
+    except NotApplicable:
+        return None
 
 
 def count_macs(model: nn.Module, example_inputs: object) -> tuple[int, dict[str, int]]:
@@ -239,7 +250,7 @@ def count_macs(model: nn.Module, example_inputs: object) -> tuple[int, dict[str,
     per_layer: dict[str, int] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, GMLinear, GMConv2d)):
+        if isinstance(module, GMLayer) or handler_for(module) is not None:
 
             def hook(mod, args, out, name=name):
                 macs = layer_macs(mod, args[0], out)

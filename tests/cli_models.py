@@ -3,8 +3,10 @@
 import torch
 from torch import nn
 
+from gmcompress.zoo import DemoModel
 
-def mlp() -> nn.Module:
+
+def build_mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
 
@@ -24,6 +26,8 @@ def neg_mse(model: nn.Module, reference: nn.Module) -> dict:
         return {"neg_mse": -float((model(x) - reference(x)).pow(2).mean())}
 
 
-mlp.example_inputs = example_inputs
-mlp.train_data = train_data
-mlp.evaluate = neg_mse
+def broken() -> nn.Module:
+    raise RuntimeError("no weights here")
+
+
+mlp = DemoModel(build=build_mlp, example_inputs=example_inputs, train_data=train_data, evaluate=neg_mse)

@@ -11,19 +11,21 @@ settings.load_profile("ci")
 SPECS = ["C1", "C2", "C5", "C8", "D3", "D4", "S3", "S4", "C4xC4", "D4xC2", "C2^3", "C3xS3"]
 
 
-def _semidirect_cn_c2(n: int) -> gm.FiniteGroup:
+def _semidirect_cn_c2(n: int) -> gm.groups.FiniteGroup:
     # C_n x| C_2 with inversion: isomorphic to the dihedral group of order 2n
-    return gm.semidirect_product(gm.cyclic(n), gm.cyclic(2), lambda h, k: k if h == 0 else (-k) % n)
+    return gm.groups.semidirect_product(
+        gm.groups.cyclic(n), gm.groups.cyclic(2), lambda h, k: k if h == 0 else (-k) % n
+    )
 
 
-def _perm_group(seed: int) -> gm.FiniteGroup:
+def _perm_group(seed: int) -> gm.groups.FiniteGroup:
     rng = np.random.default_rng(seed)
     gens = [rng.permutation(4) for _ in range(2)]
-    return gm.from_permutations(gens)
+    return gm.groups.from_permutations(gens)
 
 
 @st.composite
-def groups(draw) -> gm.FiniteGroup:
+def groups(draw) -> gm.groups.FiniteGroup:
     kind = draw(st.sampled_from(["spec", "semidirect", "perm"]))
     if kind == "spec":
         return gm.group(draw(st.sampled_from(SPECS)))
@@ -32,7 +34,7 @@ def groups(draw) -> gm.FiniteGroup:
     return _perm_group(draw(st.integers(0, 1000)))
 
 
-def left_translation(g: gm.FiniteGroup, h: int) -> np.ndarray:
+def left_translation(g: gm.groups.FiniteGroup, h: int) -> np.ndarray:
     """(L_h x)(g) = x(h^{-1} g), written independently of the library (inverse found by search)."""
     n = g.order
     e = next(a for a in range(n) if all(g.table[a, b] == b for b in range(n)))
@@ -43,7 +45,7 @@ def left_translation(g: gm.FiniteGroup, h: int) -> np.ndarray:
     return lh
 
 
-def gm_by_loops(kernel: np.ndarray, g: gm.FiniteGroup) -> np.ndarray:
+def gm_by_loops(kernel: np.ndarray, g: gm.groups.FiniteGroup) -> np.ndarray:
     """GM(f)[i, j] = f(g_i^{-1} g_j) by explicit search for g_i^{-1} g_j (the x with g_i x = g_j)."""
     n = g.order
     m = np.zeros((n, n))

@@ -106,7 +106,7 @@ def test_eval_callback_and_best_checkpoint(tmp_path):
     assert calls == [False, False] and len(result.history) == 2
     assert result.best_metric == max(h["neg_mse"] for h in result.history)
     loaded = gm.load(result.best_path, nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 8)))
-    assert isinstance(loaded.get_submodule("0"), gm.GMLinear)
+    assert isinstance(loaded.get_submodule("0"), gm.nn.GMLinear)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import gmcompress as gm
 
 
-def assert_group_axioms(g: gm.FiniteGroup) -> None:
+def assert_group_axioms(g: gm.groups.FiniteGroup) -> None:
     t = g.table
     n = g.order
     assert t.shape == (n, n) and t.min() >= 0 and t.max() < n
@@ -49,7 +49,7 @@ def test_parse_specs(spec, order, abelian):
 
 
 def test_dihedral_is_the_square_group():
-    g = gm.dihedral(4)
+    g = gm.groups.dihedral(4)
     r, s = 1, 4  # r^1 and s
     assert g.table[s, s] == g.identity
     # s r s = r^{-1}
@@ -66,7 +66,7 @@ def _power(g, a, k):
 
 
 def test_symmetric_matches_permutation_composition():
-    g = gm.symmetric(4)
+    g = gm.groups.symmetric(4)
     assert g.order == 24
     perms = list(itertools.permutations(range(4)))
     assert len(perms) == 24
@@ -79,30 +79,32 @@ def test_unknown_spec_lists_accepted_forms(bad):
 
 
 def test_from_table_validates():
-    good = gm.cyclic(3).table
-    assert gm.from_table(good).order == 3
+    good = gm.groups.cyclic(3).table
+    assert gm.groups.from_table(good).order == 3
     with pytest.raises(ValueError, match="permutation"):
-        gm.from_table([[0, 1], [0, 1]])
+        gm.groups.from_table([[0, 1], [0, 1]])
     with pytest.raises(ValueError, match="associative"):
         # a Latin square with identity 0 that is not associative (a quasigroup of order 5)
-        gm.from_table([[0, 1, 2, 3, 4], [1, 0, 3, 4, 2], [2, 4, 0, 1, 3], [3, 2, 4, 0, 1], [4, 3, 1, 2, 0]])
+        gm.groups.from_table([[0, 1, 2, 3, 4], [1, 0, 3, 4, 2], [2, 4, 0, 1, 3], [3, 2, 4, 0, 1], [4, 3, 1, 2, 0]])
     with pytest.raises(ValueError, match="closure"):
-        gm.from_table([[0, 5], [1, 0]])
+        gm.groups.from_table([[0, 5], [1, 0]])
 
 
 def test_semidirect_product_checks_the_action():
     with pytest.raises(ValueError, match="automorphism"):
-        gm.semidirect_product(gm.cyclic(4), gm.cyclic(2), lambda h, k: k if h == 0 else (k + 1) % 4)
-    g = gm.semidirect_product(gm.cyclic(5), gm.cyclic(2), lambda h, k: k if h == 0 else (-k) % 5)
+        gm.groups.semidirect_product(
+            gm.groups.cyclic(4), gm.groups.cyclic(2), lambda h, k: k if h == 0 else (k + 1) % 4
+        )
+    g = gm.groups.semidirect_product(gm.groups.cyclic(5), gm.groups.cyclic(2), lambda h, k: k if h == 0 else (-k) % 5)
     assert g.order == 10 and not g.is_abelian
 
 
 @given(groups(), st.data())
 def test_cosets_partition_the_group(g, data):
     gens = data.draw(st.lists(st.integers(0, g.order - 1), max_size=2))
-    h = gm.subgroup(g, gens)
+    h = gm.groups.subgroup(g, gens)
     assert g.order % len(h) == 0
-    cosets = gm.left_cosets(g, h)
+    cosets = gm.groups.left_cosets(g, h)
     assert cosets.shape == (g.order // len(h), len(h))
     assert sorted(cosets.ravel().tolist()) == list(range(g.order))
     for row in cosets:  # each row is a H for its first element a
@@ -112,20 +114,20 @@ def test_cosets_partition_the_group(g, data):
 
 def test_pixel_cosets_of_stride_two_subgroup():
     g = gm.group("C4xC4")
-    h = gm.subgroup(g, [2 * 4, 2])  # (2, 0) and (0, 2)
-    cosets = gm.left_cosets(g, h)
+    h = gm.groups.subgroup(g, [2 * 4, 2])  # (2, 0) and (0, 2)
+    cosets = gm.groups.left_cosets(g, h)
     assert cosets.shape == (4, 4)
     assert cosets[0].tolist() == [0, 2, 8, 10]
 
 
 def random_gm(g, rng):
-    return gm.group_matrix(rng.standard_normal(g.order), g)
+    return gm.structure.group_matrix(rng.standard_normal(g.order), g)
 
 
 @given(groups(), st.integers(0, 2**31 - 1))
 def test_regular_basis_block_diagonalises_group_matrices(g, seed):
     rng = np.random.default_rng(seed)
-    basis = gm.regular_basis(g)
+    basis = gm.groups.regular_basis(g)
     q = basis.q
     assert np.allclose(q.T @ q, np.eye(g.order), atol=1e-10)
     assert sum(basis.blocks) == g.order
@@ -141,7 +143,7 @@ def test_regular_basis_block_diagonalises_group_matrices(g, seed):
 @given(groups())
 def test_group_matrices_commute_with_left_translations(g):
     rng = np.random.default_rng(g.order)
-    m = gm.group_matrix(rng.standard_normal(g.order), g)
+    m = gm.structure.group_matrix(rng.standard_normal(g.order), g)
     for h in range(g.order):
         lh = left_translation(g, h)
         assert np.allclose(m @ lh, lh @ m, atol=1e-12)
@@ -150,4 +152,4 @@ def test_group_matrices_commute_with_left_translations(g):
 @pytest.mark.parametrize("spec", SPECS)
 def test_regular_basis_is_cached(spec):
     g = gm.group(spec)
-    assert gm.regular_basis(g) is gm.regular_basis(gm.group(spec))
+    assert gm.groups.regular_basis(g) is gm.groups.regular_basis(gm.group(spec))

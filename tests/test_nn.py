@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import gmcompress as gm
-from gmcompress.nn import GMConv2d, GMLinear, GMPointwiseConv2d, GMPool, transform_feature_map
+from gmcompress.nn import GMConv2d, GMLinear, GMPointwiseConv, GMPool, transform_feature_map
 from gmcompress.structure import conv_pattern, project_pattern
 
 GROUPS = ["C8", "D4", "S3", "C4xC4", "C2^3"]
@@ -77,7 +77,7 @@ def test_from_dense_reproduces_project(spec, rank, modulate):
     torch.manual_seed(1)
     linear = nn.Linear(2 * n, 3 * n, dtype=torch.float64)
     layer = GMLinear.from_dense(linear, spec, rank=rank, modulate=modulate)
-    fit = gm.project(linear.weight.detach().numpy(), spec, rank=rank, modulate=modulate)
+    fit = gm.structure.project(linear.weight.detach().numpy(), spec, rank=rank, modulate=modulate)
     np.testing.assert_allclose(layer.weight.detach().numpy(), fit.dense(), rtol=0, atol=1e-13)
     assert layer.fit_error == fit.relative_error
     assert torch.equal(layer.bias, linear.bias)
@@ -124,7 +124,7 @@ def torus_rotation_group(n):
             a, b = (-b) % n, a
         return a * n + b
 
-    return gm.semidirect_product(torus, gm.cyclic(4), act)
+    return gm.groups.semidirect_product(torus, gm.groups.cyclic(4), act)
 
 
 def rotate_torus(img):
@@ -157,7 +157,7 @@ def test_homogeneous_projection_is_least_squares():
     rot = [0, 1, 2, 3]
     rng = np.random.default_rng(0)
     w = rng.standard_normal((n * n, n * n))
-    fit = gm.project(w, g, modulate=False, in_subgroup=rot, out_subgroup=rot)
+    fit = gm.structure.project(w, g, modulate=False, in_subgroup=rot, out_subgroup=rot)
 
     # class of (p, q): rotation orbit of the offset q - p
     def orbit(offset):
@@ -241,11 +241,11 @@ def test_conv_from_dense(spec, lifting):
 def test_pointwise_conv_is_gmlinear_per_pixel():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 1)
-    pw = GMPointwiseConv2d.from_dense(conv, "C8", rank=2)
+    pw = GMPointwiseConv.from_dense(conv, "C8", rank=2)
     x = torch.randn(2, 16, 5, 5)
-    expected = pw.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    expected = GMLinear.forward(pw, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     torch.testing.assert_close(pw(x), expected)
-    full = GMPointwiseConv2d.from_dense(conv, "C8", rank=8)
+    full = GMPointwiseConv.from_dense(conv, "C8", rank=8)
     torch.testing.assert_close(full(x), conv(x), atol=1e-5, rtol=1e-5)
 
 

@@ -1,4 +1,11 @@
-"""Shared machinery of the GM layers: parameters, constants that follow ``.to()``, the weight cache."""
+"""The GM layer protocol (:class:`GMLayer`) and the shared machinery of the weighted GM layers (:class:`GMModule`).
+
+Every GM layer answers the same questions, so that compression, reports and save/load never need to
+know a layer's class: ``from_dense`` (fit a dense layer), ``to_dense`` (export a plain torch layer),
+``config``/``from_config`` (rebuild the structure), ``check_equivariance`` and ``macs``. A method that
+makes no sense for a layer raises :class:`NotApplicable` saying why. Subclasses register themselves
+by class name in :data:`GM_LAYERS` (what ``gmcompress.save`` writes as a layer's kind).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +16,64 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_rank
 from ..structure import GMFit, Pattern
 
 BiasMode = bool | str  # True: one bias per output feature (as nn.Linear); "shared": one per output channel
 
 
-class GMModule(nn.Module):
+GM_LAYERS: dict[str, type[GMLayer]] = {}
+"""Every GM layer class by name: the kinds a saved manifest may name."""
+
+
+class NotApplicable(NotImplementedError):
+    """A protocol method that makes no sense for this layer (the message says why)."""
+
+
+class GMLayer(nn.Module):
+    """The protocol every GM layer follows; see the module docstring."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("abstract", False):
+            GM_LAYERS[cls.__name__] = cls
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, *args, **kwargs) -> GMLayer:
+        """Fit the dense ``module`` by least squares."""
+        raise NotApplicable(f"{cls.__name__} has no dense counterpart to fit")
+
+    def to_dense(self) -> nn.Module:
+        """A plain torch module computing the same function."""
+        raise NotApplicable(f"{type(self).__name__} has no plain torch equivalent")
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments: ``type(self).from_config(self.config())`` rebuilds the structure."""
+        raise NotApplicable(f"{type(self).__name__} cannot be described by a config")
+
+    @classmethod
+    def from_config(cls, config: dict, **factory) -> GMLayer:
+        """Rebuild from :meth:`config`; ``factory`` holds ``device`` and ``dtype``."""
+        return cls(**config, **factory)
+
+    def check_equivariance(self, x: torch.Tensor | None = None, elements=None, bias: bool = True) -> float:
+        """Max over group elements h of ``||f(h . x) - h . f(x)|| / ||f(x)||``, transforming real inputs."""
+        raise NotApplicable(f"{type(self).__name__} defines no group action to check")
+
+    def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """Multiply-accumulates of one call on ``inp`` (giving ``out``) on the path ``forward`` takes."""
+        raise NotApplicable(f"{type(self).__name__} does not count its multiply-accumulates")
+
+
+class GMModule(GMLayer):
     """Base of the GM layers: kernels ``(r, c_out, c_in, |S|)`` and modulations ``(r, c_out, n_out)``.
 
     Derived float constants (the block basis) are kept as non-persistent buffers re-derived from
     float64 masters after every ``.to()``/``.half()``/``.float()``, so a round trip through a low
     precision never degrades them; the state_dict holds only learnable parameters.
     """
+
+    abstract = True  # a base, not a layer kind
 
     def __init__(
         self,
@@ -34,11 +87,7 @@ class GMModule(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        rank = int(rank)
-        if not modulate and rank != 1:
-            raise ValueError(f"rank={rank} needs modulate=True: a sum of unmodulated group matrices is one GM")
-        if not 1 <= rank <= pattern.n_out:
-            raise ValueError(f"rank must lie in 1..{pattern.n_out} for {pattern.name}, got {rank}")
+        rank = check_rank(rank, pattern.n_out, modulate, f"{type(self).__name__}({pattern.name})")
         self.pattern = pattern
         self.c_out, self.c_in, self.rank, self.modulate = c_out, c_in, rank, modulate
         factory = {"device": device, "dtype": dtype}
@@ -54,7 +103,8 @@ class GMModule(nn.Module):
             "_support", None if full else torch.tensor(np.asarray(support), device=device), persistent=False
         )
         self._constants: dict[str, np.ndarray] = {}
-        self._cache: dict[str, tuple[tuple, object]] = {}
+        self._cache: dict[str, object] = {}
+        self._snapshot: list[torch.Tensor] | None = None
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
         self.output_error: float | None = None  # relative output error on the calibration inputs, if any
 
@@ -71,6 +121,7 @@ class GMModule(nn.Module):
         for name in self._constants:
             setattr(self, name, self._constant_tensor(name))
         self._cache.clear()
+        self._snapshot = None
         return out
 
     def _cache_allowed(self) -> bool:
@@ -82,21 +133,24 @@ class GMModule(nn.Module):
         return [p for p in (self.kernels, self.modulations) if p is not None]
 
     def _cached(self, name: str, build: Callable[[], object]) -> object:
-        """``build()``, memoised in eval mode without autograd; invalidated when a parameter changes."""
+        """``build()``, memoised in eval mode without autograd while the parameters keep their values.
+
+        The parameters are compared *by value* with a snapshot taken when the cache was filled, so every
+        in-place update is seen, including those that bypass the version counter (``p.data.mul_()``, EMA
+        copies, weight syncs) or are made on inference tensors. The check reads the structured parameters
+        once (1/N of the dense weight for a group of order N).
+        """
         if not self._cache_allowed():
-            self._cache.pop(name, None)
+            self._cache.clear()
+            self._snapshot = None
             return build()
-        # inference tensors (made under torch.inference_mode) carry no version counter
-        key = tuple(
-            (None if p.is_inference() else p._version, p.data_ptr(), p.dtype, p.device)
-            for p in self._structure_params()
-        )
-        hit = self._cache.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = build()
-        self._cache[name] = (key, value)
-        return value
+        params = self._structure_params()
+        if not _same_values(self._snapshot, params):
+            self._cache.clear()
+            self._snapshot = [p.detach().clone() for p in params]
+        if name not in self._cache:
+            self._cache[name] = build()
+        return self._cache[name]
 
     # ------------------------------------------------------------------ parameters
     def reset_structure_parameters(self, fan_in: int) -> None:
@@ -139,6 +193,15 @@ class GMModule(nn.Module):
         dense = self.c_out * self.pattern.n_out * self.c_in * self.pattern.n_in
         ratio = dense / max(1, self.num_structured_parameters)
         return f"pattern={self.pattern.name}, rank={self.rank}, modulate={self.modulate}, compression={ratio:.1f}x"
+
+
+def _same_values(snapshot: list[torch.Tensor] | None, params: list[torch.Tensor]) -> bool:
+    if snapshot is None or len(snapshot) != len(params):
+        return False
+    return all(
+        s.shape == p.shape and s.dtype == p.dtype and s.device == p.device and torch.equal(s, p)
+        for s, p in zip(snapshot, params)
+    )
 
 
 def make_bias(mode: BiasMode, c_out: int, n_out: int, out_features: int, factory: dict) -> nn.Parameter | None:

@@ -1,4 +1,4 @@
-"""``GMConv2d`` (group convolution over a group of the square, exact or relaxed) and ``GMPointwiseConv2d``."""
+"""``GMConv2d``: group convolution over a group of the square (p4/p4m weight tying), exact or relaxed."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..groups import SQUARE_GROUPS, FiniteGroup, group
+from ..checks import check_finite
+from ..groups import FiniteGroup, square_element, square_group
 from ..structure import conv_pattern, project_pattern
 from .base import BiasMode, GMModule, expand_bias, make_bias
-from .linear import GMLinear
 
 
 class GMConv2d(GMModule):
@@ -46,7 +46,7 @@ class GMConv2d(GMModule):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        h = group_of_square(group)
+        h = square_group(group)
         k = int(kernel_size[0] if isinstance(kernel_size, tuple) else kernel_size)
         if isinstance(kernel_size, tuple) and kernel_size[0] != kernel_size[1]:
             raise ValueError(f"GMConv2d needs a square kernel to rotate it, got {kernel_size}")
@@ -97,12 +97,11 @@ class GMConv2d(GMModule):
             raise TypeError(f"{label}: from_dense expects nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1 or conv.kernel_size[0] != conv.kernel_size[1] or conv.padding_mode != "zeros":
             raise ValueError(f"{label}: GMConv2d supports groups=1, square kernels and zero padding")
-        h = group_of_square(group)
+        h = square_group(group)
         if lifting is None:
             lifting = conv.in_channels % h.order != 0
+        check_finite(conv.weight, label)
         w = conv.weight.detach().to(torch.float64).cpu().numpy()
-        if not np.isfinite(w).all():
-            raise ValueError(f"{label}: weight contains NaN or inf values; fix or retrain the layer before compressing")
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -162,6 +161,10 @@ class GMConv2d(GMModule):
         bias = None if self.bias is None else expand_bias(self.bias, self.out_channels, self.group.order)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
+    def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """A dense ``F.conv2d`` on the tied weight: ``out.numel() * in_channels * k * k``."""
+        return out.numel() * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
     def to_dense(self) -> nn.Conv2d:
         out = nn.Conv2d(
             self.in_channels,
@@ -214,84 +217,18 @@ class GMConv2d(GMModule):
         )
 
 
-def group_of_square(spec: str | FiniteGroup) -> FiniteGroup:
-    h = group(spec)
-    if h.name not in SQUARE_GROUPS:
-        raise ValueError(f"GMConv2d acts with a group of the square {SQUARE_GROUPS}, got {h.name}")
-    return h
-
-
 def transform_feature_map(x: torch.Tensor, h_group: FiniteGroup, h: int, fibred: bool) -> torch.Tensor:
     """``(h . x)(p, h') = x(h^{-1} p, h^{-1} h')``: rotate/flip the spatial grid, permute each fibre.
 
     The spatial transform is ``torch.rot90(flip?(img))`` for ``h = r^k s^f``, the same as
     :func:`gmcompress.groups.grid_action`.
     """
-    name = h_group.name
-    n_rot = {"C1": 1, "C2": 2, "C4": 4, "D1": 1, "D2": 2, "D4": 4}[name]
-    flip, rot = divmod(h, n_rot) if name.startswith("D") else (0, h)
+    flip, quarter_turns = square_element(h_group, h)
     out = torch.flip(x, dims=(-1,)) if flip else x
-    out = torch.rot90(out, rot * (4 // n_rot), dims=(-2, -1))
+    out = torch.rot90(out, quarter_turns, dims=(-2, -1))
     if fibred:
         n = h_group.order
         b, c = out.shape[:2]
         perm = torch.tensor(h_group.table[h_group.inverse[h]], device=x.device)  # new[h'] = old[h^{-1} h']
         out = out.reshape(b, c // n, n, *out.shape[2:])[:, :, perm].reshape(out.shape)
     return out
-
-
-class GMPointwiseConv(nn.Module):
-    """A 1x1 convolution (Conv1d or Conv2d) compressed over the channel axis: a :class:`GMLinear` per pixel."""
-
-    def __init__(self, linear: GMLinear) -> None:
-        super().__init__()
-        self.linear = linear
-
-    @classmethod
-    def from_dense(
-        cls, conv: nn.Conv1d | nn.Conv2d, group: str | FiniteGroup, rank: int = 1, **kwargs
-    ) -> GMPointwiseConv:
-        if not is_pointwise(conv):
-            raise ValueError(
-                f"{kwargs.get('name') or type(conv).__name__}: GMPointwiseConv needs a 1x1, stride-1, "
-                f"unpadded, groups=1 convolution, got kernel_size={conv.kernel_size}, "
-                f"stride={conv.stride}, padding={conv.padding}, groups={conv.groups}"
-            )
-        linear = nn.Linear(
-            conv.in_channels,
-            conv.out_channels,
-            bias=conv.bias is not None,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(conv.weight.reshape(conv.out_channels, conv.in_channels))
-            if conv.bias is not None:
-                linear.bias.copy_(conv.bias)
-        return cls(GMLinear.from_dense(linear, group, rank, **kwargs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.movedim(1, -1)).movedim(-1, 1)
-
-    def check_equivariance(self, x: torch.Tensor | None = None, bias: bool = True) -> float:
-        return self.linear.check_equivariance(x, bias=bias)
-
-    def config(self) -> dict:
-        return {"linear": self.linear.config()}
-
-    @classmethod
-    def from_config(cls, config: dict, **factory) -> GMPointwiseConv:
-        return cls(GMLinear.from_config(config["linear"], **factory))
-
-
-GMPointwiseConv2d = GMPointwiseConv
-
-
-def is_pointwise(conv: nn.Module) -> bool:
-    """A 1x1 (or 1), stride-1, unpadded, groups=1 Conv1d/Conv2d."""
-    if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
-        return False
-    padding_zero = conv.padding in ("valid",) or all(p == 0 for p in conv.padding)
-    return (
-        all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride) and padding_zero and conv.groups == 1
-    )

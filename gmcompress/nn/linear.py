@@ -12,7 +12,7 @@ from torch import nn
 from ..groups import FiniteGroup, left_cosets
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for, project_pattern
-from .base import BiasMode, GMModule, expand_bias, make_bias
+from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
 from .functional import block_forward, block_plan, block_weights, fft_forward, full_kernels, kernel_spectra
 
 IMPLS = ("auto", "dense", "blocks", "fft")
@@ -114,10 +114,6 @@ class GMLinear(GMModule):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name or 'layer'}: from_dense expects nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach().to(torch.float64).cpu().numpy()
-        label = f"{name or 'Linear'}({linear.in_features}, {linear.out_features})"
-        if not np.isfinite(w).all():
-            raise ValueError(f"{label}: weight contains NaN or inf values; fix or retrain the layer before compressing")
         bias_mode = (linear.bias is not None) if bias is None or linear.bias is None else bias
         layer = cls(
             linear.in_features,
@@ -134,22 +130,39 @@ class GMLinear(GMModule):
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        w = np.pad(w, ((0, layer.out_padded - w.shape[0]), (0, layer.in_padded - w.shape[1])))
+        label = f"{name or 'Linear'}({linear.in_features}, {linear.out_features})"
+        return layer._fit_dense(linear.weight, linear.bias, inputs, damping, label)
+
+    def _fit_dense(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        inputs: np.ndarray | torch.Tensor | None,
+        damping: float,
+        label: str,
+    ) -> GMLinear:
+        """Load the least-squares fit of the ``(out_features, in_features)`` ``weight`` and copy ``bias``.
+
+        A per-feature bias is copied exactly; a shared one (one per output channel) is the mean of the
+        dense bias over each channel's group axis, the least-squares equivariant bias.
+        """
+        w = weight.detach().to(torch.float64).cpu().numpy()
+        w = np.pad(w, ((0, self.out_padded - w.shape[0]), (0, self.in_padded - w.shape[1])))
         x = None
         if inputs is not None:
-            x = torch.as_tensor(inputs).detach().to(torch.float64).cpu().reshape(-1, linear.in_features).numpy()
-            x = np.pad(x, ((0, 0), (0, layer.in_padded - x.shape[1])))
-        classes = None if layer._support is None else layer._support.cpu().numpy()
-        fit = project_pattern(w, layer.pattern, rank, modulate, classes, x, damping=damping, what=label)
-        layer.load_fit(fit)
-        if layer.bias is not None:
+            x = torch.as_tensor(inputs).detach().to(torch.float64).cpu().reshape(-1, self.in_features).numpy()
+            x = np.pad(x, ((0, 0), (0, self.in_padded - x.shape[1])))
+        classes = None if self._support is None else self._support.cpu().numpy()
+        fit = project_pattern(w, self.pattern, self.rank, self.modulate, classes, x, damping=damping, what=label)
+        self.load_fit(fit)
+        if self.bias is not None:
             with torch.no_grad():
-                if layer.bias.shape == linear.bias.shape:
-                    layer.bias.copy_(linear.bias)
+                if self.bias.shape == bias.shape:
+                    self.bias.copy_(bias)
                 else:
-                    padded = F.pad(linear.bias, (0, layer.out_padded - layer.out_features))
-                    layer.bias.copy_(padded.view(layer.c_out, -1)[:, : layer.pattern.n_out].mean(1))
-        return layer
+                    padded = F.pad(bias, (0, self.out_padded - self.out_features))
+                    self.bias.copy_(padded.view(self.c_out, -1)[:, : self.pattern.n_out].mean(1))
+        return self
 
     def config(self) -> dict:
         """JSON-able constructor arguments (``GMLinear(**from_config(config()))`` rebuilds the structure)."""
@@ -190,7 +203,7 @@ class GMLinear(GMModule):
         return self.dense_weight()[: self.out_features, : self.in_features]
 
     # ------------------------------------------------------------------ forward
-    def resolved_impl(self, batch: int | None = None) -> str:
+    def resolved_impl(self) -> str:
         """The path ``forward`` takes. "auto": blocks for plain GMs when they need at most half the
         multiply-adds of the dense product (the rest pays for the extra kernel launches), else dense."""
         if self.impl != "auto":
@@ -211,7 +224,7 @@ class GMLinear(GMModule):
         x2 = x.reshape(-1, self.in_features)
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        impl = self.resolved_impl(x2.shape[0])
+        impl = self.resolved_impl()
         if impl == "dense":
             y = F.linear(x2, self._cached("dense", self.dense_weight))
         else:
@@ -238,14 +251,18 @@ class GMLinear(GMModule):
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]
         return block_weights(self.kernels, rho)
 
-    def macs_per_row(self, batch: int | None = None) -> int:
+    def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """Multiply-accumulates of one call: rows of ``inp`` times :meth:`macs_per_row`."""
+        return inp.numel() // self.in_features * self.macs_per_row()
+
+    def macs_per_row(self) -> int:
         """Multiply-accumulates per input row on the path ``forward`` takes (the real cost, not the dense one).
 
         blocks: ``c_in N^2`` (basis change) + ``sum_blocks d^2 c_in r c_out`` (block GEMMs) +
         ``r c_out N^2`` (back) + ``r c_out N`` (modulation); fft: the block GEMMs in complex arithmetic plus
         ``~2.5 N log2 N`` per channel and transform (an estimate); dense: ``in * out``.
         """
-        impl = self.resolved_impl(batch)
+        impl = self.resolved_impl()
         if impl == "dense":
             return self.in_padded * self.out_padded
         if impl == "blocks":
@@ -281,13 +298,14 @@ class GMLinear(GMModule):
         layer is not equivariant). Padded layers cannot be checked (the group does not act on padding).
         """
         if self.in_padded != self.in_features or self.out_padded != self.out_features:
-            raise ValueError("check_equivariance needs unpadded sizes (the group does not act on padding)")
+            raise NotApplicable(f"{self.extra_repr()}: the group does not act on zero-padded features")
         if x is None:
             x = torch.randn(8, self.in_features, dtype=self.kernels.dtype, device=self.kernels.device)
         offset = expand_bias(self.bias, self.out_features, self.pattern.n_out) if self.bias is not None else 0.0
 
         def f(v: torch.Tensor) -> torch.Tensor:
-            return self(v) if bias else self(v) - offset
+            y = GMLinear.forward(self, v)  # on the feature axis, also for subclasses that move it
+            return y if bias else y - offset
 
         y = f(x)
         n_in, n_out = self.pattern.n_in, self.pattern.n_out

@@ -1,0 +1,3 @@
+"""The version of gmcompress: one place (pyproject reads it from here)."""
+
+__version__ = "0.2.0"

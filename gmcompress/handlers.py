@@ -1,0 +1,277 @@
+"""One handler per kind of dense layer, registered by module type: what gmcompress knows about each kind.
+
+A handler says whether a layer can be compressed (and why not), plans and builds its GM replacement,
+and counts the layer's dense multiply-accumulates and the calibration rows its weight multiplies. The
+graph pass, :func:`gmcompress.compress`, reports and recipes ask :func:`handler_for`; none of them names
+a layer class. Adding a kind of layer means writing its GM layer (``gmcompress.nn``) and a handler here
+(as torchao's ``quantize_`` looks up a handler registered per config type).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checks import check_finite, check_rank
+from .groups import group as parse_group
+from .groups import square_group
+from .nn import GMConv2d, GMLayer, GMLinear, GMPointwiseConv
+from .settings import LayerSettings
+
+__all__ = ["LayerPlan", "LayerHandler", "register", "handler_for", "type_names", "HANDLERS"]
+
+Build = Callable[[torch.Tensor | None], GMLayer]
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one dense layer: the GM form it becomes and its size, or why it stays dense."""
+
+    name: str
+    module: nn.Module
+    handler: LayerHandler
+    settings: LayerSettings | None
+    form: str = ""  # the GM layer class name, "" when the layer stays dense
+    group: str = ""
+    reason: str = ""
+    padded: bool = False
+    params_after: int = 0
+    build: Build | None = field(default=None, repr=False)
+
+    @property
+    def type(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def shape(self) -> str:
+        return self.handler.shape(self.module)
+
+    @property
+    def params_before(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def skip(self, reason: str) -> LayerPlan:
+        self.form, self.reason, self.build = "", reason, None
+        return self
+
+
+class LayerHandler:
+    """Base handler: the checks every kind shares; subclasses say how their kind is compressed."""
+
+    type_name: str = ""  # the name recipe ``type:`` rules use ("Linear", "Conv2d", ...)
+    module_types: tuple[type[nn.Module], ...] = ()
+
+    def shape(self, module: nn.Module) -> str:
+        return "x".join(str(v) for v in module.weight.shape)
+
+    def dense_macs(self, module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def calibration_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The rows the layer's weight multiplies, ``(samples, fan_in)``."""
+        raise NotImplementedError
+
+    def plan(self, name: str, module: nn.Module, settings: LayerSettings | None, decided: str) -> LayerPlan:
+        """The plan for one layer: shared checks first, then :meth:`plan_kind`."""
+        plan = LayerPlan(name, module, self, settings)
+        check_finite(
+            module.weight,
+            f"layer {name!r} ({plan.type} {plan.shape}) weight",
+            "fix or retrain the model before compressing, or skip the layer (exclude=... or a recipe rule "
+            "with skip: true)",
+        )
+        if settings is None:
+            return plan.skip(f"skipped by {decided}")
+        reason = _module_blocker(module, self.module_types)
+        if reason:
+            return plan.skip(reason)
+        return self.plan_kind(plan, settings)
+
+    def plan_kind(self, plan: LayerPlan, settings: LayerSettings) -> LayerPlan:
+        raise NotImplementedError
+
+
+def _module_blocker(module: nn.Module, base_types: tuple[type[nn.Module], ...]) -> str:
+    """Why a layer of a handled type must stay dense whatever the settings ("" when nothing blocks it)."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return (
+            "weight is parametrized (weight_norm, spectral_norm, ...): remove the parametrization first "
+            "(torch.nn.utils.parametrize.remove_parametrizations) to compress it"
+        )
+    if any(type(h).__name__ == "WeightNorm" for h in module._forward_pre_hooks.values()):
+        return "weight norm hook (torch.nn.utils.weight_norm): call torch.nn.utils.remove_weight_norm first"
+    base = next((t for t in type(module).__mro__ if t in base_types), None)
+    if base is not None and type(module) is not base and type(module).forward is not base.forward:
+        return (
+            f"{type(module).__name__} subclasses {base.__name__} with its own forward; replacing it would drop "
+            f"what that forward does"
+        )
+    return ""
+
+
+def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings, layer_type: type) -> LayerPlan:
+    """Plan a GM over features (Linear) or channels (1x1 conv): group, rank, sizes, padding."""
+    if s.group is None:
+        return plan.skip("no group set (give group= or a recipe default)")
+    if min(n_in, n_out) < s.min_features:
+        return plan.skip(f"smaller than min_features={s.min_features}")
+    g = parse_group(s.group)
+    label = f"layer {plan.name!r} ({plan.type} {plan.shape})"
+    check_rank(s.rank, g.order, s.modulate, label)
+    if n_in % g.order or n_out % g.order:
+        msg = f"sizes in={n_in}, out={n_out} are not multiples of |{s.group}|={g.order}"
+        if s.on_mismatch == "error":
+            raise ValueError(f"{label}: {msg}; choose a group whose order divides both, on_mismatch='pad' or 'skip'")
+        if s.on_mismatch == "skip":
+            return plan.skip(msg)
+        plan.padded = True
+    plan.form, plan.group = layer_type.__name__, s.group
+    bias_mode = ("shared" if s.bias == "shared" else True) if plan.module.bias is not None else False
+    shell = GMLinear(n_in, n_out, g, s.rank, s.modulate, s.support, bias=bias_mode, pad=plan.padded, device="meta")
+    plan.params_after = sum(p.numel() for p in shell.parameters())
+    kwargs = dict(
+        support=s.support,
+        impl=s.impl,
+        pad=plan.padded,
+        damping=s.damping,
+        bias="shared" if s.bias == "shared" else None,
+        name=plan.name,
+    )
+    module = plan.module
+    plan.build = lambda x: layer_type.from_dense(module, g, s.rank, s.modulate, inputs=x, **kwargs)
+    return plan
+
+
+class LinearHandler(LayerHandler):
+    """``nn.Linear`` -> :class:`GMLinear` over the features."""
+
+    type_name = "Linear"
+    module_types = (nn.Linear,)
+
+    def dense_macs(self, module: nn.Linear, inp: torch.Tensor, out: torch.Tensor) -> int:
+        return inp.numel() // module.in_features * module.in_features * module.out_features
+
+    def calibration_rows(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, module.in_features)
+
+    def plan_kind(self, plan: LayerPlan, settings: LayerSettings) -> LayerPlan:
+        m = plan.module
+        return _plan_group_matrix(plan, m.in_features, m.out_features, settings, GMLinear)
+
+
+class ConvHandler(LayerHandler):
+    """``nn.Conv1d`` / ``nn.Conv2d``: 1x1 -> :class:`GMPointwiseConv` (``group``); k x k Conv2d ->
+    :class:`GMConv2d` (``conv_group``, spatial weight tying); grouped and depthwise convs stay dense."""
+
+    def __init__(self, conv_type: type[nn.Module]) -> None:
+        self.module_types = (conv_type,)
+        self.type_name = conv_type.__name__
+
+    def dense_macs(self, module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+        return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    def calibration_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if all(k == 1 for k in module.kernel_size):
+            return x.movedim(1, -1).reshape(-1, module.in_channels)
+        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    def plan_kind(self, plan: LayerPlan, s: LayerSettings) -> LayerPlan:
+        m = plan.module
+        if m.groups != 1:
+            kind = "depthwise" if m.groups == m.in_channels else f"grouped (groups={m.groups})"
+            return plan.skip(f"{kind} convolution: only groups=1 convolutions are compressed")
+        if all(k == 1 for k in m.kernel_size):
+            if isinstance(m.padding, str) and m.padding != "valid":
+                return plan.skip(f"1x1 convolution with padding={m.padding!r}: give numeric padding")
+            return _plan_group_matrix(plan, m.in_channels, m.out_channels, s, GMPointwiseConv)
+        if not isinstance(m, nn.Conv2d):
+            return plan.skip(
+                f"{self.type_name} with kernel {tuple(m.kernel_size)}: only 1x1 {self.type_name} is compressed"
+            )
+        return _plan_tied_conv(plan, s)
+
+
+def _plan_tied_conv(plan: LayerPlan, s: LayerSettings) -> LayerPlan:
+    """A k x k Conv2d tied by a group of the square (:class:`GMConv2d`)."""
+    m = plan.module
+    if s.conv_group is None:
+        return plan.skip("k x k convolution: set conv_group (C2, C4, D2, D4) to compress it")
+    h = square_group(s.conv_group)
+    if m.kernel_size[0] != m.kernel_size[1] or m.padding_mode != "zeros":
+        return plan.skip("GMConv2d needs a square kernel and zero padding")
+    lifting = s.lifting if s.lifting is not None else m.in_channels % h.order != 0
+    if m.out_channels % h.order or (not lifting and m.in_channels % h.order):
+        msg = (
+            f"channels in={m.in_channels}, out={m.out_channels} do not split into fibres of |{s.conv_group}|={h.order}"
+        )
+        if s.on_mismatch == "error":
+            raise ValueError(
+                f"layer {plan.name!r} (Conv2d {plan.shape}): {msg}; pick a smaller conv_group, lifting=true "
+                "for plain inputs, or skip it"
+            )
+        return plan.skip(msg + (" (padding is not supported for convolutions)" if s.on_mismatch == "pad" else ""))
+    check_rank(s.rank, h.order, s.modulate, f"layer {plan.name!r} (Conv2d {plan.shape})")
+    shell = GMConv2d(
+        m.in_channels, m.out_channels, m.kernel_size[0], h, s.rank, s.modulate,
+        bias=m.bias is not None, lifting=lifting, device="meta",
+    )  # fmt: skip
+    plan.form, plan.group, plan.params_after = "GMConv2d", s.conv_group, sum(p.numel() for p in shell.parameters())
+    plan.build = lambda x: GMConv2d.from_dense(m, h, s.rank, s.modulate, lifting, x, damping=s.damping, name=plan.name)
+    return plan
+
+
+class UnsupportedHandler(LayerHandler):
+    """Dense layers gmcompress lists in the report but does not compress (Conv3d, transposed convolutions)."""
+
+    def __init__(self, module_type: type[nn.Module], reason: str) -> None:
+        self.module_types = (module_type,)
+        self.type_name = module_type.__name__
+        self.reason = reason
+
+    def dense_macs(self, module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+        per_out = module.weight.numel() // module.weight.shape[1 if self._transposed(module) else 0]
+        return (inp if self._transposed(module) else out).numel() * per_out
+
+    @staticmethod
+    def _transposed(module: nn.Module) -> bool:
+        return bool(getattr(module, "transposed", False))
+
+    def plan_kind(self, plan: LayerPlan, settings: LayerSettings) -> LayerPlan:
+        return plan.skip(self.reason)
+
+
+HANDLERS: dict[type[nn.Module], LayerHandler] = {}
+
+
+def register(handler: LayerHandler) -> LayerHandler:
+    """Register ``handler`` for each of its ``module_types`` (a later registration replaces an earlier one)."""
+    for t in handler.module_types:
+        HANDLERS[t] = handler
+    return handler
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The handler of the nearest registered base class of ``module``'s type (None: not a dense layer)."""
+    for t in type(module).__mro__:
+        if t in HANDLERS:
+            return HANDLERS[t]
+    return None
+
+
+def type_names() -> tuple[str, ...]:
+    """The layer type names recipes may use in ``type:`` rules."""
+    return tuple(dict.fromkeys(h.type_name for h in HANDLERS.values()))
+
+
+register(LinearHandler())
+register(ConvHandler(nn.Conv1d))
+register(ConvHandler(nn.Conv2d))
+register(UnsupportedHandler(nn.Conv3d, "Conv3d is not supported (only Linear, Conv1d and Conv2d are compressed)"))
+for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register(UnsupportedHandler(_t, f"{_t.__name__} is not supported (transposed convolutions stay dense)"))

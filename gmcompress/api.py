@@ -195,7 +195,8 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
     _rules(recipe, group=group, rank=rank, **overrides)  # bad settings fail before the model is copied
-    with torch.random.fork_rng(devices=[]):
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
         working = model if inplace else _copy(model)
         was_training = working.training
         working.eval()

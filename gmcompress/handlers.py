@@ -187,8 +187,6 @@ class ConvHandler(LayerHandler):
             kind = "depthwise" if m.groups == m.in_channels else f"grouped (groups={m.groups})"
             return plan.skip(f"{kind} convolution: only groups=1 convolutions are compressed")
         if all(k == 1 for k in m.kernel_size):
-            if isinstance(m.padding, str) and m.padding != "valid":
-                return plan.skip(f"1x1 convolution with padding={m.padding!r}: give numeric padding")
             return _plan_group_matrix(plan, m.in_channels, m.out_channels, s, GMPointwiseConv)
         if not isinstance(m, nn.Conv2d):
             return plan.skip(
@@ -219,10 +217,14 @@ def _plan_tied_conv(plan: LayerPlan, s: LayerSettings) -> LayerPlan:
     check_rank(s.rank, h.order, s.modulate, f"layer {plan.name!r} (Conv2d {plan.shape})")
     shell = GMConv2d(
         m.in_channels, m.out_channels, m.kernel_size[0], h, s.rank, s.modulate,
-        bias=m.bias is not None, lifting=lifting, device="meta",
+        bias=("shared" if s.bias == "shared" else True) if m.bias is not None else False, lifting=lifting,
+        device="meta",
     )  # fmt: skip
     plan.form, plan.group, plan.params_after = "GMConv2d", s.conv_group, sum(p.numel() for p in shell.parameters())
-    plan.build = lambda x: GMConv2d.from_dense(m, h, s.rank, s.modulate, lifting, x, damping=s.damping, name=plan.name)
+    bias = "shared" if s.bias == "shared" else None
+    plan.build = lambda x: GMConv2d.from_dense(
+        m, h, s.rank, s.modulate, lifting, x, damping=s.damping, bias=bias, name=plan.name
+    )
     return plan
 
 

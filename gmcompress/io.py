@@ -123,14 +123,31 @@ def load(
             for alias in entry.get("aliases", [name]):
                 swapped.append((alias, root.get_submodule(alias)))
                 swap(root, alias, new)
+        _check_fits(root, data["state_dict"], path)  # before any weight is copied
         root.load_state_dict(data["state_dict"], strict=True)
-    except Exception as err:
+    except Exception:
         for alias, old in reversed(swapped):
             swap(root, alias, old)
-        if isinstance(err, RuntimeError):  # load_state_dict's mismatch report
-            raise ValueError(f"{path}: the weights do not fit this model: {str(err).splitlines()[0]}") from None
         raise
     return root
+
+
+def _check_fits(root: nn.Module, state: dict, path: str | os.PathLike) -> None:
+    """The saved state_dict has exactly the model's keys and shapes (strict loading would copy, then fail)."""
+    expected = root.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = {"missing": missing, "unexpected": unexpected, "shape": shapes}
+    if any(problems.values()):
+        parts = [
+            f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" for what, keys in problems.items() if keys
+        ]
+        raise ValueError(f"{path}: the weights do not fit this model ({'; '.join(parts)})")
 
 
 def _manifest_of(data: dict, path: str | os.PathLike) -> dict:

@@ -1,4 +1,4 @@
-"""Group-matrix math on numpy/scipy, in the conventions of design.md section 2.
+"""Group-matrix math on numpy/scipy, in the conventions of docs/design.md section 2.
 
 * ``GM(f)[i, j] = f(g_i^{-1} g_j)`` (Chalkley). Multiplying by ``GM(f)`` is a group cross-correlation
   and commutes with every left translation ``(L_h x)(g) = x(h^{-1} g)``.
@@ -101,7 +101,7 @@ class Pattern:
     ``index[p, q]`` is the kernel class of entry ``(p, q)``: a group element ``g_p^{-1} g_q`` for a
     group matrix, a double coset for maps between coset spaces, an (element, pixel) pair for a group
     convolution. Every output position p sees each class exactly ``counts[class]`` times. The
-    coefficient matrix generalises design.md's F: ``F[class, p] = sum_{q: index[p, q] = class} W[p, q]``.
+    coefficient matrix generalises docs/design.md's F: ``F[class, p] = sum_{q: index[p, q] = class} W[p, q]``.
     """
 
     index: np.ndarray

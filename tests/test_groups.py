@@ -65,11 +65,20 @@ def _power(g, a, k):
     return out
 
 
+def _element_permutations(g):
+    """The permutation of each element of a from_permutations group, read from its name."""
+    return [tuple(range(4)) if name == "e" else tuple(int(v) for v in name.strip("()").split()) for name in g.names]
+
+
 def test_symmetric_matches_permutation_composition():
+    """table[a, b] is the element i -> p_a[p_b[i]] (apply g_b first), as from_permutations documents."""
     g = gm.groups.symmetric(4)
-    assert g.order == 24
-    perms = list(itertools.permutations(range(4)))
-    assert len(perms) == 24
+    perms = _element_permutations(g)
+    assert sorted(perms) == sorted(itertools.permutations(range(4)))
+    index = {p: i for i, p in enumerate(perms)}
+    for a, pa in enumerate(perms):
+        for b, pb in enumerate(perms):
+            assert g.table[a, b] == index[tuple(pa[pb[i]] for i in range(4))]
 
 
 @pytest.mark.parametrize("bad", ["C0", "Q8", "C4*C4", "", "S6", "D", 8])

@@ -138,7 +138,7 @@ class GMModule(GMLayer):
         The parameters are compared *by value* with a snapshot taken when the cache was filled, so every
         in-place update is seen, including those that bypass the version counter (``p.data.mul_()``, EMA
         copies, weight syncs) or are made on inference tensors. The check reads the structured parameters
-        once (1/N of the dense weight for a group of order N).
+        once (about r/N of the dense weight for rank r and a group of order N).
         """
         if not self._cache_allowed():
             self._cache.clear()

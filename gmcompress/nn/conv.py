@@ -25,7 +25,8 @@ class GMConv2d(GMModule):
     learnt modulation over output orientations. With ``lifting=True`` the input has plain channels
     (e.g. RGB) and ``W[h_out] = h_out . psi``.
 
-    stride, padding, dilation and bias behave as in ``nn.Conv2d`` (groups=1, square odd kernels).
+    stride, padding, dilation and bias behave as in ``nn.Conv2d`` (groups=1, square kernels; odd sizes keep the
+    rotation centre on a pixel, which :meth:`check_equivariance` assumes).
     ``bias="shared"`` keeps one bias per output channel fibre (exactly equivariant).
     """
 
@@ -84,13 +85,14 @@ class GMConv2d(GMModule):
         inputs: np.ndarray | torch.Tensor | None = None,
         *,
         damping: float = 0.1,
+        bias: BiasMode | None = None,
         name: str = "",
     ) -> GMConv2d:
         """Fit a pretrained ``nn.Conv2d`` by least squares (orbit average for the exact form).
 
         ``lifting=None`` treats the input as plain channels when ``in_channels`` is not a multiple of
         ``|H|``. ``inputs`` are unfolded patches ``(samples, in_channels * k * k)`` for an
-        activation-aware fit.
+        activation-aware fit. ``bias="shared"`` keeps one bias per output fibre (its mean), as GMLinear.
         """
         label = f"{name or 'Conv2d'}({conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size})"
         if not isinstance(conv, nn.Conv2d):
@@ -112,7 +114,7 @@ class GMConv2d(GMModule):
             conv.stride,
             conv.padding,
             conv.dilation,
-            conv.bias is not None,
+            (conv.bias is not None) if bias is None or conv.bias is None else bias,
             lifting,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
@@ -122,9 +124,10 @@ class GMConv2d(GMModule):
             w.reshape(conv.out_channels, -1), layer.pattern, rank, modulate, None, x, damping=damping, what=label
         )
         layer.load_fit(fit)
-        if conv.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
+        if layer.bias is not None:
+            with torch.no_grad():  # a shared bias is the mean over each output fibre (least squares)
+                same = layer.bias.shape == conv.bias.shape
+                layer.bias.copy_(conv.bias if same else conv.bias.view(layer.c_out, -1).mean(1))
         return layer
 
     def config(self) -> dict:

@@ -1,6 +1,6 @@
 """Torch kernels shared by the GM layers: dense materialisation and the block-diagonal fast path.
 
-Layout conventions (design.md section 2): features are channel-major, ``x.view(B, c, N)``. Kernels
+Layout conventions (docs/design.md section 2): features are channel-major, ``x.view(B, c, N)``. Kernels
 ``b`` have shape ``(r, c_out, c_in, |S|)``, modulations ``a`` shape ``(r, c_out, n_out)``; the weight
 block of output channel o and input channel c is ``sum_k diag(a[k, o]) GM(b[k, o, c])``.
 """

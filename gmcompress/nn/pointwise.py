@@ -85,10 +85,10 @@ class GMPointwiseConv(GMLinear):
         label = f"{name or type(conv).__name__}({conv.in_channels}, {conv.out_channels}, kernel_size=1)"
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
             raise TypeError(f"{label}: from_dense expects nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")
-        if any(k != 1 for k in conv.kernel_size) or conv.groups != 1 or isinstance(conv.padding, str):
+        if any(k != 1 for k in conv.kernel_size) or conv.groups != 1:
             raise ValueError(
-                f"{label}: GMPointwiseConv needs a 1x1 kernel, groups=1 and numeric padding, got "
-                f"kernel_size={conv.kernel_size}, groups={conv.groups}, padding={conv.padding!r}"
+                f"{label}: GMPointwiseConv needs a 1x1 kernel and groups=1, got kernel_size={conv.kernel_size}, "
+                f"groups={conv.groups}"
             )
         bias_mode = (conv.bias is not None) if bias is None or conv.bias is None else bias
         layer = cls(
@@ -102,7 +102,7 @@ class GMPointwiseConv(GMLinear):
             impl,
             dims=len(conv.kernel_size),
             stride=conv.stride,
-            padding=conv.padding,
+            padding=0 if isinstance(conv.padding, str) else conv.padding,  # "valid"/"same": no padding at 1x1
             padding_mode=conv.padding_mode,
             pad=pad,
             device=conv.weight.device,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .aware import InputStats
 from .checks import check_finite, check_rank
 from .groups import group as parse_group
 from .groups import square_group
@@ -25,7 +26,7 @@ from .settings import LayerSettings
 
 __all__ = ["LayerPlan", "LayerHandler", "register", "handler_for", "type_names", "HANDLERS"]
 
-Build = Callable[[torch.Tensor | None], GMLayer]
+Build = Callable[[InputStats | torch.Tensor | None], GMLayer]  # calibration statistics (or rows) -> fitted layer
 
 
 @dataclass

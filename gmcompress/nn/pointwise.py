@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
+from ..aware import InputStats
 from ..groups import FiniteGroup
 from .base import BiasMode
 from .linear import GMLinear
@@ -73,7 +74,7 @@ class GMPointwiseConv(GMLinear):
         rank: int = 1,
         modulate: bool = True,
         support: Iterable[int] | None = None,
-        inputs: np.ndarray | torch.Tensor | None = None,
+        inputs: np.ndarray | torch.Tensor | InputStats | None = None,
         *,
         impl: str = "auto",
         pad: bool = False,
@@ -81,7 +82,8 @@ class GMPointwiseConv(GMLinear):
         bias: BiasMode | None = None,
         name: str = "",
     ) -> GMPointwiseConv:
-        """Fit a 1x1, ``groups=1`` Conv1d/Conv2d; ``inputs`` are channel rows ``(samples, in_channels)``."""
+        """Fit a 1x1, ``groups=1`` Conv1d/Conv2d; ``inputs`` are channel rows ``(samples, in_channels)`` or their
+        :class:`~gmcompress.aware.InputStats`."""
         label = f"{name or type(conv).__name__}({conv.in_channels}, {conv.out_channels}, kernel_size=1)"
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
             raise TypeError(f"{label}: from_dense expects nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")

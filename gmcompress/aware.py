@@ -338,7 +338,7 @@ def solve(
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per output channel inner products of ``(r, c_out, c_in, s)`` tensors."""
-    return (x * y).sum(dim=(0, 2, 3))
+    return (x * y).flatten(2).sum(-1).sum(0)
 
 
 def _mix_ranks(abar_inv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,15 @@ class _Accumulator:
         self.max_rows = max_rows
         self.generator = torch.Generator().manual_seed(seed)
         self.stats: dict[str, InputStats] = {}
+        self.shared: tuple[tuple, LayerPlan, InputStats] | None = None  # the last (key, owner, statistics)
 
-    def add(self, plan: LayerPlan, module: nn.Module, x: torch.Tensor) -> None:
+    def add(self, plan: LayerPlan, module: nn.Module, x: torch.Tensor, source: object = None) -> None:
+        """Add the rows of input ``x``. Consecutive layers given the same ``source`` (the input's identity in this
+        pass) whose rows agree (:meth:`~gmcompress.handlers.LayerHandler.rows_key`) share one statistics object."""
+        key = None if source is None else (source, plan.handler.rows_key(module))
+        if key is not None and self.shared is not None and self.shared[0] == key and self.shared[1] is not plan:
+            self.stats[plan.name] = self.shared[2]
+            return
         rows = plan.handler.calibration_rows(module, x.detach())
         stats = self.stats.get(plan.name)
         if stats is None:
@@ -58,6 +65,8 @@ class _Accumulator:
             if rows.shape[0] > room:
                 rows = rows[torch.randperm(rows.shape[0], generator=self.generator)[:room].to(rows.device)]
         stats.update(rows)
+        if key is not None:
+            self.shared = (key, plan, stats)
 
 
 def capture_statistics(
@@ -153,7 +162,7 @@ def _graph_sequential(
             if plan is not None and id(plan.module) not in fitted:
                 if plan.settings.activation_aware:
                     for s in steppers:
-                        acc.add(plan, plan.module, s.inputs(node)[0][0])
+                        acc.add(plan, plan.module, s.inputs(node)[0][0], source=node.args[0])
                 fitted[id(plan.module)] = install(plan, acc.stats.pop(plan.name, None))
             module = fitted.get(id(plan.module)) if plan is not None else None
             for s in steppers:
@@ -201,7 +210,7 @@ def _next_group(
         if first and p not in members:
             members.append(p)
         if p in members and p.settings.activation_aware:
-            acc.add(p, mod, x)
+            acc.add(p, mod, x, source="anchor")
 
     for i, batch in enumerate(batches):
         first, state = i == 0, {"seen": set()}

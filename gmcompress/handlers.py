@@ -77,6 +77,12 @@ class LayerHandler:
         """The rows the layer's weight multiplies, ``(samples, fan_in)``."""
         raise NotImplementedError
 
+    def rows_key(self, module: nn.Module) -> tuple:
+        """Equal for two layers of this kind whose :meth:`calibration_rows` agree on any input (q/k/v projections
+        of one tensor share their calibration statistics)."""
+        geometry = tuple(getattr(module, a, None) for a in ("kernel_size", "stride", "padding", "dilation"))
+        return (self.type_name, tuple(module.weight.shape[1:]), *geometry)
+
     def plan(self, name: str, module: nn.Module, settings: LayerSettings | None, decided: str) -> LayerPlan:
         """The plan for one layer: shared checks first, then :meth:`plan_kind`."""
         plan = LayerPlan(name, module, self, settings)

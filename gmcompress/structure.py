@@ -134,7 +134,7 @@ class Pattern:
         if (self.counts == 1).all() and self.n_in == self.n_classes:  # a permutation: plain gather
             inv = np.empty_like(self.index)
             np.put_along_axis(inv, self.index, np.arange(self.n_in)[None, :], axis=1)
-            return np.swapaxes(m[..., np.arange(self.n_out)[:, None], inv], -1, -2)
+            return m[..., np.arange(self.n_out)[None, :], inv.T]  # [..., s, p] = m[..., p, inv[p, s]], contiguous
         order = np.broadcast_to(self._row_order, m.shape)
         sums = np.add.reduceat(np.take_along_axis(m, order, axis=-1), self._starts, axis=-1)
         return np.swapaxes(sums, -1, -2)
@@ -383,7 +383,9 @@ def plain_fit(
     sup = resolve_support(pattern, support)
     rank = check_rank(rank, n, modulate, what)
     root_m = np.sqrt(pattern.counts[sup])[:, None]
-    f = _class_sums(w, pattern, c_out, c_in)[:, :, sup, :] / root_m  # (o, c, s, p), scaled means
+    f = _class_sums(w, pattern, c_out, c_in)  # (o, c, class, p)
+    f = f if sup.size == pattern.n_classes else f[:, :, sup, :]
+    f = f if (pattern.counts == 1).all() else f / root_m  # scaled means
     if not modulate:
         return (f.mean(axis=-1) / root_m[:, 0])[None], np.ones((1, c_out, n)), sup
     stacked = f.reshape(c_out, c_in * sup.size, n)
@@ -394,7 +396,7 @@ def plain_fit(
     v = v * sign
     modulations = (v * np.sqrt(n)).transpose(2, 0, 1)
     kernels = (np.matmul(stacked, v) / np.sqrt(n)).transpose(2, 0, 1).reshape(k, c_out, c_in, sup.size)
-    kernels = kernels / root_m[:, 0]
+    kernels = kernels / root_m[:, 0]  # (k, o, c, s): small
     if k < rank:  # fewer singular values than asked: pad with zero terms
         kernels = np.concatenate([kernels, np.zeros((rank - k, c_out, c_in, sup.size))])
         modulations = np.concatenate([modulations, np.ones((rank - k, c_out, n))])

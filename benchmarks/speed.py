@@ -25,7 +25,7 @@ from torch.utils import benchmark
 import gmcompress as gm
 from gmcompress import zoo
 from gmcompress.batches import run_model
-from gmcompress.nn import GMConv2d, GMLinear, GMPointwiseConv
+from gmcompress.nn import GMChannelConv, GMConv2d, GMLinear
 
 
 def median_ms(model: nn.Module, inputs: object, device: str, min_run_time: float) -> float:
@@ -60,7 +60,7 @@ def slow_layers(
         h.remove()
     out = []
     for name, module in compressed.named_modules():
-        if not isinstance(module, (GMLinear, GMConv2d, GMPointwiseConv)) or name not in captured:
+        if not isinstance(module, (GMLinear, GMConv2d, GMChannelConv)) or name not in captured:
             continue
         x = captured[name]
         before = median_ms(original.get_submodule(name), x, device, min_run_time)

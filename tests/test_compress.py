@@ -182,7 +182,7 @@ def test_shared_modules_stay_shared(traceable):
 
 
 def test_bad_inputs_name_the_layer_and_the_fix():
-    with pytest.raises(ValueError, match=r"layer 'fc2' \(Linear 10x64\).*not multiples of \|C8\|=8.*on_mismatch"):
+    with pytest.raises(ValueError, match=r"layer 'conv' \(Conv2d 8x4x3x3\).*not multiples of \|C8\|=8.*on_mismatch"):
         gm.compress(Small(), group="C8", on_mismatch="error")
     with pytest.raises(ValueError, match="C4xC4"):
         gm.compress(Small(), group="Q8")

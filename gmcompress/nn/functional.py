@@ -8,6 +8,7 @@ block of output channel o and input channel c is ``sum_k diag(a[k, o]) GM(b[k, o
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,19 +53,22 @@ class BlockPlan:
     coordinate, a contiguous stack over the blocks (batched GEMMs on plain views, no permutes).
 
     ``q`` is the permuted basis, ``classes`` lists ``(d, nb, offset)``, ``rho[c]`` is
-    ``(N, d, d, nb)``-shaped: ``rho[c][s, y, x, b] = (Q_b^T B_s Q_b)[x, y]``.
+    ``(N, d, d, nb)``-shaped: ``rho[c][s, y, x, b] = (Q_b^T B_s Q_b)[x, y]``. ``q_by_block`` holds the
+    same columns ordered (class, block, coordinate-in-block) instead: the layout of grouped convolutions,
+    whose groups (one per block) need their channels contiguous.
     """
 
     q: np.ndarray
     classes: tuple[tuple[int, int, int], ...]
     rho: tuple[np.ndarray, ...]
+    q_by_block: np.ndarray
 
 
 @functools.lru_cache(maxsize=64)
 def block_plan(g: FiniteGroup) -> BlockPlan:
     basis = regular_basis(g)
     n = g.order
-    cols, classes, rho = [], [], []
+    cols, by_block, classes, rho = [], [], [], []
     offset = 0
     starts = basis.offsets
     for d in sorted(set(basis.blocks)):
@@ -72,13 +76,15 @@ def block_plan(g: FiniteGroup) -> BlockPlan:
         nb = len(members)
         order = [start + y for y in range(d) for start in members]
         cols.extend(order)
+        by_block.extend(start + y for start in members for y in range(d))
         qc = basis.q[:, order].reshape(n, d, nb)  # [i, coordinate, block]
         # rho[s, y, x, b] = sum_i qc[i, x, b] qc[table[i, s], y, b]
         shifted = qc[g.table]  # [i, s, y, b] = qc[table[i, s], y, b]
         rho.append(np.einsum("ixb,isyb->syxb", qc, shifted))
         classes.append((d, nb, offset))
         offset += d * nb
-    return BlockPlan(np.ascontiguousarray(basis.q[:, cols]), tuple(classes), tuple(rho))
+    q, q_by_block = (np.ascontiguousarray(basis.q[:, c]) for c in (cols, by_block))
+    return BlockPlan(q, tuple(classes), tuple(rho), q_by_block)
 
 
 def block_weights(kernels: torch.Tensor, rho: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -135,3 +141,101 @@ def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...]) 
     half = (*shape[:-1], shape[-1] // 2 + 1)
     y = torch.fft.irfftn(yf.reshape(batch, r, c_out, *half), s=shape, dim=dims)
     return y.reshape(batch, r, c_out, n).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class GroupedPlan:
+    """The block basis packed into ``groups`` equal groups of ``size`` coordinates, for one grouped convolution.
+
+    Blocks are packed first-fit by decreasing size into groups of capacity ``size`` (the largest block);
+    a group that is not full is completed with zero coordinates (zero columns of ``q``), so every group
+    has the same width and a single ``groups=`` convolution does all the block mixing. ``q`` is
+    ``(N, groups * size)`` with columns ordered (group, coordinate); ``members`` lists
+    ``(group, offset, class, block)`` for every block of :func:`block_plan` (class and block index it).
+    """
+
+    q: np.ndarray
+    groups: int
+    size: int
+    members: tuple[tuple[int, int, int, int], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def grouped_plan(g: FiniteGroup) -> GroupedPlan:
+    plan, basis = block_plan(g), regular_basis(g)
+    size = max(d for d, _, _ in plan.classes)
+    blocks = sorted(((d, c, b) for c, (d, nb, _) in enumerate(plan.classes) for b in range(nb)), key=lambda t: -t[0])
+    fill: list[int] = []
+    members = []
+    for d, c, b in blocks:
+        slot = next((i for i, used in enumerate(fill) if used + d <= size), len(fill))
+        if slot == len(fill):
+            fill.append(0)
+        members.append((slot, fill[slot], c, b))
+        fill[slot] += d
+    q = np.zeros((g.order, len(fill) * size))
+    starts = {}  # (class, block) -> first column of that block in the basis
+    for c, (d, nb, _) in enumerate(plan.classes):
+        same = [s for s, sz in zip(basis.offsets, basis.blocks) if sz == d]
+        for b in range(nb):
+            starts[c, b] = same[b]
+    for slot, offset, c, b in members:
+        d = plan.classes[c][0]
+        q[:, slot * size + offset : slot * size + offset + d] = basis.q[:, starts[c, b] : starts[c, b] + d]
+    return GroupedPlan(q, len(fill), size, tuple(members))
+
+
+def grouped_conv_weights(
+    kernels: torch.Tensor, rho: list[torch.Tensor], plan: GroupedPlan, offsets: int, kernel_size: tuple[int, ...]
+) -> torch.Tensor:
+    """The ``groups=plan.groups`` convolution weight ``(groups * size * r c_out, size * c_in, *kernel_size)``.
+
+    ``kernels`` is ``(r, c_out, c_in * K, |S|)`` with the input index ordered (channel i, offset k). Block b
+    maps its input coordinates y (times channels i) to output coordinates x (times terms k, channels o):
+    ``W_b[(x, k, o), (y, i), offset] = sum_s kernels[k, o, (i, offset), s] rho[s, y, x, b]``; the blocks
+    of a packed group sit on its diagonal, zeros elsewhere.
+    """
+    r, c_out, cik, _ = kernels.shape
+    c_in, rco, size = cik // offsets, r * c_out, plan.size
+    per_class = [torch.einsum("kocs,syxb->bxkoyc", kernels, rho_c).flatten(2, 3) for rho_c in rho]
+    w = kernels.new_zeros(plan.groups, size, rco, size, cik)
+    for slot, offset, c, b in plan.members:
+        d = per_class[c].shape[1]
+        w[slot, offset : offset + d, :, offset : offset + d] = per_class[c][b]
+    w = w.view(plan.groups, size, rco, size, c_in, offsets)
+    return w.reshape(plan.groups * size * rco, size * c_in, *kernel_size)
+
+
+def grouped_conv_forward(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    conv: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    back: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x (B, c_in, N, H, W) -> (B, c_out N, H', W')``: channel transform, one grouped convolution, transform back.
+
+    The transformed channels are laid out channels-last, ordered (coordinate m, channel i) so that each
+    group's channels are contiguous (the fast layout of grouped convolutions on the CPU); ``q`` is
+    :attr:`GroupedPlan.q` and ``conv(z, weight, groups)`` runs the layer's convolution. The way back
+    folds the modulations and the sum over the rank: ``back[o, p, (k, m)] = a[k, o, p] q[p, m]``, one
+    batched product per output channel, with the bias added by ``baddbmm``.
+    """
+    batch, c_in, n = x.shape[:3]
+    spatial = x.shape[3:]
+    m = q.shape[1]
+    z = torch.matmul(q.t(), x.reshape(batch, c_in, n, -1))  # (B, c_in, M, HW)
+    z = z.permute(0, 3, 2, 1).reshape(batch, *spatial, m * c_in).movedim(-1, 1)  # channels-last (m, i)
+    yt = conv(z, weight, groups)  # (B, M * r * c_out, H', W'), channels (m, k, o)
+    out_spatial = yt.shape[2:]
+    c_out = back.shape[0]
+    yt = yt.movedim(1, -1).reshape(batch, -1, m, yt.shape[1] // (m * c_out), c_out)  # (B, H'W', M, r, c_out)
+    yt = yt.permute(0, 4, 3, 2, 1).reshape(batch * c_out, -1, yt.shape[1])  # (B c_out, r M, H'W')
+    back = back.expand(batch, *back.shape).reshape(batch * c_out, n, -1)
+    if bias is None:
+        y = torch.bmm(back, yt)
+    else:
+        y = torch.baddbmm(bias.view(1, c_out, n, 1).expand(batch, c_out, n, 1).reshape(batch * c_out, n, 1), back, yt)
+    return y.view(batch, c_out * n, *out_spatial)

@@ -255,7 +255,7 @@ class GMChannelConv(GMModule):
         x = x.unsqueeze(0) if unbatched else x
         if self.in_padded != self.in_channels:
             x = F.pad(x, (0, 0) * self.dims + (0, self.in_padded - self.in_channels))
-        bias = None if self.bias is None else expand_bias(self.bias, self.out_padded, self.pattern.n_out)
+        bias = self._padded_bias()
         if self.resolved_impl() == "dense":
             weight = self._cached("dense", self.weight_padded)
             y = self._conv(x, weight, 1, bias)
@@ -267,6 +267,14 @@ class GMChannelConv(GMModule):
         if self.out_padded != self.out_channels:
             y = y[:, : self.out_channels]
         return y.squeeze(0) if unbatched else y
+
+    def _padded_bias(self) -> torch.Tensor | None:
+        """One bias per (padded) output channel: a per-channel bias padded with zeros, a shared one expanded."""
+        if self.bias is None:
+            return None
+        if self.bias.shape[0] == self.out_channels:
+            return F.pad(self.bias, (0, self.out_padded - self.out_channels))
+        return expand_bias(self.bias, self.out_padded, self.pattern.n_out)
 
     def weight_padded(self) -> torch.Tensor:
         """The dense weight on the padded channel counts (what the dense path convolves with)."""

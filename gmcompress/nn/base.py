@@ -64,6 +64,10 @@ class GMLayer(nn.Module):
         """Multiply-accumulates of one call on ``inp`` (giving ``out``) on the path ``forward`` takes."""
         raise NotApplicable(f"{type(self).__name__} does not count its multiply-accumulates")
 
+    def impls(self) -> tuple[str, ...]:
+        """The forward paths this layer can take (values of ``self.impl``); () when it has one path only."""
+        return ()
+
 
 class GMModule(GMLayer):
     """Base of the GM layers: kernels ``(r, c_out, c_in, |S|)`` and modulations ``(r, c_out, n_out)``.

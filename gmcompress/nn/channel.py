@@ -196,6 +196,9 @@ class GMChannelConv(GMModule):
         return self._export(out, self.weight, self.out_channels)
 
     # ------------------------------------------------------------------ forward
+    def impls(self) -> tuple[str, ...]:
+        return ("dense", "grouped")
+
     def resolved_impl(self) -> str:
         """The path ``forward`` takes ("auto": grouped when it needs at most half the dense multiply-adds)."""
         if self.impl != "auto":

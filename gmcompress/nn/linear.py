@@ -203,6 +203,11 @@ class GMLinear(GMModule):
         return self.dense_weight()[: self.out_features, : self.in_features]
 
     # ------------------------------------------------------------------ forward
+    def impls(self) -> tuple[str, ...]:
+        if not self.regular:
+            return ("dense",)
+        return ("dense", "blocks", "fft") if self.group.cyclic_shape is not None else ("dense", "blocks")
+
     def resolved_impl(self) -> str:
         """The path ``forward`` takes. "auto": blocks for plain GMs when they need at most half the
         multiply-adds of the dense product (the rest pays for the extra kernel launches), else dense."""

@@ -814,7 +814,9 @@ def _train_step(t: _Trainer, batch: Any, epoch: int, index: int) -> float | None
     if bad is None:
         t.scaler.step(t.optimizer)
         t.scaler.update()
-    t.scheduler.step()
+    with warnings.catch_warnings():  # a skipped step (ours or the GradScaler's) still advances the schedule
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        t.scheduler.step()
     t.step += 1
     t.busy, t.rng_boundary = None, _rng_state(t)
     return None if bad is not None else float(value.detach())

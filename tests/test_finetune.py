@@ -234,10 +234,22 @@ def test_nonfinite_gradient_stops(clip):
 
 
 def test_fp16_overflow_is_left_to_the_grad_scaler():
-    """With amp="fp16" the GradScaler skips steps with inf gradients itself: that is not an error."""
+    """With amp="fp16", inf gradients are the GradScaler's overflow signal: it skips those steps itself, no error."""
     student, teacher, data = tiny()
-    run(student, teacher, data, steps=4, amp="fp16")
+    with torch.no_grad():
+        teacher[3].weight.mul_(1000.0)  # large targets: the scaled fp16 gradients overflow at first
+    start = [p.detach().clone() for p in student.parameters()]
+    after_first = []
+
+    def snapshot(step):
+        if step == 1:
+            after_first.extend(p.detach().clone() for p in student.parameters())
+
+    result = run(student, teacher, data, steps=8, amp="fp16", loss="mse", on_step=snapshot)
+    assert result.steps == 8 and result.skipped == 0
+    assert all(torch.equal(a, b) for a, b in zip(start, after_first))  # step 1: skipped by the scaler
     assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(start, student.parameters()))  # later steps trained
 
 
 def loader_like_the_dataset_path(x, y):

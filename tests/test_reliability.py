@@ -66,7 +66,8 @@ def test_unbatched_pointwise_conv1d(length):
     full = GMChannelConv.from_dense(conv, "C8", rank=8)  # full rank: equal to the dense conv
     x = torch.randn(16, length)  # (C, L), with L == C in the first case
     torch.testing.assert_close(full(x), conv(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"GMChannelConv\(16, 16, kernel_size=\(1,\)\): expected input .* got shape \(3, 16\)"):
+    message = r"GMChannelConv\(16, 16, kernel_size=\(1,\)\): expected input .* got shape \(3, 16\)"
+    with pytest.raises(ValueError, match=message):
         full(torch.randn(3, 16))  # neither (C, L) nor (B, C, L) with C = 16... (3, 16) is (C=3, L=16)
 
 

@@ -23,7 +23,7 @@ from ..groups import FiniteGroup
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for, project_pattern
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import block_plan, grouped_conv_forward, grouped_conv_weights, grouped_plan
+from .functional import block_plan, grouped_conv_forward, grouped_plan, grouped_weights, modulated_basis
 
 CONV_IMPLS = ("auto", "dense", "grouped")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -85,7 +85,6 @@ class GMChannelConv(GMModule):
         self.bias = make_bias(bias, c_out, n, out_channels, {"device": device, "dtype": dtype})
         plan = block_plan(g)
         self._packing = grouped_plan(g)
-        self._classes = plan.classes
         self._register_constant("_q", self._packing.q)
         self._n_rho = len(plan.rho)
         for i, r in enumerate(plan.rho):
@@ -288,11 +287,9 @@ class GMChannelConv(GMModule):
     def _grouped_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The grouped convolution weight (channels-last, 2-D) and the way back (modulated basis)."""
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
-        k = math.prod(self.kernel_size)
-        w = grouped_conv_weights(self.kernels, rho, self._packing, k, (1,) * (2 - self.dims) + self.kernel_size)
-        q = self._q  # (N, M)
-        a = self.modulations if self.modulations is not None else q.new_ones(1, self.c_out, q.shape[0])
-        back = torch.einsum("kop,pm->opkm", a, q).reshape(self.c_out, q.shape[0], -1)
+        w = grouped_weights(self.kernels, rho, self._packing)  # (G, size r c_out, size c_in K), inputs (y, i, k)
+        w = w.reshape(w.shape[0] * w.shape[1], -1, *(1,) * (2 - self.dims), *self.kernel_size)
+        back = modulated_basis(self.modulations, self._q, self.c_out)
         return w.contiguous(memory_format=torch.channels_last), back
 
     # ------------------------------------------------------------------ equivariance

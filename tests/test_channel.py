@@ -123,3 +123,24 @@ def test_compress_replaces_every_groups1_conv_and_reports_it():
     assert "depthwise" in rows["2"].reason
     x = torch.randn(2, 8, 20)
     torch.testing.assert_close(out(x), net(x), atol=1e-4, rtol=1e-4)  # rank N = exact
+
+
+@pytest.mark.parametrize("impl", ["dense", "grouped"])
+def test_gradcheck_float64(impl):
+    torch.manual_seed(0)
+    layer = GMChannelConv(8, 8, 3, "C4", rank=2, padding=1, stride=2, impl=impl, dtype=torch.float64)
+    x = torch.randn(1, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, *p: layer(v), (x, *layer.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["dense", "grouped"])
+def test_low_precision_matches_fp32(dtype, impl):
+    conv = dense_conv(2, 3, dict(padding=1))
+    layer = GMChannelConv.from_dense(conv, "C8", rank=2, impl=impl).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        reference = layer(x)
+        low = layer.to(dtype)(x.to(dtype)).float()
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - reference).norm() / reference.norm() < 2e-2

@@ -175,6 +175,18 @@ class GMModule(GMLayer):
         self.fit_error = float(fit.relative_error)
         self.output_error = fit.output_error
 
+    def _copy_dense_bias(self, bias: torch.Tensor | None, out_padded: int) -> None:
+        """Set the bias from a dense layer's: copied per output feature, or for a shared bias (one per output
+        channel) the mean over each channel's group axis, the least-squares equivariant bias."""
+        if self.bias is None:
+            return
+        with torch.no_grad():
+            if self.bias.shape == bias.shape:
+                self.bias.copy_(bias)
+            else:
+                padded = torch.nn.functional.pad(bias, (0, out_padded - bias.shape[0]))
+                self.bias.copy_(padded.view(self.c_out, -1)[:, : self.pattern.n_out].mean(1))
+
     def _export(self, out: nn.Module, weight: torch.Tensor, out_features: int) -> nn.Module:
         """Fill a plain torch layer with the materialised weight and the (expanded) bias."""
         with torch.no_grad():

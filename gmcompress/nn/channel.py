@@ -141,11 +141,7 @@ class GMChannelConv(GMModule):
         classes = None if self._support is None else self._support.cpu().numpy()
         fit = project_pattern(matrix, self.pattern, self.rank, self.modulate, classes, x, damping=damping, what=label)
         self.load_fit(fit)
-        if self.bias is not None:
-            with torch.no_grad():
-                same = self.bias.shape == conv.bias.shape
-                padded = F.pad(conv.bias, (0, self.out_padded - self.out_channels))
-                self.bias.copy_(conv.bias if same else padded.view(self.c_out, -1).mean(1))
+        self._copy_dense_bias(conv.bias, self.out_padded)
         return self
 
     def config(self) -> dict:

@@ -164,13 +164,7 @@ class GMLinear(GMModule):
         classes = None if self._support is None else self._support.cpu().numpy()
         fit = project_pattern(w, self.pattern, self.rank, self.modulate, classes, x, damping=damping, what=label)
         self.load_fit(fit)
-        if self.bias is not None:
-            with torch.no_grad():
-                if self.bias.shape == bias.shape:
-                    self.bias.copy_(bias)
-                else:
-                    padded = F.pad(bias, (0, self.out_padded - self.out_features))
-                    self.bias.copy_(padded.view(self.c_out, -1)[:, : self.pattern.n_out].mean(1))
+        self._copy_dense_bias(bias, self.out_padded)
         return self
 
     def config(self) -> dict:

@@ -140,8 +140,8 @@ def _add_metrics(
 
 
 def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.Module) -> int:
-    from .finetune import finetune
     from .recipe import load_recipe
+    from .training import finetune
 
     settings = dict(load_recipe(args.recipe).finetune or {}) if args.recipe else {}
     if args.epochs is not None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import gmcompress as gm
-from gmcompress.finetune import finetune
+from gmcompress.training import finetune
 
 ARGS = {"steps": 6, "lr": 1e-2, "loss": "mix", "device": "cpu", "progress": False, "warmup": 0.0}
 

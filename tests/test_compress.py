@@ -105,10 +105,9 @@ def test_macs_count_gm_layers_at_their_real_cost():
         layer(x)  # builds the cached block weights (a one-off, not per-call cost)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         layer(x)
-    matmul_macs = counter.get_total_flops() // 2
-    modulation = 8 * 2 * 16 * 16  # rows * r * c_out * N multiply-adds
+    matmul_macs = counter.get_total_flops() // 2  # torch's own count of the matmuls the path runs
     total, per_layer = gm.report.count_macs(layer, x)
-    assert total == matmul_macs + modulation
+    assert total == matmul_macs  # the modulations are folded into the way back
     assert total < 8 * 256 * 256  # cheaper than dense
 
 
@@ -248,7 +247,8 @@ def test_report_outputs(tmp_path):
     data = json.loads(rep.to_json())
     assert data["params_after"] == rep.params_after and len(data["layers"]) == 4
     assert "| fc1 |" in rep.to_markdown()
-    assert rep.macs_after <= rep.macs_before and rep.latency_after_ms > 0  # tiny layers: "auto" stays dense
+    # paths are chosen by measured time, so a faster path may do more multiply-adds on these tiny layers
+    assert rep.macs_after == gm.report.count_macs(out, x)[0] and rep.latency_after_ms > 0
     rep.plot(tmp_path / "layers.png")
     assert (tmp_path / "layers.png").stat().st_size > 1000
     text = str(rep)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import gmcompress as gm
-from gmcompress.finetune import finetune
+from gmcompress.training import NonFiniteError, finetune
 
 
 def tiny(seed=0):
@@ -198,8 +198,12 @@ def test_nonfinite_sample_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     order = list(DistributedSampler(TensorDataset(x), num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True))
     x = x.clone()
     x[order[16 * 5 + 3]] = math.nan  # in batch index 5 of the first epoch: step 6
-    with pytest.raises(FloatingPointError, match=re.escape("non-finite loss (nan) at step 6 of 14 (batch index 5 of")):
+    with pytest.raises(
+        NonFiniteError, match=re.escape("non-finite loss (nan) at step 6 of 14 (batch index 5 of")
+    ) as err:
         run(student, teacher, (x, y), checkpoint_dir=tmp_path)
+    assert (err.value.step, err.value.epoch, err.value.batch_index) == (6, 1, 5)
+    assert isinstance(err.value, FloatingPointError) and gm.NonFiniteError is NonFiniteError
     assert all(torch.isfinite(p).all() for p in student.parameters())
     state = torch.load(tmp_path / "trainer.pt", weights_only=True)
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["state_dict"]
@@ -228,7 +232,7 @@ def test_nonfinite_gradient_stops(clip):
     model = SqrtNet()
     x, y = torch.randn(32, 4), torch.rand(32, 3)
     x[5] = 0.0
-    with pytest.raises(FloatingPointError, match=re.escape("non-finite gradient (first in lin.weight) at step")):
+    with pytest.raises(NonFiniteError, match=re.escape("non-finite gradient (first in lin.weight) at step")):
         finetune(model, None, (x, y), steps=4, batch_size=8, loss="task", clip=clip, progress=False)
     assert torch.isfinite(model.lin.weight).all()
 
@@ -381,6 +385,24 @@ def test_bad_config_fails_before_any_work(kwargs, match, tmp_path):
         finetune(student, **args)
     assert not (tmp_path / "ck").exists()
     assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "finetune_section, match",
+    [
+        ({"resume": "maybe"}, r"finetune.resume: expected one of auto, never, must, got 'maybe'"),
+        ({"nonfinite": "ignore"}, r"finetune.nonfinite: expected one of raise, skip, got 'ignore'"),
+        ({"checkpoint_every": 0}, r"finetune.checkpoint_every: expected >= 1, got 0"),
+        ({"checkpoint_every": 2.5}, r"finetune.checkpoint_every: expected int, got 2.5"),
+    ],
+)
+def test_recipe_checks_the_resume_and_nonfinite_settings(finetune_section, match):
+    from gmcompress.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe({"version": 1, "finetune": finetune_section})
+    ok = {"resume": "must", "nonfinite": "skip", "checkpoint_every": 5}
+    assert parse_recipe({"version": 1, "finetune": ok}).finetune == ok
 
 
 def test_two_process_gloo_matches_single_process(tmp_path):

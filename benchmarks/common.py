@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import resource
+import threading
 import time
 from pathlib import Path
 
@@ -31,3 +33,42 @@ def save_figure(fig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, MB (Linux ``/proc/self/status``; elsewhere the peak so far)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """``with PeakMemory() as peak: ...``; then ``peak.extra_mb``: the highest resident memory seen while the block
+    ran (sampled every 5 ms) minus the memory when it started. ``ru_maxrss`` only ever grows, so it cannot give
+    the peak of one step of a process; this can (a spike shorter than 5 ms may be missed)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.start_mb, self.peak_mb = interval, 0.0, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, rss_mb())
+
+    def __enter__(self) -> PeakMemory:
+        self.start_mb = self.peak_mb = rss_mb()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+    @property
+    def extra_mb(self) -> float:
+        return self.peak_mb - self.start_mb

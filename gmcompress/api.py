@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_inputs
+from .aware import InputStats
+from .calibration import MODES, calibrate
 from .fx import find_layers, module_aliases, swap
 from .groups import group as parse_group
 from .handlers import LayerPlan, handler_for
@@ -173,7 +174,8 @@ def compress(
     conv_group: str | None = None,
     min_features: int | None = None,
     damping: float | None = None,
-    max_calibration_rows: int = 2048,
+    max_calibration_rows: int | None = None,
+    calibration_mode: str = "sequential",
     progress: bool = True,
 ) -> nn.Module:
     """Replace the dense ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers of ``model`` by group-matrix layers.
@@ -182,8 +184,11 @@ def compress(
     keyword arguments (``group``, ``rank``, ``on_mismatch`` = "skip" | "pad" | "error", ``modulate``,
     ``conv_group``, ``min_features``, ``damping``) overriding its defaults; ``include``/``exclude`` are
     regexes that must match a whole module name. With ``calibration`` (a tensor or an iterable of
-    batches: tensors, tuples or dicts of model inputs) layers are fitted activation-aware.
-    ``example_inputs`` (same forms) lets the report measure MACs and latency.
+    batches: tensors, tuples or dicts of model inputs) layers are fitted activation-aware from per-layer input
+    statistics (``max_calibration_rows`` caps the rows per layer; None: all of them). ``calibration_mode``
+    "sequential" fits the layers in call order, each on the inputs the already compressed layers before it
+    produce; "original" fits every layer on the original model's activations (see
+    :mod:`gmcompress.calibration`). ``example_inputs`` (same forms) lets the report measure MACs and latency.
 
     The model is traced with torch.fx and the GM modules take the place of the originals in the
     returned ``GraphModule``; a model that does not trace gets one warning and its modules are swapped
@@ -196,6 +201,8 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
     _rules(recipe, group=group, rank=rank, **overrides)  # bad settings fail before the model is copied
+    if calibration_mode not in MODES:
+        raise ValueError(f"calibration_mode must be one of {MODES}, got {calibration_mode!r}")
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         working = model if inplace else _copy(model)
@@ -209,7 +216,7 @@ def compress(
                 stacklevel=2,
             )
         root = working if inplace or the_plan.graph_module is None else the_plan.graph_module
-        apply_plan(the_plan, root, example_inputs, calibration, max_calibration_rows, progress)
+        apply_plan(the_plan, root, example_inputs, calibration, max_calibration_rows, progress, calibration_mode)
         root.train(was_training)
     return root
 
@@ -229,8 +236,9 @@ def apply_plan(
     root: nn.Module,
     example_inputs: object = None,
     calibration: Iterable[object] | torch.Tensor | None = None,
-    max_calibration_rows: int = 2048,
+    max_calibration_rows: int | None = None,
     progress: bool = True,
+    calibration_mode: str = "sequential",
 ) -> CompressionReport:
     """Fit every planned layer, swap it into ``root`` at all its names, and attach the report as ``root.gm_report``."""
     model = the_plan.model
@@ -241,19 +249,24 @@ def apply_plan(
         report.macs_before, macs_before = count_macs(model, example_inputs)
         report.latency_before_ms = measure_latency(model, example_inputs)
     todo = [p for p in the_plan.layers if p.form]
-    aware = [p for p in todo if p.settings.activation_aware]
-    captured = capture_inputs(model, aware, calibration, max_calibration_rows) if calibration is not None else {}
     measured = [p for p in todo if p.settings.impl == "auto"] if example_inputs is not None else []
     layer_inputs = capture_layer_inputs(model, measured, example_inputs) if measured else {}
     aliases = module_aliases(root)
     rows = {}
-    for p in tqdm(todo, desc="gmcompress: fitting", disable=not progress or not todo, unit="layer"):
-        new = p.build(captured.get(p.name))
+    bar = tqdm(total=len(todo), desc="gmcompress: fitting", disable=not progress or not todo, unit="layer")
+
+    def install(p: LayerPlan, stats: InputStats | None) -> nn.Module:
+        new = p.build(stats)
         _keep_frozen(p.module, new)
         timing = choose_path(new, p.module, layer_inputs[p.name]) if p.name in layer_inputs and new.impls() else None
         for alias in aliases.get(id(p.module), [p.name]):
             swap(root, alias, new)
         rows[p.name] = _fitted_row(p, new, timing)
+        bar.update()
+        return new
+
+    with bar:
+        calibrate(model, the_plan.graph_module, todo, calibration, install, calibration_mode, max_calibration_rows)
     report.layers = [rows.get(p.name, _report_row(p)) for p in the_plan.layers]
     report.params_after, report.bytes_after = _count_params(root), state_dict_bytes(root)
     if example_inputs is not None:

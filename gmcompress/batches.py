@@ -12,16 +12,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["run_model", "first_tensor", "to_device", "split_batch"]
+__all__ = ["run_model", "call_arguments", "first_tensor", "to_device", "split_batch"]
+
+
+def call_arguments(inputs: object) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a batch: a dict is keyword inputs, a tuple/list positional ones, else one input."""
+    if isinstance(inputs, dict):
+        return (), inputs
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def run_model(model: nn.Module, inputs: object) -> object:
     """Call ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    args, kwargs = call_arguments(inputs)
+    return model(*args, **kwargs)
 
 
 def first_tensor(out: object) -> torch.Tensor:

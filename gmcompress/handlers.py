@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .aware import InputStats
 from .checks import check_finite, check_rank
 from .groups import group as parse_group
 from .groups import square_group
@@ -25,7 +26,7 @@ from .settings import LayerSettings
 
 __all__ = ["LayerPlan", "LayerHandler", "register", "handler_for", "type_names", "HANDLERS"]
 
-Build = Callable[[torch.Tensor | None], GMLayer]
+Build = Callable[[InputStats | torch.Tensor | None], GMLayer]  # calibration statistics (or rows) -> fitted layer
 
 
 @dataclass
@@ -75,6 +76,12 @@ class LayerHandler:
     def calibration_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The rows the layer's weight multiplies, ``(samples, fan_in)``."""
         raise NotImplementedError
+
+    def rows_key(self, module: nn.Module) -> tuple:
+        """Equal for two layers of this kind whose :meth:`calibration_rows` agree on any input (q/k/v projections
+        of one tensor share their calibration statistics)."""
+        geometry = tuple(getattr(module, a, None) for a in ("kernel_size", "stride", "padding", "dilation"))
+        return (self.type_name, tuple(module.weight.shape[1:]), *geometry)
 
     def plan(self, name: str, module: nn.Module, settings: LayerSettings | None, decided: str) -> LayerPlan:
         """The plan for one layer: shared checks first, then :meth:`plan_kind`."""

@@ -42,6 +42,7 @@ __all__ = [
     "pattern_for",
     "project",
     "project_pattern",
+    "plain_fit",
 ]
 
 
@@ -133,7 +134,7 @@ class Pattern:
         if (self.counts == 1).all() and self.n_in == self.n_classes:  # a permutation: plain gather
             inv = np.empty_like(self.index)
             np.put_along_axis(inv, self.index, np.arange(self.n_in)[None, :], axis=1)
-            return np.swapaxes(m[..., np.arange(self.n_out)[:, None], inv], -1, -2)
+            return m[..., np.arange(self.n_out)[None, :], inv.T]  # [..., s, p] = m[..., p, inv[p, s]], contiguous
         order = np.broadcast_to(self._row_order, m.shape)
         sums = np.add.reduceat(np.take_along_axis(m, order, axis=-1), self._starts, axis=-1)
         return np.swapaxes(sums, -1, -2)
@@ -347,32 +348,7 @@ def project_pattern(
     scaled), since ``||W - M||^2 = ||W||^2 - sum m mean^2 + sum m (mean - M)^2`` class by class.
     """
     w = np.asarray(w, dtype=np.float64)
-    if w.ndim != 2:
-        raise ValueError(f"{what}: expected a 2-D weight, got shape {w.shape}")
-    check_finite(w, what)
-    c_out, c_in = channel_counts(w.shape, pattern, what)
-    n = pattern.n_out
-    sup = resolve_support(pattern, support)
-    rank = check_rank(rank, n, modulate, what)
-
-    root_m = np.sqrt(pattern.counts[sup])[:, None]
-    f = _class_sums(w, pattern, c_out, c_in)[:, :, sup, :] / root_m  # (o, c, s, p), scaled means
-    if not modulate:
-        kernels = (f.mean(axis=-1) / root_m[:, 0])[None]
-        modulations = np.ones((1, c_out, n))
-    else:
-        stacked = f.reshape(c_out, c_in * sup.size, n)
-        u, s, vt = np.linalg.svd(stacked, full_matrices=False)
-        k = min(rank, s.shape[-1])
-        u, s, vt = u[:, :, :k], s[:, :k], vt[:, :k, :]
-        sign = np.where(vt.sum(axis=-1) < 0, -1.0, 1.0)  # (o, k): make the modulations mostly positive
-        modulations = (vt * sign[..., None] * np.sqrt(n)).transpose(1, 0, 2)
-        kernels = (u * (s * sign / np.sqrt(n))[:, None, :]).transpose(2, 0, 1).reshape(k, c_out, c_in, sup.size)
-        kernels = kernels / root_m[:, 0]
-        if k < rank:  # fewer singular values than asked: pad with zero terms
-            kernels = np.concatenate([kernels, np.zeros((rank - k, c_out, c_in, sup.size))])
-            modulations = np.concatenate([modulations, np.ones((rank - k, c_out, n))])
-
+    kernels, modulations, sup = plain_fit(w, pattern, rank, modulate, support, what)
     output_error = None
     if inputs is not None:
         kernels, output_error = _fit_kernels_to_inputs(
@@ -381,6 +357,50 @@ def project_pattern(
     fit = GMFit(pattern, kernels, modulations, sup, 0.0, modulate, inputs is not None, output_error)
     fit.relative_error = _relative_error(w, fit.dense())
     return fit
+
+
+def plain_fit(
+    w: np.ndarray,
+    pattern: Pattern,
+    rank: int = 1,
+    modulate: bool = True,
+    support: Iterable[int] | None = None,
+    what: str = "weight",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kernels ``(r, c_out, c_in, |S|)``, modulations ``(r, c_out, n_out)`` and support of the Frobenius fit.
+
+    Per output channel the scaled class sums ``F`` (``(c_in |S|) x n_out``) are projected on their top-r
+    right singular subspace ``V`` (Eckart-Young): ``F V V^T``, so ``b = F V / sqrt(n)`` and ``a = V sqrt(n)``.
+    ``V`` comes from the eigenvectors of the small Gram matrix ``F^T F`` (``n_out x n_out``), which is
+    much faster than an SVD of the tall ``F``; ``F V V^T`` stays exact when r = n_out.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D weight, got shape {w.shape}")
+    check_finite(w, what)
+    c_out, c_in = channel_counts(w.shape, pattern, what)
+    n = pattern.n_out
+    sup = resolve_support(pattern, support)
+    rank = check_rank(rank, n, modulate, what)
+    root_m = np.sqrt(pattern.counts[sup])[:, None]
+    f = _class_sums(w, pattern, c_out, c_in)  # (o, c, class, p)
+    f = f if sup.size == pattern.n_classes else f[:, :, sup, :]
+    f = f if (pattern.counts == 1).all() else f / root_m  # scaled means
+    if not modulate:
+        return (f.mean(axis=-1) / root_m[:, 0])[None], np.ones((1, c_out, n)), sup
+    stacked = f.reshape(c_out, c_in * sup.size, n)
+    k = min(rank, c_in * sup.size, n)
+    _, vecs = np.linalg.eigh(np.matmul(stacked.transpose(0, 2, 1), stacked))  # ascending eigenvalues
+    v = vecs[:, :, ::-1][:, :, :k]  # (o, p, k): top-k right singular vectors
+    sign = np.where(v.sum(axis=1) < 0, -1.0, 1.0)[:, None, :]  # make the modulations mostly positive
+    v = v * sign
+    modulations = (v * np.sqrt(n)).transpose(2, 0, 1)
+    kernels = (np.matmul(stacked, v) / np.sqrt(n)).transpose(2, 0, 1).reshape(k, c_out, c_in, sup.size)
+    kernels = kernels / root_m[:, 0]  # (k, o, c, s): small
+    if k < rank:  # fewer singular values than asked: pad with zero terms
+        kernels = np.concatenate([kernels, np.zeros((rank - k, c_out, c_in, sup.size))])
+        modulations = np.concatenate([modulations, np.ones((rank - k, c_out, n))])
+    return kernels, modulations, sup
 
 
 def _relative_error(w: np.ndarray, approx: np.ndarray) -> float:

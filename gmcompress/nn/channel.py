@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
+from .. import aware
+from ..aware import InputStats
 from ..groups import FiniteGroup
 from ..groups import group as _as_group
-from ..structure import channel_counts, pattern_for, project_pattern
+from ..structure import channel_counts, pattern_for
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
 from .functional import block_plan, grouped_conv_forward, grouped_plan, grouped_weights, modulated_basis
 
@@ -128,18 +130,25 @@ class GMChannelConv(GMModule):
         )  # fmt: skip
         return layer._fit_dense(conv, inputs, damping, label)
 
-    def _fit_dense(self, conv: nn.Module, inputs: np.ndarray | torch.Tensor | None, damping: float, label: str):
+    def _fit_dense(
+        self, conv: nn.Module, inputs: np.ndarray | torch.Tensor | InputStats | None, damping: float, label: str
+    ) -> GMChannelConv:
+        """Fit the offset-folded weight matrix (input order (i, k, q)); calibration rows or statistics come in
+        ``F.unfold`` order (channel ``i * N + q``, offset k) and are reordered the same way."""
         n, k = self.pattern.n_out, math.prod(self.kernel_size)
-        w = conv.weight.detach().to(torch.float64).cpu().reshape(self.out_channels, self.in_channels, k)
+        w = conv.weight.detach().reshape(self.out_channels, self.in_channels, k)
         w = F.pad(w, (0, 0, 0, self.in_padded - self.in_channels, 0, self.out_padded - self.out_channels))
-        matrix = w.view(self.out_padded, -1, n, k).permute(0, 1, 3, 2).reshape(self.out_padded, -1).numpy()
-        x = None
+        matrix = w.view(self.out_padded, -1, n, k).permute(0, 1, 3, 2).reshape(self.out_padded, -1)
+        stats = None
         if inputs is not None:
-            rows = torch.as_tensor(inputs).detach().to(torch.float64).cpu().reshape(-1, self.in_channels, k)
-            rows = F.pad(rows, (0, 0, 0, self.in_padded - self.in_channels))
-            x = rows.view(len(rows), -1, n, k).permute(0, 1, 3, 2).reshape(len(rows), -1).numpy()
+            stats = InputStats.of(inputs, self.in_channels * k, w.device).padded(self.in_padded * k)
+            order = torch.arange(self.in_padded * k, device=w.device).view(-1, n, k).transpose(1, 2).reshape(-1)
+            stats = InputStats(stats.gram[order][:, order], stats.rows)
         classes = None if self._support is None else self._support.cpu().numpy()
-        fit = project_pattern(matrix, self.pattern, self.rank, self.modulate, classes, x, damping=damping, what=label)
+        fit = aware.project_pattern(
+            matrix, self.pattern, self.rank, self.modulate, classes, stats, damping=damping,
+            group=self.group, what=label,
+        )  # fmt: skip
         self.load_fit(fit)
         self._copy_dense_bias(conv.bias, self.out_padded)
         return self

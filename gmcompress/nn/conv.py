@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .. import aware
+from ..aware import InputStats
 from ..checks import check_finite
 from ..groups import FiniteGroup, square_element, square_group
-from ..structure import conv_pattern, project_pattern
+from ..structure import conv_pattern
 from .base import BiasMode, GMModule, expand_bias, make_bias
 
 
@@ -82,7 +84,7 @@ class GMConv2d(GMModule):
         rank: int = 1,
         modulate: bool = True,
         lifting: bool | None = None,
-        inputs: np.ndarray | torch.Tensor | None = None,
+        inputs: np.ndarray | torch.Tensor | InputStats | None = None,
         *,
         damping: float = 0.1,
         bias: BiasMode | None = None,
@@ -103,7 +105,6 @@ class GMConv2d(GMModule):
         if lifting is None:
             lifting = conv.in_channels % h.order != 0
         check_finite(conv.weight, label)
-        w = conv.weight.detach().to(torch.float64).cpu().numpy()
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -119,10 +120,9 @@ class GMConv2d(GMModule):
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
-        x = None if inputs is None else torch.as_tensor(inputs).detach().to(torch.float64).cpu().numpy()
-        fit = project_pattern(
-            w.reshape(conv.out_channels, -1), layer.pattern, rank, modulate, None, x, damping=damping, what=label
-        )
+        w = conv.weight.detach().reshape(conv.out_channels, -1)
+        stats = None if inputs is None else InputStats.of(inputs, w.shape[1], w.device)
+        fit = aware.project_pattern(w, layer.pattern, rank, modulate, None, stats, damping=damping, what=label)
         layer.load_fit(fit)
         layer._copy_dense_bias(conv.bias, conv.out_channels)
         return layer

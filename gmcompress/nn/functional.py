@@ -50,27 +50,30 @@ class BlockPlan:
 
     Blocks of equal size d form a *class*; ``classes`` lists ``(d, nb, offset)`` and ``rho[c]`` has shape
     ``(N, d, d, nb)`` with ``rho[c][s, y, x, b] = (Q_b^T B_s Q_b)[x, y]``: what group diagonal ``B_s`` is on
-    block b of class c.
+    block b of class c. ``q`` is the basis with the columns of a class ordered (coordinate-in-block, block),
+    starting at the class's ``offset``.
     """
 
     classes: tuple[tuple[int, int, int], ...]
     rho: tuple[np.ndarray, ...]
+    q: np.ndarray
 
 
 @functools.lru_cache(maxsize=64)
 def block_plan(g: FiniteGroup) -> BlockPlan:
     basis = regular_basis(g)
-    classes, rho = [], []
+    classes, rho, cols = [], [], []
     offset = 0
     for d in sorted(set(basis.blocks)):
         members = [s for s, size in zip(basis.offsets, basis.blocks) if size == d]
         nb = len(members)
-        qc = basis.q[:, [start + y for y in range(d) for start in members]].reshape(g.order, d, nb)
+        cols += [start + y for y in range(d) for start in members]
+        qc = basis.q[:, cols[offset:]].reshape(g.order, d, nb)
         shifted = qc[g.table]  # [i, s, y, b] = qc[table[i, s], y, b]
         rho.append(np.einsum("ixb,isyb->syxb", qc, shifted))  # sum_i qc[i, x, b] qc[table[i, s], y, b]
         classes.append((d, nb, offset))
         offset += d * nb
-    return BlockPlan(tuple(classes), tuple(rho))
+    return BlockPlan(tuple(classes), tuple(rho), np.ascontiguousarray(basis.q[:, cols]))
 
 
 @dataclass(frozen=True)

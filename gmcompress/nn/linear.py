@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import aware
+from ..aware import InputStats
 from ..groups import FiniteGroup, left_cosets
 from ..groups import group as _as_group
-from ..structure import channel_counts, pattern_for, project_pattern
+from ..structure import channel_counts, pattern_for
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
 from .functional import (
     block_plan,
@@ -106,7 +108,7 @@ class GMLinear(GMModule):
         rank: int = 1,
         modulate: bool = True,
         support: Iterable[int] | None = None,
-        inputs: np.ndarray | torch.Tensor | None = None,
+        inputs: np.ndarray | torch.Tensor | InputStats | None = None,
         *,
         impl: str = "auto",
         pad: bool = False,
@@ -146,7 +148,7 @@ class GMLinear(GMModule):
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        inputs: np.ndarray | torch.Tensor | None,
+        inputs: np.ndarray | torch.Tensor | InputStats | None,
         damping: float,
         label: str,
     ) -> GMLinear:
@@ -155,14 +157,13 @@ class GMLinear(GMModule):
         A per-feature bias is copied exactly; a shared one (one per output channel) is the mean of the
         dense bias over each channel's group axis, the least-squares equivariant bias.
         """
-        w = weight.detach().to(torch.float64).cpu().numpy()
-        w = np.pad(w, ((0, self.out_padded - w.shape[0]), (0, self.in_padded - w.shape[1])))
-        x = None
-        if inputs is not None:
-            x = torch.as_tensor(inputs).detach().to(torch.float64).cpu().reshape(-1, self.in_features).numpy()
-            x = np.pad(x, ((0, 0), (0, self.in_padded - x.shape[1])))
+        w = F.pad(weight.detach(), (0, self.in_padded - self.in_features, 0, self.out_padded - self.out_features))
+        stats = None if inputs is None else InputStats.of(inputs, self.in_features, w.device).padded(self.in_padded)
         classes = None if self._support is None else self._support.cpu().numpy()
-        fit = project_pattern(w, self.pattern, self.rank, self.modulate, classes, x, damping=damping, what=label)
+        fit = aware.project_pattern(
+            w, self.pattern, self.rank, self.modulate, classes, stats, damping=damping,
+            group=self.group if self.regular else None, what=label,
+        )  # fmt: skip
         self.load_fit(fit)
         self._copy_dense_bias(bias, self.out_padded)
         return self

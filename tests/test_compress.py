@@ -235,7 +235,7 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    for name in ["mnistnet", "mnistnet-equivariant", "minilm"]:
+    for name in ["mnistnet", "mnistnet-rank2", "mnistnet-equivariant", "minilm"]:
         recipe = load_recipe(f"recipes/{name}.yaml")
         assert recipe.finetune is not None
 

@@ -311,8 +311,9 @@ def test_mnistnet_end_to_end_with_shipped_recipe(tmp_path):
     rep = out.gm_report
     assert rep.params_before == 421_642 == sum(p.numel() for p in net.parameters())
     assert rep.params_after == sum(p.numel() for p in out.parameters())
-    assert [r.status for r in rep.layers] == ["skipped", "skipped", "compressed", "skipped"]
-    assert rep.params_before / rep.params_after > 8
+    assert [r.status for r in rep.layers] == ["skipped", "compressed", "compressed", "skipped"]
+    assert [r.form for r in rep.layers[1:3]] == ["GMChannelConv", "GMLinear"]
+    assert rep.params_before / rep.params_after > 8 and rep.macs_before / rep.macs_after > 2
     gm.save(out, tmp_path / "mnist.pt")
     torch.save(x, tmp_path / "x.pt")
     fresh = _fresh_process_outputs(tmp_path, "mnistnet", tmp_path / "mnist.pt", tmp_path / "x.pt")

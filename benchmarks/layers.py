@@ -1,12 +1,15 @@
-"""Forward latency of GMLinear against a dense nn.Linear, measured in the same run.
+"""Forward latency of GMLinear and GMChannelConv against the dense layers, measured in the same run.
 
     python benchmarks/layers.py [--quick] [--device cuda]
 
-CPU (default, fp32): n in {1024, 4096} (square layers), groups C16, C64, D8, rank 1 and 2, batch 1
-and 64; eval mode under ``torch.inference_mode`` (the layer caches its block weights, as in
-deployment). ``--device cuda`` runs the GPU setting instead: n = 8192, C16, batch 16384, bf16 and fp32
-(TF32 off), against ``x @ W.T``. Prints a markdown table of ratios (dense time / GM time) and
-parameter ratios; ``--out`` also writes it to a file.
+CPU (default, fp32, all the process's threads): GMLinear for n in {1024, 4096} (square layers), groups
+C16, C64, D8, rank 1 and 2, batch 1 and 64, and the batch-1 read time of its parameters (the memory
+limit); GMChannelConv for a 3x3 Conv2d 256 -> 256 on (8, 256, 28, 28) (C8, C16), a 1x1 Conv2d
+384 -> 1536 on (8, 384, 14, 14) (C8) and MNISTNet's 32 -> 64 3x3 conv at batch 64 (C8), each path,
+with the MAC-limited speed-up (dense MACs / GM MACs) beside the measured one. Eval mode under
+``torch.inference_mode`` (the layers cache their weights, as in deployment). ``--device cuda`` runs the
+GPU setting instead: n = 8192, C16, batch 16384, bf16 and fp32 (TF32 off), against ``x @ W.T``.
+Prints markdown tables; ``--out`` also writes them to a file.
 """
 
 from __future__ import annotations
@@ -24,7 +27,86 @@ from gmcompress.nn import GMLinear
 
 
 def timed(stmt: str, min_run_time: float, **env) -> float:
-    return benchmark.Timer(stmt, globals=env).blocked_autorange(min_run_time=min_run_time).median
+    timer = benchmark.Timer(stmt, globals=env, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+CONV_CASES = [  # (label, conv, input shape, group)
+    ("3x3 Conv2d 256 -> 256", lambda: torch.nn.Conv2d(256, 256, 3, padding=1), (8, 256, 28, 28), "C8"),
+    ("3x3 Conv2d 256 -> 256", lambda: torch.nn.Conv2d(256, 256, 3, padding=1), (8, 256, 28, 28), "C16"),
+    ("1x1 Conv2d 384 -> 1536", lambda: torch.nn.Conv2d(384, 1536, 1), (8, 384, 14, 14), "C8"),
+    ("MNISTNet 3x3 Conv2d 32 -> 64", lambda: torch.nn.Conv2d(32, 64, 3, padding=1), (64, 32, 14, 14), "C8"),
+]
+
+
+def conv_lines(quick: bool, min_run_time: float, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+    """GMChannelConv (rank 1) against nn.Conv2d: each path, and the MAC-limited speed-up."""
+    from gmcompress.nn import GMChannelConv
+
+    sync = "; torch.cuda.synchronize()" if device == "cuda" else ""
+    lines = [
+        "| layer | input | group | dtype | dense us | GM dense-path us | GM grouped us | speed-up | MAC limit "
+        "| param ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, build, shape, spec in CONV_CASES[:1] if quick else CONV_CASES:
+        torch.manual_seed(0)
+        conv, x = build().eval(), torch.randn(shape)
+        layer = GMChannelConv.from_dense(conv, spec).eval().to(device, dtype)
+        conv, x = conv.to(device, dtype), x.to(device, dtype)
+        with torch.inference_mode():
+            t_dense = timed("f(x)" + sync, min_run_time, f=conv, x=x, torch=torch)
+            times = {}
+            for impl in layer.impls():
+                layer.impl = impl
+                layer(x)
+                times[impl] = timed("f(x)" + sync, min_run_time, f=layer, x=x, torch=torch)
+            out = conv(x)
+        layer.impl = "grouped"  # the MAC limit of the fast path
+        limit = conv.weight.numel() / (layer.macs(x, out) / (out.numel() // out.shape[1]))
+        params = conv.weight.numel() / layer.num_structured_parameters
+        lines.append(
+            f"| {label} | {tuple(shape)} | {spec} | {str(dtype).removeprefix('torch.')} | {t_dense * 1e6:.0f} | "
+            f"{times['dense'] * 1e6:.0f} | "
+            f"{times['grouped'] * 1e6:.0f} | {t_dense / min(times.values()):.2f}x | {limit:.1f}x | {params:.1f}x |"
+        )
+    return lines
+
+
+def compiled_batch1_line(min_run_time: float) -> str:
+    """CUDA, batch 1: GMLinear 8192 (C16) eager, and under torch.compile(mode="reduce-overhead") (CUDA graphs)."""
+    layer = GMLinear(8192, 8192, "C16", device="cuda", dtype=torch.bfloat16).eval()
+    dense = torch.nn.Linear(8192, 8192, device="cuda", dtype=torch.bfloat16).eval()
+    x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
+    sync = "f(x); torch.cuda.synchronize()"
+    with torch.inference_mode():
+        layer(x)
+        t_eager = timed(sync, min_run_time, f=layer, x=x, torch=torch)
+        t_dense = timed(sync, min_run_time, f=dense, x=x, torch=torch)
+        compiled = torch.compile(layer, mode="reduce-overhead")
+        for _ in range(3):
+            compiled(x)
+        t_graph = timed(sync, min_run_time, f=compiled, x=x, torch=torch)
+    return (
+        f"Batch 1, bf16, GMLinear 8192 C16: dense {t_dense * 1e6:.0f} us, GM eager {t_eager * 1e6:.0f} us, "
+        f"GM torch.compile(reduce-overhead, CUDA graphs) {t_graph * 1e6:.0f} us."
+    )
+
+
+def read_time_line(min_run_time: float) -> str:
+    """GMLinear n = 4096, C16, rank 1 at batch 1 against the time to read its parameters once."""
+    layer = GMLinear(4096, 4096, "C16").eval()
+    x = torch.randn(1, 4096)
+    with torch.inference_mode():
+        layer(x)
+        t_gm = timed("f(x)", min_run_time, f=layer, x=x)
+        params = torch.cat([p.reshape(-1) for p in layer.parameters()])
+        t_read = timed("p.sum()", min_run_time, p=params)
+    return (
+        f"GMLinear 4096 -> 4096, C16 rank 1, batch 1: {t_gm * 1e6:.0f} us; reading its {params.numel():,} "
+        f"parameters once ({params.numel() * 4 / 2**20:.1f} MiB, `sum`): {t_read * 1e6:.0f} us; ratio "
+        f"{t_gm / t_read:.1f}x (target: within 2x)."
+    )
 
 
 def _row(
@@ -113,6 +195,14 @@ def main() -> None:
             f"{r['impl']} | {r['dense_us']:.0f} | {r['gm_us']:.0f} | {r['dense_us'] / r['gm_us']:.1f}x | "
             f"{r['params']:.1f}x |"
         )
+    if args.device == "cpu":
+        lines += ["", read_time_line(min_run_time), "", "### Convolutions (GMChannelConv, rank 1)", ""]
+        lines += conv_lines(args.quick, min_run_time)
+    else:
+        lines += ["", "### Convolutions (GMChannelConv, rank 1)", ""]
+        for dtype in (torch.bfloat16, torch.float32):
+            lines += conv_lines(args.quick, min_run_time, "cuda", dtype)[0 if dtype == torch.bfloat16 else 2 :]
+        lines += ["", compiled_batch1_line(min_run_time)]
     text = "\n".join(lines)
     print(text)
     if args.out:

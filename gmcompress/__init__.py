@@ -8,11 +8,11 @@ The workflow lives here; the layers are in :mod:`gmcompress.nn`, the group-matri
 from . import groups, nn, structure
 from ._version import __version__
 from .api import CompressionPlan, compress, plan
-from .finetune import FinetuneResult, finetune
 from .groups import group
 from .io import load, save
 from .recipe import Recipe
 from .report import CompressionReport
+from .training import FinetuneResult, NonFiniteError, finetune
 
 __all__ = [
     "__version__",
@@ -26,6 +26,7 @@ __all__ = [
     "CompressionPlan",
     "CompressionReport",
     "FinetuneResult",
+    "NonFiniteError",
     "groups",
     "nn",
     "structure",

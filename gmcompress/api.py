@@ -22,6 +22,7 @@ from .calibration import MODES, calibrate
 from .fx import find_layers, module_aliases, swap
 from .groups import group as parse_group
 from .handlers import LayerPlan, handler_for
+from .paths import PathTiming, capture_layer_inputs, choose_path
 from .recipe import Recipe, load_recipe, name_matches
 from .report import (
     CompressionReport,
@@ -252,6 +253,8 @@ def apply_plan(
         report.macs_before, macs_before = count_macs(model, example_inputs)
         report.latency_before_ms = measure_latency(model, example_inputs)
     todo = [p for p in the_plan.layers if p.form]
+    measured = [p for p in todo if p.settings.impl == "auto"] if example_inputs is not None else []
+    layer_inputs = capture_layer_inputs(model, measured, example_inputs) if measured else {}
     aliases = module_aliases(root)
     rows = {}
     bar = tqdm(total=len(todo), desc="gmcompress: fitting", disable=not progress or not todo, unit="layer")
@@ -259,9 +262,10 @@ def apply_plan(
     def install(p: LayerPlan, stats: InputStats | None) -> nn.Module:
         new = p.build(stats)
         _keep_frozen(p.module, new)
+        timing = choose_path(new, p.module, layer_inputs[p.name]) if p.name in layer_inputs and new.impls() else None
         for alias in aliases.get(id(p.module), [p.name]):
             swap(root, alias, new)
-        rows[p.name] = _fitted_row(p, new)
+        rows[p.name] = _fitted_row(p, new, timing)
         bar.update()
         return new
 
@@ -285,9 +289,12 @@ def _keep_frozen(dense: nn.Module, new: nn.Module) -> None:
         q.requires_grad_(source.requires_grad)
 
 
-def _fitted_row(p: LayerPlan, new: nn.Module) -> LayerReport:
+def _fitted_row(p: LayerPlan, new: nn.Module, timing: PathTiming | None) -> LayerReport:
     row = _report_row(p)
     row.status = "compressed"
+    row.path = new.resolved_impl() if hasattr(new, "resolved_impl") else "dense"
+    if timing is not None:
+        row.path_times_ms = {"original": timing.original * 1e3, **{k: v * 1e3 for k, v in timing.paths.items()}}
     row.params_after = _count_params(new)
     row.fit_error, row.output_error = new.fit_error, new.output_error
     row.equivariance_error = equivariance_error(new)

@@ -140,8 +140,8 @@ def _add_metrics(
 
 
 def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.Module) -> int:
-    from .finetune import finetune
     from .recipe import load_recipe
+    from .training import finetune
 
     settings = dict(load_recipe(args.recipe).finetune or {}) if args.recipe else {}
     if args.epochs is not None:
@@ -157,11 +157,13 @@ def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.M
         data = factory.train_data()
     else:
         raise ValueError("no training data: give --data package.module:function")
-    _, calibration, evaluate = _hooks(args, factory)
+    example, calibration, evaluate = _hooks(args, factory)
     if args.checkpoint:
         student = load(args.checkpoint, _build(factory, args.model))
+        report = _totals(original, student, example)
     else:
-        student = _compress(args, original, calibration=calibration, progress=not args.quiet)
+        student = _compress(args, original, example_inputs=example, calibration=calibration, progress=not args.quiet)
+        report = student.gm_report
     # a factory may name a richer distillation target than the model's output (MiniLM: token states)
     view = factory.distill_view
     trained, teacher = (view(student), view(original)) if view is not None else (student, original)
@@ -171,6 +173,8 @@ def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.M
     after = eval_fn(student) if eval_fn else {}
     reference = evaluate(original, original) if evaluate is not None else {}
     rows = [[k, f"{reference[k]:.4f}", f"{before[k]:.4f}", f"{after[k]:.4f}"] for k in after]
+    print(report if report.layers else format_table(report.TOTAL_HEADER, report.total_rows()))
+    print()
     print(format_table(["metric", "original", "compressed", "fine-tuned"], rows))
     print(f"{result.steps} steps in {result.seconds / 60:.1f} min")
     if args.out:
@@ -201,8 +205,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.plot:
             report.plot(args.plot)
         return 0
-    # report on a checkpoint
     model = load(args.checkpoint, _build(factory, args.model))
+    report = _totals(original, model, example)
+    _add_metrics(report, evaluate, original, model)
+    print(format_table(report.TOTAL_HEADER, report.total_rows()))
+    return 0
+
+
+def _totals(original: torch.nn.Module, model: torch.nn.Module, example: Any) -> CompressionReport:
+    """Model totals (parameters, bytes, MACs and latency on ``example``) of a loaded compressed model."""
     report = CompressionReport(
         params_before=sum(p.numel() for p in original.parameters()),
         params_after=sum(p.numel() for p in model.parameters()),
@@ -214,9 +225,7 @@ def _run(args: argparse.Namespace) -> int:
         report.macs_after = count_macs(model, example)[0]
         report.latency_before_ms = measure_latency(original, example)
         report.latency_after_ms = measure_latency(model, example)
-    _add_metrics(report, evaluate, original, model)
-    print(format_table(report.TOTAL_HEADER, report.total_rows()))
-    return 0
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

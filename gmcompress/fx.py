@@ -2,7 +2,10 @@
 
 ``find_layers`` traces the model with ``torch.fx`` (every module that has a handler in
 :mod:`gmcompress.handlers` is kept as a leaf, subclasses included) and lists the ``call_module`` nodes
-of those layers in execution order. When the model does not trace (data-dependent control flow,
+of those layers in execution order. Functional calls ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` on a
+module's own parameters become layers too: each is lifted into an ``nn.Linear`` / ``nn.Conv*d`` holding
+the same parameters (named ``<weight path with _>_<op>``, e.g. ``proj_w_linear``), when the weight is
+used by that call only. When the model does not trace (data-dependent control flow,
 Hugging Face models under transformers 5, TorchScript modules, ...) it says why and falls back to the
 module tree: every such module, by fully qualified name. ``swap`` replaces modules by name on a root
 module (a GraphModule shares its submodules with the traced model, so the graph's ``call_module`` nodes
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import fx, jit, nn
 
 from .handlers import handler_for
@@ -46,6 +50,7 @@ def find_layers(model: nn.Module) -> TraceResult:
     try:
         graph = _LayerTracer().trace(model)
         gm = fx.GraphModule(model, graph, type(model).__name__)
+        _lift_functional_layers(gm)
     except Exception as err:  # torch.fx raises many types for untraceable code
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         layers = [(name, m) for name, m in model.named_modules() if handler_for(m) is not None]
@@ -59,6 +64,59 @@ def find_layers(model: nn.Module) -> TraceResult:
                 seen.add(node.target)
                 layers.append((str(node.target), module))
     return TraceResult(layers, gm, None)
+
+
+_FUNCTIONAL = {torch._C._nn.linear: "linear", torch.conv1d: "conv1d", torch.conv2d: "conv2d"}
+_CONV_ARGS = ("stride", "padding", "dilation", "groups")
+
+
+def _lift_functional_layers(gm: fx.GraphModule) -> None:
+    """Replace ``F.linear``/``F.conv1d``/``F.conv2d`` on parameters used nowhere else by equivalent modules."""
+    for node in list(gm.graph.nodes):
+        op = _FUNCTIONAL.get(node.target) if node.op == "call_function" else None
+        args = dict(zip(("input", "weight", "bias", *_CONV_ARGS), node.args), **node.kwargs) if op else {}
+        weight, bias = args.get("weight"), args.get("bias")
+        if not op or not _own_parameter(gm, weight) or (bias is not None and not _own_parameter(gm, bias)):
+            continue
+        w = gm.get_parameter(weight.target)
+        if op == "linear":
+            module = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+        else:
+            conv = nn.Conv1d if op == "conv1d" else nn.Conv2d
+            groups = int(args.get("groups", 1))
+            extra = {k: args[k] for k in _CONV_ARGS[:3] if k in args}
+            module = conv(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), groups=groups, bias=bias is not None,
+                          device="meta", **extra)  # fmt: skip
+        module.weight = w
+        if bias is not None:
+            module.bias = gm.get_parameter(bias.target)
+        name = f"{weight.target.replace('.', '_')}_{op}"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (args["input"],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for attr in [weight] + ([bias] if bias is not None else []):
+            _delete_parameter(gm, attr)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _own_parameter(gm: fx.GraphModule, node: object) -> bool:
+    """A ``get_attr`` of a parameter with exactly one user (the call being lifted)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or len(node.users) != 1:
+        return False
+    try:
+        gm.get_parameter(node.target)
+    except AttributeError:
+        return False
+    return sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target) == 1
+
+
+def _delete_parameter(gm: fx.GraphModule, node: fx.Node) -> None:
+    owner, _, attr = node.target.rpartition(".")
+    delattr(gm.get_submodule(owner), attr)
+    gm.graph.erase_node(node)
 
 
 def swap(root: nn.Module, name: str, new: nn.Module) -> None:

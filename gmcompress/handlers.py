@@ -21,7 +21,7 @@ from .aware import InputStats
 from .checks import check_finite, check_rank
 from .groups import group as parse_group
 from .groups import square_group
-from .nn import GMConv2d, GMLayer, GMLinear, GMPointwiseConv
+from .nn import GMChannelConv, GMConv2d, GMLayer, GMLinear
 from .settings import LayerSettings
 
 __all__ = ["LayerPlan", "LayerHandler", "register", "handler_for", "type_names", "HANDLERS"]
@@ -139,11 +139,12 @@ def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings,
         plan.padded = True
     plan.form, plan.group = layer_type.__name__, s.group
     bias_mode = ("shared" if s.bias == "shared" else True) if plan.module.bias is not None else False
-    shell = GMLinear(n_in, n_out, g, s.rank, s.modulate, s.support, bias=bias_mode, pad=plan.padded, device="meta")
-    plan.params_after = sum(p.numel() for p in shell.parameters())
+    plan.params_after = sum(
+        p.numel() for p in _shell(plan.module, layer_type, g, s, bias_mode, plan.padded).parameters()
+    )
     kwargs = dict(
         support=s.support,
-        impl=s.impl,
+        impl=s.impl if layer_type is GMLinear or s.impl in ("auto", "dense") else "grouped",
         pad=plan.padded,
         damping=s.damping,
         bias="shared" if s.bias == "shared" else None,
@@ -152,6 +153,17 @@ def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings,
     module = plan.module
     plan.build = lambda x: layer_type.from_dense(module, g, s.rank, s.modulate, inputs=x, **kwargs)
     return plan
+
+
+def _shell(module: nn.Module, layer_type: type, g, s: LayerSettings, bias_mode, padded: bool) -> GMLayer:
+    """The GM layer a plan builds, on the meta device (its parameter count, without fitting)."""
+    if layer_type is GMLinear:
+        sizes = (module.in_features, module.out_features)
+        return GMLinear(*sizes, g, s.rank, s.modulate, s.support, bias=bias_mode, pad=padded, device="meta")
+    return GMChannelConv(
+        module.in_channels, module.out_channels, tuple(module.kernel_size), g, s.rank, s.modulate,
+        bias=bias_mode, support=s.support, pad=padded, device="meta",
+    )  # fmt: skip
 
 
 class LinearHandler(LayerHandler):
@@ -172,8 +184,10 @@ class LinearHandler(LayerHandler):
 
 
 class ConvHandler(LayerHandler):
-    """``nn.Conv1d`` / ``nn.Conv2d``: 1x1 -> :class:`GMPointwiseConv` (``group``); k x k Conv2d ->
-    :class:`GMConv2d` (``conv_group``, spatial weight tying); grouped and depthwise convs stay dense."""
+    """``nn.Conv1d`` / ``nn.Conv2d`` (any kernel, stride, dilation, padding and padding mode) ->
+    :class:`GMChannelConv` over the channel fibres (``group``); with ``conv_group`` set, a k x k Conv2d becomes
+    :class:`GMConv2d` instead (spatial weight tying, the rotation-equivariant form). Grouped and depthwise
+    convolutions stay dense."""
 
     def __init__(self, conv_type: type[nn.Module]) -> None:
         self.module_types = (conv_type,)
@@ -183,9 +197,29 @@ class ConvHandler(LayerHandler):
         return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
     def calibration_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if all(k == 1 for k in module.kernel_size):
-            return x.movedim(1, -1).reshape(-1, module.in_channels)
-        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        """Patches ``(samples, in_channels * K)`` in ``F.unfold`` order (channel, offset)."""
+        if x.dim() == len(module.kernel_size) + 1:
+            x = x.unsqueeze(0)  # unbatched input
+        if all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride):
+            return x.movedim(1, -1).reshape(-1, module.in_channels)  # padding adds rows of zeros only
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0 if module.padding_mode != "zeros" or module.padding == "valid" else module.padding
+        if padding == "same":
+            padding = 0
+            totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            x = F.pad(x, [v for t in reversed(totals) for v in (t // 2, t - t // 2)])
+        if x.dim() == 3:  # Conv1d: a height-1 image
+            x, kernel, dilation, stride = (
+                x.unsqueeze(2),
+                (1, *module.kernel_size),
+                (1, *module.dilation),
+                (1, *module.stride),
+            )
+            padding = padding if isinstance(padding, int) else (0, *padding)
+        else:
+            kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        patches = F.unfold(x, kernel, dilation, padding, stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
     def plan_kind(self, plan: LayerPlan, s: LayerSettings) -> LayerPlan:
@@ -193,13 +227,9 @@ class ConvHandler(LayerHandler):
         if m.groups != 1:
             kind = "depthwise" if m.groups == m.in_channels else f"grouped (groups={m.groups})"
             return plan.skip(f"{kind} convolution: only groups=1 convolutions are compressed")
-        if all(k == 1 for k in m.kernel_size):
-            return _plan_group_matrix(plan, m.in_channels, m.out_channels, s, GMPointwiseConv)
-        if not isinstance(m, nn.Conv2d):
-            return plan.skip(
-                f"{self.type_name} with kernel {tuple(m.kernel_size)}: only 1x1 {self.type_name} is compressed"
-            )
-        return _plan_tied_conv(plan, s)
+        if s.conv_group is not None and isinstance(m, nn.Conv2d) and any(k != 1 for k in m.kernel_size):
+            return _plan_tied_conv(plan, s)
+        return _plan_group_matrix(plan, m.in_channels, m.out_channels, s, GMChannelConv)
 
 
 def _plan_tied_conv(plan: LayerPlan, s: LayerSettings) -> LayerPlan:

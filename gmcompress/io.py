@@ -24,7 +24,7 @@ from .nn import GM_LAYERS, GMLayer
 __all__ = ["save", "load", "manifest", "atomic_torch_save", "read_checkpoint", "FORMAT"]
 
 FORMAT = "gmcompress/2"
-_OLD_FORMATS = ("gmcompress/1",)  # 1: GMPointwiseConv wrapped a GMLinear at ".linear"
+_OLD_FORMATS = ("gmcompress/1",)  # 1: 1x1 convs were GMPointwiseConv, a GMLinear wrapped at ".linear"
 
 
 def manifest(model: nn.Module) -> dict:
@@ -161,19 +161,27 @@ def _manifest_of(data: dict, path: str | os.PathLike) -> dict:
 
 
 def _upgrade_v1(data: dict) -> dict:
-    """Format 1 stored a pointwise conv as ``GMPointwiseConv(linear=GMLinear)``: flatten it in place."""
+    """Format 1 stored a 1x1 conv as ``GMPointwiseConv(linear=GMLinear)``: now a :class:`GMChannelConv`.
+
+    The parameters are the same tensors (a 1x1 kernel adds no offset); their keys lose ``.linear``. Whether
+    the conv was 1-D or 2-D was not recorded: ``load`` takes it from the model (``"dims": None``).
+    """
     meta = data["manifest"]
     for name, entry in meta["layers"].items():
-        if entry["kind"] == "GMPointwiseConv":
-            config = dict(entry["config"]["linear"])
-            for key in ("in_subgroup", "out_subgroup"):
-                config.pop(key, None)
-            config["in_channels"], config["out_channels"] = config.pop("in_features"), config.pop("out_features")
-            entry["config"] = config
-            for alias in entry.get("aliases", [name]):
-                prefix = f"{alias}.linear." if alias else "linear."
-                for key in [k for k in data["state_dict"] if k.startswith(prefix)]:
-                    data["state_dict"][key.replace(prefix, prefix[: -len("linear.")], 1)] = data["state_dict"].pop(key)
+        if entry["kind"] != "GMPointwiseConv":
+            continue
+        old = entry["config"]["linear"]
+        impl = old["impl"] if old["impl"] in ("auto", "dense") else "grouped"
+        entry["kind"] = "GMChannelConv"
+        entry["config"] = {
+            "in_channels": old["in_features"], "out_channels": old["out_features"], "kernel_size": None,
+            "group": old["group"], "rank": old["rank"], "modulate": old["modulate"], "bias": old["bias"],
+            "impl": impl, "support": old["support"], "pad": old["pad"], "dims": None,
+        }  # fmt: skip
+        for alias in entry.get("aliases", [name]):
+            prefix = f"{alias}.linear." if alias else "linear."
+            for key in [k for k in data["state_dict"] if k.startswith(prefix)]:
+                data["state_dict"][key.replace(prefix, prefix[: -len("linear.")], 1)] = data["state_dict"].pop(key)
     return meta
 
 
@@ -205,7 +213,13 @@ def _rebuild_layer(root: nn.Module, name: str, entry: dict, path: str | os.PathL
     weight = getattr(old, "weight", None)
     if isinstance(weight, torch.Tensor):
         factory = {"device": weight.device, "dtype": weight.dtype}
-    new = kind.from_config(entry["config"], **factory)
+    config = entry["config"]
+    if config.get("dims", 0) is None:  # a format-1 1x1 conv: the model says Conv1d or Conv2d
+        dims = len(old.kernel_size)
+        config = dict(config, dims=dims, kernel_size=[1] * dims, stride=list(old.stride), dilation=[1] * dims)
+        config.update(padding=old.padding if isinstance(old.padding, str) else list(old.padding))
+        config.update(padding_mode=old.padding_mode)
+    new = kind.from_config(config, **factory)
     for attr in ("in_features", "out_features", "in_channels", "out_channels"):
         if hasattr(old, attr) and hasattr(new, attr) and getattr(old, attr) != getattr(new, attr):
             raise ValueError(

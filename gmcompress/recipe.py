@@ -52,6 +52,9 @@ FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
     "weight_decay": (float, int),
     "clip": (float, int, type(None)),
     "checkpoint_dir": (str, type(None)),
+    "checkpoint_every": (int,),
+    "resume": (str,),
+    "nonfinite": (str,),
     "device": (str, type(None)),
     "amp": (bool, str, type(None)),
     "seed": (int,),
@@ -69,6 +72,9 @@ FINETUNE_RANGES: dict[str, tuple[str, Any]] = {
     "warmup": ("in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (">= 0", lambda v: v >= 0),
     "clip": ("> 0 or null", lambda v: v is None or v > 0),
+    "checkpoint_every": (">= 1", lambda v: v >= 1),
+    "resume": ("one of auto, never, must", lambda v: v in ("auto", "never", "must")),
+    "nonfinite": ("one of raise, skip", lambda v: v in ("raise", "skip")),
     "amp": ("null, false, true, bf16 or fp16", lambda v: v in (None, False, True, "bf16", "fp16")),
 }
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-import statistics
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 
 from .batches import run_model
 from .handlers import handler_for
@@ -51,6 +51,14 @@ class LayerReport:
     equivariance_error: float | None = None
     padded: bool = False
     reason: str = ""
+    path: str = ""  # the forward path the GM layer takes ("dense", "blocks", "fft", "grouped")
+    path_times_ms: dict[str, float] | None = None  # measured on the layer's example input: "original" and each path
+
+    @property
+    def layer_speedup(self) -> float | None:
+        """Original layer time / time of the chosen path, when the paths were measured."""
+        t = self.path_times_ms
+        return t["original"] / t[self.path] if t and self.path in t else None
 
 
 @dataclass
@@ -100,6 +108,8 @@ class CompressionReport:
                     _fmt(r.macs_before, "{:,}"),
                     _fmt(r.macs_after, "{:,}"),
                     _fmt(r.equivariance_error, "{:.1e}"),
+                    r.path or "-",
+                    _fmt(r.layer_speedup, "{:.2f}x"),
                 ]
             )
         return rows
@@ -148,6 +158,8 @@ class CompressionReport:
         "MACs before",
         "MACs after",
         "equiv err",
+        "path",
+        "layer speed-up",
     ]
     TOTAL_HEADER = ["total", "original", "compressed", "ratio"]
 
@@ -267,19 +279,23 @@ def count_macs(model: nn.Module, example_inputs: object) -> tuple[int, dict[str,
     return sum(per_layer.values()), per_layer
 
 
-def measure_latency(model: nn.Module, example_inputs: object, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time in milliseconds of ``repeats`` forwards (eval, inference mode, after warm-up)."""
+def measure_latency(model: nn.Module, example_inputs: object, min_run_time: float = 0.3) -> float:
+    """Median milliseconds of one forward (eval, inference mode, after a warm-up call), measured by
+    ``torch.utils.benchmark`` with the process's thread count, as the model will run."""
+    return median_seconds(lambda: run_model(model, example_inputs), model, min_run_time) * 1e3
+
+
+def median_seconds(call: Callable[[], object], model: nn.Module, min_run_time: float) -> float:
+    """``torch.utils.benchmark`` median of ``call()`` with ``model`` in eval and inference mode (one warm-up call)."""
     was_training = model.training
     model.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            run_model(model, example_inputs)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return statistics.median(times) * 1e3
+    try:
+        with torch.inference_mode():
+            call()
+            timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+            return timer.blocked_autorange(min_run_time=min_run_time).median
+    finally:
+        model.train(was_training)
 
 
 def state_dict_bytes(model: nn.Module) -> int:

@@ -30,7 +30,10 @@ class LayerSettings:
     ``on_mismatch`` says what happens when a size is not a multiple of the group order. ``activation_aware``
     uses the calibration batches when ``compress`` gets some; ``damping`` is the ridge of that fit.
     ``bias="shared"`` replaces the bias by its mean over each channel's group axis (exactly
-    equivariant), ``"keep"`` copies it.
+    equivariant), ``"keep"`` copies it. ``impl`` picks the forward path: ``"dense"`` (materialised weight),
+    ``"blocks"`` (the block-diagonal fast path: batched GEMMs for Linear, grouped convolutions for convs),
+    ``"fft"`` (Linear over abelian groups; convs take the block path) or ``"auto"`` (the documented rule of
+    each layer, or the fastest path measured on ``example_inputs`` when ``compress`` gets some).
     """
 
     group: str | None = None

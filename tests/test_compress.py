@@ -105,10 +105,9 @@ def test_macs_count_gm_layers_at_their_real_cost():
         layer(x)  # builds the cached block weights (a one-off, not per-call cost)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         layer(x)
-    matmul_macs = counter.get_total_flops() // 2
-    modulation = 8 * 2 * 16 * 16  # rows * r * c_out * N multiply-adds
+    matmul_macs = counter.get_total_flops() // 2  # torch's own count of the matmuls the path runs
     total, per_layer = gm.report.count_macs(layer, x)
-    assert total == matmul_macs + modulation
+    assert total == matmul_macs  # the modulations are folded into the way back
     assert total < 8 * 256 * 256  # cheaper than dense
 
 
@@ -182,7 +181,7 @@ def test_shared_modules_stay_shared(traceable):
 
 
 def test_bad_inputs_name_the_layer_and_the_fix():
-    with pytest.raises(ValueError, match=r"layer 'fc2' \(Linear 10x64\).*not multiples of \|C8\|=8.*on_mismatch"):
+    with pytest.raises(ValueError, match=r"layer 'conv' \(Conv2d 8x4x3x3\).*not multiples of \|C8\|=8.*on_mismatch"):
         gm.compress(Small(), group="C8", on_mismatch="error")
     with pytest.raises(ValueError, match="C4xC4"):
         gm.compress(Small(), group="Q8")
@@ -236,7 +235,7 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    for name in ["mnistnet", "mnistnet-equivariant", "minilm"]:
+    for name in ["mnistnet", "mnistnet-rank2", "mnistnet-equivariant", "minilm"]:
         recipe = load_recipe(f"recipes/{name}.yaml")
         assert recipe.finetune is not None
 
@@ -248,7 +247,8 @@ def test_report_outputs(tmp_path):
     data = json.loads(rep.to_json())
     assert data["params_after"] == rep.params_after and len(data["layers"]) == 4
     assert "| fc1 |" in rep.to_markdown()
-    assert rep.macs_after <= rep.macs_before and rep.latency_after_ms > 0  # tiny layers: "auto" stays dense
+    # paths are chosen by measured time, so a faster path may do more multiply-adds on these tiny layers
+    assert rep.macs_after == gm.report.count_macs(out, x)[0] and rep.latency_after_ms > 0
     rep.plot(tmp_path / "layers.png")
     assert (tmp_path / "layers.png").stat().st_size > 1000
     text = str(rep)
@@ -311,8 +311,9 @@ def test_mnistnet_end_to_end_with_shipped_recipe(tmp_path):
     rep = out.gm_report
     assert rep.params_before == 421_642 == sum(p.numel() for p in net.parameters())
     assert rep.params_after == sum(p.numel() for p in out.parameters())
-    assert [r.status for r in rep.layers] == ["skipped", "skipped", "compressed", "skipped"]
-    assert rep.params_before / rep.params_after > 8
+    assert [r.status for r in rep.layers] == ["skipped", "compressed", "compressed", "skipped"]
+    assert [r.form for r in rep.layers[1:3]] == ["GMChannelConv", "GMLinear"]
+    assert rep.params_before / rep.params_after > 8 and rep.macs_before / rep.macs_after > 2
     gm.save(out, tmp_path / "mnist.pt")
     torch.save(x, tmp_path / "x.pt")
     fresh = _fresh_process_outputs(tmp_path, "mnistnet", tmp_path / "mnist.pt", tmp_path / "x.pt")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import gmcompress as gm
-from gmcompress.nn import GMConv2d, GMLinear, GMPointwiseConv, GMPool, transform_feature_map
+from gmcompress.nn import GMChannelConv, GMConv2d, GMLinear, GMPool, transform_feature_map
 from gmcompress.structure import conv_pattern, project_pattern
 
 GROUPS = ["C8", "D4", "S3", "C4xC4", "C2^3"]
@@ -241,11 +241,14 @@ def test_conv_from_dense(spec, lifting):
 def test_pointwise_conv_is_gmlinear_per_pixel():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 1)
-    pw = GMPointwiseConv.from_dense(conv, "C8", rank=2)
+    pw = GMChannelConv.from_dense(conv, "C8", rank=2)
+    linear = nn.Linear(16, 24)
+    linear.weight.data, linear.bias.data = conv.weight.data.view(24, 16), conv.bias.data
+    gml = GMLinear.from_dense(linear, "C8", rank=2)
     x = torch.randn(2, 16, 5, 5)
-    expected = GMLinear.forward(pw, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    torch.testing.assert_close(pw(x), expected)
-    full = GMPointwiseConv.from_dense(conv, "C8", rank=8)
+    expected = gml(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(pw(x), expected, atol=1e-5, rtol=1e-5)
+    full = GMChannelConv.from_dense(conv, "C8", rank=8)
     torch.testing.assert_close(full(x), conv(x), atol=1e-5, rtol=1e-5)
 
 

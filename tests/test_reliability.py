@@ -13,7 +13,7 @@ from torch import nn
 
 import gmcompress as gm
 from gmcompress.cli import main as cli_main
-from gmcompress.nn import GMLinear, GMPointwiseConv
+from gmcompress.nn import GMChannelConv, GMLinear
 from gmcompress.recipe import RecipeError, load_recipe, parse_recipe
 
 
@@ -63,10 +63,11 @@ def test_in_place_update_under_inference_mode_is_seen():
 def test_unbatched_pointwise_conv1d(length):
     torch.manual_seed(0)
     conv = nn.Conv1d(16, 16, 1)
-    full = GMPointwiseConv.from_dense(conv, "C8", rank=8)  # full rank: equal to the dense conv
+    full = GMChannelConv.from_dense(conv, "C8", rank=8)  # full rank: equal to the dense conv
     x = torch.randn(16, length)  # (C, L), with L == C in the first case
     torch.testing.assert_close(full(x), conv(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"GMPointwiseConv\(16, 16\): expected input .* got shape \(3, 16\)"):
+    message = r"GMChannelConv\(16, 16, kernel_size=\(1,\)\): expected input .* got shape \(3, 16\)"
+    with pytest.raises(ValueError, match=message):
         full(torch.randn(3, 16))  # neither (C, L) nor (B, C, L) with C = 16... (3, 16) is (C=3, L=16)
 
 
@@ -78,7 +79,7 @@ def test_1x1_conv_with_stride_and_padding_is_compressed_exactly(stride, padding,
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 16, 1, stride=stride, padding=padding, padding_mode=mode))
     out = gm.compress(model, group="C8", rank=8, progress=False)
-    assert isinstance(out.get_submodule("0"), GMPointwiseConv)
+    assert isinstance(out.get_submodule("0"), GMChannelConv)
     x = torch.randn(2, 16, 9, 9)
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
 

@@ -64,6 +64,10 @@ class GMLayer(nn.Module):
         """Multiply-accumulates of one call on ``inp`` (giving ``out``) on the path ``forward`` takes."""
         raise NotApplicable(f"{type(self).__name__} does not count its multiply-accumulates")
 
+    def impls(self) -> tuple[str, ...]:
+        """The forward paths this layer can take (values of ``self.impl``); () when it has one path only."""
+        return ()
+
 
 class GMModule(GMLayer):
     """Base of the GM layers: kernels ``(r, c_out, c_in, |S|)`` and modulations ``(r, c_out, n_out)``.
@@ -170,6 +174,18 @@ class GMModule(GMLayer):
                 self.modulations.copy_(torch.from_numpy(np.ascontiguousarray(fit.modulations)))
         self.fit_error = float(fit.relative_error)
         self.output_error = fit.output_error
+
+    def _copy_dense_bias(self, bias: torch.Tensor | None, out_padded: int) -> None:
+        """Set the bias from a dense layer's: copied per output feature, or for a shared bias (one per output
+        channel) the mean over each channel's group axis, the least-squares equivariant bias."""
+        if self.bias is None:
+            return
+        with torch.no_grad():
+            if self.bias.shape == bias.shape:
+                self.bias.copy_(bias)
+            else:
+                padded = torch.nn.functional.pad(bias, (0, out_padded - bias.shape[0]))
+                self.bias.copy_(padded.view(self.c_out, -1)[:, : self.pattern.n_out].mean(1))
 
     def _export(self, out: nn.Module, weight: torch.Tensor, out_features: int) -> nn.Module:
         """Fill a plain torch layer with the materialised weight and the (expanded) bias."""

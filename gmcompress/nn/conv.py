@@ -124,10 +124,7 @@ class GMConv2d(GMModule):
         stats = None if inputs is None else InputStats.of(inputs, w.shape[1], w.device)
         fit = aware.project_pattern(w, layer.pattern, rank, modulate, None, stats, damping=damping, what=label)
         layer.load_fit(fit)
-        if layer.bias is not None:
-            with torch.no_grad():  # a shared bias is the mean over each output fibre (least squares)
-                same = layer.bias.shape == conv.bias.shape
-                layer.bias.copy_(conv.bias if same else conv.bias.view(layer.c_out, -1).mean(1))
+        layer._copy_dense_bias(conv.bias, conv.out_channels)
         return layer
 
     def config(self) -> dict:

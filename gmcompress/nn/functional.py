@@ -8,6 +8,7 @@ block of output channel o and input channel c is ``sum_k diag(a[k, o]) GM(b[k, o
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,67 +46,114 @@ def materialize(
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """The real block-diagonal basis of a group, arranged for the fast path.
+    """The real block-diagonal basis of a group (:func:`gmcompress.groups.regular_basis`), per block size.
 
-    Blocks of equal size d are grouped in a *class*; inside a class the coordinates are ordered
-    (coordinate-in-block, block), so ``Q^T x`` of a class viewed as ``(d, nb, ...)`` gives, for every
-    coordinate, a contiguous stack over the blocks (batched GEMMs on plain views, no permutes).
-
-    ``q`` is the permuted basis, ``classes`` lists ``(d, nb, offset)``, ``rho[c]`` is
-    ``(N, d, d, nb)``-shaped: ``rho[c][s, y, x, b] = (Q_b^T B_s Q_b)[x, y]``.
+    Blocks of equal size d form a *class*; ``classes`` lists ``(d, nb, offset)`` and ``rho[c]`` has shape
+    ``(N, d, d, nb)`` with ``rho[c][s, y, x, b] = (Q_b^T B_s Q_b)[x, y]``: what group diagonal ``B_s`` is on
+    block b of class c. ``q`` is the basis with the columns of a class ordered (coordinate-in-block, block),
+    starting at the class's ``offset``.
     """
 
-    q: np.ndarray
     classes: tuple[tuple[int, int, int], ...]
     rho: tuple[np.ndarray, ...]
+    q: np.ndarray
 
 
 @functools.lru_cache(maxsize=64)
 def block_plan(g: FiniteGroup) -> BlockPlan:
     basis = regular_basis(g)
-    n = g.order
-    cols, classes, rho = [], [], []
+    classes, rho, cols = [], [], []
     offset = 0
-    starts = basis.offsets
     for d in sorted(set(basis.blocks)):
-        members = [s for s, size in zip(starts, basis.blocks) if size == d]
+        members = [s for s, size in zip(basis.offsets, basis.blocks) if size == d]
         nb = len(members)
-        order = [start + y for y in range(d) for start in members]
-        cols.extend(order)
-        qc = basis.q[:, order].reshape(n, d, nb)  # [i, coordinate, block]
-        # rho[s, y, x, b] = sum_i qc[i, x, b] qc[table[i, s], y, b]
+        cols += [start + y for y in range(d) for start in members]
+        qc = basis.q[:, cols[offset:]].reshape(g.order, d, nb)
         shifted = qc[g.table]  # [i, s, y, b] = qc[table[i, s], y, b]
-        rho.append(np.einsum("ixb,isyb->syxb", qc, shifted))
+        rho.append(np.einsum("ixb,isyb->syxb", qc, shifted))  # sum_i qc[i, x, b] qc[table[i, s], y, b]
         classes.append((d, nb, offset))
         offset += d * nb
-    return BlockPlan(np.ascontiguousarray(basis.q[:, cols]), tuple(classes), tuple(rho))
+    return BlockPlan(tuple(classes), tuple(rho), np.ascontiguousarray(basis.q[:, cols]))
 
 
-def block_weights(kernels: torch.Tensor, rho: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per class, ``(d, d, nb, c_in, r c_out)`` block weights ``W[y, x, b][c, (k, o)]``.
+@dataclass(frozen=True)
+class GroupedPlan:
+    """The block basis packed into ``groups`` equal groups of ``size`` coordinates: one batched product mixes all.
 
-    ``rho`` is restricted to the kernel support (``rho_c[s]`` for the support's elements s).
+    Blocks are packed first-fit by decreasing size into groups of capacity ``size`` (the largest block); a
+    group that is not full is completed with zero coordinates (zero columns of ``q``), so every group has
+    the same width and a single ``bmm`` (Linear) or ``groups=`` convolution (convs) does all the block
+    mixing. ``q`` is ``(N, groups * size)`` with columns ordered (group, coordinate); ``members`` lists
+    ``(group, offset, class, block)`` for every block of :func:`block_plan`.
     """
-    return [torch.einsum("kocs,syxb->yxbcko", kernels, rho_c).flatten(-2).contiguous() for rho_c in rho]
+
+    q: np.ndarray
+    groups: int
+    size: int
+    members: tuple[tuple[int, int, int, int], ...]
 
 
-def block_forward(
-    x: torch.Tensor, q: torch.Tensor, classes: tuple[tuple[int, int, int], ...], weights: list[torch.Tensor]
+@functools.lru_cache(maxsize=64)
+def grouped_plan(g: FiniteGroup) -> GroupedPlan:
+    plan, basis = block_plan(g), regular_basis(g)
+    size = max(d for d, _, _ in plan.classes)
+    blocks = sorted(((d, c, b) for c, (d, nb, _) in enumerate(plan.classes) for b in range(nb)), key=lambda t: -t[0])
+    fill: list[int] = []
+    members = []
+    for d, c, b in blocks:
+        slot = next((i for i, used in enumerate(fill) if used + d <= size), len(fill))
+        if slot == len(fill):
+            fill.append(0)
+        members.append((slot, fill[slot], c, b))
+        fill[slot] += d
+    q = np.zeros((g.order, len(fill) * size))
+    for slot, offset, c, b in members:
+        d = plan.classes[c][0]
+        start = [s for s, sz in zip(basis.offsets, basis.blocks) if sz == d][b]
+        q[:, slot * size + offset : slot * size + offset + d] = basis.q[:, start : start + d]
+    return GroupedPlan(q, len(fill), size, tuple(members))
+
+
+def grouped_weights(kernels: torch.Tensor, rho: list[torch.Tensor], plan: GroupedPlan) -> torch.Tensor:
+    """The packed block weights ``(groups, size * r c_out, size * c_in')`` of kernels ``(r, c_out, c_in', |S|)``.
+
+    Block b maps input coordinates y (times input channels) to output coordinates x (times terms k and
+    output channels o): ``W_b[(x, k, o), (y, i)] = sum_s kernels[k, o, i, s] rho[s, y, x, b]``; the blocks of
+    a packed group sit on its diagonal, zeros elsewhere. (A convolution's offsets are folded into i.)
+    """
+    r, c_out, cin, _ = kernels.shape
+    rco, size = r * c_out, plan.size
+    per_class = [torch.einsum("kocs,syxb->bxkoyc", kernels, rho_c).flatten(2, 3) for rho_c in rho]
+    w = kernels.new_zeros(plan.groups, size, rco, size, cin)
+    for slot, offset, c, b in plan.members:
+        d = per_class[c].shape[1]
+        w[slot, offset : offset + d, :, offset : offset + d] = per_class[c][b]
+    return w.view(plan.groups, size * rco, size * cin)
+
+
+def modulated_basis(modulations: torch.Tensor | None, q: torch.Tensor, c_out: int) -> torch.Tensor:
+    """``back[o, p, (k, m)] = a[k, o, p] q[p, m]``: the way back from the packed basis with the modulations
+    and the sum over the rank folded in (``a = 1`` without modulations)."""
+    a = modulations if modulations is not None else q.new_ones(1, c_out, q.shape[0])
+    return torch.einsum("kop,pm->opkm", a, q).reshape(c_out, q.shape[0], -1)
+
+
+def blocks_forward(
+    x: torch.Tensor, q: torch.Tensor, weight_t: torch.Tensor, back_t: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x (B, c_in, N) -> (B, r c_out, N)``: transform, per-block batched GEMMs, transform back."""
-    batch, c_in, n = x.shape
-    z = torch.matmul(q.t(), x.reshape(batch * c_in, n).t())  # (N, B c_in) in the permuted basis
-    pieces = []
-    for (d, nb, offset), w in zip(classes, weights):
-        zc = z[offset : offset + d * nb].view(d, nb, batch, c_in)
-        for xo in range(d):
-            acc = torch.bmm(zc[0], w[0, xo])
-            for y in range(1, d):
-                acc = torch.baddbmm(acc, zc[y], w[y, xo])
-            pieces.append(acc)  # (nb, B, r c_out)
-    yq = torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0]
-    rco = yq.shape[-1]
-    return torch.matmul(yq.view(n, batch * rco).t(), q.t()).view(batch, rco, n)
+    """``x (B, c_in, N) -> (B, c_out N)``: transform, one ``bmm`` over the packed groups, transform back.
+
+    ``weight_t`` is :func:`grouped_weights` transposed ``(groups, size c_in, size r c_out)``; ``back_t`` is
+    :func:`modulated_basis` transposed ``(c_out, r M, N)``, applied as one ``bmm`` batched over output channels.
+    """
+    batch, c_in, _ = x.shape
+    groups, c_out = weight_t.shape[0], back_t.shape[0]
+    size = q.shape[1] // groups
+    z = torch.matmul(x, q).view(batch, c_in, groups, size).permute(2, 0, 3, 1).reshape(groups, batch, size * c_in)
+    yt = torch.bmm(z, weight_t)  # (G, B, size r c_out), columns (x, k, o)
+    yt = yt.view(groups, batch, size, -1, c_out).permute(4, 1, 3, 0, 2).reshape(c_out, batch, -1)  # (o, B, (k, m))
+    y = torch.bmm(yt, back_t).transpose(0, 1).reshape(batch, -1)  # (B, c_out N)
+    return y if bias is None else y + bias
 
 
 def kernel_spectra(kernels_full: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -135,3 +183,38 @@ def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...]) 
     half = (*shape[:-1], shape[-1] // 2 + 1)
     y = torch.fft.irfftn(yf.reshape(batch, r, c_out, *half), s=shape, dim=dims)
     return y.reshape(batch, r, c_out, n).to(x.dtype)
+
+
+def grouped_conv_forward(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    conv: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    back: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x (B, c_in, N, H, W) -> (B, c_out N, H', W')``: channel transform, one grouped convolution, transform back.
+
+    The transformed channels are laid out channels-last, ordered (coordinate m, channel i) so that each
+    group's channels are contiguous (the fast layout of grouped convolutions on the CPU); ``q`` is
+    :attr:`GroupedPlan.q` and ``conv(z, weight, groups)`` runs the layer's convolution. The way back
+    folds the modulations and the sum over the rank: ``back[o, p, (k, m)] = a[k, o, p] q[p, m]``, one
+    batched product per output channel, with the bias added by ``baddbmm``.
+    """
+    batch, c_in, n = x.shape[:3]
+    spatial = x.shape[3:]
+    m = q.shape[1]
+    z = torch.matmul(q.t(), x.reshape(batch, c_in, n, -1))  # (B, c_in, M, HW)
+    z = z.permute(0, 3, 2, 1).reshape(batch, *spatial, m * c_in).movedim(-1, 1)  # channels-last (m, i)
+    yt = conv(z, weight, groups)  # (B, M * r * c_out, H', W'), channels (m, k, o)
+    out_spatial = yt.shape[2:]
+    c_out = back.shape[0]
+    yt = yt.movedim(1, -1).reshape(batch, -1, m, yt.shape[1] // (m * c_out), c_out)  # (B, H'W', M, r, c_out)
+    yt = yt.permute(0, 4, 3, 2, 1).reshape(batch * c_out, -1, yt.shape[1])  # (B c_out, r M, H'W')
+    back = back.expand(batch, *back.shape).reshape(batch * c_out, n, -1)
+    if bias is None:
+        y = torch.bmm(back, yt)
+    else:
+        y = torch.baddbmm(bias.view(1, c_out, n, 1).expand(batch, c_out, n, 1).reshape(batch * c_out, n, 1), back, yt)
+    return y.view(batch, c_out * n, *out_spatial)

@@ -15,7 +15,16 @@ from ..groups import FiniteGroup, left_cosets
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import block_forward, block_plan, block_weights, fft_forward, full_kernels, kernel_spectra
+from .functional import (
+    block_plan,
+    blocks_forward,
+    fft_forward,
+    full_kernels,
+    grouped_plan,
+    grouped_weights,
+    kernel_spectra,
+    modulated_basis,
+)
 
 IMPLS = ("auto", "dense", "blocks", "fft")
 
@@ -79,8 +88,8 @@ class GMLinear(GMModule):
         self.bias = make_bias(bias, c_out, pattern.n_out, out_features, {"device": device, "dtype": dtype})
         if regular:
             plan = block_plan(g)
-            self._classes = plan.classes
-            self._register_constant("_q", plan.q)
+            self._packing = grouped_plan(g)
+            self._register_constant("_q", self._packing.q)
             rho = [r if classes is None else r[classes] for r in plan.rho]
             self._n_rho = len(rho)
             for i, r in enumerate(rho):
@@ -156,13 +165,7 @@ class GMLinear(GMModule):
             group=self.group if self.regular else None, what=label,
         )  # fmt: skip
         self.load_fit(fit)
-        if self.bias is not None:
-            with torch.no_grad():
-                if self.bias.shape == bias.shape:
-                    self.bias.copy_(bias)
-                else:
-                    padded = F.pad(bias, (0, self.out_padded - self.out_features))
-                    self.bias.copy_(padded.view(self.c_out, -1)[:, : self.pattern.n_out].mean(1))
+        self._copy_dense_bias(bias, self.out_padded)
         return self
 
     def config(self) -> dict:
@@ -204,6 +207,11 @@ class GMLinear(GMModule):
         return self.dense_weight()[: self.out_features, : self.in_features]
 
     # ------------------------------------------------------------------ forward
+    def impls(self) -> tuple[str, ...]:
+        if not self.regular:
+            return ("dense",)
+        return ("dense", "blocks", "fft") if self.group.cyclic_shape is not None else ("dense", "blocks")
+
     def resolved_impl(self) -> str:
         """The path ``forward`` takes. "auto": blocks for plain GMs when they need at most half the
         multiply-adds of the dense product (the rest pays for the extra kernel launches), else dense."""
@@ -215,8 +223,9 @@ class GMLinear(GMModule):
 
     def _blocks_macs_per_row(self) -> int:
         n, rco = self.pattern.n_out, self.rank * self.c_out
-        gemm = sum(nb * d * d for d, nb, _ in self._classes) * self.c_in * rco
-        return int(self.c_in * n * n + gemm + rco * n * n + (rco * n if self.modulations is not None else 0))
+        m, size = self._packing.q.shape[1], self._packing.size  # packed coordinates (N plus packing zeros)
+        gemm = self._packing.groups * size * size * self.c_in * rco
+        return int(self.c_in * n * m + gemm + rco * m * n)  # transform, packed bmm, way back (modulation folded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -232,13 +241,13 @@ class GMLinear(GMModule):
             n = self.pattern.n_out
             xg = x2.view(-1, self.c_in, n)
             if impl == "blocks":
-                weights = self._cached("blocks", self._block_weights)
-                y = block_forward(xg, self._q, self._classes, weights).view(-1, self.rank, self.c_out, n)
+                weight_t, back_t = self._cached("blocks", self._block_weights)
+                y = blocks_forward(xg, self._q, weight_t, back_t, None)
             else:
                 spectra = self._cached("fft", self._kernel_spectra)
                 y = fft_forward(xg, spectra, self.group.cyclic_shape)
-            y = y[:, 0] if self.modulations is None else (y * self.modulations).sum(1)
-            y = y.reshape(-1, self.out_padded)
+                y = y[:, 0] if self.modulations is None else (y * self.modulations).sum(1)
+                y = y.reshape(-1, self.out_padded)
         if self.out_padded != self.out_features:
             y = y[:, : self.out_features]
         if self.bias is not None:
@@ -248,9 +257,12 @@ class GMLinear(GMModule):
     def _kernel_spectra(self) -> torch.Tensor:
         return kernel_spectra(full_kernels(self.kernels, self._support, self.pattern.n_out), self.group.cyclic_shape)
 
-    def _block_weights(self) -> list[torch.Tensor]:
-        rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]
-        return block_weights(self.kernels, rho)
+    def _block_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed block weights and the modulated way back, both transposed for ``bmm``."""
+        rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
+        weight_t = grouped_weights(self.kernels, rho, self._packing).transpose(1, 2).contiguous()
+        back_t = modulated_basis(self.modulations, self._q, self.c_out).transpose(1, 2).contiguous()
+        return weight_t, back_t
 
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Multiply-accumulates of one call: rows of ``inp`` times :meth:`macs_per_row`."""

@@ -1,0 +1,65 @@
+"""Paths chosen by measurement: each compressed layer keeps the forward path that is fastest on its real input.
+
+With ``example_inputs``, :func:`choose_paths` runs the original model once to capture every planned layer's
+input, then times the original dense layer and each path its GM replacement offers (``GMLayer.impls()``:
+materialised dense weight, block-diagonal GEMMs, FFT, grouped convolutions) on that input with
+``torch.utils.benchmark`` (eval, inference mode), and keeps the fastest. The dense path computes the same
+product as the original layer, so a compressed layer is never slower than the original beyond noise.
+Without example inputs each layer's documented ``"auto"`` rule decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .batches import run_model
+from .handlers import LayerPlan
+from .report import median_seconds
+
+__all__ = ["PathTiming", "capture_layer_inputs", "choose_path"]
+
+
+@dataclass
+class PathTiming:
+    """Median seconds of the original layer and of every path tried; ``chosen`` is the fastest path."""
+
+    original: float
+    paths: dict[str, float]
+    chosen: str
+
+    @property
+    def speedup(self) -> float:
+        return self.original / self.paths[self.chosen]
+
+
+def capture_layer_inputs(model: nn.Module, plans: list[LayerPlan], example_inputs: object) -> dict[str, torch.Tensor]:
+    """The input of the first call of every planned layer on ``example_inputs``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for p in plans:
+
+        def hook(mod: nn.Module, args: tuple, name: str = p.name) -> None:
+            seen.setdefault(name, args[0].detach())
+
+        handles.append(p.module.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            run_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def choose_path(layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float = 0.05) -> PathTiming:
+    """Time ``original`` and every path of ``layer`` on ``x``; keep the fastest as ``layer.impl``."""
+    before = median_seconds(lambda: original(x), original, min_run_time)
+    times = {}
+    for impl in layer.impls():
+        layer.impl = impl
+        times[impl] = median_seconds(lambda: layer(x), layer, min_run_time)
+    layer.impl = min(times, key=times.get)
+    return PathTiming(before, times, layer.impl)

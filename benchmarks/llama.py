@@ -5,10 +5,11 @@
 The model is written here in plain torch so that torch.fx traces it (RMSNorm, rotary embeddings,
 grouped-query attention through ``F.scaled_dot_product_attention``, SwiGLU feed-forward); ``--preset 1b``
 has TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads, feed-forward 5632,
-vocabulary 32,000). ``bert-base`` is an encoder of BERT-base's size (12 layers, hidden 768, GELU feed-forward
-3072, 109 M parameters) whose 24 feed-forward Linears are compressed, the setting of issue 15. Every run
-is a fresh process: the model is built, then compressed **in place** (``inplace=True``: no copy of the
-weights) with C16 rank 1 on the projections of every block, calibrated on random token batches. Reported:
+vocabulary 32,000); ``350m`` is a smaller one (hidden 1024, 24 layers, feed-forward 2816). ``bert-base`` is an
+encoder of BERT-base's size (12 layers, hidden 768, GELU feed-forward 3072, 109 M parameters) whose 24
+feed-forward Linears are compressed, the setting of issue 15. Every run is a fresh process: the model is
+built, then compressed **in place** (``inplace=True``: no copy of the weights) with C16 rank 1 (on every
+projection of every block of the decoders), calibrated on random token batches. Reported:
 wall time of ``compress``, the resident memory after building the model and its peak during ``compress``
 (``resource.getrusage`` ru_maxrss), parameters before and after.
 """
@@ -19,6 +20,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -45,13 +47,23 @@ class Config:
     heads: int = 32
     kv_heads: int = 4
     ffn: int = 5632
-    causal: bool = True  # False: a BERT-style encoder (bidirectional, GELU feed-forward)
+    causal: bool = True  # False: a BERT-style encoder (bidirectional, GELU feed-forward, no LM head)
+    compress: str = r"layers\.\d+\..*_proj"  # the Linears compressed (a regex over module names)
 
 
 PRESETS = {
     "1b": Config(),
-    "600m": Config(layers=12),
-    "bert-base": Config(vocab=30522, hidden=768, layers=12, heads=12, kv_heads=12, ffn=3072, causal=False),
+    "350m": Config(hidden=1024, layers=24, heads=16, kv_heads=4, ffn=2816),
+    "bert-base": Config(
+        vocab=30522,
+        hidden=768,
+        layers=12,
+        heads=12,
+        kv_heads=12,
+        ffn=3072,
+        causal=False,
+        compress=r"layers\.\d+\.(up|down)_proj",
+    ),  # fmt: skip
     "tiny": Config(vocab=1000, hidden=256, layers=2, heads=4, kv_heads=2, ffn=512),
 }
 
@@ -111,7 +123,7 @@ class Llama(nn.Module):
         self.embed = nn.Embedding(c.vocab, c.hidden)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden)
-        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
+        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False) if c.causal else nn.Identity()
         head = c.hidden // c.heads
         freq = 10000.0 ** (-torch.arange(0, head, 2).float() / head)
         angles = torch.outer(torch.arange(max_len).float(), freq).repeat(1, 2)
@@ -145,7 +157,7 @@ def run_one(preset: str, mode: str, batches: int, batch: int, seq: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     calibration = [torch.randint(0, c.vocab, (batch, seq), generator=gen) for _ in range(batches)]
     rss_model = rss_mb()
-    kwargs = dict(group="C16", rank=1, include=r"layers\.\d+\..*_proj", inplace=True, progress=False)
+    kwargs = dict(group="C16", rank=1, include=c.compress, inplace=True, progress=False)
     if "calibration_mode" in inspect.signature(gm.compress).parameters:
         kwargs["calibration_mode"] = mode
     start = time.perf_counter()
@@ -160,6 +172,14 @@ def run_one(preset: str, mode: str, batches: int, batch: int, seq: int) -> dict:
         peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, config=asdict(c),
         output_error=_mean([r.output_error for r in rep.compressed]), traced=rep.traced,
     )  # fmt: skip
+
+
+def _load() -> str:
+    """The 1-minute load average at the end (other jobs on the machine slow a run down)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
 
 
 def _mean(values: list[float | None]) -> float:
@@ -210,7 +230,7 @@ def main() -> None:
     rows = [child(["--preset", p, "--mode", m, *common]) for p in presets for m in modes]
     text = "\n".join(
         [
-            f"{measured_on()}; C16 rank 1 on every projection of every block, random weights, compress(inplace=True).",
+            f"{measured_on()}; C16 rank 1, random weights, compress(inplace=True); load average {_load()}.",
             "",
             *table(rows),
         ]

@@ -49,7 +49,7 @@ SMALL_LAYER = 1 << 22  # weights; smaller layers run their products in float64
 
 
 def stats_dtype(device: torch.device | str) -> torch.dtype:
-    """float64 statistics on the CPU (exact sums), float32 on accelerators (fast, ample for a ridge fit)."""
+    """float64 sums on the CPU, float32 on accelerators (fast, ample for a ridge fit)."""
     return torch.float64 if torch.device(device).type == "cpu" else torch.float32
 
 
@@ -99,11 +99,19 @@ class InputStats:
         return int(self.gram.shape[0])
 
     def update(self, x: torch.Tensor) -> None:
-        """Add the rows ``x`` (``(samples, fan_in)``): ``gram += x^T x``."""
-        x = x.detach().reshape(-1, self.fan_in).to(self.gram.device, self.gram.dtype)
+        """Add the rows ``x`` (``(samples, fan_in)``): ``gram += x^T x``.
+
+        The batch's product runs in the rows' precision (at least float32: float32 activations take the fast
+        float32 GEMM, float64 rows stay exact) and is summed into ``gram``'s precision.
+        """
+        x = x.detach().reshape(-1, self.fan_in).to(self.gram.device)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         if not bool(torch.isfinite(x).all()):
             raise ValueError("calibration inputs contain NaN or inf: check the calibration data")
-        self.gram.addmm_(x.t(), x)
+        if x.dtype == self.gram.dtype:
+            self.gram.addmm_(x.t(), x)
+        else:
+            self.gram += (x.t() @ x).to(self.gram.dtype)
         self.rows += int(x.shape[0])
 
     def padded(self, fan_in: int) -> InputStats:

@@ -122,14 +122,14 @@ def test_streamed_statistics_equal_the_all_rows_computation():
     model = nn.Sequential(nn.Linear(32, 16))
     plans = gm.plan(model, group="C8").layers
     batches = [x[:100].float(), x[100:].float()]
-    captured = capture_statistics(model, plans, batches)["0"]
-    torch.testing.assert_close(captured.gram, aware.InputStats.from_rows(torch.cat(batches)).gram)
+    captured = capture_statistics(model, plans, batches)["0"]  # float32 activations: float32 batch products
+    torch.testing.assert_close(captured.gram, aware.InputStats.from_rows(torch.cat(batches)).gram, rtol=1e-5, atol=1e-4)
     assert capture_statistics(model, plans, batches, max_rows=120)["0"].rows == 120
     # and a fit from them equals the fit from the rows
     w = model[0].weight.detach().double()
     fit_rows = aware.project(w, "C8", rank=2, inputs=x.float(), tol=1e-12)
     fit_stats = aware.project(w, "C8", rank=2, inputs=captured, tol=1e-12)
-    np.testing.assert_allclose(fit_stats.kernels, fit_rows.kernels, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fit_stats.kernels, fit_rows.kernels, rtol=1e-4, atol=1e-7)
 
 
 class Branchy(nn.Module):

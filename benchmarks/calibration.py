@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import measured_on
-from readme import refresh
+from common import measured_on, publish, table_head
 
 import gmcompress as gm
 from gmcompress import zoo
@@ -65,15 +64,11 @@ def main() -> None:
         [
             f"{measured_on()}. MNISTNet: held-out accuracy (original 1.0000); MiniLM: held-out embedding cosine.",
             "",
-            header,
-            "|" + "---|" * (header.count("|") - 1),
+            *table_head(header),
             *rows,
         ]
     )
-    print(text)
-    if not args.quick:
-        args.out.write_text(text + "\n")
-        refresh()
+    publish(text, args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,22 @@ def measured_on(device: str | None = None) -> str:
     return f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'host'} ({device}), torch {torch.__version__}"
 
 
+def publish(text: str, out: Path, quick: bool) -> None:
+    """Print a results text; unless it is a ``--quick`` run, write it to ``out`` and refresh the README regions."""
+    print(text)
+    if not quick:
+        from readme import refresh
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text if text.endswith("\n") else text + "\n")
+        refresh()
+
+
+def table_head(header: str) -> list[str]:
+    """A markdown table's header line and its separator line."""
+    return [header, "|" + "---|" * (header.count("|") - 1)]
+
+
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend: benchmarks write PNG files and never open a window."""
     import matplotlib

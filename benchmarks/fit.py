@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import PeakMemory, measured_on
+from common import PeakMemory, measured_on, table_head
 from readme import refresh
 
 import gmcompress as gm
@@ -126,8 +126,7 @@ def throughput_section(quick: bool, reference: bool) -> list[str]:
         "",
         f"{measured_on()}; {time.perf_counter() - start:.0f} s.",
         "",
-        header,
-        "|" + "---|" * (header.count("|") - 1),
+        *table_head(header),
         *rows,
     ]
 

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import measured_on, rss_mb
-from readme import refresh
+from common import measured_on, publish, rss_mb, table_head
 from torch import nn
 
 import gmcompress as gm
@@ -199,7 +198,7 @@ def table(rows: list[dict]) -> list[str]:
         "| model | parameters | calibration | mode | compressed Linears (weights) | compress s | weights/s | "
         "RSS after build GB | peak RSS GB | mean calib output err |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for r in rows:
         rate = r["weights"] / r["seconds"] / 1e6
         lines.append(
@@ -218,15 +217,19 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "llama.md")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     presets = ["tiny"] if args.quick else args.preset or ["1b"]
     modes = args.mode or ["sequential"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(run_one(presets[0], modes[0], args.batches, args.batch, args.seq)))
         return
     common = ["--batches", str(args.batches), "--batch", str(args.batch), "--seq", str(args.seq)]
+    common += ["--threads", str(args.threads)] if args.threads else []
     rows = [child(["--preset", p, "--mode", m, *common]) for p in presets for m in modes]
     text = "\n".join(
         [
@@ -235,10 +238,7 @@ def main() -> None:
             *table(rows),
         ]
     )
-    print(text)
-    if not args.quick:
-        args.out.write_text(text + "\n")
-        refresh()
+    publish(text, args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -298,7 +298,22 @@ def median_seconds(call: Callable[[], object], model: nn.Module, min_run_time: f
         model.train(was_training)
 
 
+class _ByteCounter(io.RawIOBase):
+    """A write-only stream that only counts: sizing a saved model without holding a copy of it in memory."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+
 def state_dict_bytes(model: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
+    """Bytes ``torch.save(model.state_dict())`` writes (counted as they stream, never buffered)."""
+    counter = _ByteCounter()
+    torch.save(model.state_dict(), counter)
+    return counter.size

@@ -181,3 +181,15 @@ class _nothing:
 def test_unknown_calibration_mode_is_refused():
     with pytest.raises(ValueError, match="calibration_mode"):
         gm.compress(Branchy(), group="C8", calibration=[torch.randn(4, 16)], calibration_mode="later", progress=False)
+
+
+def test_saved_size_is_counted_without_buffering_the_model():
+    """The report sizes state dicts by counting bytes as torch.save streams them (no in-memory copy of a big model)."""
+    import io
+
+    from gmcompress.report import state_dict_bytes
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    assert state_dict_bytes(model) == buffer.tell() > 64 * 32 * 4

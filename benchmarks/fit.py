@@ -111,6 +111,27 @@ def throughput(points: list[tuple[int, int, int, int, bool]], devices: list[str]
     return lines
 
 
+def throughput_section(quick: bool, reference: bool) -> list[str]:
+    """The throughput table, on the CPU and on CUDA when there is one."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    start = time.perf_counter()
+    rows = throughput(THROUGHPUT_QUICK if quick else THROUGHPUT, devices, reference)
+    header = (
+        "| layer (out x in) | group | rank | calibration rows | device | solver | seconds | weights/s | peak MB | "
+        "output err | err ratio |"
+    )
+    return [
+        "",
+        "## Activation-aware fit throughput",
+        "",
+        f"{measured_on()}; {time.perf_counter() - start:.0f} s.",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+        *rows,
+    ]
+
+
 def _cells(weights: int, seconds: float, peak_mb: float) -> str:
     return f"{seconds:.1f} | {weights / seconds / 1e6:.2f} M | {peak_mb:,.0f} |"
 
@@ -184,23 +205,7 @@ def main() -> None:
             f"| {spec} | {rank} | {params:,} | {ratio:.1f}x | {err:.3f} | {exact_s} | {oerr:.3f} | {k} | "
             f"{serr:.3f} | {soerr:.3f} | {nerr:.3f} |"
         )
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    start = time.perf_counter()
-    speed = throughput(THROUGHPUT_QUICK if args.quick else THROUGHPUT, devices, not args.skip_reference)
-    header = (
-        "| layer (out x in) | group | rank | calibration rows | device | solver | seconds | weights/s | peak MB | "
-        "output err | err ratio |"
-    )
-    lines += [
-        "",
-        "## Activation-aware fit throughput",
-        "",
-        f"{measured_on()}; {time.perf_counter() - start:.0f} s.",
-        "",
-        header,
-        "|" + "---|" * (header.count("|") - 1),
-        *speed,
-    ]
+    lines += throughput_section(args.quick, not args.skip_reference)
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:

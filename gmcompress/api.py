@@ -201,8 +201,7 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
     _rules(recipe, group=group, rank=rank, **overrides)  # bad settings fail before the model is copied
-    if calibration_mode not in MODES:
-        raise ValueError(f"calibration_mode must be one of {MODES}, got {calibration_mode!r}")
+    _check_mode(calibration_mode)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         working = model if inplace else _copy(model)
@@ -219,6 +218,11 @@ def compress(
         apply_plan(the_plan, root, example_inputs, calibration, max_calibration_rows, progress, calibration_mode)
         root.train(was_training)
     return root
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"calibration_mode must be one of {MODES}, got {mode!r}")
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ Two operators compute these products:
   ``GM(b) = Q B^(b) Q^T`` with B^ block-diagonal, so ``W_gm H^ (I x Q) = sum_k diag(a_k) Q (B^_k H~)``
   with ``H~ = (I x Q^T) H^ (I x Q)``: a block-sparse product that costs about ``4 r out in^2 / N``
   instead of ``2 out in^2``. M is a c_in x c_in matrix of group matrices, hence block-diagonal in Q too:
-  its inverse is one small Cholesky factor per block.
+  its inverse is one small inverse per block.
 * :class:`DenseOperator` (any :class:`~gmcompress.structure.Pattern`, any support): materialise
   ``W_gm``, multiply by ``H^``, sum the classes back; M is assembled densely and factored once.
 
@@ -204,9 +204,10 @@ class BlockOperator:
         self.table = torch.tensor(g.table, device=dev)
         self.rho = [torch.as_tensor(r, device=dev, dtype=dtype) for r in plan.rho]
         self.m_inv = self._preconditioner(hhat, plan.rho)
-        ht = torch.einsum("ij,cif->cjf", self.q, self.transform(hhat).view(c_in, self.n, -1))  # H~, rows (c, j)
+        ht = self.transform(hhat).view(c_in, self.n, -1)  # columns to the basis
+        ht = torch.einsum("ij,cif->cjf", self.q, ht)  # rows too: H~, rows (c, j)
         self.h_blocks = [  # per class: (nb, c_in d, fan_in), rows (c, y) of block b
-            ht[:, off : off + d * nb].reshape(c_in, d, nb, -1).permute(2, 0, 1, 3).reshape(nb, c_in * d, -1).clone()
+            ht[:, off : off + d * nb].reshape(c_in, d, nb, -1).permute(2, 0, 1, 3).reshape(nb, c_in * d, -1)
             for d, nb, off in self.classes
         ]
 
@@ -272,8 +273,8 @@ class BlockOperator:
         the translations), so in the basis it is block-diagonal: block b is ``((c, x), (c', y))`` with
         entries ``sum_h f[c, c', h] rho[h, y, x, b]``.
         """
-        h4 = hhat.double().view(self.c_in, self.n, self.c_in, self.n)
-        f = sum(h4[:, i].index_select(-1, self.table[i]) for i in range(self.n))  # (c, c', h)
+        h4 = hhat.view(self.c_in, self.n, self.c_in, self.n)
+        f = sum(h4[:, i].index_select(-1, self.table[i]).double() for i in range(self.n))  # (c, c', h)
         inverses = []
         for (d, nb, _), rho_c in zip(self.classes, rho):
             blocks = torch.einsum("ach,hyxb->baxcy", f, torch.as_tensor(rho_c, device=hhat.device))
@@ -380,10 +381,9 @@ def fit_kernels(
     damping = check_nonnegative(damping, "damping")
     dev = stats.gram.device
     dtype = dtype or (torch.float64 if w.numel() <= SMALL_LAYER else torch.float32)
-    h = stats.gram / stats.rows
-    mu = damping * float(torch.diagonal(h).mean())
-    hhat = (h + mu * torch.eye(h.shape[0], dtype=h.dtype, device=dev)).to(dtype)
-    del h
+    mu = damping * float(torch.diagonal(stats.gram).mean()) / stats.rows
+    hhat = stats.gram.to(dtype) / stats.rows  # H^ = H / rows + mu I, one copy in the product dtype
+    hhat.diagonal().add_(mu)
     c_in = fit.kernels.shape[2]
     a = torch.as_tensor(fit.modulations, device=dev, dtype=dtype)
     op = _operator(hhat, fit.pattern, fit.support, c_in, group)

@@ -76,7 +76,7 @@ def slow_layers(
             else:
                 impl = module.resolved_impl()
                 why = f"path '{impl}': " + (
-                    "the block path would not halve the MACs at this size, so the layer runs the dense weight"
+                    "the dense path (materialised weight) was measured or ruled fastest for this layer"
                     if impl == "dense"
                     else "transform and launch overhead outweigh the saved multiply-adds"
                 )

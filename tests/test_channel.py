@@ -89,7 +89,9 @@ def test_exact_form_commutes_with_permuting_every_channel_fibre(impl, group):
 def test_activation_aware_fit_lowers_the_output_error_on_its_calibration_patches():
     conv = dense_conv(2, 3, dict(padding=1))
     torch.manual_seed(1)
-    x = torch.einsum("ck,bkhw->bchw", torch.randn(16, 4), torch.randn(64, 4, 6, 6))  # channels in a 4-dim subspace
+    # channels near a 4-dim subspace (not exactly in it: float32 calibration statistics resolve output errors
+    # down to about 1e-3 of the output, and an exactly degenerate covariance would ask for less)
+    x = torch.einsum("ck,bkhw->bchw", torch.randn(16, 4), torch.randn(64, 4, 6, 6)) + 0.03 * torch.randn(64, 16, 6, 6)
     from gmcompress.handlers import handler_for
 
     rows = handler_for(conv).calibration_rows(conv, x)

@@ -8,6 +8,7 @@ The workflow lives here; the layers are in :mod:`gmcompress.nn`, the group-matri
 from . import groups, nn, structure
 from ._version import __version__
 from .api import CompressionPlan, compress, plan
+from .budget import Budget, BudgetError
 from .groups import group
 from .io import load, save
 from .recipe import Recipe
@@ -18,6 +19,8 @@ __all__ = [
     "__version__",
     "compress",
     "plan",
+    "Budget",
+    "BudgetError",
     "finetune",
     "save",
     "load",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .aware import InputStats
+from .budget import Budget, BudgetOutcome, plan_budget
 from .calibration import MODES, calibrate
 from .fx import find_layers, module_aliases, swap
 from .groups import group as parse_group
@@ -46,6 +47,7 @@ class CompressionPlan:
     traced: bool
     trace_failure: str | None = None
     graph_module: torch.fx.GraphModule | None = None
+    budget: BudgetOutcome | None = None  # the measured options and allocation, for a budget
 
     def report(self) -> CompressionReport:
         rows = [_report_row(p) for p in self.layers]
@@ -55,12 +57,14 @@ class CompressionPlan:
             sum(r.params_after for r in rows),
             traced=self.traced,
             trace_failure=self.trace_failure,
+            budget=self.budget.summary() if self.budget else None,
         )
 
     def __str__(self) -> str:
         r = self.report()
         table = format_table(r.LAYER_HEADER[:7], [row[:7] for row in r.layer_rows()])
-        return table + f"\nlayer parameters {r.params_before:,} -> {r.params_after:,}"
+        budget = f"\n\n{self.budget.table()}" if self.budget else ""
+        return table + f"\nlayer parameters {r.params_before:,} -> {r.params_after:,}" + budget
 
 
 def _report_row(p: LayerPlan) -> LayerReport:
@@ -102,15 +106,25 @@ def plan(
     conv_group: str | None = None,
     min_features: int | None = None,
     damping: float | None = None,
+    budget: Budget | str | dict | None = None,
+    calibration: Iterable[object] | torch.Tensor | None = None,
+    example_inputs: object = None,
+    max_calibration_rows: int | None = None,
+    progress: bool = True,
 ) -> CompressionPlan:
-    """What :func:`compress` would do to every dense layer of ``model``, without fitting or changing anything.
+    """What :func:`compress` would do to every dense layer of ``model``, without the final fits or changing it.
 
-    Works on models on the ``meta`` device (no weights are read). Arguments as in :func:`compress`.
+    Without a budget nothing is fitted and models on the ``meta`` device work (no weights are read). With a
+    ``budget``, every option of every layer is measured (timed on ``example_inputs``, fitted on
+    ``calibration``: :mod:`gmcompress.budget`) and the plan holds the allocation (``plan.budget``); ``model``
+    is not modified either way. Arguments as in :func:`compress`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
+    rules_recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe) if recipe is not None else None
+    budget, group = _budget(budget, rules_recipe, group, rank)
     rules = _rules(
-        recipe,
+        rules_recipe,
         group=group,
         rank=rank,
         on_mismatch=on_mismatch,
@@ -142,7 +156,30 @@ def plan(
             f"must match the whole name, e.g. {traced.layers[0][0] if traced.layers else 'fc'!r})",
             stacklevel=3,
         )
-    return CompressionPlan(model, plans, traced.failure is None, traced.failure, traced.graph_module)
+    the_plan = CompressionPlan(model, plans, traced.failure is None, traced.failure, traced.graph_module)
+    if budget is not None:
+        the_plan.budget = plan_budget(the_plan, budget, calibration, example_inputs, max_calibration_rows, progress)
+    return the_plan
+
+
+def _budget(
+    budget: Budget | str | dict | None, recipe: Recipe | None, group: str | list[str] | None, rank: int | None
+) -> tuple[Budget | None, str | None]:
+    """The budget (argument, else the recipe's ``budget:``) and the group the base rules use.
+
+    With a budget, ``group`` names the candidate groups (a family such as "C", a group or a list) and the
+    ranks are chosen, so ``rank`` must not be given."""
+    budget = budget if budget is not None else recipe.budget if recipe is not None else None
+    if budget is None:
+        if group is not None and not isinstance(group, str):
+            raise TypeError(f"group: a list of groups ({group!r}) needs a budget to choose among them")
+        return None, group
+    budget = Budget.parse(budget)
+    if group is not None:
+        budget = replace(budget, groups=group)
+    if rank is not None:
+        raise ValueError(f"rank={rank} with a budget: the budget chooses each layer's rank (leave rank out)")
+    return budget, budget.groups[0]
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
@@ -177,6 +214,7 @@ def compress(
     max_calibration_rows: int | None = None,
     calibration_mode: str = "sequential",
     progress: bool = True,
+    budget: Budget | str | dict | None = None,
 ) -> nn.Module:
     """Replace the dense ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers of ``model`` by group-matrix layers.
 
@@ -189,6 +227,9 @@ def compress(
     "sequential" fits the layers in call order, each on the inputs the already compressed layers before it
     produce; "original" fits every layer on the original model's activations (see
     :mod:`gmcompress.calibration`). ``example_inputs`` (same forms) lets the report measure MACs and latency.
+    ``budget`` (a :class:`~gmcompress.budget.Budget`, ``"params=4"`` or a mapping; or the recipe's ``budget:``)
+    chooses each layer's group and rank (or keeps it dense) from measured error, size and latency; ``group``
+    then names the candidates (a family: "C", "D", a group or a list of groups). See :mod:`gmcompress.budget`.
 
     The model is traced with torch.fx and the GM modules take the place of the originals in the
     returned ``GraphModule``; a model that does not trace gets one warning and its modules are swapped
@@ -200,14 +241,19 @@ def compress(
     overrides.update(min_features=min_features, damping=damping)
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
-    _rules(recipe, group=group, rank=rank, **overrides)  # bad settings fail before the model is copied
+    loaded = recipe if recipe is None or isinstance(recipe, Recipe) else load_recipe(recipe)
+    _rules(loaded, group=_budget(budget, loaded, group, rank)[1], rank=rank, **overrides)  # fail before the copy
     _check_mode(calibration_mode)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         working = model if inplace else _copy(model)
         was_training = working.training
         working.eval()
-        the_plan = plan(working, group, rank, recipe=recipe, include=include, exclude=exclude, **overrides)
+        the_plan = plan(
+            working, group, rank, recipe=loaded, include=include, exclude=exclude, **overrides, budget=budget,
+            calibration=calibration, example_inputs=example_inputs, max_calibration_rows=max_calibration_rows,
+            progress=progress,
+        )  # fmt: skip
         if the_plan.trace_failure is not None:
             warnings.warn(
                 f"gmcompress: {type(model).__name__} does not trace with torch.fx ({the_plan.trace_failure}); "
@@ -247,6 +293,7 @@ def apply_plan(
     """Fit every planned layer, swap it into ``root`` at all its names, and attach the report as ``root.gm_report``."""
     model = the_plan.model
     report = CompressionReport(traced=the_plan.traced, trace_failure=the_plan.trace_failure)
+    report.budget = the_plan.budget.summary() if the_plan.budget else None
     report.params_before, report.bytes_before = _count_params(model), state_dict_bytes(model)
     macs_before: dict[str, int] = {}
     if example_inputs is not None:

@@ -26,6 +26,7 @@ import torch
 
 from ._version import __version__
 from .api import compress, plan
+from .budget import Budget
 from .io import load, save
 from .report import CompressionReport, count_macs, format_table, measure_latency, state_dict_bytes
 from .zoo import DemoModel
@@ -92,6 +93,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", help="group for Linear / 1x1 layers, e.g. C8 (overrides the recipe)")
     p.add_argument("--rank", type=int, help="rank of the relaxed form (overrides the recipe)")
     p.add_argument("--conv-group", help="group of the square for k x k convolutions (C2, C4, D2, D4)")
+    p.add_argument(
+        "--budget",
+        help="choose each layer's group and rank under a budget: params=4 (times fewer weights), speedup=2 "
+        "(needs example inputs) or max_error=0.1; --group then names the candidates (C = cyclic orders 2-64)",
+    )
     p.add_argument("--example-shape", help="comma-separated shape of a random example input, e.g. 1,1,28,28")
     p.add_argument("--example-inputs", help="package.module:function returning example inputs")
     p.add_argument("--eval", help="package.module:function(model, reference) -> dict of metrics")
@@ -127,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compress(args: argparse.Namespace, original: torch.nn.Module, **kwargs: Any) -> Any:
     """:func:`compress` with the command line's group, rank, recipe and conv_group."""
-    return compress(original, args.group, args.rank, recipe=args.recipe, conv_group=args.conv_group, **kwargs)
+    budget = args.budget and Budget.parse(args.budget)
+    group = args.group
+    if budget and group and "," in group:
+        group = [g.strip() for g in group.split(",")]
+    return compress(
+        original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget or None, **kwargs
+    )
 
 
 def _add_metrics(

@@ -43,6 +43,7 @@ class LayerPlan:
     padded: bool = False
     params_after: int = 0
     build: Build | None = field(default=None, repr=False)
+    shell: Callable[[torch.device], GMLayer] | None = field(default=None, repr=False)  # unfitted, for timing
 
     @property
     def type(self) -> str:
@@ -57,7 +58,7 @@ class LayerPlan:
         return sum(p.numel() for p in self.module.parameters())
 
     def skip(self, reason: str) -> LayerPlan:
-        self.form, self.reason, self.build = "", reason, None
+        self.form, self.reason, self.build, self.shell = "", reason, None, None
         return self
 
 
@@ -139,9 +140,9 @@ def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings,
         plan.padded = True
     plan.form, plan.group = layer_type.__name__, s.group
     bias_mode = ("shared" if s.bias == "shared" else True) if plan.module.bias is not None else False
-    plan.params_after = sum(
-        p.numel() for p in _shell(plan.module, layer_type, g, s, bias_mode, plan.padded).parameters()
-    )
+    module, padded = plan.module, plan.padded
+    plan.shell = lambda device: _shell(module, layer_type, g, s, bias_mode, padded, device)
+    plan.params_after = sum(p.numel() for p in plan.shell(torch.device("meta")).parameters())
     kwargs = dict(
         support=s.support,
         impl=s.impl if layer_type is GMLinear or s.impl in ("auto", "dense") else "grouped",
@@ -150,20 +151,26 @@ def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings,
         bias="shared" if s.bias == "shared" else None,
         name=plan.name,
     )
-    module = plan.module
     plan.build = lambda x: layer_type.from_dense(module, g, s.rank, s.modulate, inputs=x, **kwargs)
     return plan
 
 
-def _shell(module: nn.Module, layer_type: type, g, s: LayerSettings, bias_mode, padded: bool) -> GMLayer:
-    """The GM layer a plan builds, on the meta device (its parameter count, without fitting)."""
+def _shell(
+    module: nn.Module, layer_type: type, g, s: LayerSettings, bias_mode, padded: bool, device: torch.device
+) -> GMLayer:
+    """The GM layer a plan builds, unfitted (freshly initialised) on ``device``: its size on ``meta``, its speed
+    on the model's device."""
     if layer_type is GMLinear:
         sizes = (module.in_features, module.out_features)
-        return GMLinear(*sizes, g, s.rank, s.modulate, s.support, bias=bias_mode, pad=padded, device="meta")
+        return GMLinear(*sizes, g, s.rank, s.modulate, s.support, bias=bias_mode, pad=padded, device=device)
     return GMChannelConv(
         module.in_channels, module.out_channels, tuple(module.kernel_size), g, s.rank, s.modulate,
-        bias=bias_mode, support=s.support, pad=padded, device="meta",
+        bias=bias_mode, support=s.support, pad=padded, device=device, **_conv_geometry(module),
     )  # fmt: skip
+
+
+def _conv_geometry(conv: nn.Module) -> dict:
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
 
 
 class LinearHandler(LayerHandler):
@@ -252,12 +259,13 @@ def _plan_tied_conv(plan: LayerPlan, s: LayerSettings) -> LayerPlan:
             )
         return plan.skip(msg + (" (padding is not supported for convolutions)" if s.on_mismatch == "pad" else ""))
     check_rank(s.rank, h.order, s.modulate, f"layer {plan.name!r} (Conv2d {plan.shape})")
-    shell = GMConv2d(
+    plan.shell = lambda device: GMConv2d(
         m.in_channels, m.out_channels, m.kernel_size[0], h, s.rank, s.modulate,
         bias=("shared" if s.bias == "shared" else True) if m.bias is not None else False, lifting=lifting,
-        device="meta",
+        stride=m.stride, padding=m.padding, dilation=m.dilation, device=device,
     )  # fmt: skip
-    plan.form, plan.group, plan.params_after = "GMConv2d", s.conv_group, sum(p.numel() for p in shell.parameters())
+    plan.form, plan.group = "GMConv2d", s.conv_group
+    plan.params_after = sum(p.numel() for p in plan.shell(torch.device("meta")).parameters())
     bias = "shared" if s.bias == "shared" else None
     plan.build = lambda x: GMConv2d.from_dense(
         m, h, s.rank, s.modulate, lifting, x, damping=s.damping, bias=bias, name=plan.name

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from .budget import Budget
 from .handlers import type_names
 from .settings import SETTING_TYPES, LayerSettings, check_setting
 
@@ -102,6 +103,7 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     finetune: Mapping[str, Any] | None = None
     source: str = "<kwargs>"
+    budget: Budget | None = None
 
     def resolve(self, name: str, module_type: str) -> tuple[LayerSettings | None, str]:
         """Settings for a layer (None when a rule skips it) and a short description of what decided."""
@@ -198,7 +200,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     """Validate a recipe mapping (as loaded from YAML)."""
     if not isinstance(data, Mapping):
         raise _fail(source, "<top>", f"expected a mapping with version/defaults/layers, got {type(data).__name__}")
-    allowed = {"version", "defaults", "layers", "finetune"}
+    allowed = {"version", "defaults", "layers", "finetune", "budget"}
     for key in data:
         if key not in allowed:
             raise _fail(source, str(key), f"unknown key (expected one of {', '.join(sorted(allowed))})")
@@ -213,7 +215,20 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         raise _fail(source, "layers", "expected a list of rules")
     rules = tuple(_check_rule(raw, source, f"layers[{i}]") for i, raw in enumerate(layers))
     finetune = data.get("finetune")
-    return Recipe(defaults, rules, None if finetune is None else _check_finetune(finetune, source), source)
+    finetune = None if finetune is None else _check_finetune(finetune, source)
+    return Recipe(defaults, rules, finetune, source, _check_budget(data.get("budget"), source))
+
+
+def _check_budget(raw: Any, source: str) -> Budget | None:
+    """``budget: {params: 4.0}`` (or speedup / max_error, with optional ``groups: C`` or a list)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise _fail(source, "budget", f"expected a mapping such as {{params: 4.0}}, got {raw!r}")
+    try:
+        return Budget.parse(raw)
+    except (ValueError, TypeError) as err:
+        raise _fail(source, "budget", str(err)) from None
 
 
 def load_recipe(recipe: str | Path | Mapping[str, Any]) -> Recipe:

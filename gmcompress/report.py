@@ -77,6 +77,7 @@ class CompressionReport:
     traced: bool = True
     trace_failure: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    budget: str | None = None  # the budget asked and what the plan predicts (gmcompress.budget)
 
     @property
     def compressed(self) -> list[LayerReport]:
@@ -182,10 +183,11 @@ class CompressionReport:
         route = "torch.fx graph pass" if self.traced else f"eager fallback (model does not trace: {self.trace_failure})"
         eq = self.max_equivariance_error
         eq_note = f"; max equivariance error of the GM weights {eq:.1e}" if eq is not None else ""
+        budget = f"\nPlanned under a {self.budget}." if self.budget else ""
         return (
             f"{len(self.compressed)} of {len(self.layers)} layers compressed via {route}{eq_note}. "
             "Fit err = ||W - W_gm|| / ||W||; calib out err = ||(W - W_gm) X^T|| / ||W X^T|| on the calibration "
-            "inputs (activation-aware fits); equiv err measured on the structured weight (bias excluded)."
+            "inputs (activation-aware fits); equiv err measured on the structured weight (bias excluded)." + budget
         )
 
     def to_json(self) -> str:

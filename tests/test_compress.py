@@ -313,7 +313,10 @@ def test_mnistnet_end_to_end_with_shipped_recipe(tmp_path):
     assert rep.params_after == sum(p.numel() for p in out.parameters())
     assert [r.status for r in rep.layers] == ["skipped", "compressed", "compressed", "skipped"]
     assert [r.form for r in rep.layers[1:3]] == ["GMChannelConv", "GMLinear"]
-    assert rep.params_before / rep.params_after > 8 and rep.macs_before / rep.macs_after > 2
+    assert rep.params_before / rep.params_after > 8
+    # the conv's path is chosen by timing (the grouped path on a quiet machine, dense under load): its MACs
+    # (90% of the model's) fall 3x exactly when it takes the block path
+    assert (rep.macs_before / rep.macs_after > 2) == (rep.layers[1].path != "dense")
     gm.save(out, tmp_path / "mnist.pt")
     torch.save(x, tmp_path / "x.pt")
     fresh = _fresh_process_outputs(tmp_path, "mnistnet", tmp_path / "mnist.pt", tmp_path / "x.pt")

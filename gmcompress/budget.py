@@ -1,0 +1,426 @@
+"""Compression under a budget: per-layer groups and ranks chosen from measured sensitivity and latency.
+
+``compress(model, budget=Budget(params=4.0), calibration=..., example_inputs=...)`` (or ``plan(...)`` for the
+plan alone). For every layer the plan would compress, the options are "keep dense" and every group of
+``Budget.groups`` whose order divides the layer's sizes at ranks ``1, 2, 4, ..., N/2`` (a ladder: each step
+halves the compression, and ``C_N`` rank r has the size of ``C_2N`` rank 2r, so the groups together cover
+every power-of-two ratio). Each option is measured, then one option per layer is allocated
+(:func:`gmcompress.allocation.allocate`, a multiple-choice knapsack):
+
+* **size**: parameters from the planned layer (no fit);
+* **latency** (``speedup`` budgets): each option's fastest forward path, timed on the layer's real input
+  from ``example_inputs`` on an unfitted layer of its shape, as :mod:`gmcompress.paths` does; the model's
+  latency is predicted as ``T_model - sum_l t_dense_l + sum_l t_l`` (``T_model`` measured);
+* **sensitivity** (needs ``calibration``): each option fitted activation-aware on the original model's
+  calibration statistics; its *layer error* ``||(W - W_gm) X^T|| / ||W X^T||`` and its *model error*, the
+  relative change of the model's output on the first calibration batch when only this layer is replaced
+  (a forward hook swaps the output; the user's model is not modified). Model errors of different layers
+  are treated as independent: the squared errors add.
+
+Allocation: ``params``: least summed squared model error with at most ``dense / params`` weights in the
+candidate layers; ``speedup``: least error with a predicted latency at most ``T_model / speedup``;
+``max_error``: fewest weights with ``sqrt(sum of squared model errors) <= max_error``. Budgets that no choice
+meets fail before any fit (size and latency are known first) with the closest achievable value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import Allocation, Infeasible, allocate
+from .batches import first_tensor, run_model
+from .calibration import capture_statistics
+from .groups import group as parse_group
+from .handlers import LayerPlan
+from .paths import capture_layer_inputs
+from .report import format_table, measure_latency, median_seconds
+
+if TYPE_CHECKING:
+    from .api import CompressionPlan
+
+__all__ = ["Budget", "BudgetError", "Option", "LayerOptions", "BudgetOutcome", "candidate_groups", "plan_budget"]
+
+FAMILIES = {
+    "C": tuple(f"C{2**k}" for k in range(1, 7)),  # cyclic orders 2 .. 64
+    "D": tuple(f"D{2**k}" for k in range(1, 6)),  # dihedral orders 4 .. 64
+}
+KINDS = ("params", "speedup", "max_error")
+TIMING_SECONDS = 0.05  # torch.utils.benchmark min_run_time per timed path, as in gmcompress.paths
+
+
+class BudgetError(ValueError):
+    """A budget that no allocation meets, or a budget given without the data it needs."""
+
+
+def candidate_groups(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"C"`` (cyclic orders 2-64), ``"D"`` (dihedral orders 4-64), one group name or a list of names."""
+    names = FAMILIES.get(spec, (spec,)) if isinstance(spec, str) else tuple(spec)
+    if not names:
+        raise ValueError("budget groups: expected a family ('C', 'D'), a group name or a non-empty list")
+    for n in names:
+        parse_group(n)  # unknown names fail here, with the accepted forms
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One target: ``params`` (times fewer weights in the candidate layers), ``speedup`` (whole-model latency on
+    ``example_inputs``, before / after) or ``max_error`` (the largest relative change of the model's output on
+    calibration data). ``groups``: the candidate groups (see :func:`candidate_groups`)."""
+
+    params: float | None = None
+    speedup: float | None = None
+    max_error: float | None = None
+    groups: str | tuple[str, ...] = "C"
+
+    def __post_init__(self) -> None:
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"Budget takes exactly one of {', '.join(KINDS)}, got {given or 'none'}")
+        value = getattr(self, given[0])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Budget({given[0]}=...): expected a finite number, got {value!r}")
+        if given[0] != "max_error" and value < 1:
+            raise ValueError(f"Budget({given[0]}={value}): expected a factor >= 1 (e.g. {given[0]}=4.0)")
+        if given[0] == "max_error" and value <= 0:
+            raise ValueError(f"Budget(max_error={value}): expected a relative error > 0 (e.g. 0.1)")
+        object.__setattr__(self, "groups", candidate_groups(self.groups))
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+    @property
+    def target(self) -> float:
+        return float(getattr(self, self.kind))
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.target:g}"
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | Budget) -> Budget:
+        """A Budget from ``"params=4"`` (CLI), a mapping (recipe ``budget:`` section) or a Budget."""
+        if isinstance(spec, Budget):
+            return spec
+        if isinstance(spec, str):
+            key, sep, value = spec.partition("=")
+            if not sep or key.strip() not in KINDS:
+                raise ValueError(f"budget {spec!r}: expected KIND=VALUE with KIND one of {', '.join(KINDS)}")
+            return cls(**{key.strip(): float(value)})
+        unknown = set(spec) - {*KINDS, "groups"}
+        if unknown:
+            raise ValueError(f"budget: unknown keys {sorted(unknown)} (expected {', '.join(KINDS)} and groups)")
+        return cls(**dict(spec))
+
+
+@dataclass
+class Option:
+    """One choice for one layer: keep it dense (``plan`` skipped) or one group and rank."""
+
+    label: str
+    plan: LayerPlan
+    params: int
+    seconds: float | None = None  # fastest path on the layer's example input
+    layer_error: float = 0.0
+    model_error: float = 0.0
+
+
+@dataclass
+class LayerOptions:
+    name: str
+    options: list[Option]  # options[0] keeps the layer dense
+
+    @property
+    def dense(self) -> Option:
+        return self.options[0]
+
+
+@dataclass
+class BudgetOutcome:
+    """The measured options of every candidate layer, the allocation and what it achieves (predicted)."""
+
+    budget: Budget
+    layers: list[LayerOptions]
+    allocation: Allocation
+    model_seconds: float | None = None  # the original model on example_inputs
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> list[Option]:
+        return [lo.options[j] for lo, j in zip(self.layers, self.allocation.choice)]
+
+    @property
+    def params_ratio(self) -> float:
+        return sum(lo.dense.params for lo in self.layers) / sum(o.params for o in self.chosen)
+
+    @property
+    def model_error(self) -> float:
+        """``sqrt(sum of squared model errors)`` of the chosen options: the predicted output error."""
+        return math.sqrt(sum(o.model_error**2 for o in self.chosen))
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        if self.model_seconds is None or any(o.seconds is None for lo in self.layers for o in lo.options):
+            return None
+        rest = _rest_seconds(self.model_seconds, self.layers)
+        return self.model_seconds / (rest + sum(o.seconds for o in self.chosen))
+
+    @property
+    def achieved(self) -> float:
+        """The planned value of the budgeted quantity."""
+        return {"params": self.params_ratio, "speedup": self.predicted_speedup, "max_error": self.model_error}[
+            self.budget.kind
+        ]
+
+    def summary(self) -> str:
+        method = "exact" if self.allocation.exact else f"Lagrangian, optimality gap {self.allocation.gap:.2e}"
+        speed = self.predicted_speedup
+        parts = [
+            f"budget {self.budget}: planned {self.params_ratio:.2f}x fewer weights in {len(self.layers)} layers",
+            f"predicted model error {self.model_error:.4f}",
+        ]
+        if speed is not None:
+            parts.append(f"predicted speed-up {speed:.2f}x")
+        return ", ".join(parts) + f" ({method} allocation)"
+
+    def table(self) -> str:
+        rows = []
+        for lo, o in zip(self.layers, self.chosen):
+            rows.append(
+                [
+                    lo.name,
+                    o.label,
+                    f"{lo.dense.params:,}",
+                    f"{o.params:,}",
+                    "-" if o.seconds is None else f"{o.seconds * 1e3:.3f}",
+                    "-" if lo.dense.seconds is None else f"{lo.dense.seconds * 1e3:.3f}",
+                    f"{o.layer_error:.4f}",
+                    f"{o.model_error:.4f}",
+                ]
+            )
+        header = ["layer", "choice", "params dense", "params", "ms", "ms dense", "layer err", "model err"]
+        return format_table(header, rows) + "\n" + self.summary()
+
+    def frontier(self, points: int = 24) -> list[tuple[float, float, float]]:
+        """``(params ratio, predicted model error, predicted speed-up or nan)`` of the best allocations for a
+        sweep of parameter budgets from the smallest model to the dense one."""
+        costs = [[o.model_error**2 for o in lo.options] for lo in self.layers]
+        weights = [[float(o.params) for o in lo.options] for lo in self.layers]
+        dense = sum(lo.dense.params for lo in self.layers)
+        low = sum(min(w) for w in weights)
+        out = []
+        for i in range(points):
+            cap = low * (dense / low) ** (i / (points - 1))
+            a = allocate(costs, weights, cap)
+            chosen = [lo.options[j] for lo, j in zip(self.layers, a.choice)]
+            out.append((dense / a.weight, math.sqrt(a.cost), self._speedup_of(chosen)))
+        return out
+
+    def _speedup_of(self, chosen: list[Option]) -> float:
+        if self.model_seconds is None or any(o.seconds is None for o in chosen):
+            return math.nan
+        rest = _rest_seconds(self.model_seconds, self.layers)
+        return self.model_seconds / (rest + sum(o.seconds for o in chosen))
+
+    def plot(self, path: str | Path | None = None, uniform: Mapping[str, tuple[float, float]] | None = None):
+        """Predicted model error against parameter ratio: the frontier, the chosen plan and ``uniform`` points
+        (label -> (ratio, error)). Saves to ``path`` when given; returns the matplotlib figure."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        pts = self.frontier()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, label="budget frontier")
+        ax.plot([self.params_ratio], [self.model_error], "r*", ms=12, label=f"chosen ({self.budget})")
+        for label, (ratio, err) in (uniform or {}).items():
+            ax.plot([ratio], [err], "s", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("times fewer weights in the candidate layers")
+        ax.set_ylabel("predicted model output error")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def _rest_seconds(model_seconds: float, layers: list[LayerOptions]) -> float:
+    """Model time outside the candidate layers (never below 0: layer timings are separate measurements)."""
+    return max(model_seconds - sum(lo.dense.seconds for lo in layers), 0.0)
+
+
+def rank_ladder(order: int) -> list[int]:
+    """Ranks 1, 2, 4, ... up to order / 2 (just 1 for groups of order 2)."""
+    ranks, r = [], 1
+    while r <= max(order // 2, 1):
+        ranks.append(r)
+        r *= 2
+    return ranks
+
+
+def _options(p: LayerPlan, groups: tuple[str, ...]) -> LayerOptions:
+    """Keep-dense and every group/rank of ``groups`` that plans for this layer (sizes divide, or padding)."""
+    dense = LayerPlan(p.name, p.module, p.handler, p.settings).skip("kept dense by the budget")
+    options = [Option("dense", dense, p.params_before)]
+    base = p.settings if p.settings.on_mismatch != "error" else replace(p.settings, on_mismatch="skip")
+    for g in groups:
+        for r in rank_ladder(parse_group(g).order):
+            candidate = p.handler.plan(p.name, p.module, replace(base, group=g, rank=r), "budget")
+            if candidate.form:
+                options.append(Option(f"{candidate.group} r{r}", candidate, candidate.params_after))
+    return LayerOptions(p.name, _unique(options))
+
+
+def _unique(options: list[Option]) -> list[Option]:
+    """One option per distinct layer form (a GMConv2d ignores the feature group: its ranks repeat)."""
+    seen, out = set(), []
+    for o in options:
+        key = (o.plan.form, o.plan.group, o.plan.settings.rank if o.plan.form else None)
+        if key not in seen:
+            seen.add(key)
+            out.append(o)
+    return out
+
+
+def plan_budget(
+    the_plan: CompressionPlan,
+    budget: Budget,
+    calibration: Iterable[object] | torch.Tensor | None,
+    example_inputs: object = None,
+    max_calibration_rows: int | None = None,
+    progress: bool = True,
+) -> BudgetOutcome:
+    """Measure every option of every candidate layer of ``the_plan`` and allocate them under ``budget``;
+    ``the_plan.layers`` are replaced by the chosen plans. See the module doc."""
+    if calibration is None:
+        raise BudgetError("a budget needs calibration batches (calibration=...) to measure each option's error")
+    if budget.kind == "speedup" and example_inputs is None:
+        raise BudgetError("Budget(speedup=...) needs example_inputs=... to time the model and each option")
+    model = the_plan.model
+    candidates = [p for p in the_plan.layers if p.settings is not None and not p.reason.startswith("weight tied")]
+    layers = [lo for lo in (_options(p, budget.groups) for p in candidates) if len(lo.options) > 1]
+    if not layers:
+        raise BudgetError(f"no layer can take any of the groups {', '.join(budget.groups)}: nothing to allocate")
+    was_training = model.training
+    model.eval()
+    try:
+        model_seconds = _time_options(model, layers, example_inputs) if budget.kind == "speedup" else None
+        _check_reachable(budget, layers, model_seconds)
+        _measure_errors(model, layers, calibration, max_calibration_rows, progress)
+    finally:
+        model.train(was_training)
+    outcome = BudgetOutcome(budget, layers, _allocate(budget, layers, model_seconds), model_seconds)
+    chosen = {lo.name: o.plan for lo, o in zip(layers, outcome.chosen)}
+    the_plan.layers = [chosen.get(p.name, p) for p in the_plan.layers]
+    return outcome
+
+
+def _time_options(model: nn.Module, layers: list[LayerOptions], example_inputs: object) -> float:
+    """Seconds of the model, and of each option's fastest path on its layer's example input (unfitted layers)."""
+    inputs = capture_layer_inputs(model, [lo.dense.plan for lo in layers], example_inputs)
+    for lo in layers:
+        x = inputs.get(lo.name)
+        if x is None:
+            raise BudgetError(f"layer {lo.name!r} is not called on example_inputs: it cannot be timed")
+        module = lo.dense.plan.module
+        lo.dense.seconds = median_seconds(lambda: module(x), module, TIMING_SECONDS)
+        device = next(module.parameters()).device
+        for o in lo.options[1:]:
+            layer = o.plan.shell(device).to(x.dtype)
+            o.seconds = min(_path_seconds(layer, x))
+    return measure_latency(model, example_inputs) / 1e3
+
+
+def _path_seconds(layer: nn.Module, x: torch.Tensor) -> list[float]:
+    times = []
+    for impl in layer.impls() or [getattr(layer, "impl", "dense")]:
+        layer.impl = impl
+        times.append(median_seconds(lambda: layer(x), layer, TIMING_SECONDS))
+    return times
+
+
+def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: float | None) -> None:
+    """Fail before any fit when no choice meets a size or speed budget, naming the closest achievable value."""
+    dense = sum(lo.dense.params for lo in layers)
+    if budget.kind == "params":
+        best = dense / sum(min(o.params for o in lo.options) for lo in layers)
+        if best < budget.target:
+            raise BudgetError(
+                f"Budget(params={budget.target:g}) cannot be met: the smallest choice of {', '.join(budget.groups)} "
+                f"gives {best:.2f}x fewer weights in the {len(layers)} candidate layers; ask for at most "
+                f"params={math.floor(best * 100) / 100:g} or allow larger groups"
+            )
+    if budget.kind == "speedup":
+        rest = _rest_seconds(model_seconds, layers)
+        best = model_seconds / (rest + sum(min(o.seconds for o in lo.options) for lo in layers))
+        if best < budget.target:
+            raise BudgetError(
+                f"Budget(speedup={budget.target:g}) cannot be met: with the fastest option of every one of the "
+                f"{len(layers)} candidate layers the model is predicted {best:.2f}x faster "
+                f"({model_seconds * 1e3:.3f} ms now, {rest * 1e3:.3f} ms outside those layers); ask for at most "
+                f"speedup={math.floor(best * 100) / 100:g} or allow larger groups"
+            )
+
+
+def _measure_errors(
+    model: nn.Module,
+    layers: list[LayerOptions],
+    calibration: Iterable[object] | torch.Tensor,
+    max_rows: int | None,
+    progress: bool,
+) -> None:
+    """Fit every option on the original model's calibration statistics; its layer and model errors."""
+    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    stats = capture_statistics(model, [lo.dense.plan for lo in layers], batches, max_rows)
+    probe = batches[0]
+    with torch.no_grad():
+        reference = first_tensor(run_model(model, probe)).detach()
+    total = sum(len(lo.options) - 1 for lo in layers)
+    with tqdm(total=total, desc="gmcompress: budget options", disable=not progress, unit="fit") as bar:
+        for lo in layers:
+            layer_stats = stats.pop(lo.name, None)
+            for o in lo.options[1:]:
+                fitted = o.plan.build(layer_stats)
+                o.layer_error = float(fitted.output_error if fitted.output_error is not None else fitted.fit_error)
+                o.model_error = _model_error(model, lo.dense.plan.module, fitted, probe, reference)
+                bar.update()
+
+
+def _model_error(
+    model: nn.Module, module: nn.Module, replacement: nn.Module, probe: object, reference: torch.Tensor
+) -> float:
+    """``||y - y_ref|| / ||y_ref||`` of the model's output on ``probe`` with ``module``'s output replaced."""
+    handle = module.register_forward_hook(lambda mod, args, out: replacement(*args))
+    try:
+        with torch.no_grad():
+            out = first_tensor(run_model(model, probe))
+    finally:
+        handle.remove()
+    err = float((out.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-300))
+    return err if math.isfinite(err) else math.inf
+
+
+def _allocate(budget: Budget, layers: list[LayerOptions], model_seconds: float | None) -> Allocation:
+    errors = [[min(o.model_error, 1e6) ** 2 for o in lo.options] for lo in layers]
+    params = [[float(o.params) for o in lo.options] for lo in layers]
+    dense = sum(lo.dense.params for lo in layers)
+    try:
+        if budget.kind == "params":
+            return allocate(errors, params, dense / budget.target)
+        if budget.kind == "speedup":
+            seconds = [[o.seconds for o in lo.options] for lo in layers]
+            return allocate(errors, seconds, model_seconds / budget.target - _rest_seconds(model_seconds, layers))
+        return allocate(params, errors, budget.target**2)
+    except Infeasible as err:  # size and speed were checked before the fits; dense options always meet max_error
+        raise BudgetError(f"budget {budget} cannot be met: {err}") from None

@@ -1,0 +1,220 @@
+"""Compression under a budget: the allocation is optimal, the budget is met, impossible budgets fail early."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import gmcompress as gm
+from gmcompress import allocation
+from gmcompress.budget import Budget, BudgetError, rank_ladder
+from gmcompress.handlers import LayerPlan
+
+
+def brute_force(costs, weights, capacity):
+    """The optimum by enumerating every choice (independent of the DP and the Lagrangian)."""
+    feasible = [
+        (sum(c[j] for c, j in zip(costs, ch)), ch)
+        for ch in itertools.product(*[range(len(c)) for c in costs])
+        if sum(w[j] for w, j in zip(weights, ch)) <= capacity
+    ]
+    return min(feasible)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_allocation_equals_brute_force_and_the_lagrangian_bound_holds(seed):
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 5) for _ in range(rng.randint(1, 5))]
+    costs = [[rng.random() for _ in range(k)] for k in sizes]
+    weights = [[rng.randint(1, 20) for _ in range(k)] for k in sizes]
+    low = sum(min(w) for w in weights)
+    capacity = rng.randint(low, low + 30)
+    best, _ = brute_force(costs, weights, capacity)
+    exact = allocation.allocate(costs, weights, capacity)
+    assert exact.exact and exact.cost == pytest.approx(best, abs=1e-12) and exact.weight <= capacity
+    lagrangian = allocation._lagrangian(costs, weights, capacity)  # the large-problem method, on a small one
+    assert lagrangian.weight <= capacity
+    assert lagrangian.bound <= best + 1e-9 <= lagrangian.cost + 2e-9  # the stated gap brackets the optimum
+
+
+def test_frontier_overflow_falls_back_to_the_lagrangian_with_a_gap():
+    rng = random.Random(0)
+    costs = [[rng.random() for _ in range(6)] for _ in range(8)]
+    weights = [[rng.random() for _ in range(6)] for _ in range(8)]
+    a = allocation.allocate(costs, weights, 3.0, max_frontier=10)
+    b = allocation.allocate(costs, weights, 3.0)
+    assert not a.exact and b.exact
+    assert a.bound <= b.cost + 1e-12 <= a.cost + 1e-12 and a.gap == pytest.approx(a.cost - a.bound)
+
+    def dual(lam):  # the Lagrangian dual function, maximised over a grid: the bound the fallback must state
+        return sum(min(c + lam * w for c, w in zip(cs, ws)) for cs, ws in zip(costs, weights)) - lam * 3.0
+
+    assert a.bound == pytest.approx(max(dual(i / 1000) for i in range(20000)), abs=1e-3)
+    assert a.gap > 1e-3  # a real duality gap on this instance (a bound equal to the cost would claim optimality)
+
+
+def test_infeasible_capacity_names_the_lightest_choice():
+    with pytest.raises(allocation.Infeasible) as info:
+        allocation.allocate([[0.0, 1.0], [0.0, 1.0]], [[5.0, 2.0], [4.0, 3.0]], 4.0)
+    assert info.value.lightest == 5.0
+
+
+def test_budget_validation_and_parsing():
+    assert Budget.parse("params=4") == Budget(params=4.0)
+    assert Budget.parse({"speedup": 2, "groups": ["C4", "C8"]}).groups == ("C4", "C8")
+    assert Budget(max_error=0.1).groups == tuple(f"C{2**k}" for k in range(1, 7))
+    for bad in [dict(), dict(params=4, speedup=2), dict(params=0.5), dict(max_error=0), dict(params=math.nan)]:
+        with pytest.raises(ValueError, match="Budget"):
+            Budget(**bad)
+    with pytest.raises(ValueError, match="KIND=VALUE"):
+        Budget.parse("fast=2")
+    with pytest.raises(ValueError):
+        Budget(params=2, groups="Q7")
+    assert rank_ladder(16) == [1, 2, 4, 8] and rank_ladder(2) == [1]
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+
+
+def calibration(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(48, 32, generator=gen) for _ in range(2)]
+
+
+GROUPS = ("C2", "C4", "C8")
+
+
+def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options():
+    net = mlp()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    the_plan = gm.plan(net, budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert not any(m._forward_hooks for m in net.modules())  # the probes' hooks are gone
+    out = the_plan.budget
+    dense = sum(lo.dense.params for lo in out.layers)
+    costs = [[o.model_error**2 for o in lo.options] for lo in out.layers]
+    weights = [[o.params for o in lo.options] for lo in out.layers]
+    best, choice = brute_force(costs, weights, dense / 3.0)
+    assert out.allocation.choice == choice and out.allocation.cost == pytest.approx(best)
+    assert len(set(choice)) > 1  # not a uniform answer: the layers' sensitivities differ
+    model = gm.compress(net, budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), progress=False)
+    rows = model.gm_report.layers
+    assert [f"{r.group} r{r.rank}" if r.form else "dense" for r in rows] == [o.label for o in out.chosen]
+    after = sum(r.params_after for r in rows)
+    assert dense / after >= 3.0 and dense / after == pytest.approx(out.params_ratio)
+    assert "budget params=3" in str(model.gm_report)
+
+
+def test_the_model_error_of_an_option_is_the_output_change_with_only_that_layer_compressed():
+    net, cal = mlp(), calibration()
+    out = gm.plan(net, budget=Budget(params=2.0, groups=("C4",)), calibration=cal, progress=False).budget
+    lo = out.layers[1]
+    option = next(o for o in lo.options if o.label == "C4 r2")
+    single = gm.compress(
+        net, "C4", 2, include=lo.name, calibration=cal, calibration_mode="original", progress=False
+    )  # an independent route: compress() with that one layer, then compare the outputs
+    with torch.no_grad():
+        ref = net(cal[0])
+        measured = float((single(cal[0]) - ref).norm() / ref.norm())
+    assert option.model_error == pytest.approx(measured, rel=1e-4)
+    assert option.layer_error == pytest.approx(single.gm_report.layers[1].output_error, rel=1e-6)
+
+
+def test_max_error_budget_takes_the_fewest_weights_under_the_error():
+    net = mlp()
+    out = gm.plan(net, budget=Budget(max_error=0.6, groups=GROUPS), calibration=calibration(), progress=False).budget
+    assert out.model_error <= 0.6
+    errors = [[o.model_error**2 for o in lo.options] for lo in out.layers]
+    params = [[o.params for o in lo.options] for lo in out.layers]
+    best, _ = brute_force(params, errors, 0.36)
+    assert sum(o.params for o in out.chosen) == best
+
+
+def _no_fits(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a layer was fitted before the budget was found impossible")
+
+    monkeypatch.setattr(LayerPlan, "build", property(lambda self: refuse, lambda self, v: None), raising=False)
+
+
+def test_impossible_size_budget_fails_before_any_fit_naming_the_closest(monkeypatch):
+    net = mlp()
+    _no_fits(monkeypatch)
+    with pytest.raises(BudgetError, match=r"params=100\) cannot be met.* (\d+\.\d+)x fewer weights.*at most params="):
+        gm.compress(net, budget=Budget(params=100.0, groups=GROUPS), calibration=calibration(), progress=False)
+
+
+def test_impossible_speed_budget_fails_before_any_fit(monkeypatch):
+    net = mlp()
+    _no_fits(monkeypatch)
+    with pytest.raises(BudgetError, match=r"speedup=50\) cannot be met.*predicted \d+\.\d+x faster"):
+        gm.plan(
+            net,
+            budget=Budget(speedup=50.0, groups=("C4",)),
+            calibration=calibration(),
+            example_inputs=calibration()[0],
+            progress=False,
+        )
+
+
+def test_speed_budget_options_are_timed_and_the_prediction_uses_them():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024)).eval()
+    x = torch.randn(256, 1024)
+    free = gm.plan(net, budget=Budget(speedup=1.0, groups=("C8",)), calibration=[x], example_inputs=x, progress=False)
+    out = free.budget
+    assert all(o.seconds is not None and o.seconds > 0 for lo in out.layers for o in lo.options)
+    assert out.predicted_speedup >= 1.0
+    assert [o.label for o in out.chosen] == ["dense", "dense"]  # speed-up 1 costs nothing: no error taken
+    # C8 rank 1 does 8x fewer multiply-adds than these 1024x1024 layers: the timed options make 1.3x reachable
+    fast = gm.plan(net, budget=Budget(speedup=1.3, groups=("C8",)), calibration=[x], example_inputs=x, progress=False)
+    assert fast.budget.predicted_speedup >= 1.3 and any(o.label != "dense" for o in fast.budget.chosen)
+
+
+def test_budget_needs_calibration_and_rank_is_refused():
+    net = mlp()
+    with pytest.raises(BudgetError, match="calibration"):
+        gm.plan(net, budget="params=2")
+    with pytest.raises(BudgetError, match="example_inputs"):
+        gm.plan(net, budget="speedup=2", calibration=calibration())
+    with pytest.raises(ValueError, match="the budget chooses each layer's rank"):
+        gm.compress(net, rank=2, budget="params=2", calibration=calibration())
+
+
+def test_recipe_budget_section_and_errors(tmp_path):
+    recipe = {"version": 1, "defaults": {"damping": 0.1}, "budget": {"params": 2.5, "groups": ["C4", "C8"]}}
+    out = gm.plan(mlp(), recipe=recipe, calibration=calibration(), progress=False).budget
+    assert out.budget == Budget(params=2.5, groups=("C4", "C8")) and out.params_ratio >= 2.5
+    with pytest.raises(ValueError, match="budget: .*unknown keys"):
+        gm.plan(mlp(), recipe={"version": 1, "budget": {"parms": 2}})
+
+
+def test_cli_budget_flag(tmp_path, capsys):
+    from gmcompress import cli
+
+    rc = cli.main(
+        [
+            "compress",
+            "--model",
+            "cli_models:build_mlp",
+            "--budget",
+            "params=2",
+            "--group",
+            "C2,C4",
+            "--example-inputs",
+            "cli_models:example_inputs",
+            "--calibration",
+            "cli_models:example_inputs",
+            "--quiet",
+        ]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "budget params=2" in out.out

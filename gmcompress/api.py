@@ -244,6 +244,8 @@ def compress(
     loaded = recipe if recipe is None or isinstance(recipe, Recipe) else load_recipe(recipe)
     _rules(loaded, group=_budget(budget, loaded, group, rank)[1], rank=rank, **overrides)  # fail before the copy
     _check_mode(calibration_mode)
+    if calibration is not None and not isinstance(calibration, torch.Tensor):
+        calibration = list(calibration)  # a budget reads the batches before the fits do: a generator must not run dry
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         working = model if inplace else _copy(model)

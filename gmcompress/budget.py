@@ -2,9 +2,9 @@
 
 ``compress(model, budget=Budget(params=4.0), calibration=..., example_inputs=...)`` (or ``plan(...)`` for the
 plan alone). For every layer the plan would compress, the options are "keep dense" and every group of
-``Budget.groups`` whose order divides the layer's sizes at ranks ``1, 2, 4, ..., N/2`` (a ladder: each step
-halves the compression, and ``C_N`` rank r has the size of ``C_2N`` rank 2r, so the groups together cover
-every power-of-two ratio). Each option is measured, then one option per layer is allocated
+``Budget.groups`` whose order divides the layer's sizes at ranks ``1, 2, 4, ..., min(N/2, max_rank)`` (a
+ladder: each step halves the compression, and ``C_N`` rank r has the size of ``C_2N`` rank 2r, so the groups
+together cover every power-of-two ratio). Each option is measured, then one option per layer is allocated
 (:func:`gmcompress.allocation.allocate`, a multiple-choice knapsack):
 
 * **size**: parameters from the planned layer (no fit);
@@ -57,7 +57,12 @@ TIMING_SECONDS = 0.05  # torch.utils.benchmark min_run_time per timed path, as i
 
 
 class BudgetError(ValueError):
-    """A budget that no allocation meets, or a budget given without the data it needs."""
+    """A budget that no allocation meets (``closest``: the best value any choice reaches), or a budget given
+    without the data it needs (``closest`` None)."""
+
+    def __init__(self, message: str, closest: float | None = None) -> None:
+        super().__init__(message)
+        self.closest = closest
 
 
 def candidate_groups(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -74,12 +79,14 @@ def candidate_groups(spec: str | Sequence[str]) -> tuple[str, ...]:
 class Budget:
     """One target: ``params`` (times fewer weights in the candidate layers), ``speedup`` (whole-model latency on
     ``example_inputs``, before / after) or ``max_error`` (the largest relative change of the model's output on
-    calibration data). ``groups``: the candidate groups (see :func:`candidate_groups`)."""
+    calibration data). ``groups``: the candidate groups (see :func:`candidate_groups`); ``max_rank`` caps the
+    ranks tried (a fit's cost grows with rank squared, and C_N rank r has the size of C_N/2 rank r/2)."""
 
     params: float | None = None
     speedup: float | None = None
     max_error: float | None = None
     groups: str | tuple[str, ...] = "C"
+    max_rank: int = 8
 
     def __post_init__(self) -> None:
         given = [k for k in KINDS if getattr(self, k) is not None]
@@ -93,6 +100,8 @@ class Budget:
         if given[0] == "max_error" and value <= 0:
             raise ValueError(f"Budget(max_error={value}): expected a relative error > 0 (e.g. 0.1)")
         object.__setattr__(self, "groups", candidate_groups(self.groups))
+        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
+            raise ValueError(f"Budget(max_rank={self.max_rank!r}): expected a whole number >= 1")
 
     @property
     def kind(self) -> str:
@@ -115,9 +124,9 @@ class Budget:
             if not sep or key.strip() not in KINDS:
                 raise ValueError(f"budget {spec!r}: expected KIND=VALUE with KIND one of {', '.join(KINDS)}")
             return cls(**{key.strip(): float(value)})
-        unknown = set(spec) - {*KINDS, "groups"}
+        unknown = set(spec) - {*KINDS, "groups", "max_rank"}
         if unknown:
-            raise ValueError(f"budget: unknown keys {sorted(unknown)} (expected {', '.join(KINDS)} and groups)")
+            raise ValueError(f"budget: unknown keys {sorted(unknown)} (expected {', '.join(KINDS)}, groups, max_rank)")
         return cls(**dict(spec))
 
 
@@ -260,22 +269,22 @@ def _rest_seconds(model_seconds: float, layers: list[LayerOptions]) -> float:
     return max(model_seconds - sum(lo.dense.seconds for lo in layers), 0.0)
 
 
-def rank_ladder(order: int) -> list[int]:
-    """Ranks 1, 2, 4, ... up to order / 2 (just 1 for groups of order 2)."""
+def rank_ladder(order: int, max_rank: int = 8) -> list[int]:
+    """Ranks 1, 2, 4, ... up to order / 2 (just 1 for groups of order 2) and ``max_rank``."""
     ranks, r = [], 1
-    while r <= max(order // 2, 1):
+    while r <= min(max(order // 2, 1), max_rank):
         ranks.append(r)
         r *= 2
     return ranks
 
 
-def _options(p: LayerPlan, groups: tuple[str, ...]) -> LayerOptions:
+def _options(p: LayerPlan, groups: tuple[str, ...], max_rank: int) -> LayerOptions:
     """Keep-dense and every group/rank of ``groups`` that plans for this layer (sizes divide, or padding)."""
     dense = LayerPlan(p.name, p.module, p.handler, p.settings).skip("kept dense by the budget")
     options = [Option("dense", dense, p.params_before)]
     base = p.settings if p.settings.on_mismatch != "error" else replace(p.settings, on_mismatch="skip")
     for g in groups:
-        for r in rank_ladder(parse_group(g).order):
+        for r in rank_ladder(parse_group(g).order, max_rank):
             candidate = p.handler.plan(p.name, p.module, replace(base, group=g, rank=r), "budget")
             if candidate.form:
                 options.append(Option(f"{candidate.group} r{r}", candidate, candidate.params_after))
@@ -309,7 +318,7 @@ def plan_budget(
         raise BudgetError("Budget(speedup=...) needs example_inputs=... to time the model and each option")
     model = the_plan.model
     candidates = [p for p in the_plan.layers if p.settings is not None and not p.reason.startswith("weight tied")]
-    layers = [lo for lo in (_options(p, budget.groups) for p in candidates) if len(lo.options) > 1]
+    layers = [lo for lo in (_options(p, budget.groups, budget.max_rank) for p in candidates) if len(lo.options) > 1]
     if not layers:
         raise BudgetError(f"no layer can take any of the groups {', '.join(budget.groups)}: nothing to allocate")
     was_training = model.training
@@ -359,7 +368,8 @@ def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: 
             raise BudgetError(
                 f"Budget(params={budget.target:g}) cannot be met: the smallest choice of {', '.join(budget.groups)} "
                 f"gives {best:.2f}x fewer weights in the {len(layers)} candidate layers; ask for at most "
-                f"params={math.floor(best * 100) / 100:g} or allow larger groups"
+                f"params={math.floor(best * 100) / 100:g} or allow larger groups",
+                best,
             )
     if budget.kind == "speedup":
         rest = _rest_seconds(model_seconds, layers)
@@ -369,7 +379,8 @@ def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: 
                 f"Budget(speedup={budget.target:g}) cannot be met: with the fastest option of every one of the "
                 f"{len(layers)} candidate layers the model is predicted {best:.2f}x faster "
                 f"({model_seconds * 1e3:.3f} ms now, {rest * 1e3:.3f} ms outside those layers); ask for at most "
-                f"speedup={math.floor(best * 100) / 100:g} or allow larger groups"
+                f"speedup={math.floor(best * 100) / 100:g} or allow larger groups",
+                best,
             )
 
 

@@ -94,6 +94,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="rank of the relaxed form (overrides the recipe)")
     p.add_argument("--conv-group", help="group of the square for k x k convolutions (C2, C4, D2, D4)")
     p.add_argument(
+        "--calibration-mode",
+        choices=("sequential", "original"),
+        default="sequential",
+        help="fit each layer on the compressed prefix's activations (sequential, default) or the original model's",
+    )
+    p.add_argument(
         "--budget",
         help="choose each layer's group and rank under a budget: params=4 (times fewer weights), speedup=2 "
         "(needs example inputs) or max_error=0.1; --group then names the candidates (C = cyclic orders 2-64)",
@@ -138,8 +144,9 @@ def _compress(args: argparse.Namespace, original: torch.nn.Module, **kwargs: Any
     if budget and group and "," in group:
         group = [g.strip() for g in group.split(",")]
     return compress(
-        original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget or None, **kwargs
-    )
+        original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget or None,
+        calibration_mode=args.calibration_mode, **kwargs,
+    )  # fmt: skip
 
 
 def _add_metrics(

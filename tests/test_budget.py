@@ -75,7 +75,10 @@ def test_budget_validation_and_parsing():
         Budget.parse("fast=2")
     with pytest.raises(ValueError):
         Budget(params=2, groups="Q7")
-    assert rank_ladder(16) == [1, 2, 4, 8] and rank_ladder(2) == [1]
+    assert rank_ladder(16) == [1, 2, 4, 8] and rank_ladder(2) == [1] and rank_ladder(64) == [1, 2, 4, 8]
+    assert rank_ladder(64, max_rank=2) == [1, 2]
+    with pytest.raises(ValueError, match="max_rank"):
+        Budget(params=2, max_rank=0)
 
 
 def mlp(seed=0):
@@ -125,6 +128,12 @@ def test_the_model_error_of_an_option_is_the_output_change_with_only_that_layer_
         measured = float((single(cal[0]) - ref).norm() / ref.norm())
     assert option.model_error == pytest.approx(measured, rel=1e-4)
     assert option.layer_error == pytest.approx(single.gm_report.layers[1].output_error, rel=1e-6)
+
+
+def test_calibration_given_as_a_generator_reaches_the_final_fits_too():
+    net = mlp()
+    model = gm.compress(net, budget=Budget(params=2.0, groups=("C4",)), calibration=iter(calibration()), progress=False)
+    assert all(r.output_error is not None for r in model.gm_report.compressed)  # activation-aware final fits
 
 
 def test_max_error_budget_takes_the_fewest_weights_under_the_error():

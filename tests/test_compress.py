@@ -406,3 +406,21 @@ def test_cli_plan_compress_report_finetune(tmp_path, capsys):
     assert "fine-tuned" in text and "8 steps" in text and tuned.exists()
     assert main(["finetune", "--model", "cli_models:mlp", "--group", "C8"]) == 2
     assert "no fine-tuning budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["original", "sequential"])
+def test_cli_calibration_mode_reaches_compress(mode, monkeypatch, capsys):
+    from gmcompress import cli
+
+    seen = {}
+    real = cli.compress
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "compress", spy)
+    args = ["compress", "--model", "cli_models:mlp", "--group", "C8", "--calibration", "cli_models:example_inputs"]
+    rc = cli.main([*args, "--calibration-mode", mode, "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert seen["calibration_mode"] == mode and seen["calibration"] is not None

@@ -31,7 +31,7 @@ from gmcompress import zoo
 from gmcompress.report import measure_latency
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import LowRankLinear, replace_layers  # noqa: E402
+from baselines import replace_layers  # noqa: E402
 from common import measured_on, publish, table_head  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -114,12 +114,16 @@ def mnist_section(quick: bool) -> list[str]:
     target = 2.0
     lines = [f"### MNISTNet, `Budget(speedup={target:g})` on its example batch ({x.shape[0]} digits)", ""]
     try:
-        model = gm.compress(net, budget=gm.Budget(speedup=target), calibration=zoo.mnist_calibration(), example_inputs=x)
+        model = gm.compress(
+            net, budget=gm.Budget(speedup=target), calibration=zoo.mnist_calibration(), example_inputs=x
+        )
     except gm.BudgetError as err:
         lines += [f"Not met: `{err}`", "", *amdahl(net, x), ""]
         target = round(0.9 * err.closest, 2)
         lines += [f"Rerun at 90% of the closest achievable: `Budget(speedup={target:g})`.", ""]
-        model = gm.compress(net, budget=gm.Budget(speedup=target), calibration=zoo.mnist_calibration(), example_inputs=x)
+        model = gm.compress(
+            net, budget=gm.Budget(speedup=target), calibration=zoo.mnist_calibration(), example_inputs=x
+        )
     rep = model.gm_report
     before = zoo.mnist_accuracy(model)["accuracy"]
     data = zoo.mnist_augmented(copies=1)

@@ -80,12 +80,12 @@ def _pareto(
 ) -> Allocation | None:
     """Exact DP over Pareto-optimal partial sums; None when the frontier outgrows ``max_frontier``."""
     rest = [0.0] * (len(weights) + 1)  # lightest weight of the layers after l
-    for l in range(len(weights) - 1, -1, -1):
-        rest[l] = rest[l + 1] + min(weights[l])
+    for i in range(len(weights) - 1, -1, -1):
+        rest[i] = rest[i + 1] + min(weights[i])
     frontier: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
     slack = capacity * 1e-12
-    for l, (cl, wl) in enumerate(zip(costs, weights)):
-        room = capacity - rest[l + 1] + slack
+    for i, (cl, wl) in enumerate(zip(costs, weights)):
+        room = capacity - rest[i + 1] + slack
         if len(frontier) * len(cl) > 4 * max_frontier:
             return None
         grown = [(w + wj, c + cj, ch + (j,)) for w, c, ch in frontier for j, (cj, wj) in enumerate(zip(cl, wl))]
@@ -145,13 +145,13 @@ def _improve(
     while True:
         spare = capacity - _total(weights, choice)
         best, best_rate = None, 0.0
-        for l, (c, w) in enumerate(zip(costs, weights)):
+        for i, (c, w) in enumerate(zip(costs, weights)):
             for j in range(len(c)):
-                gain, extra = c[choice[l]] - c[j], w[j] - w[choice[l]]
+                gain, extra = c[choice[i]] - c[j], w[j] - w[choice[i]]
                 if gain > 0 and extra <= spare:
                     rate = math.inf if extra <= 0 else gain / extra
                     if rate > best_rate:
-                        best, best_rate = (l, j), rate
+                        best, best_rate = (i, j), rate
         if best is None:
             return choice
         choice[best[0]] = best[1]

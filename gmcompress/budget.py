@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -343,7 +344,7 @@ def _time_options(model: nn.Module, layers: list[LayerOptions], example_inputs: 
         if x is None:
             raise BudgetError(f"layer {lo.name!r} is not called on example_inputs: it cannot be timed")
         module = lo.dense.plan.module
-        lo.dense.seconds = median_seconds(lambda: module(x), module, TIMING_SECONDS)
+        lo.dense.seconds = median_seconds(partial(module, x), module, TIMING_SECONDS)
         device = next(module.parameters()).device
         for o in lo.options[1:]:
             layer = o.plan.shell(device).to(x.dtype)
@@ -355,7 +356,7 @@ def _path_seconds(layer: nn.Module, x: torch.Tensor) -> list[float]:
     times = []
     for impl in layer.impls() or [getattr(layer, "impl", "dense")]:
         layer.impl = impl
-        times.append(median_seconds(lambda: layer(x), layer, TIMING_SECONDS))
+        times.append(median_seconds(partial(layer, x), layer, TIMING_SECONDS))
     return times
 
 

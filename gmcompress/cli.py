@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmcompress", description="Compress PyTorch models with group matrices.")
     parser.add_argument("--version", action="version", version=f"gmcompress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="show which layers would be compressed and how (no fitting)")
+    plan = sub.add_parser("plan", help="show which layers would be compressed and how (no fitting but a budget's)")
     _add_common(plan)
+    plan.add_argument("--calibration", help="package.module:function returning calibration batches (budgets)")
     comp = sub.add_parser("compress", help="fit, swap and report; --out saves the result")
     _add_common(comp)
     comp.add_argument("--calibration", help="package.module:function returning calibration batches")
@@ -139,14 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compress(args: argparse.Namespace, original: torch.nn.Module, **kwargs: Any) -> Any:
     """:func:`compress` with the command line's group, rank, recipe and conv_group."""
-    budget = args.budget and Budget.parse(args.budget)
-    group = args.group
-    if budget and group and "," in group:
-        group = [g.strip() for g in group.split(",")]
+    budget, group = _budget(args)
     return compress(
-        original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget or None,
+        original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget,
         calibration_mode=args.calibration_mode, **kwargs,
     )  # fmt: skip
+
+
+def _budget(args: argparse.Namespace) -> tuple[Budget | None, str | list[str] | None]:
+    """``--budget`` parsed, and ``--group`` (with a budget, a comma-separated list names the candidates)."""
+    budget = Budget.parse(args.budget) if args.budget else None
+    group = args.group
+    if budget is not None and group and "," in group:
+        group = [g.strip() for g in group.split(",")]
+    return budget, group
 
 
 def _add_metrics(
@@ -208,7 +215,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "finetune":
         return _finetune(args, factory, original)
     if args.command == "plan":
-        print(plan(original, args.group, args.rank, recipe=args.recipe, conv_group=args.conv_group))
+        budget, group = _budget(args)
+        example, calibration, _ = _hooks(args, factory) if budget is not None else (None, None, None)
+        the_plan = plan(
+            original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget,
+            calibration=calibration, example_inputs=example, progress=False,
+        )  # fmt: skip
+        print(the_plan)
         return 0
     example, calibration, evaluate = _hooks(args, factory)
     if args.command == "compress":

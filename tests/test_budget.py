@@ -227,3 +227,20 @@ def test_cli_budget_flag(tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "budget params=2" in out.out
+    rc = cli.main(["plan", "--model", "cli_models:build_mlp", "--budget", "params=2", "--group", "C2,C4"]
+                  + ["--calibration", "cli_models:example_inputs"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "choice" in out.out and "budget params=2: planned" in out.out
+
+
+def test_frontier_runs_from_the_smallest_model_to_dense_and_the_plot_is_written(tmp_path):
+    out = gm.plan(mlp(), budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), progress=False).budget
+    pts = out.frontier(points=8)
+    ratios, errors = [p[0] for p in pts], [p[1] for p in pts]
+    smallest = sum(lo.dense.params for lo in out.layers) / sum(min(o.params for o in lo.options) for lo in out.layers)
+    assert ratios[0] == pytest.approx(smallest) and ratios[-1] == pytest.approx(1.0) and errors[-1] == 0.0
+    assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:]))  # more weights never cost error
+    assert min(abs(r - out.params_ratio) for r in ratios) >= 0 and out.params_ratio >= 3.0
+    out.plot(tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 1000

@@ -369,7 +369,7 @@ def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: 
             raise BudgetError(
                 f"Budget(params={budget.target:g}) cannot be met: the smallest choice of {', '.join(budget.groups)} "
                 f"gives {best:.2f}x fewer weights in the {len(layers)} candidate layers; ask for at most "
-                f"params={math.floor(best * 100) / 100:g} or allow larger groups",
+                f"params={math.floor(best * 100 + 1e-6) / 100:g} or allow larger groups",
                 best,
             )
     if budget.kind == "speedup":
@@ -380,7 +380,7 @@ def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: 
                 f"Budget(speedup={budget.target:g}) cannot be met: with the fastest option of every one of the "
                 f"{len(layers)} candidate layers the model is predicted {best:.2f}x faster "
                 f"({model_seconds * 1e3:.3f} ms now, {rest * 1e3:.3f} ms outside those layers); ask for at most "
-                f"speedup={math.floor(best * 100) / 100:g} or allow larger groups",
+                f"speedup={math.floor(best * 100 + 1e-6) / 100:g} or allow larger groups",
                 best,
             )
 

@@ -173,18 +173,41 @@ def test_impossible_speed_budget_fails_before_any_fit(monkeypatch):
         )
 
 
-def test_speed_budget_options_are_timed_and_the_prediction_uses_them():
+def _fake_clock(monkeypatch):
+    """Deterministic timings (no timed asserts): a dense 1024x1024 layer 1 ms, a GM layer 1 ms on its dense path
+    and 1/8 ms on its block path, the model 2.1 ms (0.1 ms outside its two layers)."""
+    from gmcompress import budget as budget_module
+
+    def seconds(call, model, min_run_time):
+        if isinstance(model, nn.Linear):
+            return 1e-3
+        return 1e-3 if model.impl == "dense" else 1e-3 / 8
+
+    monkeypatch.setattr(budget_module, "median_seconds", seconds)
+    monkeypatch.setattr(budget_module, "measure_latency", lambda model, inputs: 2.1)
+
+
+def test_speed_budget_options_are_timed_and_the_prediction_uses_them(monkeypatch):
+    _fake_clock(monkeypatch)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024)).eval()
-    x = torch.randn(256, 1024)
-    free = gm.plan(net, budget=Budget(speedup=1.0, groups=("C8",)), calibration=[x], example_inputs=x, progress=False)
-    out = free.budget
-    assert all(o.seconds is not None and o.seconds > 0 for lo in out.layers for o in lo.options)
-    assert out.predicted_speedup >= 1.0
-    assert [o.label for o in out.chosen] == ["dense", "dense"]  # speed-up 1 costs nothing: no error taken
-    # C8 rank 1 does 8x fewer multiply-adds than these 1024x1024 layers: the timed options make 1.3x reachable
-    fast = gm.plan(net, budget=Budget(speedup=1.3, groups=("C8",)), calibration=[x], example_inputs=x, progress=False)
-    assert fast.budget.predicted_speedup >= 1.3 and any(o.label != "dense" for o in fast.budget.chosen)
+    x = torch.randn(64, 1024)
+
+    def budget_plan(speedup):
+        groups = ("C8",)
+        return gm.plan(net, budget=Budget(speedup=speedup, groups=groups), calibration=[x], example_inputs=x).budget
+
+    free = budget_plan(1.0)
+    assert [[o.seconds for o in lo.options] for lo in free.layers] == [[1e-3] + [1e-3 / 8] * 3] * 2  # C8 r1, r2, r4
+    assert [o.label for o in free.chosen] == ["dense", "dense"]  # speed-up 1 costs nothing: no error taken
+    assert free.predicted_speedup == pytest.approx(1.0)
+    one = budget_plan(1.5)  # needs one layer on its block path: 2.1 / (0.1 + 1 + 0.125) = 1.71
+    assert sorted(o.label == "dense" for o in one.chosen) == [False, True]
+    assert one.predicted_speedup == pytest.approx(2.1 / 1.225)
+    both = budget_plan(2.0)  # needs both
+    assert not any(o.label == "dense" for o in both.chosen)
+    with pytest.raises(BudgetError, match=r"predicted 6\.00x faster.*at most speedup=6"):
+        budget_plan(6.5)
 
 
 def test_budget_needs_calibration_and_rank_is_refused():

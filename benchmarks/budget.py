@@ -201,7 +201,8 @@ def minilm_section(quick: bool) -> list[str]:
     start = time.perf_counter()
     the_plan = gm.plan(teacher, budget=budget_4x, include=include, calibration=calibration)
     plan_seconds = time.perf_counter() - start
-    models["GM budget params=4"] = gm.compress(teacher, budget=budget_4x, include=include, calibration=calibration)
+    recipe = the_plan.budget.to_recipe()  # the allocation, without measuring the options a second time
+    models["GM budget params=4"] = gm.compress(teacher, recipe=recipe, calibration=calibration)
     budget = {n: teacher.get_submodule(n).weight.numel() // 4 for n in names}
     models["truncated SVD 4x"] = replace_layers(teacher, names, budget, "svd")
     models["magnitude pruning 4x"] = replace_layers(teacher, names, budget, "prune")

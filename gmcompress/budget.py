@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,7 @@ from .groups import group as parse_group
 from .handlers import LayerPlan
 from .paths import capture_layer_inputs
 from .report import format_table, measure_latency, median_seconds
+from .settings import LayerSettings
 
 if TYPE_CHECKING:
     from .api import CompressionPlan
@@ -218,6 +219,24 @@ class BudgetOutcome:
             )
         header = ["layer", "choice", "params dense", "params", "ms", "ms dense", "layer err", "model err"]
         return format_table(header, rows) + "\n" + self.summary()
+
+    def to_recipe(self) -> dict[str, Any]:
+        """A recipe (mapping; ``yaml.safe_dump`` it to keep it) with one ``name:`` rule per candidate layer that
+        gives the chosen group and rank, or ``skip: true``: compressing with it reproduces this allocation
+        without measuring the options again."""
+        rules = []
+        for lo, o in zip(self.layers, self.chosen):
+            rule: dict[str, Any] = {"name": lo.name}
+            if o.plan.form:
+                default = LayerSettings()
+                for f in fields(LayerSettings):  # the layer's settings where they differ from the defaults
+                    value = getattr(o.plan.settings, f.name)
+                    if value != getattr(default, f.name):
+                        rule[f.name] = list(value) if isinstance(value, tuple) else value
+            else:
+                rule["skip"] = True
+            rules.append(rule)
+        return {"version": 1, "defaults": {"group": None}, "layers": rules}
 
     def frontier(self, points: int = 24) -> list[tuple[float, float, float]]:
         """``(params ratio, predicted model error, predicted speed-up or nan)`` of the best allocations for a

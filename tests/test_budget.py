@@ -115,6 +115,19 @@ def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options
     assert "budget params=3" in str(model.gm_report)
 
 
+def test_to_recipe_reproduces_the_allocation_without_measuring_again(monkeypatch):
+    net, cal = mlp(), calibration()
+    out = gm.plan(net, budget=Budget(params=3.0, groups=GROUPS), damping=0.3, calibration=cal, progress=False).budget
+    recipe = out.to_recipe()
+    import gmcompress.budget as budget_module
+
+    monkeypatch.setattr(budget_module, "plan_budget", None)  # no budget planning on this route
+    model = gm.compress(net, recipe=recipe, calibration=cal, progress=False)
+    rows = model.gm_report.layers
+    assert [f"{r.group} r{r.rank}" if r.form else "dense" for r in rows] == [o.label for o in out.chosen]
+    assert all(r["damping"] == 0.3 for r in recipe["layers"] if not r.get("skip"))  # the layer's own settings
+
+
 def test_the_model_error_of_an_option_is_the_output_change_with_only_that_layer_compressed():
     net, cal = mlp(), calibration()
     out = gm.plan(net, budget=Budget(params=2.0, groups=("C4",)), calibration=cal, progress=False).budget

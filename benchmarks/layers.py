@@ -10,6 +10,11 @@ with the MAC-limited speed-up (dense MACs / GM MACs) beside the measured one. Ev
 ``torch.inference_mode`` (the layers cache their weights, as in deployment). ``--device cuda`` runs the
 GPU setting instead: n = 8192, C16, batch 16384, bf16 and fp32 (TF32 off), against ``x @ W.T``.
 Prints markdown tables; ``--out`` also writes them to a file.
+
+``--shapes``: issue 16's table instead: GMLinear (rank 1, blocks path) on the MiniLM / BERT / LLaMA feed-forward
+shapes at 32 and 512 rows with C8, C16 and D8, against ``nn.Linear`` and against a truncated-SVD pair of Linears
+with the same number of parameters, with the MAC-limited speed-up (dense MACs / GM MACs) beside the measured one.
+``--threads N`` sets torch's threads.
 """
 
 from __future__ import annotations
@@ -173,14 +178,64 @@ def cuda_rows(quick: bool, min_run_time: float) -> list[dict]:
     return rows
 
 
+SHAPES = [(384, 1536), (1536, 384), (768, 3072), (3072, 768), (4096, 4096), (4096, 11008)]
+
+
+def shape_lines(quick: bool, min_run_time: float) -> list[str]:
+    """Issue 16: GMLinear (blocks) vs dense vs equal-parameter low rank, per shape, rows and group."""
+    import torch.nn.functional as F
+
+    shapes = SHAPES[:2] if quick else SHAPES
+    head = (
+        "| layer | rows | group | dense us | GM us | low rank us (equal params) | speed-up | MAC limit | "
+        "share of limit | GM / low rank |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for fin, fout in shapes:
+        for group in ("C8", "C16", "D8"):
+            torch.manual_seed(0)
+            dense = torch.nn.Linear(fin, fout).eval()
+            layer = GMLinear(fin, fout, group, 1, impl="blocks").eval()
+            k = max(1, sum(p.numel() for p in layer.parameters()) // (fin + fout))
+            a, b = torch.randn(k, fin) / fin**0.5, torch.randn(fout, k) / k**0.5
+            limit = fin * fout / layer.macs_per_row()
+            for rows in (32, 512):
+                x = torch.randn(rows, fin)
+                with torch.inference_mode():
+                    layer(x)
+                    t_dense = timed("f(x)", min_run_time, f=dense, x=x)
+                    t_gm = timed("f(x)", min_run_time, f=layer, x=x)
+                    t_low = timed("F.linear(F.linear(x, a), b)", min_run_time, F=F, x=x, a=a, b=b)
+                speed = t_dense / t_gm
+                lines.append(
+                    f"| {fin} -> {fout} | {rows} | {group} | {t_dense * 1e6:.0f} | {t_gm * 1e6:.0f} | "
+                    f"{t_low * 1e6:.0f} | {speed:.2f}x | {limit:.1f}x | {speed / limit:.0%} | {t_gm / t_low:.1f}x |"
+                )
+                print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n=4096, C16, rank 1 only (under a minute)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--shapes", action="store_true", help="issue 16's table: feed-forward shapes vs low rank")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     min_run_time = 0.2 if args.quick else 0.5
     start = time.perf_counter()
+    if args.shapes:
+        lines = shape_lines(args.quick, min_run_time)
+        text = "\n".join([f"{measured_on()}; {time.perf_counter() - start:.0f} s.", "", *lines])
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+            refresh()
+        return
     rows = cuda_rows(args.quick, min_run_time) if args.device == "cuda" else cpu_rows(args.quick, min_run_time)
     header = "| device | dtype | n | group | rank | batch | impl | dense us | GM us | speed-up | param ratio |"
     lines = [

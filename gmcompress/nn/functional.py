@@ -139,21 +139,28 @@ def modulated_basis(modulations: torch.Tensor | None, q: torch.Tensor, c_out: in
 
 
 def blocks_forward(
-    x: torch.Tensor, q: torch.Tensor, weight_t: torch.Tensor, back_t: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, q: torch.Tensor, weight_t: torch.Tensor, modulations: torch.Tensor | None, c_out: int
 ) -> torch.Tensor:
-    """``x (B, c_in, N) -> (B, c_out N)``: transform, one ``bmm`` over the packed groups, transform back.
+    """``x (B, c_in, N) -> (B, c_out N)``: transform, one ``bmm`` over the packed groups, transform back, modulate.
 
-    ``weight_t`` is :func:`grouped_weights` transposed ``(groups, size c_in, size r c_out)``; ``back_t`` is
-    :func:`modulated_basis` transposed ``(c_out, r M, N)``, applied as one ``bmm`` batched over output channels.
+    ``weight_t`` is :func:`grouped_weights` transposed, ``(groups, size c_in, size r c_out)``. The way back is one
+    GEMM over every (row, channel, term): ``u[b, o, k, p] = sum_m yt[b, o, k, m] q[p, m]``, then
+    ``y[b, o, p] = sum_k a[k, o, p] u[b, o, k, p]`` (``a = 1`` without modulations), elementwise. (A bmm batched
+    over output channels with the modulations folded into the basis did the same in c_out tiny products.)
     """
-    batch, c_in, _ = x.shape
-    groups, c_out = weight_t.shape[0], back_t.shape[0]
-    size = q.shape[1] // groups
+    batch, c_in, n = x.shape
+    groups, m = weight_t.shape[0], q.shape[1]
+    size = m // groups
+    r = 1 if modulations is None else modulations.shape[0]
     z = torch.matmul(x, q).view(batch, c_in, groups, size).permute(2, 0, 3, 1).reshape(groups, batch, size * c_in)
     yt = torch.bmm(z, weight_t)  # (G, B, size r c_out), columns (x, k, o)
-    yt = yt.view(groups, batch, size, -1, c_out).permute(4, 1, 3, 0, 2).reshape(c_out, batch, -1)  # (o, B, (k, m))
-    y = torch.bmm(yt, back_t).transpose(0, 1).reshape(batch, -1)  # (B, c_out N)
-    return y if bias is None else y + bias
+    yt = yt.view(groups, batch, size, r, c_out).permute(1, 4, 3, 0, 2).reshape(batch * c_out * r, m)  # rows (b, o, k)
+    u = torch.mm(yt, q.t())
+    if modulations is None:
+        return u.view(batch, c_out * n)
+    if r == 1:
+        return (u.view(batch, c_out, n) * modulations[0]).view(batch, c_out * n)
+    return (u.view(batch, c_out, r, n) * modulations.transpose(0, 1)).sum(2).view(batch, c_out * n)
 
 
 def kernel_spectra(kernels_full: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -23,7 +23,6 @@ from .functional import (
     grouped_plan,
     grouped_weights,
     kernel_spectra,
-    modulated_basis,
 )
 
 IMPLS = ("auto", "dense", "blocks", "fft")
@@ -225,7 +224,8 @@ class GMLinear(GMModule):
         n, rco = self.pattern.n_out, self.rank * self.c_out
         m, size = self._packing.q.shape[1], self._packing.size  # packed coordinates (N plus packing zeros)
         gemm = self._packing.groups * size * size * self.c_in * rco
-        return int(self.c_in * n * m + gemm + rco * m * n)  # transform, packed bmm, way back (modulation folded)
+        modulation = rco * n if self.modulations is not None else 0
+        return int(self.c_in * n * m + gemm + rco * m * n + modulation)  # transform, packed bmm, way back, modulate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -241,8 +241,8 @@ class GMLinear(GMModule):
             n = self.pattern.n_out
             xg = x2.view(-1, self.c_in, n)
             if impl == "blocks":
-                weight_t, back_t = self._cached("blocks", self._block_weights)
-                y = blocks_forward(xg, self._q, weight_t, back_t, None)
+                weight_t = self._cached("blocks", self._block_weights)
+                y = blocks_forward(xg, self._q, weight_t, self.modulations, self.c_out)
             else:
                 spectra = self._cached("fft", self._kernel_spectra)
                 y = fft_forward(xg, spectra, self.group.cyclic_shape)
@@ -257,12 +257,10 @@ class GMLinear(GMModule):
     def _kernel_spectra(self) -> torch.Tensor:
         return kernel_spectra(full_kernels(self.kernels, self._support, self.pattern.n_out), self.group.cyclic_shape)
 
-    def _block_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The packed block weights and the modulated way back, both transposed for ``bmm``."""
+    def _block_weights(self) -> torch.Tensor:
+        """The packed block weights, transposed for ``bmm``."""
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
-        weight_t = grouped_weights(self.kernels, rho, self._packing).transpose(1, 2).contiguous()
-        back_t = modulated_basis(self.modulations, self._q, self.c_out).transpose(1, 2).contiguous()
-        return weight_t, back_t
+        return grouped_weights(self.kernels, rho, self._packing).transpose(1, 2).contiguous()
 
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Multiply-accumulates of one call: rows of ``inp`` times :meth:`macs_per_row`."""

@@ -61,14 +61,18 @@ def mlp_section(quick: bool) -> list[str]:
     x = torch.randn(batch, width, generator=gen)
     target = 1.5 if quick else 3.0
     start = time.perf_counter()
-    model = gm.compress(net, budget=gm.Budget(speedup=target), calibration=calibration, example_inputs=x)
+    title = f"### 3-layer {width}-wide MLP, `Budget(speedup={target:g})`, batch {batch}"
+    try:
+        model = gm.compress(net, budget=gm.Budget(speedup=target), calibration=calibration, example_inputs=x)
+    except gm.BudgetError as err:  # timings decide what is reachable; a noisy machine may not reach it
+        return [title, "", f"Not met: `{err}`", ""]
     seconds = time.perf_counter() - start
     rep = model.gm_report
     before, after = measure_latency(net, x), measure_latency(model, x)
     gm_err = output_error(model, net, calibration[0])
     names = ["0", "2", "4"]
     lines = [
-        f"### 3-layer {width}-wide MLP, `Budget(speedup={target:g})`, batch {batch}",
+        title,
         "",
         f"Plan and fits {seconds:.0f} s. {rep.budget}.",
         "",
@@ -121,7 +125,7 @@ def mnist_section(quick: bool) -> list[str]:
     except gm.BudgetError as err:
         lines += [f"Not met: `{err}`", "", *amdahl(net, x), ""]
         target = math.floor(err.closest * 100) / 100
-        if target < 1.01:
+        if quick or target < 1.01:
             return lines + ["No compressed choice is faster than the dense model here: nothing to fine-tune.", ""]
         lines += [f"Rerun at the closest achievable: `Budget(speedup={target:g})`.", ""]
         model = gm.compress(
@@ -207,8 +211,9 @@ def minilm_section(quick: bool) -> list[str]:
     recipe = the_plan.budget.to_recipe()  # the allocation, without measuring the options a second time
     models["GM budget params=4"] = gm.compress(teacher, recipe=recipe, calibration=calibration)
     budget = {n: teacher.get_submodule(n).weight.numel() // 4 for n in names}
-    models["truncated SVD 4x"] = replace_layers(teacher, names, budget, "svd")
-    models["magnitude pruning 4x"] = replace_layers(teacher, names, budget, "prune")
+    if not quick:
+        models["truncated SVD 4x"] = replace_layers(teacher, names, budget, "svd")
+        models["magnitude pruning 4x"] = replace_layers(teacher, names, budget, "prune")
     rows, uniform_points = [], {}
     for label, model in models.items():
         params = layer_weights(model, names)

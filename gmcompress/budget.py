@@ -337,6 +337,11 @@ def plan_budget(
     if budget.kind == "speedup" and example_inputs is None:
         raise BudgetError("Budget(speedup=...) needs example_inputs=... to time the model and each option")
     model = the_plan.model
+    if any(p.is_meta for p in model.parameters()):
+        raise BudgetError(
+            "a budget fits and runs every option, so it needs the model's weights: this model is on the meta "
+            "device (gm.plan without a budget shows the plan of a meta model)"
+        )
     candidates = [p for p in the_plan.layers if p.settings is not None and not p.reason.startswith("weight tied")]
     layers = [lo for lo in (_options(p, budget.groups, budget.max_rank) for p in candidates) if len(lo.options) > 1]
     if not layers:

@@ -229,6 +229,8 @@ def test_budget_needs_calibration_and_rank_is_refused():
         gm.plan(net, budget="params=2")
     with pytest.raises(BudgetError, match="example_inputs"):
         gm.plan(net, budget="speedup=2", calibration=calibration())
+    with pytest.raises(BudgetError, match="meta device"):
+        gm.plan(nn.Linear(64, 64, device="meta"), budget="params=2", calibration=torch.randn(4, 64))
     with pytest.raises(ValueError, match="the budget chooses each layer's rank"):
         gm.compress(net, rank=2, budget="params=2", calibration=calibration())
 

@@ -295,7 +295,6 @@ def apply_plan(
     """Fit every planned layer, swap it into ``root`` at all its names, and attach the report as ``root.gm_report``."""
     model = the_plan.model
     report = CompressionReport(traced=the_plan.traced, trace_failure=the_plan.trace_failure)
-    report.budget = the_plan.budget.summary() if the_plan.budget else None
     report.params_before, report.bytes_before = _count_params(model), state_dict_bytes(model)
     macs_before: dict[str, int] = {}
     if example_inputs is not None:
@@ -321,6 +320,8 @@ def apply_plan(
     with bar:
         calibrate(model, the_plan.graph_module, todo, calibration, install, calibration_mode, max_calibration_rows)
     report.layers = [rows.get(p.name, _report_row(p)) for p in the_plan.layers]
+    if the_plan.budget is not None:
+        report.budget = _budget_outcome(the_plan.budget, root)
     report.params_after, report.bytes_after = _count_params(root), state_dict_bytes(root)
     if example_inputs is not None:
         report.macs_after, macs_after = count_macs(root, example_inputs)
@@ -329,6 +330,20 @@ def apply_plan(
             row.macs_before, row.macs_after = macs_before.get(row.name), macs_after.get(row.name)
     root.gm_report = report
     return report
+
+
+def _budget_outcome(outcome: BudgetOutcome, root: nn.Module) -> str:
+    """The budget's summary with the model error measured on the compressed model (its final fits see the
+    compressed prefix, the plan's predictions did not); a ``max_error`` budget it exceeds gets a warning."""
+    measured = outcome.measured_error(root)
+    if outcome.budget.kind == "max_error" and measured > outcome.budget.target:
+        warnings.warn(
+            f"gmcompress: budget {outcome.budget}: the compressed model's output error on the probe batch is "
+            f"{measured:.4f} (predicted {outcome.model_error:.4f} from the layers' errors taken as independent); "
+            "ask for a smaller max_error to stay under it",
+            stacklevel=3,
+        )
+    return f"{outcome.summary()}; measured model error {measured:.4f}"
 
 
 def _keep_frozen(dense: nn.Module, new: nn.Module) -> None:

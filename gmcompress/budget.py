@@ -162,7 +162,12 @@ class BudgetOutcome:
     layers: list[LayerOptions]
     allocation: Allocation
     model_seconds: float | None = None  # the original model on example_inputs
-    notes: list[str] = field(default_factory=list)
+    probe: object = field(default=None, repr=False)  # the calibration batch the model errors are measured on
+    reference: torch.Tensor | None = field(default=None, repr=False)  # the original model's output on it
+
+    def measured_error(self, model: nn.Module) -> float:
+        """``||y - y_ref|| / ||y_ref||`` of ``model``'s output on the probe batch: what the plan predicted."""
+        return _relative_error(_output(model, self.probe), self.reference)
 
     @property
     def chosen(self) -> list[Option]:
@@ -351,10 +356,11 @@ def plan_budget(
     try:
         model_seconds = _time_options(model, layers, example_inputs) if budget.kind == "speedup" else None
         _check_reachable(budget, layers, model_seconds)
-        _measure_errors(model, layers, calibration, max_calibration_rows, progress)
+        probe, reference = _measure_errors(model, layers, calibration, max_calibration_rows, progress)
     finally:
         model.train(was_training)
-    outcome = BudgetOutcome(budget, layers, _allocate(budget, layers, model_seconds), model_seconds)
+    allocation = _allocate(budget, layers, model_seconds)
+    outcome = BudgetOutcome(budget, layers, allocation, model_seconds, probe, reference)
     chosen = {lo.name: o.plan for lo, o in zip(layers, outcome.chosen)}
     the_plan.layers = [chosen.get(p.name, p) for p in the_plan.layers]
     return outcome
@@ -415,13 +421,13 @@ def _measure_errors(
     calibration: Iterable[object] | torch.Tensor,
     max_rows: int | None,
     progress: bool,
-) -> None:
-    """Fit every option on the original model's calibration statistics; its layer and model errors."""
+) -> tuple[object, torch.Tensor]:
+    """Fit every option on the original model's calibration statistics; its layer and model errors. Returns the
+    probe batch (the first calibration batch) and the original model's output on it."""
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     stats = capture_statistics(model, [lo.dense.plan for lo in layers], batches, max_rows)
     probe = batches[0]
-    with torch.no_grad():
-        reference = first_tensor(run_model(model, probe)).detach()
+    reference = _output(model, probe)
     total = sum(len(lo.options) - 1 for lo in layers)
     with tqdm(total=total, desc="gmcompress: budget options", disable=not progress, unit="fit") as bar:
         for lo in layers:
@@ -431,6 +437,22 @@ def _measure_errors(
                 o.layer_error = float(fitted.output_error if fitted.output_error is not None else fitted.fit_error)
                 o.model_error = _model_error(model, lo.dense.plan.module, fitted, probe, reference)
                 bar.update()
+    return probe, reference
+
+
+def _output(model: nn.Module, batch: object) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return first_tensor(run_model(model, batch)).detach()
+    finally:
+        model.train(was_training)
+
+
+def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    err = float((out.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-300))
+    return err if math.isfinite(err) else math.inf
 
 
 def _model_error(
@@ -439,12 +461,10 @@ def _model_error(
     """``||y - y_ref|| / ||y_ref||`` of the model's output on ``probe`` with ``module``'s output replaced."""
     handle = module.register_forward_hook(lambda mod, args, out: replacement(*args))
     try:
-        with torch.no_grad():
-            out = first_tensor(run_model(model, probe))
+        out = _output(model, probe)
     finally:
         handle.remove()
-    err = float((out.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-300))
-    return err if math.isfinite(err) else math.inf
+    return _relative_error(out, reference)
 
 
 def _allocate(budget: Budget, layers: list[LayerOptions], model_seconds: float | None) -> Allocation:

@@ -115,6 +115,20 @@ def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options
     assert "budget params=3" in str(model.gm_report)
 
 
+def test_report_gives_the_measured_model_error_and_warns_over_max_error(monkeypatch):
+    net, cal = mlp(), calibration()
+    model = gm.compress(net, budget=Budget(max_error=0.6, groups=GROUPS), calibration=cal, progress=False)
+    with torch.no_grad():
+        ref = net(cal[0])
+        measured = float((model(cal[0]) - ref).norm() / ref.norm())
+    assert f"measured model error {measured:.4f}" in model.gm_report.budget
+    import gmcompress.budget as budget_module
+
+    monkeypatch.setattr(budget_module.BudgetOutcome, "measured_error", lambda self, m: 0.9)
+    with pytest.warns(UserWarning, match=r"max_error=0.6: the compressed model's output error .* is 0.9000"):
+        gm.compress(net, budget=Budget(max_error=0.6, groups=GROUPS), calibration=cal, progress=False)
+
+
 def test_to_recipe_reproduces_the_allocation_without_measuring_again(monkeypatch):
     net, cal = mlp(), calibration()
     out = gm.plan(net, budget=Budget(params=3.0, groups=GROUPS), damping=0.3, calibration=cal, progress=False).budget

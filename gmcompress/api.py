@@ -145,7 +145,12 @@ def plan(
             continue
         matched += 1
         settings, decided = rules.resolve(name, handler.type_name)
-        layer_plan = handler.plan(name, module, settings, decided)
+        if budget is not None and settings is not None and settings.on_mismatch == "error":
+            # with a budget, "error" means: no candidate group fits (checked by the budget), not: the first one
+            layer_plan = handler.plan(name, module, replace(settings, on_mismatch="skip"), decided)
+            layer_plan.settings = settings
+        else:
+            layer_plan = handler.plan(name, module, settings, decided)
         if layer_plan.form and id(module.weight) in tied:
             others = ", ".join(n for n in tied[id(module.weight)] if not n.startswith(f"{name}."))
             layer_plan.skip(f"weight tied to {others}: tied layers stay dense (untying them would change the model)")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["run_model", "call_arguments", "first_tensor", "to_device", "split_batch"]
+__all__ = ["run_model", "call_arguments", "first_tensor", "output_tensors", "to_device", "split_batch"]
 
 
 def call_arguments(inputs: object) -> tuple[tuple, dict]:
@@ -39,6 +39,17 @@ def first_tensor(out: object) -> torch.Tensor:
         if isinstance(v, torch.Tensor):
             return v
     raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
+
+
+def output_tensors(out: object) -> list[torch.Tensor]:
+    """Every floating-point tensor of a model output (tensor, tuple/list, dict or ModelOutput, nested), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() or out.is_complex() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in output_tensors(v)]
+    return []
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

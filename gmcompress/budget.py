@@ -13,9 +13,9 @@ together cover every power-of-two ratio). Each option is measured, then one opti
   latency is predicted as ``T_model - sum_l t_dense_l + sum_l t_l`` (``T_model`` measured);
 * **sensitivity** (needs ``calibration``): each option fitted activation-aware on the original model's
   calibration statistics; its *layer error* ``||(W - W_gm) X^T|| / ||W X^T||`` and its *model error*, the
-  relative change of the model's output on the first calibration batch when only this layer is replaced
-  (a forward hook swaps the output; the user's model is not modified). Model errors of different layers
-  are treated as independent: the squared errors add.
+  relative change of the model's output tensors (all of them) on the first calibration batch when only this
+  layer is replaced (a forward hook swaps the output; the user's model, its modules' modes and the RNG are left
+  as they were). Model errors of different layers are treated as independent: the squared errors add.
 
 Allocation: ``params``: least summed squared model error with at most ``dense / params`` weights in the
 candidate layers; ``speedup``: least error with a predicted latency at most ``T_model / speedup``;
@@ -26,7 +26,9 @@ meets fail before any fit (size and latency are known first) with the closest ac
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -37,9 +39,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Allocation, Infeasible, allocate
-from .batches import first_tensor, run_model
+from .batches import output_tensors, run_model
 from .calibration import capture_statistics
 from .groups import group as parse_group
+from .groups import square_group
 from .handlers import LayerPlan
 from .paths import capture_layer_inputs
 from .report import format_table, measure_latency, median_seconds
@@ -69,9 +72,15 @@ class BudgetError(ValueError):
 
 def candidate_groups(spec: str | Sequence[str]) -> tuple[str, ...]:
     """``"C"`` (cyclic orders 2-64), ``"D"`` (dihedral orders 4-64), one group name or a list of names."""
-    names = FAMILIES.get(spec, (spec,)) if isinstance(spec, str) else tuple(spec)
+    expected = "expected a family ('C', 'D'), a group name or a non-empty list of group names"
+    if isinstance(spec, str):
+        names = FAMILIES.get(spec, (spec,))
+    elif isinstance(spec, (list, tuple)) and all(isinstance(n, str) for n in spec):
+        names = tuple(spec)
+    else:
+        raise ValueError(f"budget groups: {expected}, got {spec!r}")
     if not names:
-        raise ValueError("budget groups: expected a family ('C', 'D'), a group name or a non-empty list")
+        raise ValueError(f"budget groups: {expected}")
     for n in names:
         parse_group(n)  # unknown names fail here, with the accepted forms
     return tuple(dict.fromkeys(names))
@@ -95,7 +104,10 @@ class Budget:
         if len(given) != 1:
             raise ValueError(f"Budget takes exactly one of {', '.join(KINDS)}, got {given or 'none'}")
         value = getattr(self, given[0])
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            object.__setattr__(self, given[0], float(value))  # numpy scalars too
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"Budget({given[0]}=...): expected a finite number, got {value!r}")
         if given[0] != "max_error" and value < 1:
             raise ValueError(f"Budget({given[0]}={value}): expected a factor >= 1 (e.g. {given[0]}=4.0)")
@@ -125,10 +137,19 @@ class Budget:
             key, sep, value = spec.partition("=")
             if not sep or key.strip() not in KINDS:
                 raise ValueError(f"budget {spec!r}: expected KIND=VALUE with KIND one of {', '.join(KINDS)}")
-            return cls(**{key.strip(): float(value)})
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"budget {spec!r}: {value.strip()!r} is not a number (e.g. {key.strip()}=4)") from None
+            return cls(**{key.strip(): number})
+        if not isinstance(spec, Mapping):
+            raise TypeError(
+                f"budget: expected a gm.Budget, a 'KIND=VALUE' string or a mapping, got {spec!r} "
+                f"(e.g. gm.Budget(params=4.0))"
+            )
         unknown = set(spec) - {*KINDS, "groups", "max_rank"}
         if unknown:
-            raise ValueError(f"budget: unknown keys {sorted(unknown)} (expected {', '.join(KINDS)}, groups, max_rank)")
+            raise ValueError(f"unknown budget keys {sorted(unknown)} (expected {', '.join(KINDS)}, groups, max_rank)")
         return cls(**dict(spec))
 
 
@@ -246,6 +267,10 @@ class BudgetOutcome:
     def frontier(self, points: int = 24) -> list[tuple[float, float, float]]:
         """``(params ratio, predicted model error, predicted speed-up or nan)`` of the best allocations for a
         sweep of parameter budgets from the smallest model to the dense one."""
+        if points < 2:
+            raise ValueError(
+                f"frontier: points must be at least 2 (the smallest model and the dense one), got {points}"
+            )
         costs = [[o.model_error**2 for o in lo.options] for lo in self.layers]
         weights = [[float(o.params) for o in lo.options] for lo in self.layers]
         dense = sum(lo.dense.params for lo in self.layers)
@@ -303,16 +328,28 @@ def rank_ladder(order: int, max_rank: int = 8) -> list[int]:
     return ranks
 
 
+def _is_candidate(p: LayerPlan) -> bool:
+    """A layer the budget chooses for: one the rules let through (not skipped, not ``group: null`` unless tied by
+    conv_group) whose weight is not tied."""
+    if p.settings is None or p.reason.startswith("weight tied"):
+        return False
+    return p.settings.group is not None or p.form == "GMConv2d"
+
+
 def _options(p: LayerPlan, groups: tuple[str, ...], max_rank: int) -> LayerOptions:
     """Keep-dense and every group/rank of ``groups`` that plans for this layer (sizes divide, or padding)."""
     dense = LayerPlan(p.name, p.module, p.handler, p.settings).skip("kept dense by the budget")
     options = [Option("dense", dense, p.params_before)]
-    base = p.settings if p.settings.on_mismatch != "error" else replace(p.settings, on_mismatch="skip")
+    base = p.settings if p.settings.on_mismatch != "error" else replace(p.settings, on_mismatch="skip")  # checked after
     for g in groups:
-        for r in rank_ladder(parse_group(g).order, max_rank):
-            candidate = p.handler.plan(p.name, p.module, replace(base, group=g, rank=r), "budget")
-            if candidate.form:
-                options.append(Option(f"{candidate.group} r{r}", candidate, candidate.params_after))
+        first = p.handler.plan(p.name, p.module, replace(base, group=g, rank=1), "budget")
+        if not first.form:
+            continue
+        tied = first.form == "GMConv2d"  # a k x k conv tied by conv_group: its ranks are bounded by that group
+        order = square_group(base.conv_group).order if tied else parse_group(g).order
+        for r in rank_ladder(order, max_rank):
+            candidate = first if r == 1 else p.handler.plan(p.name, p.module, replace(base, group=g, rank=r), "budget")
+            options.append(Option(f"{candidate.group} r{r}", candidate, candidate.params_after))
     return LayerOptions(p.name, _unique(options))
 
 
@@ -340,25 +377,41 @@ def plan_budget(
     if calibration is None:
         raise BudgetError("a budget needs calibration batches (calibration=...) to measure each option's error")
     if budget.kind == "speedup" and example_inputs is None:
-        raise BudgetError("Budget(speedup=...) needs example_inputs=... to time the model and each option")
+        raise BudgetError(
+            "Budget(speedup=...) needs example inputs to time the model and each option (example_inputs=..., or "
+            "--example-shape / --example-inputs on the command line)"
+        )
     model = the_plan.model
+    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    if not batches:
+        raise BudgetError("the calibration batches are empty: a budget measures each option's error on them")
     if any(p.is_meta for p in model.parameters()):
         raise BudgetError(
             "a budget fits and runs every option, so it needs the model's weights: this model is on the meta "
             "device (gm.plan without a budget shows the plan of a meta model)"
         )
-    candidates = [p for p in the_plan.layers if p.settings is not None and not p.reason.startswith("weight tied")]
-    layers = [lo for lo in (_options(p, budget.groups, budget.max_rank) for p in candidates) if len(lo.options) > 1]
+    candidates = [p for p in the_plan.layers if _is_candidate(p)]
+    if not candidates:
+        raise BudgetError(
+            "no layer is left for the budget to choose for: include/exclude, recipe rules (skip, group: null), "
+            "min_features or tied weights leave every dense layer as it is"
+        )
+    options = [_options(p, budget.groups, budget.max_rank) for p in candidates]
+    for lo in options:
+        if len(lo.options) == 1 and lo.dense.plan.settings.on_mismatch == "error":
+            p = lo.dense.plan
+            raise ValueError(
+                f"layer {p.name!r} ({p.type} {p.shape}): no candidate group of {', '.join(budget.groups)} divides its "
+                "sizes; add a group whose order divides them, on_mismatch='pad' or 'skip'"
+            )
+    layers = [lo for lo in options if len(lo.options) > 1]
     if not layers:
         raise BudgetError(f"no layer can take any of the groups {', '.join(budget.groups)}: nothing to allocate")
-    was_training = model.training
-    model.eval()
-    try:
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with eval_mode(model), torch.random.fork_rng(devices=cuda):
         model_seconds = _time_options(model, layers, example_inputs) if budget.kind == "speedup" else None
         _check_reachable(budget, layers, model_seconds)
-        probe, reference = _measure_errors(model, layers, calibration, max_calibration_rows, progress)
-    finally:
-        model.train(was_training)
+        probe, reference = _measure_errors(model, layers, batches, max_calibration_rows, progress)
     allocation = _allocate(budget, layers, model_seconds)
     outcome = BudgetOutcome(budget, layers, allocation, model_seconds, probe, reference)
     chosen = {lo.name: o.plan for lo, o in zip(layers, outcome.chosen)}
@@ -418,16 +471,17 @@ def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: 
 def _measure_errors(
     model: nn.Module,
     layers: list[LayerOptions],
-    calibration: Iterable[object] | torch.Tensor,
+    batches: list[object],
     max_rows: int | None,
     progress: bool,
 ) -> tuple[object, torch.Tensor]:
     """Fit every option on the original model's calibration statistics; its layer and model errors. Returns the
     probe batch (the first calibration batch) and the original model's output on it."""
-    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     stats = capture_statistics(model, [lo.dense.plan for lo in layers], batches, max_rows)
     probe = batches[0]
     reference = _output(model, probe)
+    if not bool(torch.isfinite(reference).all()):
+        raise BudgetError("the model's output on the first calibration batch is not finite: errors cannot be measured")
     total = sum(len(lo.options) - 1 for lo in layers)
     with tqdm(total=total, desc="gmcompress: budget options", disable=not progress, unit="fit") as bar:
         for lo in layers:
@@ -441,17 +495,28 @@ def _measure_errors(
 
 
 def _output(model: nn.Module, batch: object) -> torch.Tensor:
-    was_training = model.training
+    """Every floating-point output tensor of ``model`` on ``batch``, flattened into one float64 vector (eval mode)."""
+    with eval_mode(model), torch.no_grad():
+        tensors = output_tensors(run_model(model, batch))
+    if not tensors:
+        raise BudgetError(f"the output of {type(model).__name__} holds no floating-point tensor to measure errors on")
+    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside; each module's own ``training`` flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
-            return first_tensor(run_model(model, batch)).detach()
+        yield
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
 
 
 def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
-    err = float((out.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-300))
+    err = float((out - reference).norm() / reference.norm().clamp_min(1e-300))
     return err if math.isfinite(err) else math.inf
 
 

@@ -151,7 +151,9 @@ def _budget(args: argparse.Namespace) -> tuple[Budget | None, str | list[str] | 
     """``--budget`` parsed, and ``--group`` (with a budget, a comma-separated list names the candidates)."""
     budget = Budget.parse(args.budget) if args.budget else None
     group = args.group
-    if budget is not None and group and "," in group:
+    if group and "," in group:
+        if budget is None:
+            raise ValueError(f"--group {group}: several groups need --budget (which chooses among them per layer)")
         group = [g.strip() for g in group.split(",")]
     return budget, group
 

@@ -253,7 +253,7 @@ def test_recipe_budget_section_and_errors(tmp_path):
     recipe = {"version": 1, "defaults": {"damping": 0.1}, "budget": {"params": 2.5, "groups": ["C4", "C8"]}}
     out = gm.plan(mlp(), recipe=recipe, calibration=calibration(), progress=False).budget
     assert out.budget == Budget(params=2.5, groups=("C4", "C8")) and out.params_ratio >= 2.5
-    with pytest.raises(ValueError, match="budget: .*unknown keys"):
+    with pytest.raises(ValueError, match="budget: unknown budget keys"):
         gm.plan(mlp(), recipe={"version": 1, "budget": {"parms": 2}})
 
 
@@ -296,3 +296,73 @@ def test_frontier_runs_from_the_smallest_model_to_dense_and_the_plot_is_written(
     assert min(abs(r - out.params_ratio) for r in ratios) >= 0 and out.params_ratio >= 3.0
     out.plot(tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- what a careless-user probe found (each one failed)
+def test_conv_group_bounds_the_ranks_of_tied_convolutions():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    cal = torch.randn(4, 8, 12, 12)
+    out = gm.plan(net, budget=Budget(params=2.0), conv_group="C4", calibration=cal, progress=False).budget
+    ranks = {o.plan.settings.rank for lo in out.layers for o in lo.options[1:] if o.plan.form == "GMConv2d"}
+    assert ranks == {1, 2}  # C4 bounds the ranks of a GMConv2d to 1..4, the ladder to 1, 2
+
+
+def test_plan_keeps_every_module_mode_and_the_rng():
+    net = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.Linear(64, 16)).train()
+    net[1].eval()  # a frozen BatchNorm in a training model
+    modes = [m.training for m in net.modules()]
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    gm.plan(net, budget=Budget(params=2.0, groups=("C4",)), calibration=calibration(), progress=False)
+    assert torch.equal(torch.rand(3), expected)
+    assert [m.training for m in net.modules()] == modes
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 16), nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"first": self.a(h), "second": self.b(h)}
+
+
+def test_model_error_counts_every_output_tensor():
+    net, cal = TwoHeads().eval(), calibration()
+    out = gm.plan(net, budget=Budget(params=2.0, groups=("C8",)), calibration=cal, progress=False).budget
+    head_b = next(lo for lo in out.layers if lo.name == "b")
+    assert all(o.model_error > 0.05 for o in head_b.options[1:])  # the second output changes
+
+
+def test_empty_calibration_group_null_rules_and_mismatch_errors():
+    with pytest.raises(BudgetError, match="calibration batches are empty"):
+        gm.plan(mlp(), budget="params=2", calibration=iter([]))
+    recipe = {"version": 1, "layers": [{"name": "2", "group": None}]}
+    out = gm.plan(mlp(), recipe=recipe, budget=Budget(params=1.5, groups=GROUPS), calibration=calibration()).budget
+    assert [lo.name for lo in out.layers] == ["0", "4"]  # group: null keeps layer 2 out of the budget
+    odd = nn.Sequential(nn.Linear(30, 48), nn.ReLU(), nn.Linear(48, 20)).eval()
+    x = torch.randn(16, 30)
+    for groups in (("C2", "C4"), ("C4", "C2")):  # the order of the candidates does not matter
+        p = gm.plan(odd, budget=Budget(params=1.5, groups=groups), on_mismatch="error", calibration=x, progress=False)
+        assert {o.label for o in p.budget.layers[0].options} == {"dense", "C2 r1"}
+    with pytest.raises(ValueError, match=r"layer '0' \(Linear 48x30\): no candidate group of C4, C8 divides"):
+        gm.plan(odd, budget=Budget(params=1.5, groups=("C4", "C8")), on_mismatch="error", calibration=x)
+
+
+def test_budget_messages_name_the_value_and_the_form():
+    with pytest.raises(ValueError, match=r"'4x' is not a number \(e.g. params=4\)"):
+        Budget.parse("params=4x")
+    with pytest.raises(ValueError, match="budget groups: expected a family"):
+        Budget(params=2, groups=4)
+    with pytest.raises(TypeError, match="expected a gm.Budget"):
+        Budget.parse(4)
+    assert Budget(params=__import__("numpy").float32(4)).params == 4.0
+    out = gm.plan(mlp(), budget=Budget(params=2.0, groups=("C4",)), calibration=calibration(), progress=False)
+    with pytest.raises(ValueError, match="at least 2"):
+        out.budget.frontier(points=1)
+    with pytest.raises(BudgetError, match="no layer is left"):
+        gm.plan(mlp(), budget="params=2", exclude=".*", calibration=calibration())

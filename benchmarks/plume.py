@@ -1,13 +1,18 @@
-"""Smoke-plume forecasting with approximate rotation symmetry (the paper's dynamics task, after Wang et al. 2022).
+"""Smoke-plume forecasting where the rotation symmetry is really broken (the paper's dynamics task, after Wang et al.).
 
-    python benchmarks/plume.py [--quick]        (also run by benchmarks/paper.py)
+    python benchmarks/plume.py [--quick] [--cases 'beta 0.9' background] [--drift]   (also run by paper.py)
 
 Data, simulated here with phiflow (numpy backend, fixed parameters, no downloads): a closed square box,
-smoke injected at the centre, a buoyancy force ``strength(theta) * (cos theta, sin theta)`` per
-simulation. The box, the inflow and the solver are exactly symmetric under quarter turns (checked by
-:func:`check_solver_symmetry`); the *symmetry is broken* because the buoyancy strength depends on the
-direction, ``strength(theta) = s0 * (1 + 0.3 * cos theta)``, so turning a simulation by 90 degrees does not
-give another simulation of the family. Each simulation keeps ``frames`` velocity fields ``(x, y, 2)``.
+smoke injected at the centre, a buoyancy force ``strength(theta) * (cos theta, sin theta)`` on the smoke, per
+simulation. The box, the inflow and the solver are exactly symmetric under quarter turns (checked on every
+run: the ``beta 0`` case must be symmetric to 1e-3). The *cases* break the symmetry by different amounts:
+
+* ``beta b``: ``strength(theta) = s0 (1 + b cos theta)``, b in {0, 0.3, 0.6, 0.9}: turning a simulation by 90
+  degrees gives another simulation of the family only at b = 0;
+* ``background``: b = 0 plus a fixed force ``0.5 s0`` along +y on the smoke, the same for every direction:
+  the domain itself (the "gravity" of the box) is no longer symmetric.
+
+Each simulation keeps ``frames`` velocity fields ``(x, y, 2)``.
 
 * train: directions ``90 k +- 15`` degrees (k = 0..3), the first ``train_frames`` frames of each;
 * *future*: the same simulations, later frames (forecast beyond the training window);
@@ -22,12 +27,14 @@ Models (all residual: ``v_next = v_last + f(history)``, 3x3 convolutions, zero p
 * ``p4 exact w``: C4 group convolutions (``GMConv2d``, exact weight tying) on the velocity history written as
   C4-regular fields: channel ``k`` of a frame is ``<v, R^k e_x>`` (R = quarter turn), so turning the input
   turns and cyclically shifts the fibres, and the decoded output ``((c0 - c2) / 2, (c1 - c3) / 2)`` turns
-  with it: the whole model is exactly equivariant to quarter turns (tested).
-* ``p4 relaxed w``: the same with rank-2 relaxed group convolutions (learnt modulation over orientations):
-  approximately equivariant, able to learn the direction-dependent strength.
+  with it: the whole model is exactly equivariant to quarter turns (asserted).
+* ``p4 relaxed rR w``: rank-R relaxed group matrices (a learnt modulation per output channel and orientation).
+* ``RPP w`` and ``RGroup L2 w``: the baselines of ``plume_baselines.py`` (residual pathway priors; relaxed
+  group convolutions with 2 filter banks) on the same C4-regular fields.
 
-``w`` counts orientation fibres for the p4 models (4 w channels), so ``p4 w`` has the feature size of
-``CNN 4w``.
+``w`` counts orientation fibres for the p4 models (4 w channels). The widths give two matched parameter
+budgets (about 2.5k and 5.5k parameters). Every (case, model, seed) result is kept in ``out/plume-runs``, so
+an interrupted sweep resumes. ``--drift`` writes ``results/plume_drift.md``: why a relaxed seed "drifted".
 """
 
 from __future__ import annotations

@@ -643,11 +643,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (the sweep's times are for 1)")
     parser.add_argument("--cases", nargs="+", help="case tags to run, e.g. 'beta 0.9' background (beta 0 always)")
     parser.add_argument("--drift", action="store_true", help="only the dead-layer check (results/plume_drift.md)")
+    parser.add_argument("--drift-train", type=int, default=0, help="with --drift: also train r2 4, old and new init")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.drift:
-        text = "\n".join([f"{measured_on()}.", "", *drift_check()])
+        text = "\n".join([f"{measured_on()}.", "", *drift_check(train_seeds=args.drift_train)])
         print(text)
         (RESULTS / "plume_drift.md").write_text(text + "\n")
         return

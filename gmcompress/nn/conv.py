@@ -29,7 +29,12 @@ class GMConv2d(GMModule):
 
     stride, padding, dilation and bias behave as in ``nn.Conv2d`` (groups=1, square kernels; odd sizes keep the
     rotation centre on a pixel, which :meth:`check_equivariance` assumes).
-    ``bias="shared"`` keeps one bias per output channel fibre (exactly equivariant).
+    ``bias="shared"`` keeps one bias per output channel fibre (exactly equivariant). It starts at 0, a per-feature
+    bias (``bias=True``) uniform in ``+-1 / sqrt(fan_in)`` as in ``nn.Conv2d``. A shared bias drawn at that
+    scale sets the sign of all |H| orientation channels of its fibre at once, and after a few layers it
+    outweighs the signal (about 0.4x per layer at this initialisation): behind a ReLU a layer of c fibres
+    was then entirely off at initialisation as often as c coins all land tails, and a dead layer never
+    trains (the "drifting" relaxed seed of the smoke-plume benchmark, benchmarks/README.md).
     """
 
     def __init__(
@@ -73,7 +78,7 @@ class GMConv2d(GMModule):
         self.bias = make_bias(bias, self.c_out, fibre, out_channels, factory)
         fan_in = in_channels * k * k
         self.reset_structure_parameters(fan_in)
-        if self.bias is not None:
+        if self.bias is not None and bias != "shared":  # a shared bias starts at 0 (see the class docstring)
             nn.init.uniform_(self.bias, -1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in))
 
     @classmethod

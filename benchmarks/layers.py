@@ -181,14 +181,16 @@ def cuda_rows(quick: bool, min_run_time: float) -> list[dict]:
 SHAPES = [(384, 1536), (1536, 384), (768, 3072), (3072, 768), (4096, 4096), (4096, 11008)]
 
 
-def shape_lines(quick: bool, min_run_time: float) -> list[str]:
-    """Issue 16: GMLinear (blocks) vs dense vs equal-parameter low rank, per shape, rows and group."""
+def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> list[str]:
+    """Issue 16: GMLinear (blocks) vs dense vs equal-parameter low rank, per shape, rows and group; with
+    ``compiled``, also the block path's function (``blocks_forward`` plus the bias) under ``torch.compile``."""
     import torch.nn.functional as F
 
     shapes = SHAPES[:2] if quick else SHAPES
     head = (
         "| layer | rows | group | dense us | GM us | low rank us (equal params) | speed-up | MAC limit | "
         "share of limit | GM / low rank |"
+        + (" compiled GM us | compiled speed-up | compiled share |" if compiled else "")
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for fin, fout in shapes:
@@ -211,6 +213,17 @@ def shape_lines(quick: bool, min_run_time: float) -> list[str]:
                     f"| {fin} -> {fout} | {rows} | {group} | {t_dense * 1e6:.0f} | {t_gm * 1e6:.0f} | "
                     f"{t_low * 1e6:.0f} | {speed:.2f}x | {limit:.1f}x | {speed / limit:.0%} | {t_gm / t_low:.1f}x |"
                 )
+                if compiled:  # the block path's function under torch.compile (inductor), on the layer's tensors
+                    from gmcompress.nn.functional import blocks_forward
+
+                    torch._dynamo.reset()  # one shape at a time: no recompile limit, no stale guards
+                    fast = torch.compile(blocks_forward, dynamic=False)
+                    with torch.inference_mode():
+                        args = (x.view(rows, layer.c_in, -1), layer._q, layer._block_weights(), layer.modulations)
+                        fast(*args, layer.c_out)
+                        t_comp = timed("f(*a, c) + bias", min_run_time, f=fast, a=args, c=layer.c_out, bias=layer.bias)
+                    c_speed = t_dense / t_comp
+                    lines[-1] += f" {t_comp * 1e6:.0f} | {c_speed:.2f}x | {c_speed / limit:.0%} |"
                 print(lines[-1], flush=True)
     return lines
 
@@ -221,6 +234,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--shapes", action="store_true", help="issue 16's table: feed-forward shapes vs low rank")
+    parser.add_argument("--compile", action="store_true", help="with --shapes: also the block path under torch.compile")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -228,7 +242,7 @@ def main() -> None:
     min_run_time = 0.2 if args.quick else 0.5
     start = time.perf_counter()
     if args.shapes:
-        lines = shape_lines(args.quick, min_run_time)
+        lines = shape_lines(args.quick, min_run_time, args.compile)
         text = "\n".join([f"{measured_on()}; {time.perf_counter() - start:.0f} s.", "", *lines])
         print(text)
         if args.out:

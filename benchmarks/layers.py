@@ -14,7 +14,7 @@ Prints markdown tables; ``--out`` also writes them to a file.
 ``--shapes``: issue 16's table instead: GMLinear (rank 1, blocks path) on the MiniLM / BERT / LLaMA feed-forward
 shapes at 32 and 512 rows with C8, C16 and D8, against ``nn.Linear`` and against a truncated-SVD pair of Linears
 with the same number of parameters, with the MAC-limited speed-up (dense MACs / GM MACs) beside the measured one.
-``--threads N`` sets torch's threads.
+``--threads N`` sets torch's threads; ``--compile`` adds the block path's function under ``torch.compile``.
 """
 
 from __future__ import annotations

@@ -451,8 +451,8 @@ def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: 
         if best < budget.target:
             raise BudgetError(
                 f"Budget(params={budget.target:g}) cannot be met: the smallest choice of {', '.join(budget.groups)} "
-                f"gives {best:.2f}x fewer weights in the {len(layers)} candidate layers; ask for at most "
-                f"params={math.floor(best * 100 + 1e-6) / 100:g} or allow larger groups",
+                f"gives {_floor2(best):.2f}x fewer weights in the {len(layers)} candidate layers; ask for at most "
+                f"params={_floor2(best):g} or allow larger groups",
                 best,
             )
     if budget.kind == "speedup":
@@ -461,11 +461,16 @@ def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: 
         if best < budget.target:
             raise BudgetError(
                 f"Budget(speedup={budget.target:g}) cannot be met: with the fastest option of every one of the "
-                f"{len(layers)} candidate layers the model is predicted {best:.2f}x faster "
+                f"{len(layers)} candidate layers the model is predicted {_floor2(best):.2f}x faster "
                 f"({model_seconds * 1e3:.3f} ms now, {rest * 1e3:.3f} ms outside those layers); ask for at most "
-                f"speedup={math.floor(best * 100 + 1e-6) / 100:g} or allow larger groups",
+                f"speedup={_floor2(best):g} or allow larger groups",
                 best,
             )
+
+
+def _floor2(value: float) -> float:
+    """``value`` rounded down to 2 decimals (what is shown is then reachable), without float slips."""
+    return math.floor(value * 100 + 1e-6) / 100
 
 
 def _measure_errors(

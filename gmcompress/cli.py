@@ -79,6 +79,8 @@ def _hooks(args: argparse.Namespace, factory: DemoModel) -> tuple[Any, Any, Call
     elif factory.example_inputs is not None:
         example = factory.example_inputs()
     calibration = None
+    if getattr(args, "calibration", None) and getattr(args, "no_calibration", False):
+        raise ValueError("--calibration and --no-calibration contradict each other: give one of them")
     if getattr(args, "calibration", None):
         calibration = _resolve(args.calibration, "--calibration")()
     elif factory.calibration is not None and not getattr(args, "no_calibration", False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -366,3 +367,15 @@ def test_budget_messages_name_the_value_and_the_form():
         out.budget.frontier(points=1)
     with pytest.raises(BudgetError, match="no layer is left"):
         gm.plan(mlp(), budget="params=2", exclude=".*", calibration=calibration())
+    with pytest.raises(BudgetError) as info:  # the value shown is the value suggested: both reachable
+        gm.plan(mlp(), budget=Budget(params=50, groups=GROUPS), calibration=calibration())
+    shown, suggested = re.search(r"gives (\d+\.\d+)x .* params=(\d+\.?\d*)", str(info.value)).groups()
+    assert float(shown) == float(suggested) <= info.value.closest
+
+
+def test_cli_contradicting_calibration_flags_are_one_line(capsys):
+    from gmcompress import cli
+
+    argv = ["compress", "--model", "cli_models:mlp", "--group", "C8", "--calibration", "cli_models:example_inputs"]
+    assert cli.main([*argv, "--no-calibration"]) == 2
+    assert "contradict" in capsys.readouterr().err

@@ -30,7 +30,6 @@ import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +43,8 @@ from .calibration import capture_statistics
 from .groups import group as parse_group
 from .groups import square_group
 from .handlers import LayerPlan
-from .paths import capture_layer_inputs
-from .report import format_table, measure_latency, median_seconds
+from .paths import capture_layer_inputs, time_paths
+from .report import format_table, measure_latency
 from .settings import LayerSettings
 
 if TYPE_CHECKING:
@@ -58,7 +57,6 @@ FAMILIES = {
     "D": tuple(f"D{2**k}" for k in range(1, 6)),  # dihedral orders 4 .. 64
 }
 KINDS = ("params", "speedup", "max_error")
-TIMING_SECONDS = 0.05  # torch.utils.benchmark min_run_time per timed path, as in gmcompress.paths
 
 
 class BudgetError(ValueError):
@@ -205,10 +203,9 @@ class BudgetOutcome:
 
     @property
     def predicted_speedup(self) -> float | None:
-        if self.model_seconds is None or any(o.seconds is None for lo in self.layers for o in lo.options):
-            return None
-        rest = _rest_seconds(self.model_seconds, self.layers)
-        return self.model_seconds / (rest + sum(o.seconds for o in self.chosen))
+        """The model's latency before / after predicted from the timed layers (None without timings)."""
+        speed = self._speedup_of(self.chosen)
+        return None if math.isnan(speed) else speed
 
     @property
     def achieved(self) -> float:
@@ -427,20 +424,11 @@ def _time_options(model: nn.Module, layers: list[LayerOptions], example_inputs: 
         if x is None:
             raise BudgetError(f"layer {lo.name!r} is not called on example_inputs: it cannot be timed")
         module = lo.dense.plan.module
-        lo.dense.seconds = median_seconds(partial(module, x), module, TIMING_SECONDS)
+        lo.dense.seconds = time_paths(module, x)["dense"]
         device = next(module.parameters()).device
         for o in lo.options[1:]:
-            layer = o.plan.shell(device).to(x.dtype)
-            o.seconds = min(_path_seconds(layer, x))
+            o.seconds = min(time_paths(o.plan.shell(device).to(x.dtype), x).values())
     return measure_latency(model, example_inputs) / 1e3
-
-
-def _path_seconds(layer: nn.Module, x: torch.Tensor) -> list[float]:
-    times = []
-    for impl in layer.impls() or [getattr(layer, "impl", "dense")]:
-        layer.impl = impl
-        times.append(median_seconds(partial(layer, x), layer, TIMING_SECONDS))
-    return times
 
 
 def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: float | None) -> None:

@@ -11,6 +11,7 @@ Without example inputs each layer's documented ``"auto"`` rule decides.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -19,7 +20,9 @@ from .batches import run_model
 from .handlers import LayerPlan
 from .report import median_seconds
 
-__all__ = ["PathTiming", "capture_layer_inputs", "choose_path"]
+__all__ = ["PATH_SECONDS", "PathTiming", "capture_layer_inputs", "time_paths", "choose_path"]
+
+PATH_SECONDS = 0.05  # torch.utils.benchmark min_run_time per timed path
 
 
 @dataclass
@@ -54,12 +57,24 @@ def capture_layer_inputs(model: nn.Module, plans: list[LayerPlan], example_input
     return seen
 
 
-def choose_path(layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float = 0.05) -> PathTiming:
-    """Time ``original`` and every path of ``layer`` on ``x``; keep the fastest as ``layer.impl``."""
-    before = median_seconds(lambda: original(x), original, min_run_time)
+def time_paths(layer: nn.Module, x: torch.Tensor, min_run_time: float = PATH_SECONDS) -> dict[str, float]:
+    """Median seconds of ``layer(x)`` on each of its paths (``GMLayer.impls()``; a layer with none, or a dense
+    module, is timed as it is, under the key "dense"). ``layer.impl`` is left at the last path timed."""
+    impls = layer.impls() if hasattr(layer, "impls") else ()
+    if not impls:
+        return {"dense": median_seconds(partial(layer, x), layer, min_run_time)}
     times = {}
-    for impl in layer.impls():
+    for impl in impls:
         layer.impl = impl
-        times[impl] = median_seconds(lambda: layer(x), layer, min_run_time)
+        times[impl] = median_seconds(partial(layer, x), layer, min_run_time)
+    return times
+
+
+def choose_path(
+    layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float = PATH_SECONDS
+) -> PathTiming:
+    """Time ``original`` and every path of ``layer`` on ``x``; keep the fastest as ``layer.impl``."""
+    before = time_paths(original, x, min_run_time)["dense"]
+    times = time_paths(layer, x, min_run_time)
     layer.impl = min(times, key=times.get)
     return PathTiming(before, times, layer.impl)

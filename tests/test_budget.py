@@ -211,7 +211,9 @@ def _fake_clock(monkeypatch):
             return 1e-3
         return 1e-3 if model.impl == "dense" else 1e-3 / 8
 
-    monkeypatch.setattr(budget_module, "median_seconds", seconds)
+    from gmcompress import paths
+
+    monkeypatch.setattr(paths, "median_seconds", seconds)
     monkeypatch.setattr(budget_module, "measure_latency", lambda model, inputs: 2.1)
 
 

@@ -28,10 +28,13 @@ from common import measured_on
 from readme import refresh
 from torch.utils import benchmark
 
+import gmcompress as gm
 from gmcompress.nn import GMLinear
+from gmcompress.report import settle_allocator
 
 
 def timed(stmt: str, min_run_time: float, **env) -> float:
+    settle_allocator()
     timer = benchmark.Timer(stmt, globals=env, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
@@ -188,8 +191,8 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
 
     shapes = SHAPES[:2] if quick else SHAPES
     head = (
-        "| layer | rows | group | dense us | GM us | low rank us (equal params) | speed-up | MAC limit | "
-        "share of limit | GM / low rank |"
+        "| layer | rows | group | dense us | GM us | GM frozen us | low rank us (equal params) | speed-up | "
+        "frozen speed-up | MAC limit | share of limit | frozen share | GM frozen / low rank |"
         + (" compiled GM us | compiled speed-up | compiled share |" if compiled else "")
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -207,11 +210,14 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
                     layer(x)
                     t_dense = timed("f(x)", min_run_time, f=dense, x=x)
                     t_gm = timed("f(x)", min_run_time, f=layer, x=x)
+                    with gm.frozen(layer):
+                        t_frozen = timed("f(x)", min_run_time, f=layer, x=x)
                     t_low = timed("F.linear(F.linear(x, a), b)", min_run_time, F=F, x=x, a=a, b=b)
-                speed = t_dense / t_gm
+                speed, frozen = t_dense / t_gm, t_dense / t_frozen
                 lines.append(
                     f"| {fin} -> {fout} | {rows} | {group} | {t_dense * 1e6:.0f} | {t_gm * 1e6:.0f} | "
-                    f"{t_low * 1e6:.0f} | {speed:.2f}x | {limit:.1f}x | {speed / limit:.0%} | {t_gm / t_low:.1f}x |"
+                    f"{t_frozen * 1e6:.0f} | {t_low * 1e6:.0f} | {speed:.2f}x | {frozen:.2f}x | {limit:.1f}x | "
+                    f"{speed / limit:.0%} | {frozen / limit:.0%} | {t_frozen / t_low:.1f}x |"
                 )
                 if compiled:  # the block path's function under torch.compile (inductor), on the layer's tensors
                     from gmcompress.nn.functional import blocks_forward
@@ -219,7 +225,7 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
                     torch._dynamo.reset()  # one shape at a time: no recompile limit, no stale guards
                     fast = torch.compile(blocks_forward, dynamic=False)
                     with torch.inference_mode():
-                        args = (x.view(rows, layer.c_in, -1), layer._q, layer._block_weights(), layer.modulations)
+                        args = (x.view(rows, layer.c_in, -1), layer._q_in, layer._q_out, layer._block_weights(), layer.modulations)
                         fast(*args, layer.c_out)
                         t_comp = timed("f(*a, c) + bias", min_run_time, f=fast, a=args, c=layer.c_out, bias=layer.bias)
                     c_speed = t_dense / t_comp

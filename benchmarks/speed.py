@@ -29,10 +29,12 @@ import gmcompress as gm
 from gmcompress import zoo
 from gmcompress.batches import run_model
 from gmcompress.nn import GMChannelConv, GMConv2d, GMLinear
+from gmcompress.report import settle_allocator
 
 
 def median_ms(model: nn.Module, inputs: object, device: str, min_run_time: float) -> float:
     sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"
+    settle_allocator()
     timer = benchmark.Timer(
         f"run(model, inputs); {sync}",
         globals=dict(run=run_model, model=model, inputs=inputs, torch=torch),

@@ -11,6 +11,7 @@ from .api import CompressionPlan, compress, plan
 from .budget import Budget, BudgetError
 from .groups import group
 from .io import load, save
+from .nn.base import frozen
 from .recipe import Recipe
 from .report import CompressionReport
 from .training import FinetuneResult, NonFiniteError, finetune
@@ -22,6 +23,7 @@ __all__ = [
     "Budget",
     "BudgetError",
     "finetune",
+    "frozen",
     "save",
     "load",
     "Recipe",

@@ -287,10 +287,30 @@ def measure_latency(model: nn.Module, example_inputs: object, min_run_time: floa
     return median_seconds(lambda: run_model(model, example_inputs), model, min_run_time) * 1e3
 
 
+SETTLE_BYTES = 31 * 2**20  # just under glibc's largest adaptive mmap threshold (32 MiB on 64-bit)
+
+
+def settle_allocator() -> None:
+    """Put the C allocator in the state of a process that has run for a while, before timing.
+
+    glibc serves an allocation at or above its adaptive mmap threshold (128 KiB at start) with fresh pages,
+    which fault on first touch, and raises the threshold to the size of the largest such block freed.
+    A process that has not yet freed a block larger than its temporaries keeps mapping each one anew:
+    a layer with three 3 MB temporaries then measured 2 to 3x slower than the same layer later in the
+    same process (and 20x for a plain fill). Allocating and freeing one block of :data:`SETTLE_BYTES`
+    (never touched, so it costs no page faults) moves the threshold to where a warmed-up process has it.
+    Harmless with other allocators.
+    """
+    block = torch.empty(SETTLE_BYTES, dtype=torch.uint8)
+    del block
+
+
 def median_seconds(call: Callable[[], object], model: nn.Module, min_run_time: float) -> float:
-    """``torch.utils.benchmark`` median of ``call()`` with ``model`` in eval and inference mode (one warm-up call)."""
+    """``torch.utils.benchmark`` median of ``call()`` with ``model`` in eval and inference mode (one warm-up
+    call, after :func:`settle_allocator`)."""
     was_training = model.training
     model.eval()
+    settle_allocator()
     try:
         with torch.inference_mode():
             call()

@@ -341,22 +341,63 @@ def test_eval_cache_is_invalidated_and_keeps_gradients():
 
 def test_dtype_round_trip_keeps_constants_exact():
     layer = make_linear("D4", 2, "blocks")
-    q = layer._q.clone()
+    q = layer._q_in.clone()
     layer.half().float()
-    assert torch.equal(layer._q, q)
+    assert torch.equal(layer._q_in, q)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["dense", "blocks", "fft"])
-def test_low_precision(dtype, impl):
-    ref = make_linear("C8", 2, "dense")
-    layer = make_linear("C8", 2, impl)
+@pytest.mark.parametrize("spec", ["C8", "D4"])
+def test_low_precision(dtype, impl, spec):
+    """Forward and gradients in half precision against the float32 dense path (tolerances of the format)."""
+    if impl not in paths(spec):
+        pytest.skip(f"{spec} has no {impl} path")
+    n = gm.group(spec).order
+    ref = make_linear(spec, 2, "dense")
+    layer = make_linear(spec, 2, impl)
     layer.load_state_dict(ref.state_dict())
     layer.to(dtype)
-    x = torch.randn(4, 24)
-    y = layer(x.to(dtype))
+    x = torch.randn(4, 3 * n)
+    xl = x.to(dtype).requires_grad_()
+    y = layer(xl)
     assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), ref(x), atol=5e-2, rtol=5e-2)
+    ref_x = x.clone().requires_grad_()
+    ref_y = ref(ref_x)
+    torch.testing.assert_close(y.float(), ref_y, atol=5e-2, rtol=5e-2)
+    grads = torch.autograd.grad(y.float().square().sum(), [xl, layer.kernels, layer.modulations, layer.bias])
+    ref_grads = torch.autograd.grad(ref_y.square().sum(), [ref_x, ref.kernels, ref.modulations, ref.bias])
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        scale = want.abs().max()
+        torch.testing.assert_close(got.float() / scale, want / scale, atol=4e-2, rtol=0)
+
+
+@pytest.mark.parametrize("spec", GROUPS)
+@pytest.mark.parametrize("rank,modulate,bias", [(1, False, True), (1, True, "shared"), (3, True, False), (2, True, True)])
+def test_inference_paths_equal_the_definition(spec, rank, modulate, bias):
+    """Eval mode under inference_mode (cached weights, no autograd: the deployment path) on every path."""
+    n = gm.group(spec).order
+    torch.manual_seed(1)
+    ref = GMLinear(3 * n, 5 * n, spec, rank=rank, modulate=modulate, bias=bias, impl="dense")
+    with torch.no_grad():
+        if ref.modulations is not None:
+            ref.modulations.normal_()
+    w = gm.structure.relaxed_dense(
+        ref.kernels.detach().double().numpy(),
+        np.ones((1, 5, n)) if ref.modulations is None else ref.modulations.detach().double().numpy(),
+        gm.structure.resolve_support(ref.pattern, None),
+        ref.pattern,
+    )
+    x = torch.randn(7, 3 * n)
+    b = 0 if ref.bias is None else gm.nn.base.expand_bias(ref.bias, 5 * n, n).detach().double()
+    expected = x.double() @ torch.from_numpy(w).T + b
+    for impl in paths(spec):
+        layer = GMLinear(3 * n, 5 * n, spec, rank=rank, modulate=modulate, bias=bias, impl=impl).eval()
+        layer.load_state_dict(ref.state_dict())
+        with torch.inference_mode():
+            for _ in range(2):  # the second call is served from the cache
+                torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_extra_repr_shows_structure():
@@ -382,3 +423,30 @@ def test_torch_compile_fullgraph(impl):
     conv = GMConv2d(8, 8, 3, "C4", rank=2, padding=1)
     xc = torch.randn(2, 8, 6, 6)
     torch.testing.assert_close(torch.compile(conv, fullgraph=True)(xc), conv(xc))
+
+
+@pytest.mark.parametrize("spec,products", [("C8", 11), ("C16", 23), ("C4xC4", 22), ("C2^3", 8), ("D8", None), ("S3", None)])
+def test_block_products_use_gauss_for_abelian_groups(spec, products):
+    """Abelian groups: one width-1 product per 1x1 block and three per complex-type 2x2 block (Gauss);
+    the others keep the packed blocks. Either way q_in, the products and q_out give back the group matrix."""
+    from gmcompress.nn.functional import product_plan, product_weights
+
+    g = gm.group(spec)
+    plan = product_plan(g)
+    assert (plan.groups if plan.parts is not None else None) == products
+    layer = make_linear(spec, 2, "blocks")
+    w = product_weights(layer.kernels, [getattr(layer, f"_rho{i}") for i in range(layer._n_rho)], plan)
+    n, size = g.order, plan.size
+    c_in, rco = layer.c_in, layer.rank * layer.c_out
+    # the map x -> y without modulations, term by term, from the plan's pieces alone
+    x = torch.randn(3, c_in, n, dtype=torch.float64)
+    z = torch.einsum("nm,bin->bmi", torch.from_numpy(plan.q_in), x).reshape(3, plan.groups, size * c_in)
+    t = torch.einsum("bgj,gjc->bgc", z, w.double()).reshape(3, -1, rco)
+    u = torch.einsum("pm,bmc->bcp", torch.from_numpy(plan.q_out), t).reshape(3, layer.rank, layer.c_out, n)
+    dense = torch.from_numpy(
+        gm.structure.relaxed_dense(
+            layer.kernels.detach().double().numpy()[:1], np.ones((1, layer.c_out, n)),
+            gm.structure.resolve_support(layer.pattern, None), layer.pattern,
+        )
+    )  # fmt: skip
+    torch.testing.assert_close(u[:, 0].reshape(3, -1), x.reshape(3, -1) @ dense.T)

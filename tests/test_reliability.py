@@ -58,6 +58,44 @@ def test_in_place_update_under_inference_mode_is_seen():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
+def test_frozen_checks_once_and_refuses_a_change_made_inside():
+    """gm.frozen: served from the cache without the per-call check; a change inside is an error on exit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GMLinear(64, 64, "C8", rank=2, impl="blocks"), nn.ReLU()).eval()
+    layer = model[0]
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)  # filled before the block
+        layer.kernels.data.mul_(0.5)  # changed before the block: the block's first call sees it
+        with gm.frozen(model):
+            first = layer(x)
+            torch.testing.assert_close(first, F.linear(x, layer.weight, layer.bias))
+            with gm.frozen(model):  # nested blocks
+                torch.testing.assert_close(layer(x), first)
+            torch.testing.assert_close(layer(x), first)
+        with pytest.raises(RuntimeError, match=r"parameters of 0 changed inside gmcompress\.frozen\(\)"):
+            with gm.frozen(model):
+                layer(x)
+                layer.kernels.data.mul_(0.5)
+                stale = layer(x)  # documented: no per-call check inside the block
+                torch.testing.assert_close(stale, first)
+        fresh = layer(x)  # after the error the cache is rebuilt from the new values
+    torch.testing.assert_close(fresh, F.linear(x, layer.weight, layer.bias))
+    assert not torch.allclose(fresh, first)
+
+
+def test_frozen_lets_an_exception_through_and_leaves_the_layers_checking():
+    torch.manual_seed(0)
+    layer = GMLinear(32, 32, "C8", impl="dense").eval()
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        with pytest.raises(KeyError), gm.frozen(layer):
+            layer(x)
+            raise KeyError("user error")
+        layer.kernels.data.mul_(2.0)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # checking again
+
+
 # 5. unbatched input to a compressed 1x1 conv -----------------------------------------------------
 @pytest.mark.parametrize("length", [16, 7])
 def test_unbatched_pointwise_conv1d(length):

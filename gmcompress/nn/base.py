@@ -9,8 +9,9 @@ by class name in :data:`GM_LAYERS` (what ``gmcompress.save`` writes as a layer's
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -109,6 +110,8 @@ class GMModule(GMLayer):
         self._constants: dict[str, np.ndarray] = {}
         self._cache: dict[str, object] = {}
         self._snapshot: list[torch.Tensor] | None = None
+        self._frozen = 0  # depth of the frozen() blocks around this layer
+        self._frozen_checked = False  # the cache was checked once in the current frozen() block
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
         self.output_error: float | None = None  # relative output error on the calibration inputs, if any
 
@@ -148,13 +151,20 @@ class GMModule(GMLayer):
             self._cache.clear()
             self._snapshot = None
             return build()
+        if self._frozen_checked and name in self._cache:  # inside frozen(), after this block's first check
+            return self._cache[name]
         params = self._structure_params()
         if not _same_values(self._snapshot, params):
             self._cache.clear()
             self._snapshot = [p.detach().clone() for p in params]
         if name not in self._cache:
             self._cache[name] = build()
+        self._frozen_checked = self._frozen > 0
         return self._cache[name]
+
+    def _parameters_changed(self) -> bool:
+        """Whether the structured parameters differ from the snapshot behind the cache (False without one)."""
+        return self._snapshot is not None and not _same_values(self._snapshot, self._structure_params())
 
     # ------------------------------------------------------------------ parameters
     def reset_structure_parameters(self, fan_in: int) -> None:
@@ -209,6 +219,43 @@ class GMModule(GMLayer):
         dense = self.c_out * self.pattern.n_out * self.c_in * self.pattern.n_in
         ratio = dense / max(1, self.num_structured_parameters)
         return f"pattern={self.pattern.name}, rank={self.rank}, modulate={self.modulate}, compression={ratio:.1f}x"
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``with gmcompress.frozen(model): ...``: serve the GM layers' cached weights without re-reading their
+    parameters on every call (for inference loops).
+
+    An eval-mode GM layer caches the weights its forward path needs (the dense weight, the packed block
+    weights, the spectra) and, by default, compares its kernels and modulations with the snapshot behind
+    that cache on *every* call, so that no in-place update is missed (``.data`` edits, ``copy_``,
+    ``load_state_dict``, optimizer steps). That costs one read of the structured parameters per call, up to
+    a third of a small-batch forward. Inside this block each layer makes the comparison on its first call
+    only. On leaving the block it is made once more: a layer whose parameters were changed inside raises
+    ``RuntimeError`` naming it (its outputs after the change came from the old weights), so nothing is
+    silently wrong. Blocks nest; training mode and autograd bypass the cache as always.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GMModule)]
+    for _, m in layers:
+        if m._frozen == 0:
+            m._frozen_checked = False
+        m._frozen += 1
+    try:
+        yield model
+    finally:
+        for _, m in layers:
+            m._frozen -= 1
+            if m._frozen == 0:
+                m._frozen_checked = False
+    changed = [name or type(m).__name__ for name, m in layers if m._parameters_changed()]
+    if changed:
+        for _, m in layers:
+            m._cache.clear()
+            m._snapshot = None
+        raise RuntimeError(
+            f"parameters of {', '.join(changed)} changed inside gmcompress.frozen(): outputs computed after "
+            "the change used the previous weights; change parameters outside the block (or leave it first)"
+        )
 
 
 def _same_values(snapshot: list[torch.Tensor] | None, params: list[torch.Tensor]) -> bool:

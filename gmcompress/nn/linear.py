@@ -20,9 +20,9 @@ from .functional import (
     blocks_forward,
     fft_forward,
     full_kernels,
-    grouped_plan,
-    grouped_weights,
     kernel_spectra,
+    product_plan,
+    product_weights,
 )
 
 IMPLS = ("auto", "dense", "blocks", "fft")
@@ -87,8 +87,9 @@ class GMLinear(GMModule):
         self.bias = make_bias(bias, c_out, pattern.n_out, out_features, {"device": device, "dtype": dtype})
         if regular:
             plan = block_plan(g)
-            self._packing = grouped_plan(g)
-            self._register_constant("_q", self._packing.q)
+            self._products = product_plan(g)
+            self._register_constant("_q_in", self._products.q_in)
+            self._register_constant("_q_out", self._products.q_out)
             rho = [r if classes is None else r[classes] for r in plan.rho]
             self._n_rho = len(rho)
             for i, r in enumerate(rho):
@@ -222,8 +223,8 @@ class GMLinear(GMModule):
 
     def _blocks_macs_per_row(self) -> int:
         n, rco = self.pattern.n_out, self.rank * self.c_out
-        m, size = self._packing.q.shape[1], self._packing.size  # packed coordinates (N plus packing zeros)
-        gemm = self._packing.groups * size * size * self.c_in * rco
+        m, size = self._products.q_in.shape[1], self._products.size  # product coordinates (see ProductPlan)
+        gemm = self._products.groups * size * size * self.c_in * rco
         modulation = rco * n if self.modulations is not None else 0
         return int(self.c_in * n * m + gemm + rco * m * n + modulation)  # transform, packed bmm, way back, modulate
 
@@ -242,7 +243,11 @@ class GMLinear(GMModule):
             xg = x2.view(-1, self.c_in, n)
             if impl == "blocks":
                 weight_t = self._cached("blocks", self._block_weights)
-                y = blocks_forward(xg, self._q, weight_t, self.modulations, self.c_out)
+                if self.out_padded == self.out_features:  # the bias is added inside, in place
+                    bias = None if self.bias is None else expand_bias(self.bias, self.out_features, n)
+                    y = blocks_forward(xg, self._q_in, self._q_out, weight_t, self.modulations, self.c_out, bias)
+                    return y.reshape(*lead, self.out_features)
+                y = blocks_forward(xg, self._q_in, self._q_out, weight_t, self.modulations, self.c_out)
             else:
                 spectra = self._cached("fft", self._kernel_spectra)
                 y = fft_forward(xg, spectra, self.group.cyclic_shape)
@@ -260,7 +265,7 @@ class GMLinear(GMModule):
     def _block_weights(self) -> torch.Tensor:
         """The packed block weights, transposed for ``bmm``."""
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
-        return grouped_weights(self.kernels, rho, self._packing).transpose(1, 2).contiguous()
+        return product_weights(self.kernels, rho, self._products).contiguous()
 
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Multiply-accumulates of one call: rows of ``inp`` times :meth:`macs_per_row`."""

@@ -11,10 +11,53 @@ from pathlib import Path
 import torch
 
 
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+"""glibc settings of a long-running server: large blocks are reused, not mapped and faulted in afresh."""
+
+
+def steady_allocator() -> None:
+    """Re-run this script under :data:`STEADY_MALLOC` (glibc only; ``GM_DEFAULT_MALLOC=1`` keeps the defaults).
+
+    With glibc's default adaptive thresholds a block of tens of MB is mapped afresh, and page-faulted,
+    on every call once a process has been through certain allocation patterns: measured here, a
+    grouped convolution took 10 ms where it takes 2 ms (both the dense and the GM path suffer, by different
+    amounts, so ratios swing run to run). The timing scripts therefore run every path under the settings a
+    tuned CPU inference server uses (or jemalloc / tcmalloc); ``measured_on`` states it.
+    """
+    import os
+    import sys
+
+    if sys.platform != "linux" or os.environ.get("GM_DEFAULT_MALLOC") == "1":
+        return
+    if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
+
+
+def allocator_note() -> str:
+    """How the C allocator was set for the timings (see :func:`steady_allocator`)."""
+    import os
+
+    if all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+        return "glibc malloc with mmap/trim thresholds raised (benchmarks/common.py STEADY_MALLOC)"
+    return "the default C allocator"
+
+
+def interleaved(timers: dict, rounds: int = 3) -> dict:
+    """Best of ``rounds`` rounds of every timing function in ``timers`` (each returns seconds), interleaved:
+    a burst of load on this shared machine slows one round of every candidate instead of one candidate."""
+    best: dict = {}
+    for _ in range(rounds):
+        for name, fn in timers.items():
+            t = fn()
+            best[name] = min(best.get(name, t), t)
+    return best
+
+
 def measured_on(device: str | None = None) -> str:
     """``Measured <date> on <host> (<device>), torch <version>``; the device defaults to the CPU and its threads."""
     device = device or f"{platform.machine()}, {torch.get_num_threads()} CPU threads"
-    return f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'host'} ({device}), torch {torch.__version__}"
+    stamp = f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'host'} ({device}), torch {torch.__version__}"
+    return f"{stamp}, {allocator_note()}"
 
 
 def publish(text: str, out: Path, quick: bool) -> None:

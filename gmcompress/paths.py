@@ -22,7 +22,8 @@ from .report import median_seconds
 
 __all__ = ["PATH_SECONDS", "PathTiming", "capture_layer_inputs", "time_paths", "choose_path"]
 
-PATH_SECONDS = 0.05  # torch.utils.benchmark min_run_time per timed path
+PATH_SECONDS = 0.05  # torch.utils.benchmark min_run_time per timed path and round
+PATH_ROUNDS = 2  # rounds over the original and every path, interleaved; each keeps its best median
 
 
 @dataclass
@@ -57,24 +58,33 @@ def capture_layer_inputs(model: nn.Module, plans: list[LayerPlan], example_input
     return seen
 
 
-def time_paths(layer: nn.Module, x: torch.Tensor, min_run_time: float = PATH_SECONDS) -> dict[str, float]:
-    """Median seconds of ``layer(x)`` on each of its paths (``GMLayer.impls()``; a layer with none, or a dense
-    module, is timed as it is, under the key "dense"). ``layer.impl`` is left at the last path timed."""
+def time_paths(
+    layer: nn.Module, x: torch.Tensor, min_run_time: float = PATH_SECONDS, rounds: int = PATH_ROUNDS
+) -> dict[str, float]:
+    """Best median seconds of ``layer(x)`` on each of its paths (``GMLayer.impls()``; a layer with none, or a
+    dense module, is timed as it is, under the key "dense") over ``rounds`` interleaved rounds: a burst of
+    load on a shared machine then slows one round of every path, not one path. ``layer.impl`` is left at the
+    last path timed."""
     impls = layer.impls() if hasattr(layer, "impls") else ()
-    if not impls:
-        return {"dense": median_seconds(partial(layer, x), layer, min_run_time)}
-    times = {}
-    for impl in impls:
-        layer.impl = impl
-        times[impl] = median_seconds(partial(layer, x), layer, min_run_time)
+    times: dict[str, float] = {}
+    for _ in range(rounds):
+        for impl in impls or ("dense",):
+            if impls:
+                layer.impl = impl
+            t = median_seconds(partial(layer, x), layer, min_run_time)
+            times[impl] = min(times.get(impl, t), t)
     return times
 
 
 def choose_path(
     layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float = PATH_SECONDS
 ) -> PathTiming:
-    """Time ``original`` and every path of ``layer`` on ``x``; keep the fastest as ``layer.impl``."""
-    before = time_paths(original, x, min_run_time)["dense"]
-    times = time_paths(layer, x, min_run_time)
+    """Time ``original`` and every path of ``layer`` on ``x`` (interleaved rounds); keep the fastest as
+    ``layer.impl``."""
+    before, times = float("inf"), {}
+    for _ in range(PATH_ROUNDS):
+        before = min(before, time_paths(original, x, min_run_time, rounds=1)["dense"])
+        for impl, t in time_paths(layer, x, min_run_time, rounds=1).items():
+            times[impl] = min(times.get(impl, t), t)
     layer.impl = min(times, key=times.get)
     return PathTiming(before, times, layer.impl)

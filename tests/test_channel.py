@@ -146,3 +146,38 @@ def test_low_precision_matches_fp32(dtype, impl):
         low = layer.to(dtype)(x.to(dtype)).float()
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     assert (low - reference).norm() / reference.norm() < 2e-2
+
+
+@pytest.mark.parametrize("group", ["C8", "D4"])
+@pytest.mark.parametrize("rank,modulate,bias", [(1, False, True), (2, True, "shared"), (3, True, False)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_grouped_path_in_both_memory_formats(group, rank, modulate, bias, layout):
+    """The grouped path works in the input's memory format (and returns it): forward and gradients while
+    training, and the inference path (cached weights, outputs written in place) against the dense path."""
+    torch.manual_seed(0)
+    kwargs = dict(stride=2, padding=1, bias=bias)
+    dense = GMChannelConv(16, 24, 3, group, rank, modulate, impl="dense", **kwargs)
+    with torch.no_grad():
+        if dense.modulations is not None:
+            dense.modulations.normal_()
+    grouped = GMChannelConv(16, 24, 3, group, rank, modulate, impl="grouped", **kwargs)
+    grouped.load_state_dict(dense.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(3, 16, 9, 11).contiguous(memory_format=fmt)
+    outs, grads = [], []
+    for layer in (dense, grouped):
+        xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert outs[1].is_contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        grouped.eval(), dense.eval()
+        for _ in range(2):  # the second call is served from the cache
+            y = grouped(x)
+            torch.testing.assert_close(y, dense(x), atol=1e-5, rtol=1e-4)
+            assert y.is_contiguous(memory_format=fmt)

@@ -25,7 +25,7 @@ from ..groups import FiniteGroup
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import block_plan, grouped_conv_forward, grouped_plan, grouped_weights, modulated_basis
+from .functional import block_plan, grouped_conv_forward, modulated_back, product_plan, product_weights
 
 CONV_IMPLS = ("auto", "dense", "grouped")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -86,8 +86,9 @@ class GMChannelConv(GMModule):
         self.support_elements = None if support is None else [int(v) for v in support]
         self.bias = make_bias(bias, c_out, n, out_channels, {"device": device, "dtype": dtype})
         plan = block_plan(g)
-        self._packing = grouped_plan(g)
-        self._register_constant("_q", self._packing.q)
+        self._products = product_plan(g)
+        self._register_constant("_q_in", self._products.q_in)
+        self._register_constant("_q_out", self._products.q_out)
         self._n_rho = len(plan.rho)
         for i, r in enumerate(plan.rho):
             self._register_constant(f"_rho{i}", r if classes is None else r[classes])
@@ -213,8 +214,8 @@ class GMChannelConv(GMModule):
     def _grouped_macs_per_position(self) -> int:
         """Per output position (input positions taken as equal): transforms, block mixing, modulation."""
         n, rco, k = self.pattern.n_out, self.rank * self.c_out, math.prod(self.kernel_size)
-        m = self._packing.groups * self._packing.size  # transformed coordinates (N plus packing zeros)
-        mixing = self._packing.groups * self._packing.size**2 * self.channels_in * rco * k
+        m, size = self._products.q_in.shape[1], self._products.size  # product coordinates (see ProductPlan)
+        mixing = self._products.groups * size**2 * self.channels_in * rco * k
         return self.channels_in * n * m + mixing + rco * n * m + (rco * n if self.modulations is not None else 0)
 
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
@@ -268,9 +269,11 @@ class GMChannelConv(GMModule):
             y = self._conv(x, weight, 1, bias)
         else:
             weight, back = self._cached("grouped", self._grouped_weights)
-            xs = x.view(x.shape[0], self.channels_in, self.pattern.n_out, *([1] * (2 - self.dims)), *x.shape[2:])
-            y = grouped_conv_forward(xs, self._q, weight, self._packing.groups, self._conv2d, back, bias)
-            y = y.view(y.shape[0], y.shape[1], *y.shape[4 - self.dims :])
+            x4 = x if self.dims == 2 else x.unsqueeze(2)  # a Conv1d's length is the width of a height-1 image
+            groups = self._products.groups
+            y = grouped_conv_forward(x4, self._q_in, self._q_out, weight, groups, self._conv2d, self.modulations,
+                                     back, bias)  # fmt: skip
+            y = y if self.dims == 2 else y.squeeze(2)
         if self.out_padded != self.out_channels:
             y = y[:, : self.out_channels]
         return y.squeeze(0) if unbatched else y
@@ -290,12 +293,12 @@ class GMChannelConv(GMModule):
         return w.reshape(self.out_padded, self.in_padded, *self.kernel_size)
 
     def _grouped_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The grouped convolution weight (channels-last, 2-D) and the way back (modulated basis)."""
+        """The grouped convolution's weight ``(groups size r c_out, size c_in, *kernel_size)`` (2-D) and the
+        modulated way back (:func:`~gmcompress.nn.functional.modulated_back`)."""
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
-        w = grouped_weights(self.kernels, rho, self._packing)  # (G, size r c_out, size c_in K), inputs (y, i, k)
-        w = w.reshape(w.shape[0] * w.shape[1], -1, *(1,) * (2 - self.dims), *self.kernel_size)
-        back = modulated_basis(self.modulations, self._q, self.c_out)
-        return w.contiguous(memory_format=torch.channels_last), back
+        w = product_weights(self.kernels, rho, self._products)  # (G, size c_in K, size r c_out), rows (y, i, k)
+        w = w.transpose(1, 2).reshape(w.shape[0] * w.shape[2], -1, *(1,) * (2 - self.dims), *self.kernel_size)
+        return w.contiguous(), modulated_back(self.modulations, self._q_out, self.c_out)
 
     # ------------------------------------------------------------------ equivariance
     @torch.no_grad()

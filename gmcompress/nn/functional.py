@@ -199,13 +199,6 @@ def product_weights(kernels: torch.Tensor, rho: list[torch.Tensor], plan: Produc
     return torch.stack(pieces)
 
 
-def modulated_basis(modulations: torch.Tensor | None, q: torch.Tensor, c_out: int) -> torch.Tensor:
-    """``back[o, p, (k, m)] = a[k, o, p] q[p, m]``: the way back from the packed basis with the modulations
-    and the sum over the rank folded in (``a = 1`` without modulations)."""
-    a = modulations if modulations is not None else q.new_ones(1, c_out, q.shape[0])
-    return torch.einsum("kop,pm->opkm", a, q).reshape(c_out, q.shape[0], -1)
-
-
 def blocks_forward(
     x: torch.Tensor,
     q_in: torch.Tensor,
@@ -280,34 +273,79 @@ def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...]) 
 
 def grouped_conv_forward(
     x: torch.Tensor,
-    q: torch.Tensor,
+    q_in: torch.Tensor,
+    q_out: torch.Tensor,
     weight: torch.Tensor,
     groups: int,
     conv: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    modulations: torch.Tensor | None,
     back: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``x (B, c_in, N, H, W) -> (B, c_out N, H', W')``: channel transform, one grouped convolution, transform back.
+    """``x (B, c_in N, H, W) -> (B, c_out N, H', W')``: channel transform, one grouped convolution, transform back.
 
-    The transformed channels are laid out channels-last, ordered (coordinate m, channel i) so that each
-    group's channels are contiguous (the fast layout of grouped convolutions on the CPU); ``q`` is
-    :attr:`GroupedPlan.q` and ``conv(z, weight, groups)`` runs the layer's convolution. The way back
-    folds the modulations and the sum over the rank: ``back[o, p, (k, m)] = a[k, o, p] q[p, m]``, one
-    batched product per output channel, with the bias added by ``baddbmm``.
+    The block products of :func:`blocks_forward` with a convolution in place of each product: ``weight`` is
+    ``(groups size r c_out, size c_in, kh, kw)`` (:func:`product_weights`, kernel offsets unfolded), its
+    output channels ordered ``(m, k, o)``, and ``conv(z, weight, groups)`` runs the layer's convolution.
+    The work follows the input's memory format, and so does the output:
+
+    - channels-last: every pixel is a row, exactly as in :func:`blocks_forward` (``z = x q_in`` batched over
+      pixels, the convolution, ``u = q_out t`` batched over pixels, the modulated, transposed product);
+    - contiguous (NCHW): ``z[b, (m, i), hw]`` by one product batched over (image, channel) and one copy in
+      chunks of ``H W``; the way back reads the convolution's output in place, one
+      ``y[b, o] = back[o] t[b, :, o]`` product per output channel with ``back`` from :func:`modulated_back`
+      and the bias added by ``baddbmm`` (per image, into the output, when no autograd is
+      recording; else after one copy of the output).
     """
-    batch, c_in, n = x.shape[:3]
-    spatial = x.shape[3:]
-    m = q.shape[1]
-    z = torch.matmul(q.t(), x.reshape(batch, c_in, n, -1))  # (B, c_in, M, HW)
-    z = z.permute(0, 3, 2, 1).reshape(batch, *spatial, m * c_in).movedim(-1, 1)  # channels-last (m, i)
-    yt = conv(z, weight, groups)  # (B, M * r * c_out, H', W'), channels (m, k, o)
-    out_spatial = yt.shape[2:]
-    c_out = back.shape[0]
-    yt = yt.movedim(1, -1).reshape(batch, -1, m, yt.shape[1] // (m * c_out), c_out)  # (B, H'W', M, r, c_out)
-    yt = yt.permute(0, 4, 3, 2, 1).reshape(batch * c_out, -1, yt.shape[1])  # (B c_out, r M, H'W')
-    back = back.expand(batch, *back.shape).reshape(batch * c_out, n, -1)
-    if bias is None:
-        y = torch.bmm(back, yt)
+    batch, channels, height, width = x.shape
+    n, m = q_in.shape
+    c_in, c_out = channels // n, back.shape[0]
+    r = 1 if modulations is None else modulations.shape[0]
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c_in, n)
+        z = torch.matmul(q_in.t(), rows.transpose(1, 2))  # (B H W, M, c_in)
+        t = conv(z.view(batch, height, width, m * c_in).permute(0, 3, 1, 2), weight, groups)  # channels-last
+        out_h, out_w = t.shape[2:]
+        u = torch.matmul(q_out, t.permute(0, 2, 3, 1).reshape(-1, m, r * c_out)).view(-1, n, r, c_out)
+        if modulations is None:
+            y = u[:, :, 0].transpose(1, 2).contiguous()
+        else:
+            y = torch.mul(modulations[0], u[:, :, 0].transpose(1, 2)).contiguous()
+            for k in range(1, r):
+                y.addcmul_(u[:, :, k].transpose(1, 2), modulations[k])
+        y = y.view(batch, out_h, out_w, c_out * n)
+        if bias is not None:
+            y.add_(bias)
+        return y.permute(0, 3, 1, 2)
+    z = torch.matmul(q_in.t(), x.reshape(batch, c_in, n, height * width))  # (B, c_in, M, HW)
+    t = conv(z.transpose(1, 2).reshape(batch, m * c_in, height, width), weight, groups)  # (B, M r c_out, H', W')
+    out_h, out_w = t.shape[2:]
+    tv = t.view(batch, m * r, c_out, out_h * out_w).transpose(1, 2)  # (B, c_out, M r, H'W'), strided
+    b3 = bias.view(c_out, n, 1) if bias is not None else None
+    if _may_write_into(x, weight, back):
+        y = x.new_empty(batch, c_out, n, out_h * out_w)
+        for b in range(batch):
+            torch.matmul(back, tv[b], out=y[b]) if b3 is None else torch.baddbmm(b3, back, tv[b], out=y[b])
     else:
-        y = torch.baddbmm(bias.view(1, c_out, n, 1).expand(batch, c_out, n, 1).reshape(batch * c_out, n, 1), back, yt)
-    return y.view(batch, c_out * n, *out_spatial)
+        tv = tv.reshape(batch * c_out, m * r, -1)
+        back = back.expand(batch, *back.shape).reshape(batch * c_out, n, -1)
+        if b3 is None:
+            y = torch.bmm(back, tv)
+        else:
+            y = torch.baddbmm(b3.expand(batch, c_out, n, 1).reshape(batch * c_out, n, 1), back, tv)
+    return y.view(batch, c_out * n, out_h, out_w)
+
+
+def modulated_back(modulations: torch.Tensor | None, q_out: torch.Tensor, c_out: int) -> torch.Tensor:
+    """``back[o, p, (m, k)] = a[k, o, p] q_out[p, m]`` (``a = 1`` without modulations): the way back of
+    :func:`grouped_conv_forward` with the modulations and the sum over the rank folded in, ``(c_out, N, M r)``."""
+    a = modulations if modulations is not None else q_out.new_ones(1, c_out, q_out.shape[0])
+    return torch.einsum("kop,pm->opmk", a, q_out).reshape(c_out, q_out.shape[0], -1).contiguous()
+
+
+def _may_write_into(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel may take an ``out=`` argument: no autograd recording and no tracing or export
+    (``out=`` functions neither record gradients nor trace into every export format)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())

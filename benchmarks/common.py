@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 """glibc settings of a long-running server: large blocks are reused, not mapped and faulted in afresh."""
 

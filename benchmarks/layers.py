@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,14 @@ from torch.utils import benchmark
 import gmcompress as gm
 from gmcompress.nn import GMLinear
 from gmcompress.report import settle_allocator
+
+
+def time_path(layer: torch.nn.Module, impl: str, x: torch.Tensor, min_run_time: float, sync: str = "") -> float:
+    """``layer(x)`` on path ``impl``; ``"frozen"``: the grouped path inside ``gm.frozen(layer)``."""
+    layer.impl = "grouped" if impl == "frozen" else impl
+    layer(x)
+    with gm.frozen(layer) if impl == "frozen" else contextlib.nullcontext():
+        return timed("f(x)" + sync, min_run_time, f=layer, x=x, torch=torch)
 
 
 def frozen_timed(layer: torch.nn.Module, x: torch.Tensor, min_run_time: float) -> float:
@@ -72,18 +81,11 @@ def conv_lines(quick: bool, min_run_time: float, device: str = "cpu", dtype: tor
         for layout, fmt in [("NCHW", torch.contiguous_format), ("channels-last", torch.channels_last)]:
             x = x0.contiguous(memory_format=fmt)
             conv = conv.to(memory_format=fmt)
-            def path_timer(impl: str):
-                def run() -> float:  # "frozen": the grouped path inside gm.frozen
-                    layer.impl = "grouped" if impl == "frozen" else impl
-                    layer(x)
-                    with gm.frozen(layer) if impl == "frozen" else contextlib.nullcontext():
-                        return timed("f(x)" + sync, min_run_time, f=layer, x=x, torch=torch)
-
-                return run
 
             with torch.inference_mode():
-                timers = {"original": lambda: timed("f(x)" + sync, min_run_time, f=conv, x=x, torch=torch)}
-                timers.update({impl: path_timer(impl) for impl in (*layer.impls(), "frozen")})
+                timers = {"original": partial(timed, "f(x)" + sync, min_run_time, f=conv, x=x, torch=torch)}
+                for impl in (*layer.impls(), "frozen"):
+                    timers[impl] = partial(time_path, layer, impl, x, min_run_time, sync)
                 times = interleaved(timers)
                 t_dense, t_frozen = times.pop("original"), times.pop("frozen")
                 out = conv(x)
@@ -233,10 +235,10 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
                     layer(x)
                     best = interleaved(
                         {
-                            "dense": lambda: timed("f(x)", min_run_time, f=dense, x=x),
-                            "gm": lambda: timed("f(x)", min_run_time, f=layer, x=x),
-                            "frozen": lambda: frozen_timed(layer, x, min_run_time),
-                            "low": lambda: timed("F.linear(F.linear(x, a), b)", min_run_time, F=F, x=x, a=a, b=b),
+                            "dense": partial(timed, "f(x)", min_run_time, f=dense, x=x),
+                            "gm": partial(timed, "f(x)", min_run_time, f=layer, x=x),
+                            "frozen": partial(frozen_timed, layer, x, min_run_time),
+                            "low": partial(timed, "F.linear(F.linear(x, a), b)", min_run_time, F=F, x=x, a=a, b=b),
                         }
                     )
                     t_dense, t_gm, t_frozen, t_low = best["dense"], best["gm"], best["frozen"], best["low"]
@@ -252,7 +254,13 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
                     torch._dynamo.reset()  # one shape at a time: no recompile limit, no stale guards
                     fast = torch.compile(blocks_forward, dynamic=False)
                     with torch.inference_mode():
-                        args = (x.view(rows, layer.c_in, -1), layer._q_in, layer._q_out, layer._block_weights(), layer.modulations)
+                        args = (
+                            x.view(rows, layer.c_in, -1),
+                            layer._q_in,
+                            layer._q_out,
+                            layer._block_weights(),
+                            layer.modulations,
+                        )
                         fast(*args, layer.c_out)
                         t_comp = timed("f(*a, c) + bias", min_run_time, f=fast, a=args, c=layer.c_out, bias=layer.bias)
                     c_speed = t_dense / t_comp

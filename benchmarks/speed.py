@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import cnns
@@ -78,8 +79,8 @@ def slow_layers(
         x = captured[name]
         best = interleaved(
             {
-                "before": lambda: median_ms(original.get_submodule(name), x, device, min_run_time),
-                "after": lambda: median_ms(module, x, device, min_run_time),
+                "before": partial(median_ms, original.get_submodule(name), x, device, min_run_time),
+                "after": partial(median_ms, module, x, device, min_run_time),
             }
         )
         before, after = best["before"], best["after"]
@@ -130,9 +131,9 @@ def measure(
     for batch, inputs in batches.items():
         best = interleaved(
             {
-                "original": lambda: median_ms(original, inputs, device, min_run_time),
-                "compressed": lambda: median_ms(compressed, inputs, device, min_run_time),
-                "frozen": lambda: frozen_ms(compressed, inputs, device, min_run_time),
+                "original": partial(median_ms, original, inputs, device, min_run_time),
+                "compressed": partial(median_ms, compressed, inputs, device, min_run_time),
+                "frozen": partial(frozen_ms, compressed, inputs, device, min_run_time),
             }
         )
         t0, t1, t2 = best["original"], best["compressed"], best["frozen"]

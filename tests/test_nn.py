@@ -374,7 +374,9 @@ def test_low_precision(dtype, impl, spec):
 
 
 @pytest.mark.parametrize("spec", GROUPS)
-@pytest.mark.parametrize("rank,modulate,bias", [(1, False, True), (1, True, "shared"), (3, True, False), (2, True, True)])
+@pytest.mark.parametrize(
+    "rank,modulate,bias", [(1, False, True), (1, True, "shared"), (3, True, False), (2, True, True)]
+)
 def test_inference_paths_equal_the_definition(spec, rank, modulate, bias):
     """Eval mode under inference_mode (cached weights, no autograd: the deployment path) on every path."""
     n = gm.group(spec).order
@@ -425,7 +427,9 @@ def test_torch_compile_fullgraph(impl):
     torch.testing.assert_close(torch.compile(conv, fullgraph=True)(xc), conv(xc))
 
 
-@pytest.mark.parametrize("spec,products", [("C8", 11), ("C16", 23), ("C4xC4", 22), ("C2^3", 8), ("D8", None), ("S3", None)])
+@pytest.mark.parametrize(
+    "spec,products", [("C8", 11), ("C16", 23), ("C4xC4", 22), ("C2^3", 8), ("D8", None), ("S3", None)]
+)
 def test_block_products_use_gauss_for_abelian_groups(spec, products):
     """Abelian groups: one width-1 product per 1x1 block and three per complex-type 2x2 block (Gauss);
     the others keep the packed blocks. Either way q_in, the products and q_out give back the group matrix."""

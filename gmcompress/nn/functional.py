@@ -179,7 +179,9 @@ def product_plan(g: FiniteGroup) -> ProductPlan:
 
 def _complex_type(rho: np.ndarray) -> bool:
     """Whether every ``rho[s, :, :, b]`` (2x2) is ``[[c, -s], [s, c]]``: commutes with a quarter turn."""
-    return bool(np.allclose(rho[:, 0, 0], rho[:, 1, 1], atol=1e-9) and np.allclose(rho[:, 0, 1], -rho[:, 1, 0], atol=1e-9))
+    return bool(
+        np.allclose(rho[:, 0, 0], rho[:, 1, 1], atol=1e-9) and np.allclose(rho[:, 0, 1], -rho[:, 1, 0], atol=1e-9)
+    )
 
 
 def product_weights(kernels: torch.Tensor, rho: list[torch.Tensor], plan: ProductPlan) -> torch.Tensor:

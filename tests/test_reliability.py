@@ -96,6 +96,110 @@ def test_frozen_lets_an_exception_through_and_leaves_the_layers_checking():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # checking again
 
 
+def test_frozen_ignores_changes_made_outside_it_and_layers_it_did_not_call():
+    torch.manual_seed(0)
+    m = nn.ModuleDict(dict(enc=GMLinear(64, 64, "C8", impl="blocks"), head=GMLinear(64, 64, "C8", impl="blocks")))
+    m.eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        m.head(x)
+        m.head.kernels.mul_(0.5)  # outside any block
+        with gm.frozen(m):
+            m.enc(x)  # head is not called: nothing stale can come from it
+        m.load_state_dict({k: v * 2 for k, v in m.state_dict().items()})
+        with gm.frozen(m):
+            pass
+        with gm.frozen(m):
+            torch.testing.assert_close(m.head(x), F.linear(x, m.head.weight, m.head.bias))
+
+
+def test_frozen_catches_a_stale_output_even_after_the_cache_was_dropped():
+    """A stale output served inside the block is an error on exit, also when a later grad-enabled call (or a
+    dtype change) dropped the cache; a copy made inside the block checks its values on every call."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = GMLinear(64, 64, "C8", rank=2, impl="blocks").eval()
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="changed inside"), gm.frozen(layer):
+        with torch.no_grad():
+            layer(x)
+        layer.kernels.data.mul_(2)
+        with torch.no_grad():
+            layer(x)  # stale (documented)
+        layer(x)  # autograd on: the cache and its snapshot are dropped
+    with pytest.raises(RuntimeError, match="changed inside"), gm.frozen(layer):
+        with torch.no_grad():
+            layer(x)
+            layer.kernels.data.mul_(2)
+            layer(x)  # stale
+        layer.double()  # a dtype change drops the cache too
+    layer.float()
+    with torch.no_grad(), gm.frozen(layer):
+        layer(x)
+        twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.kernels.mul_(3)
+        torch.testing.assert_close(twin(x), F.linear(x, twin.weight, twin.bias))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GMLinear(64, 64, "C8", rank=2, impl="blocks"),
+    lambda: GMChannelConv(16, 16, 3, "C8", rank=2, padding=1, impl="grouped"),
+])  # fmt: skip
+def test_cache_filled_in_inference_mode_still_gives_input_gradients(make):
+    torch.manual_seed(0)
+    layer = make().eval()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 64) if isinstance(layer, GMLinear) else torch.randn(2, 16, 5, 5)
+    with torch.inference_mode():
+        layer(x)
+    xi = x.clone().requires_grad_()
+    (layer(xi) ** 2).sum().backward()  # saliency-style: gradients w.r.t. the input only
+    ref = x.clone().requires_grad_()
+    layer.impl = "dense"
+    (layer(ref) ** 2).sum().backward()
+    torch.testing.assert_close(xi.grad, ref.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_grouped_conv_under_bias_only_training_autocast_and_vmap(layout):
+    """The grouped path's in-place writes stay out of the way of autograd (bias-only training), autocast and
+    functorch transforms."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    grouped = GMChannelConv(16, 16, 3, "C8", rank=2, padding=1, impl="grouped")
+    dense = GMChannelConv(16, 16, 3, "C8", rank=2, padding=1, impl="dense")
+    dense.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=fmt)
+    for layer in (grouped, dense):
+        layer.kernels.requires_grad_(False)
+        layer.modulations.requires_grad_(False)
+        layer(x).square().sum().backward()
+    torch.testing.assert_close(grouped.bias.grad, dense.bias.grad, atol=1e-4, rtol=1e-4)
+    grouped.eval(), dense.eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = grouped(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), dense(x), atol=0.1, rtol=0.05)
+        xs = torch.randn(3, 2, 16, 5, 5)
+        torch.testing.assert_close(
+            torch.func.vmap(grouped)(xs), torch.stack([dense(v) for v in xs]), atol=1e-5, rtol=1e-4
+        )
+
+
+def test_padded_grouped_conv_keeps_channels_last():
+    torch.manual_seed(0)
+    layer = GMChannelConv(12, 20, 3, "C8", padding=1, impl="grouped", pad=True)
+    x = torch.randn(2, 12, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == (2, 20, 6, 6)
+    layer.impl = "dense"
+    torch.testing.assert_close(y, layer(x), atol=1e-5, rtol=1e-4)
+
+
 # 5. unbatched input to a compressed 1x1 conv -----------------------------------------------------
 @pytest.mark.parametrize("length", [16, 7])
 def test_unbatched_pointwise_conv1d(length):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -110,8 +111,7 @@ class GMModule(GMLayer):
         self._constants: dict[str, np.ndarray] = {}
         self._cache: dict[str, object] = {}
         self._snapshot: list[torch.Tensor] | None = None
-        self._frozen = 0  # depth of the frozen() blocks around this layer
-        self._frozen_checked = False  # the cache was checked once in the current frozen() block
+        self._cache_inference = False  # the cache holds inference tensors (filled under inference_mode)
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
         self.output_error: float | None = None  # relative output error on the calibration inputs, if any
 
@@ -124,12 +124,22 @@ class GMModule(GMLayer):
         return torch.tensor(self._constants[name], dtype=self.kernels.dtype, device=self.kernels.device)
 
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
+        block = _FROZEN.get(id(self))
+        if block is not None and block.snapshot is not None:  # the conversion ends what the block vouched for
+            block.stale |= not _same_values(block.snapshot, self._structure_params())
+            block.snapshot = None
         out = super()._apply(fn, recurse)
         for name in self._constants:
             setattr(self, name, self._constant_tensor(name))
         self._cache.clear()
         self._snapshot = None
         return out
+
+    def _build(self, build: Callable[[], object]) -> object:
+        """Derived weights in the parameters' precision, also under autocast (the ops that consume them
+        autocast as usual; a cache filled under autocast would otherwise serve low-precision weights after it)."""
+        with torch.autocast(self.kernels.device.type, enabled=False):
+            return build()
 
     def _cache_allowed(self) -> bool:
         if self.training or torch.compiler.is_compiling():
@@ -150,21 +160,23 @@ class GMModule(GMLayer):
         if not self._cache_allowed():
             self._cache.clear()
             self._snapshot = None
-            return build()
-        if self._frozen_checked and name in self._cache:  # inside frozen(), after this block's first check
-            return self._cache[name]
+            return self._build(build)
+        block = _FROZEN.get(id(self))
+        if block is not None and name in self._cache and self._snapshot is block.snapshot is not None:
+            return self._cache[name]  # inside frozen(), validated against the block's snapshot
+        if self._cache_inference and not torch.is_inference_mode_enabled():
+            self._cache.clear()  # inference tensors cannot be saved for backward (e.g. gradients w.r.t. inputs)
+            self._snapshot = None
         params = self._structure_params()
         if not _same_values(self._snapshot, params):
             self._cache.clear()
             self._snapshot = [p.detach().clone() for p in params]
         if name not in self._cache:
-            self._cache[name] = build()
-        self._frozen_checked = self._frozen > 0
+            self._cache[name] = self._build(build)
+            self._cache_inference = torch.is_inference_mode_enabled()
+        if block is not None and block.snapshot is None:
+            block.snapshot = self._snapshot  # what this block's later calls are served from
         return self._cache[name]
-
-    def _parameters_changed(self) -> bool:
-        """Whether the structured parameters differ from the snapshot behind the cache (False without one)."""
-        return self._snapshot is not None and not _same_values(self._snapshot, self._structure_params())
 
     # ------------------------------------------------------------------ parameters
     def reset_structure_parameters(self, fan_in: int) -> None:
@@ -221,41 +233,60 @@ class GMModule(GMLayer):
         return f"pattern={self.pattern.name}, rank={self.rank}, modulate={self.modulate}, compression={ratio:.1f}x"
 
 
+@dataclass
+class _FrozenBlock:
+    """A layer's state inside :func:`frozen`: nesting depth, the parameter snapshot its cache was validated
+    against on its first call in the block (None before), and whether a change was seen on the way."""
+
+    depth: int = 0
+    snapshot: list[torch.Tensor] | None = None
+    stale: bool = False
+
+
+_FROZEN: dict[int, _FrozenBlock] = {}
+"""The GM layers inside a frozen() block, by ``id``: a copy of a layer (``deepcopy``, pickling) is not in it."""
+
+
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """``with gmcompress.frozen(model): ...``: serve the GM layers' cached weights without re-reading their
     parameters on every call (for inference loops).
 
-    An eval-mode GM layer caches the weights its forward path needs (the dense weight, the packed block
+    An eval-mode GM layer caches the weights its forward path needs (the dense weight, the block
     weights, the spectra) and, by default, compares its kernels and modulations with the snapshot behind
     that cache on *every* call, so that no in-place update is missed (``.data`` edits, ``copy_``,
     ``load_state_dict``, optimizer steps). That costs one read of the structured parameters per call, up to
     a third of a small-batch forward. Inside this block each layer makes the comparison on its first call
-    only. On leaving the block it is made once more: a layer whose parameters were changed inside raises
-    ``RuntimeError`` naming it (its outputs after the change came from the old weights), so nothing is
-    silently wrong. Blocks nest; training mode and autograd bypass the cache as always.
+    only, and later calls are served from what that call validated. On leaving the block, every layer
+    called inside is compared with that snapshot once more: if its parameters changed inside the block
+    (its later outputs came from the old weights), ``RuntimeError`` names it and its cache is dropped, so
+    nothing is silently wrong. Changes made before the block, or to layers not called in it, are not errors.
+    Blocks nest; training mode and autograd bypass the cache as always.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GMModule)]
     for _, m in layers:
-        if m._frozen == 0:
-            m._frozen_checked = False
-        m._frozen += 1
+        _FROZEN.setdefault(id(m), _FrozenBlock()).depth += 1
+    failed = True
     try:
         yield model
+        failed = False
     finally:
-        for _, m in layers:
-            m._frozen -= 1
-            if m._frozen == 0:
-                m._frozen_checked = False
-    changed = [name or type(m).__name__ for name, m in layers if m._parameters_changed()]
-    if changed:
-        for _, m in layers:
-            m._cache.clear()
-            m._snapshot = None
-        raise RuntimeError(
-            f"parameters of {', '.join(changed)} changed inside gmcompress.frozen(): outputs computed after "
-            "the change used the previous weights; change parameters outside the block (or leave it first)"
-        )
+        changed = []
+        for name, m in layers:
+            block = _FROZEN[id(m)]
+            block.depth -= 1
+            if block.depth > 0:
+                continue
+            del _FROZEN[id(m)]
+            if block.stale or (block.snapshot is not None and not _same_values(block.snapshot, m._structure_params())):
+                changed.append(name or type(m).__name__)
+                m._cache.clear()
+                m._snapshot = None
+        if changed and not failed:
+            raise RuntimeError(
+                f"parameters of {', '.join(changed)} changed inside gmcompress.frozen(): outputs computed after "
+                "the change used the previous weights; change parameters outside the block (or leave it first)"
+            )
 
 
 def _same_values(snapshot: list[torch.Tensor] | None, params: list[torch.Tensor]) -> bool:

@@ -261,6 +261,7 @@ class GMChannelConv(GMModule):
             )
         unbatched = x.dim() == self.dims + 1
         x = x.unsqueeze(0) if unbatched else x
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if self.in_padded != self.in_channels:
             x = F.pad(x, (0, 0) * self.dims + (0, self.in_padded - self.in_channels))
         bias = self._padded_bias()
@@ -276,6 +277,7 @@ class GMChannelConv(GMModule):
             y = y if self.dims == 2 else y.squeeze(2)
         if self.out_padded != self.out_channels:
             y = y[:, : self.out_channels]
+            y = y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return y.squeeze(0) if unbatched else y
 
     def _padded_bias(self) -> torch.Tensor | None:

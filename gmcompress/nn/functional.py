@@ -232,15 +232,22 @@ def blocks_forward(
     t = torch.bmm(z.view(batch, groups, size * c_in).transpose(0, 1), weight_t)  # (G, B, size r c_out)
     t = t.transpose(0, 1).reshape(batch, m, r * c_out)
     u = torch.matmul(q_out, t).view(batch, n, r, c_out)
-    if modulations is None:
-        y = u[:, :, 0].transpose(1, 2).contiguous()
-    else:  # the modulations first: the product takes their (contiguous) layout, so .contiguous() copies nothing
-        y = torch.mul(modulations[0], u[:, :, 0].transpose(1, 2)).contiguous()
-        for k in range(1, r):
-            y.addcmul_(u[:, :, k].transpose(1, 2), modulations[k])
-    y = y.view(batch, c_out * n)
+    y = _modulate(u, modulations).view(batch, c_out * n)
     if bias is not None:
         y.add_(bias)
+    return y
+
+
+def _modulate(u: torch.Tensor, modulations: torch.Tensor | None) -> torch.Tensor:
+    """``y[b, o, p] = sum_k a[k, o, p] u[b, p, k, o]`` (``a = 1`` without modulations), contiguous, in the dtype of
+    ``u`` (under autocast the products ran in the lower precision, as a dense layer's would)."""
+    if modulations is None:
+        return u[:, :, 0].transpose(1, 2).contiguous()
+    a = modulations.to(u.dtype)
+    # the modulations first: the product takes their (contiguous) layout, so .contiguous() copies nothing
+    y = torch.mul(a[0], u[:, :, 0].transpose(1, 2)).contiguous()
+    for k in range(1, a.shape[0]):
+        y.addcmul_(u[:, :, k].transpose(1, 2), a[k])
     return y
 
 
@@ -309,12 +316,7 @@ def grouped_conv_forward(
         t = conv(z.view(batch, height, width, m * c_in).permute(0, 3, 1, 2), weight, groups)  # channels-last
         out_h, out_w = t.shape[2:]
         u = torch.matmul(q_out, t.permute(0, 2, 3, 1).reshape(-1, m, r * c_out)).view(-1, n, r, c_out)
-        if modulations is None:
-            y = u[:, :, 0].transpose(1, 2).contiguous()
-        else:
-            y = torch.mul(modulations[0], u[:, :, 0].transpose(1, 2)).contiguous()
-            for k in range(1, r):
-                y.addcmul_(u[:, :, k].transpose(1, 2), modulations[k])
+        y = _modulate(u, modulations)
         y = y.view(batch, out_h, out_w, c_out * n)
         if bias is not None:
             y.add_(bias)
@@ -324,7 +326,7 @@ def grouped_conv_forward(
     out_h, out_w = t.shape[2:]
     tv = t.view(batch, m * r, c_out, out_h * out_w).transpose(1, 2)  # (B, c_out, M r, H'W'), strided
     b3 = bias.view(c_out, n, 1) if bias is not None else None
-    if _may_write_into(x, weight, back):
+    if _may_write_into(x, weight, back, bias):
         y = x.new_empty(batch, c_out, n, out_h * out_w)
         for b in range(batch):
             torch.matmul(back, tv[b], out=y[b]) if b3 is None else torch.baddbmm(b3, back, tv[b], out=y[b])
@@ -345,9 +347,15 @@ def modulated_back(modulations: torch.Tensor | None, q_out: torch.Tensor, c_out:
     return torch.einsum("kop,pm->opmk", a, q_out).reshape(c_out, q_out.shape[0], -1).contiguous()
 
 
-def _may_write_into(*tensors: torch.Tensor) -> bool:
-    """Whether a kernel may take an ``out=`` argument: no autograd recording and no tracing or export
-    (``out=`` functions neither record gradients nor trace into every export format)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+def _may_write_into(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel may take an ``out=`` argument: nothing to record for autograd, no autocast, no
+    functorch transform (vmap, grad), no tracing or export, one dtype (``out=`` functions support none of
+    these)."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    if len({t.dtype for t in present}) > 1 or torch.is_autocast_enabled(present[0].device.type):
+        return False
+    if torch._C._functorch.maybe_current_level() is not None:  # inside vmap / grad / jacrev
         return False
     return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())

@@ -144,7 +144,7 @@ class ProductPlan:
     The input sums fold into the basis change (columns ``q0 + q1, q0, q1`` of ``q_in``) and the output
     sums into the way back (columns ``q0 + q1, q1, -q0`` of ``q_out``), so every product has width one:
     ``M = n_1 + 3 n_2`` products of ``c_in x r c_out`` (11 instead of 16 for C8, 23 instead of 32 for C16),
-    and the weights are 3/4 of the packed form's. ``parts[j] = (class, block, role)``: role 0 a 1x1 block,
+    and the weights are about 0.7 of the packed form's (11/16, 23/32). ``parts[j] = (class, block, role)``: role 0 a 1x1 block,
     1, 2, 3 the P, Q - P, P + Q of a 2x2 block. *Packed* (``packing`` set): :func:`grouped_plan`.
     """
 
@@ -303,8 +303,8 @@ def grouped_conv_forward(
     - contiguous (NCHW): ``z[b, (m, i), hw]`` by one product batched over (image, channel) and one copy in
       chunks of ``H W``; the way back reads the convolution's output in place, one
       ``y[b, o] = back[o] t[b, :, o]`` product per output channel with ``back`` from :func:`modulated_back`
-      and the bias added by ``baddbmm`` (per image, into the output, when no autograd is
-      recording; else after one copy of the output).
+      and the bias added by ``baddbmm`` (per image, straight into the output, when :func:`_may_write_into`
+      allows; else after one copy of the convolution's output).
     """
     batch, channels, height, width = x.shape
     n, m = q_in.shape

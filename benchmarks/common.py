@@ -41,11 +41,15 @@ def allocator_note() -> str:
     return "the default C allocator"
 
 
-def interleaved(timers: dict, rounds: int = 3) -> dict:
-    """Best of ``rounds`` rounds of every timing function in ``timers`` (each returns seconds), interleaved:
-    a burst of load on this shared machine slows one round of every candidate instead of one candidate."""
+ROUNDS = {"rounds": 3}  # interleaved timing rounds; the --quick smoke runs set 1
+
+
+def interleaved(timers: dict, rounds: int | None = None) -> dict:
+    """Best of ``rounds`` (default ``ROUNDS["rounds"]``) rounds of every timing function in ``timers`` (each
+    returns seconds), interleaved: a burst of load on this shared machine slows one round of every candidate
+    instead of one candidate."""
     best: dict = {}
-    for _ in range(rounds):
+    for _ in range(rounds or ROUNDS["rounds"]):
         for name, fn in timers.items():
             t = fn()
             best[name] = min(best.get(name, t), t)

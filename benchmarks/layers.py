@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import interleaved, measured_on, steady_allocator
+from common import ROUNDS, interleaved, measured_on, steady_allocator
 from readme import refresh
 from torch.utils import benchmark
 
@@ -279,6 +279,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     steady_allocator()
+    ROUNDS["rounds"] = 1 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
     min_run_time = 0.2 if args.quick else 0.5

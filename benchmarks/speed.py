@@ -21,7 +21,7 @@ from pathlib import Path
 
 import cnns
 import torch
-from common import interleaved, measured_on, pyplot, save_figure, steady_allocator
+from common import ROUNDS, interleaved, measured_on, pyplot, save_figure, steady_allocator
 from readme import refresh
 from torch import nn
 from torch.utils import benchmark
@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     steady_allocator()
+    ROUNDS["rounds"] = 1 if args.quick else 3
     dev, mrt = args.device, (0.05 if args.quick else 0.3)
     start = time.perf_counter()
     sections = []

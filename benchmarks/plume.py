@@ -35,6 +35,11 @@ Models (all residual: ``v_next = v_last + f(history)``, 3x3 convolutions, zero p
 ``w`` counts orientation fibres for the p4 models (4 w channels). The widths give two matched parameter
 budgets (about 2.5k and 5.5k parameters). Every (case, model, seed) result is kept in ``out/plume-runs``, so
 an interrupted sweep resumes. ``--drift`` writes ``results/plume_drift.md``: why a relaxed seed "drifted".
+``--study NAME --families ... --cases ... [--models ...] [--epochs N] [--cached]`` trains only those models and
+writes every seed's RMSE to ``results/plume_NAME.md`` (the seed-spread and longer-training studies).
+
+Training (:func:`train`): AdamW, peak learning rate :data:`LR`, linear warm-up over :data:`WARMUP` of the steps
+(25%: with the old 5%, ReLU fibres of 3-fibre layers died in the first epoch in some seeds), cosine decay.
 """
 
 from __future__ import annotations
@@ -60,8 +65,15 @@ from gmcompress.nn import GMConv2d
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / "out" / "plume-cache"
 RUNS = CACHE.parent / "plume-runs"  # one JSON per (case, model, seed, epochs): the sweep resumes
-RUN_VERSION = 1  # bump when a model, its initialisation or the training change
+RUN_VERSION = 2  # bump when a model, its initialisation or the training change
 RPP_DECAY = 10.0  # AdamW weight decay of the RPP residual paths (the equivariant paths and all else: 0.01)
+NORMALIZE = False  # divide the inputs by their training RMS (and scale the predicted change back), every model
+LR = 2e-3  # AdamW peak learning rate, every model
+WARMUP = 0.25  # fraction of the steps with a linear warm-up, then cosine decay
+RECIPE = (
+    f"{'inputs divided by their training RMS, ' if NORMALIZE else ''}AdamW {LR:g} with {100 * WARMUP:g}% "
+    "linear warm-up then cosine, weight decay 0.01, batch 16"
+)
 GENERATOR_VERSION = 2  # bump when simulate(), strength() or domains() change: the cache key includes it
 
 
@@ -216,16 +228,19 @@ def equivariance_error(model: nn.Module, history: int, res: int = 16) -> float:
 
 
 class PlainCNN(nn.Module):
-    def __init__(self, history: int, width: int, depth: int = 4) -> None:
+    """Plain 3x3 convolutions; ``scale``: the inputs are divided by it and the predicted change multiplied."""
+
+    def __init__(self, history: int, width: int, depth: int = 4, scale: float = 1.0) -> None:
         super().__init__()
+        self.scale = float(scale)
         sizes = [2 * history] + [width] * (depth - 1) + [2]
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        h = to_channels(v)
+        h = to_channels(v / self.scale)
         for i, conv in enumerate(self.convs):
             h = conv(h) if i == len(self.convs) - 1 else torch.relu(conv(h))
-        return v[:, -1] + h.permute(0, 2, 3, 1)
+        return v[:, -1] + self.scale * h.permute(0, 2, 3, 1)
 
 
 LAYERS = ("gm", "rpp", "rgroup")
@@ -244,18 +259,22 @@ def p4_layer(kind: str, c_in: int, c_out: int, rank: int) -> nn.Module:
 
 
 class P4CNN(nn.Module):
-    """C4 group convolutions on C4-regular velocity features: exact or relaxed GM, RPP or RGroup layers."""
+    """C4 group convolutions on C4-regular velocity features: exact or relaxed GM, RPP or RGroup layers.
+    ``scale`` as :class:`PlainCNN` (a scalar: equivariance is kept)."""
 
-    def __init__(self, history: int, width: int, rank: int = 1, depth: int = 4, kind: str = "gm") -> None:
+    def __init__(
+        self, history: int, width: int, rank: int = 1, depth: int = 4, kind: str = "gm", scale: float = 1.0
+    ) -> None:
         super().__init__()
+        self.scale = float(scale)
         sizes = [4 * history] + [4 * width] * (depth - 1) + [4]
         self.convs = nn.ModuleList(p4_layer(kind, a, b, rank) for a, b in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        h = encode_regular(v)
+        h = encode_regular(v / self.scale)
         for i, conv in enumerate(self.convs):
             h = conv(h) if i == len(self.convs) - 1 else torch.relu(conv(h))
-        return v[:, -1] + decode_regular(h)
+        return v[:, -1] + self.scale * decode_regular(h)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups; an RPP model's residual paths get the stronger prior :data:`RPP_DECAY`."""
@@ -293,16 +312,24 @@ def rollout_rmse(model: nn.Module, sims: np.ndarray, cfg: PlumeConfig, first: in
     return math.sqrt(float(np.mean(errs)))
 
 
-def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], epochs: int, seed: int, lr: float = 2e-3) -> float:
-    """AdamW (weight decay 0.01 unless the model's ``param_groups`` say otherwise), 5% linear warm-up then cosine
-    decay, gradient clipping at 1, batch 16 shuffled by ``seed``; mean squared error. Returns the seconds."""
+def train(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    seed: int,
+    lr: float = LR,
+    warmup: float = WARMUP,
+) -> float:
+    """AdamW (weight decay 0.01 unless the model's ``param_groups`` say otherwise), linear warm-up over the first
+    ``warmup`` of the steps then cosine decay, gradient clipping at 1, batch 16 shuffled by ``seed``; mean squared
+    error. Returns the seconds."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     groups = getattr(model, "param_groups", lambda wd: [{"params": list(model.parameters()), "weight_decay": wd}])
     optimizer = torch.optim.AdamW(groups(0.01), lr=lr)
     x, y = data
     per_epoch = math.ceil(len(x) / 16)
-    total, warm = epochs * per_epoch, max(1, int(0.05 * epochs * per_epoch))
+    total, warm = epochs * per_epoch, max(1, int(warmup * epochs * per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
     )
@@ -344,11 +371,11 @@ def widths(quick: bool) -> dict[str, tuple[int, ...]]:
     }
 
 
-def build(family: str, width: int, history: int) -> nn.Module:
+def build(family: str, width: int, history: int, scale: float = 1.0) -> nn.Module:
     if family == "CNN":
-        return PlainCNN(history, width)
+        return PlainCNN(history, width, scale=scale)
     kind, rank = FAMILIES[family]
-    return P4CNN(history, width, rank, kind=kind)
+    return P4CNN(history, width, rank, kind=kind, scale=scale)
 
 
 def family_of(name: str) -> str:
@@ -367,13 +394,19 @@ class Result:
     equivariance: float
     seconds: float
     seeds: list[tuple[float, float]]  # (future, domain) per seed
+    modulation_change: float = float("nan")  # mean over the seeds of the largest |a - 1| (relaxed GM), nan: not kept
+
+
+def input_scale(data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """RMS of the training inputs (velocity components): the models see the history divided by it."""
+    return float(data[0].pow(2).mean().sqrt())
 
 
 def run_seed(name: str, cfg: PlumeConfig, sims: dict, data, epochs: int, seed: int) -> dict:
     """Train one model with one seed; ``{"future", "domain", "equivariance", "seconds", "params"}``."""
     torch.manual_seed(seed)
     family, width = family_of(name), int(name.rsplit(" ", 1)[1])
-    model = build(family, width, cfg.history)
+    model = build(family, width, cfg.history, input_scale(data) if NORMALIZE else 1.0)
     secs = train(model, data, epochs, seed=seed)
     equi = equivariance_error(model, cfg.history)
     if family == "p4 exact" and equi > 1e-4:
@@ -384,17 +417,39 @@ def run_seed(name: str, cfg: PlumeConfig, sims: dict, data, epochs: int, seed: i
         "equivariance": equi,
         "seconds": secs,
         "params": sum(p.numel() for p in model.parameters()),
+        "modulation_change": max(  # largest |a - 1| of a relaxed GM model's modulations (they start at 1)
+            (
+                float((m.modulations.detach() - 1).abs().max())
+                for m in model.modules()
+                if isinstance(m, GMConv2d) and m.modulations is not None
+            ),
+            default=float("nan"),
+        ),
     }
 
 
-def run_case(cfg: PlumeConfig, quick: bool, epochs: int, seeds: int, tag: str) -> tuple[dict[str, Result], dict]:
-    """Every model of :func:`widths` on one case; per-seed results are kept in ``out/plume-runs`` (resumable)."""
+def run_case(
+    cfg: PlumeConfig,
+    quick: bool,
+    epochs: int,
+    seeds: int,
+    tag: str,
+    families: list[str] | None = None,
+    models: list[str] | None = None,
+    cached: bool = False,
+) -> tuple[dict[str, Result], dict]:
+    """Every model of :func:`widths` (``families``, ``models``: a subset) on one case; per-seed results are kept
+    in ``out/plume-runs`` (resumable). ``cached``: train nothing, leave out the models with a seed not kept."""
     sims = dataset(cfg)
     data = windows(sims["train"], cfg.history, 0, cfg.train_frames)
     results = {}
     for family, ws in widths(quick).items():
+        if families and family not in families:
+            continue
         for w in ws:
             name = f"{family} {w}"
+            if models and name not in models:
+                continue
             runs = []
             for seed in range(seeds):
                 key = hashlib.sha1(json.dumps([asdict(cfg), name, seed, epochs, RUN_VERSION]).encode()).hexdigest()[:12]
@@ -402,16 +457,20 @@ def run_case(cfg: PlumeConfig, quick: bool, epochs: int, seeds: int, tag: str) -
                 if path.exists() and not quick:
                     runs.append(json.loads(path.read_text()))
                     continue
+                if cached:
+                    break
                 runs.append(run_seed(name, cfg, sims, data, epochs, seed))
                 if not quick:  # the --quick smoke run always trains
                     RUNS.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(runs[-1]))
+            if len(runs) < seeds:
+                continue  # cached: not all seeds kept
             fut = [r["future"] for r in runs]
             dom = [r["domain"] for r in runs]
             results[name] = Result(
                 runs[0]["params"], float(np.mean(fut)), float(np.ptp(fut)), float(np.mean(dom)), float(np.ptp(dom)),
                 float(np.mean([r["equivariance"] for r in runs])), float(np.mean([r["seconds"] for r in runs])),
-                list(zip(fut, dom)),
+                list(zip(fut, dom)), float(np.mean([r.get("modulation_change", np.nan) for r in runs])),
             )  # fmt: skip
             print(f"plume [{tag}]: {name}: {results[name].params:,} params, RMSE future {np.mean(fut):.4f} "
                   f"(spread {np.ptp(fut):.4f}) domain {np.mean(dom):.4f}", flush=True)  # fmt: skip
@@ -461,8 +520,8 @@ def describe(
     return [
         f"Smoke plume {base.res}x{base.res}, per case: {len(domains(base)['train'])} training simulations "
         f"(directions {domains(base)['train']}), {info['pairs']} one-step pairs from their first {base.train_frames} "
-        f"frames; {base.history} input frames, {base.horizon}-step rollouts; {epochs} epochs (AdamW 2e-3, weight "
-        f"decay 0.01, RPP residual paths {RPP_DECAY:g}, batch 16); RMSEs are the mean over {seeds} training seeds "
+        f"frames; {base.history} input frames, {base.horizon}-step rollouts; {epochs} epochs ({RECIPE}, RPP residual "
+        f"paths weight decay {RPP_DECAY:g}); RMSEs are the mean over {seeds} training seeds "
         f"(± the spread, max - min). Cases: buoyancy strength `s0 (1 + beta cos theta)` for beta in "
         f"{{{', '.join(t.split()[1] for t in cases if t.startswith('beta'))}}}, and `background`: beta = 0 plus a "
         f"fixed force `{cases['background'].background:g} s0` along +y on the smoke. Symmetry breaking of each case, "
@@ -572,6 +631,56 @@ def claim_lines(results: dict[str, tuple[int, float, float]]) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------- studies on a few families
+def study(
+    name: str,
+    families: list[str],
+    only: list[str],
+    epochs: int,
+    seeds: int,
+    models: list[str] | None = None,
+    cached: bool = False,
+) -> list[str]:
+    """Some families on some cases (``results/plume_<name>.md``): every seed's future RMSE, the spread / mean,
+    and the better relaxed GM model against exact at each matched budget."""
+    cases = {t: c for t, c in case_configs(PlumeConfig()).items() if t in only}
+    missing = set(only) - set(cases) or set(families) - set(widths(False))
+    if missing:
+        raise ValueError(f"unknown case or family: {sorted(missing)}")
+    t0 = time.perf_counter()
+    sweep = {tag: run_case(cfg, False, epochs, seeds, tag, families, models, cached) for tag, cfg in cases.items()}
+    minutes = (time.perf_counter() - t0) / 60
+    lines = [
+        f"{epochs} epochs, {seeds} seeds, {RECIPE}; models {', '.join(models or families)}; "
+        f"this report took {minutes:.0f} min (runs are kept in out/plume-runs and reused).",
+        "",
+        "| case | model | parameters | future RMSE per seed | mean | spread / mean | held-out directions, mean | "
+        "largest modulation change abs(a - 1) (-: exact, or not kept) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tag, (results, _) in sweep.items():
+        for model, r in results.items():
+            per_seed = ", ".join(f"{f:.4f}" for f, _ in r.seeds)
+            lines.append(f"| {tag} | {model} | {r.params:,} | {per_seed} | {r.future:.4f} | "
+                         f"{100 * r.future_spread / r.future:.0f}% | {r.domain:.4f} | "
+                         f"{'-' if math.isnan(r.modulation_change) else f'{r.modulation_change:.2f}'} |")  # fmt: skip
+    relaxed = [f for f in RELAXED if f in families]
+    if "p4 exact" in families and relaxed:
+        lines += ["", "| case | budget | p4 exact | better relaxed GM | relaxed vs exact |", "|---|---|---|---|---|"]
+        for tag, (results, _) in sweep.items():
+            by_family = {f: sorted((n for n in results if family_of(n) == f), key=lambda n: results[n].params)
+                         for f in ["p4 exact", *relaxed]}  # fmt: skip
+            for i in range(min(len(v) for v in by_family.values())):
+                exact = results[by_family["p4 exact"][i]]
+                best = min((by_family[f][i] for f in relaxed), key=lambda n: results[n].future)
+                lines.append(
+                    f"| {tag} | {('small', 'large')[i] if i < 2 else i} | {exact.future:.4f} ({exact.params:,}) | "
+                    f"`{best}` {results[best].future:.4f} ({results[best].params:,}) | "
+                    f"{100 * (results[best].future / exact.future - 1):+.1f}% |"
+                )
+    return lines
+
+
 # ------------------------------------------------------------------------------------ the "drifting" seeds
 def live_fractions(model: P4CNN, x: torch.Tensor) -> list[float]:
     """Per hidden layer, the fraction of channels whose ReLU is on somewhere on the inputs ``x``."""
@@ -643,6 +752,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="training seeds per model (default 3, --quick 1)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (the sweep's times are for 1)")
     parser.add_argument("--cases", nargs="+", help="case tags to run, e.g. 'beta 0.9' background (beta 0 always)")
+    parser.add_argument("--families", nargs="+", help="with --study: model families, e.g. 'p4 exact' 'p4 relaxed r2'")
+    parser.add_argument("--models", nargs="+", help="with --study: only these models, e.g. 'p4 exact 5'")
+    parser.add_argument("--cached", action="store_true", help="with --study: train nothing, report the kept runs")
+    parser.add_argument("--study", help="write results/plume_<STUDY>.md for --families on --cases (not plume.md)")
     parser.add_argument("--drift", action="store_true", help="only the dead-layer check (results/plume_drift.md)")
     parser.add_argument("--drift-train", type=int, default=0, help="with --drift: also train r2 4, old and new init")
     args = parser.parse_args()
@@ -652,6 +765,16 @@ def main() -> None:
         text = "\n".join([f"{measured_on()}.", "", *drift_check(train_seeds=args.drift_train)])
         print(text)
         (RESULTS / "plume_drift.md").write_text(text + "\n")
+        return
+    if args.study:
+        if not (args.families and args.cases):
+            parser.error("--study needs --families and --cases")
+        body = study(
+            args.study, args.families, args.cases, args.epochs or 20, args.seeds or 3, args.models, args.cached
+        )
+        text = "\n".join([f"{measured_on()}.", "", *body])
+        print(text)
+        (RESULTS / f"plume_{args.study}.md").write_text(text + "\n")
         return
     main_with(args.quick, args.epochs, args.seeds, args.cases)
 

@@ -144,8 +144,9 @@ class ProductPlan:
     The input sums fold into the basis change (columns ``q0 + q1, q0, q1`` of ``q_in``) and the output
     sums into the way back (columns ``q0 + q1, q1, -q0`` of ``q_out``), so every product has width one:
     ``M = n_1 + 3 n_2`` products of ``c_in x r c_out`` (11 instead of 16 for C8, 23 instead of 32 for C16),
-    and the weights are about 0.7 of the packed form's (11/16, 23/32). ``parts[j] = (class, block, role)``: role 0 a 1x1 block,
-    1, 2, 3 the P, Q - P, P + Q of a 2x2 block. *Packed* (``packing`` set): :func:`grouped_plan`.
+    and the weights are about 0.7 of the packed form's (11/16, 23/32). ``parts[j] = (class, block, role)``:
+    role 0 a 1x1 block, 1, 2, 3 the P, Q - P, P + Q of a 2x2 block. *Packed* (``packing`` set):
+    :func:`grouped_plan`.
     """
 
     q_in: np.ndarray

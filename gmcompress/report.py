@@ -51,7 +51,7 @@ class LayerReport:
     equivariance_error: float | None = None
     padded: bool = False
     reason: str = ""
-    path: str = ""  # the forward path the GM layer takes ("dense", "blocks", "fft", "grouped")
+    path: str = ""  # the forward path the GM layer takes ("dense", "blocks", "packed", "fft", "grouped")
     path_times_ms: dict[str, float] | None = None  # measured on the layer's example input: "original" and each path
 
     @property

@@ -13,7 +13,7 @@ GROUPS = ["C8", "D4", "S3", "C4xC4", "C2^3"]
 
 
 def paths(spec):
-    return ["dense", "blocks"] + (["fft"] if gm.group(spec).cyclic_shape else [])
+    return GMLinear(gm.group(spec).order, gm.group(spec).order, spec).impls()
 
 
 def make_linear(spec, rank, impl, support=None, seed=0, dtype=torch.float32):

@@ -16,6 +16,7 @@ from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
 from .functional import (
+    ProductPlan,
     block_plan,
     blocks_forward,
     fft_forward,
@@ -25,7 +26,7 @@ from .functional import (
     product_weights,
 )
 
-IMPLS = ("auto", "dense", "blocks", "fft")
+IMPLS = ("auto", "dense", "blocks", "packed", "fft")
 
 
 class GMLinear(GMModule):
@@ -43,8 +44,9 @@ class GMLinear(GMModule):
         bias: True (one per output feature, like nn.Linear), "shared" (one per output channel: keeps
             exact equivariance) or False.
         impl: "dense" (materialise W; cached in eval mode), "blocks" (real block-diagonal basis,
-            batched GEMMs), "fft" (abelian groups), "auto" (blocks when that at least halves the
-            multiply-adds of the dense product, else dense).
+            batched GEMMs; for abelian groups Gauss's three products per 2x2 block), "packed" (the same
+            without Gauss's trick: fewer, wider products), "fft" (abelian groups), "auto" (blocks when
+            that at least halves the multiply-adds of the dense product, else dense).
         pad: zero-pad sizes that are not multiples of N instead of raising.
     """
 
@@ -74,8 +76,10 @@ class GMLinear(GMModule):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         regular = in_subgroup is None and out_subgroup is None
-        if impl == "blocks" and not regular:
-            raise ValueError("impl='blocks' needs a plain group matrix (no in_subgroup/out_subgroup); use 'dense'")
+        if impl in ("blocks", "packed") and not regular:
+            raise ValueError(f"impl={impl!r} needs a plain group matrix (no in_subgroup/out_subgroup); use 'dense'")
+        if impl == "packed" and regular and not _has_gauss_blocks(g):
+            impl = "blocks"  # no Gauss form: the block path is the packed one
         if impl == "fft" and (not regular or g.cyclic_shape is None):
             raise ValueError(f"impl='fft' needs a product of cyclic groups, got {g.name}; use 'blocks' or 'dense'")
         self.group, self.impl, self.regular = g, impl, regular
@@ -90,6 +94,9 @@ class GMLinear(GMModule):
             self._products = product_plan(g)
             self._register_constant("_q_in", self._products.q_in)
             self._register_constant("_q_out", self._products.q_out)
+            self._packed = product_plan(g, gauss=False)
+            if _has_gauss_blocks(g):  # Gauss's 2x2 blocks exist: the packed form is a path of its own
+                self._register_constant("_q_packed", self._packed.q_in)
             rho = [r if classes is None else r[classes] for r in plan.rho]
             self._n_rho = len(rho)
             for i, r in enumerate(rho):
@@ -210,7 +217,8 @@ class GMLinear(GMModule):
     def impls(self) -> tuple[str, ...]:
         if not self.regular:
             return ("dense",)
-        return ("dense", "blocks", "fft") if self.group.cyclic_shape is not None else ("dense", "blocks")
+        packed = ("packed",) if _has_gauss_blocks(self.group) else ()
+        return ("dense", "blocks", *packed) + (("fft",) if self.group.cyclic_shape is not None else ())
 
     def resolved_impl(self) -> str:
         """The path ``forward`` takes. "auto": blocks for plain GMs when they need at most half the
@@ -221,10 +229,11 @@ class GMLinear(GMModule):
             return "blocks"
         return "dense"
 
-    def _blocks_macs_per_row(self) -> int:
+    def _blocks_macs_per_row(self, impl: str = "blocks") -> int:
         n, rco = self.pattern.n_out, self.rank * self.c_out
-        m, size = self._products.q_in.shape[1], self._products.size  # product coordinates (see ProductPlan)
-        gemm = self._products.groups * size * size * self.c_in * rco
+        plan = self._plan(impl)
+        m, size = plan.q_in.shape[1], plan.size  # product coordinates (see ProductPlan)
+        gemm = plan.groups * size * size * self.c_in * rco
         modulation = rco * n if self.modulations is not None else 0
         return int(self.c_in * n * m + gemm + rco * m * n + modulation)  # transform, packed bmm, way back, modulate
 
@@ -241,13 +250,14 @@ class GMLinear(GMModule):
         else:
             n = self.pattern.n_out
             xg = x2.view(-1, self.c_in, n)
-            if impl == "blocks":
-                weight_t = self._cached("blocks", self._block_weights)
+            if impl in ("blocks", "packed"):
+                weight_t = self._cached(impl, lambda: self._block_weights(impl))
+                q_in, q_out = (self._q_packed, self._q_packed) if impl == "packed" else (self._q_in, self._q_out)
                 if self.out_padded == self.out_features:  # the bias is added inside, in place
                     bias = None if self.bias is None else expand_bias(self.bias, self.out_features, n)
-                    y = blocks_forward(xg, self._q_in, self._q_out, weight_t, self.modulations, self.c_out, bias)
+                    y = blocks_forward(xg, q_in, q_out, weight_t, self.modulations, self.c_out, bias)
                     return y.reshape(*lead, self.out_features)
-                y = blocks_forward(xg, self._q_in, self._q_out, weight_t, self.modulations, self.c_out)
+                y = blocks_forward(xg, q_in, q_out, weight_t, self.modulations, self.c_out)
             else:
                 spectra = self._cached("fft", self._kernel_spectra)
                 y = fft_forward(xg, spectra, self.group.cyclic_shape)
@@ -262,10 +272,13 @@ class GMLinear(GMModule):
     def _kernel_spectra(self) -> torch.Tensor:
         return kernel_spectra(full_kernels(self.kernels, self._support, self.pattern.n_out), self.group.cyclic_shape)
 
-    def _block_weights(self) -> torch.Tensor:
-        """The packed block weights, transposed for ``bmm``."""
+    def _plan(self, impl: str) -> ProductPlan:
+        return self._packed if impl == "packed" else self._products
+
+    def _block_weights(self, impl: str = "blocks") -> torch.Tensor:
+        """The right-hand sides of the block products of path ``impl``, laid out for ``bmm``."""
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
-        return product_weights(self.kernels, rho, self._products).contiguous()
+        return product_weights(self.kernels, rho, self._plan(impl)).contiguous()
 
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Multiply-accumulates of one call: rows of ``inp`` times :meth:`macs_per_row`."""
@@ -281,8 +294,8 @@ class GMLinear(GMModule):
         impl = self.resolved_impl()
         if impl == "dense":
             return self.in_padded * self.out_padded
-        if impl == "blocks":
-            return self._blocks_macs_per_row()
+        if impl in ("blocks", "packed"):
+            return self._blocks_macs_per_row(impl)
         n, rco = self.pattern.n_out, self.rank * self.c_out
         mod = rco * n if self.modulations is not None else 0
         n_freq = n // self.group.cyclic_shape[-1] * (self.group.cyclic_shape[-1] // 2 + 1)
@@ -359,6 +372,12 @@ def group_from_config(config: dict) -> FiniteGroup:
     if "spec" in config:
         return _as_group(config["spec"])
     return FiniteGroup(np.asarray(config["table"]), name=config.get("name"), validate=True)
+
+
+def _has_gauss_blocks(g: FiniteGroup) -> bool:
+    """Whether the Gauss form of ``g``'s products differs from the packed one (it has 2x2 blocks)."""
+    parts = product_plan(g).parts
+    return parts is not None and any(role for _, _, role in parts)
 
 
 def _round_up(v: int, m: int) -> int:

@@ -313,7 +313,7 @@ def grouped_conv_forward(
     n, m = q_in.shape
     c_in, c_out = channels // n, back.shape[0]
     r = 1 if modulations is None else modulations.shape[0]
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         rows = x.permute(0, 2, 3, 1).reshape(-1, c_in, n)
         z = torch.matmul(q_in.t(), rows.transpose(1, 2))  # (B H W, M, c_in)
         t = conv(z.view(batch, height, width, m * c_in).permute(0, 3, 1, 2), weight, groups)  # channels-last

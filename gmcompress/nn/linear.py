@@ -235,7 +235,7 @@ class GMLinear(GMModule):
         m, size = plan.q_in.shape[1], plan.size  # product coordinates (see ProductPlan)
         gemm = plan.groups * size * size * self.c_in * rco
         modulation = rco * n if self.modulations is not None else 0
-        return int(self.c_in * n * m + gemm + rco * m * n + modulation)  # transform, packed bmm, way back, modulate
+        return int(self.c_in * n * m + gemm + rco * m * n + modulation)  # transform, block products, way back, modulate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -253,11 +253,11 @@ class GMLinear(GMModule):
             if impl in ("blocks", "packed"):
                 weight_t = self._cached(impl, lambda: self._block_weights(impl))
                 q_in, q_out = (self._q_packed, self._q_packed) if impl == "packed" else (self._q_in, self._q_out)
-                if self.out_padded == self.out_features:  # the bias is added inside, in place
-                    bias = None if self.bias is None else expand_bias(self.bias, self.out_features, n)
-                    y = blocks_forward(xg, q_in, q_out, weight_t, self.modulations, self.c_out, bias)
+                inside = self.out_padded == self.out_features and self.bias is not None  # added in place
+                bias = expand_bias(self.bias, self.out_features, n) if inside else None
+                y = blocks_forward(xg, q_in, q_out, weight_t, self.modulations, self.c_out, bias)
+                if inside:
                     return y.reshape(*lead, self.out_features)
-                y = blocks_forward(xg, q_in, q_out, weight_t, self.modulations, self.c_out)
             else:
                 spectra = self._cached("fft", self._kernel_spectra)
                 y = fft_forward(xg, spectra, self.group.cyclic_shape)

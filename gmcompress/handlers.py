@@ -145,7 +145,7 @@ def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings,
     plan.params_after = sum(p.numel() for p in plan.shell(torch.device("meta")).parameters())
     kwargs = dict(
         support=s.support,
-        impl=s.impl if layer_type is GMLinear or s.impl in ("auto", "dense") else "grouped",
+        impl=s.impl if layer_type is GMLinear or s.impl in ("auto", "dense", "packed") else "grouped",
         pad=plan.padded,
         damping=s.damping,
         bias="shared" if s.bias == "shared" else None,

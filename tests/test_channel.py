@@ -17,6 +17,7 @@ CONFIGS = [
     (2, 1, dict(stride=2)),
     (1, 5, dict(padding="same", dilation=2)),
     (1, 3, dict(padding=1, padding_mode="replicate", stride=2)),
+    (1, 1, dict(stride=3, padding="valid")),  # pointwise: the products run as matrix products
 ]
 
 
@@ -27,7 +28,7 @@ def dense_conv(dims, kernel, kwargs, c_in=16, c_out=24, seed=0):
 
 @pytest.mark.parametrize("dims,kernel,kwargs", CONFIGS)
 @pytest.mark.parametrize("group", ["C8", "D4", "C2xC2xC2"])
-@pytest.mark.parametrize("impl", ["dense", "grouped"])
+@pytest.mark.parametrize("impl", ["dense", "grouped", "packed"])
 def test_full_rank_reproduces_the_convolution(dims, kernel, kwargs, group, impl):
     conv = dense_conv(dims, kernel, kwargs)
     layer = GMChannelConv.from_dense(conv, group, rank=8, impl=impl)
@@ -68,7 +69,7 @@ def test_from_dense_is_the_projection_of_the_offset_folded_matrix():
     assert layer.fit_error == pytest.approx(fit.relative_error, rel=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["dense", "grouped"])
+@pytest.mark.parametrize("impl", ["dense", "grouped", "packed"])
 @pytest.mark.parametrize("group", ["C8", "D4"])
 def test_exact_form_commutes_with_permuting_every_channel_fibre(impl, group):
     g = gm.group(group)
@@ -127,7 +128,7 @@ def test_compress_replaces_every_groups1_conv_and_reports_it():
     torch.testing.assert_close(out(x), net(x), atol=1e-4, rtol=1e-4)  # rank N = exact
 
 
-@pytest.mark.parametrize("impl", ["dense", "grouped"])
+@pytest.mark.parametrize("impl", ["dense", "grouped", "packed"])
 def test_gradcheck_float64(impl):
     torch.manual_seed(0)
     layer = GMChannelConv(8, 8, 3, "C4", rank=2, padding=1, stride=2, impl=impl, dtype=torch.float64)
@@ -151,16 +152,20 @@ def test_low_precision_matches_fp32(dtype, impl):
 @pytest.mark.parametrize("group", ["C8", "D4"])
 @pytest.mark.parametrize("rank,modulate,bias", [(1, False, True), (2, True, "shared"), (3, True, False)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_grouped_path_in_both_memory_formats(group, rank, modulate, bias, layout):
+@pytest.mark.parametrize("kernel", [3, 1])
+@pytest.mark.parametrize("impl", ["grouped", "packed"])
+def test_grouped_path_in_both_memory_formats(group, rank, modulate, bias, layout, kernel, impl, monkeypatch):
     """The grouped path works in the input's memory format (and returns it): forward and gradients while
-    training, and the inference path (cached weights, outputs written in place) against the dense path."""
+    training, and the inference path (cached weights, outputs written in place) against the dense path.
+    Kernel 1: the pointwise products (matrix products on the strided pixels, image by image in inference).
+    "packed" (C8): each 2x2 block one product of width two instead of Gauss's three of width one."""
     torch.manual_seed(0)
-    kwargs = dict(stride=2, padding=1, bias=bias)
-    dense = GMChannelConv(16, 24, 3, group, rank, modulate, impl="dense", **kwargs)
+    kwargs = dict(stride=2, padding=kernel // 2, bias=bias)
+    dense = GMChannelConv(16, 24, kernel, group, rank, modulate, impl="dense", **kwargs)
     with torch.no_grad():
         if dense.modulations is not None:
             dense.modulations.normal_()
-    grouped = GMChannelConv(16, 24, 3, group, rank, modulate, impl="grouped", **kwargs)
+    grouped = GMChannelConv(16, 24, kernel, group, rank, modulate, impl=impl, **kwargs)
     grouped.load_state_dict(dense.state_dict())
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(3, 16, 9, 11).contiguous(memory_format=fmt)
@@ -177,7 +182,23 @@ def test_grouped_path_in_both_memory_formats(group, rank, modulate, bias, layout
     assert outs[1].is_contiguous(memory_format=fmt)
     with torch.inference_mode():
         grouped.eval(), dense.eval()
-        for _ in range(2):  # the second call is served from the cache
+        for chunk in (None, 1):  # the second call is served from the cache; then image by image
+            if chunk:
+                monkeypatch.setattr(gm.nn.functional, "CHUNK_BYTES", chunk)
             y = grouped(x)
             torch.testing.assert_close(y, dense(x), atol=1e-5, rtol=1e-4)
             assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_switching_paths_on_one_layer_serves_each_paths_own_cached_weights(kernel):
+    """Path timing (paths.choose_path) switches ``impl`` on one eval layer: each path keeps its own cache."""
+    torch.manual_seed(0)
+    layer = GMChannelConv(16, 24, kernel, "C8", rank=2, padding=kernel // 2).eval()
+    x = torch.randn(2, 16, 6, 6)
+    with torch.inference_mode():
+        layer.impl = "dense"
+        want = layer(x)
+        for impl in ("grouped", "packed", "dense", "packed", "grouped"):
+            layer.impl = impl
+            torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-4)

@@ -25,9 +25,17 @@ from ..groups import FiniteGroup
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import block_plan, grouped_conv_forward, modulated_back, product_plan, product_weights
+from .functional import (
+    ProductPlan,
+    block_plan,
+    grouped_conv_forward,
+    has_gauss_blocks,
+    modulated_back,
+    product_plan,
+    product_weights,
+)
 
-CONV_IMPLS = ("auto", "dense", "grouped")
+CONV_IMPLS = ("auto", "dense", "grouped", "packed")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -37,8 +45,11 @@ class GMChannelConv(GMModule):
     stride, padding (numbers, ``"same"``, ``"valid"``), dilation, ``padding_mode`` and bias behave as in
     ``nn.Conv{dims}d``; inputs may be batched or unbatched. ``impl``: ``"dense"`` (materialised weight, one
     convolution; cached in eval mode), ``"grouped"`` (transform the channel fibres to the real block basis,
-    one grouped convolution per block size, transform back) or ``"auto"`` (grouped when it at least halves
-    the multiply-adds). ``pad=True`` zero-pads channel counts that are not multiples of N.
+    one grouped convolution over the block products, transform back; for abelian groups Gauss's three
+    products per 2x2 block), ``"packed"`` (each 2x2 block one product of twice the width: more multiply-adds,
+    faster when the channels per product are few; for groups without Gauss's form it is the grouped path) or
+    ``"auto"`` (grouped when it at least halves the multiply-adds). ``pad=True`` zero-pads channel counts
+    that are not multiples of N.
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class GMChannelConv(GMModule):
         c_out, c_in = channel_counts((out_padded, in_padded), pattern, label)
         ks = tuple(int(v) for v in _ntuple(dims)(kernel_size))
         super().__init__(pattern, c_out, c_in * math.prod(ks), rank, modulate, classes, device, dtype)
+        impl = "grouped" if impl == "packed" and not has_gauss_blocks(g) else impl  # the same products there
         self.group, self.impl, self.dims, self.kernel_size = g, impl, dims, ks
         self.in_channels, self.out_channels, self.in_padded, self.out_padded = (
             in_channels, out_channels, in_padded, out_padded,
@@ -89,6 +101,9 @@ class GMChannelConv(GMModule):
         self._products = product_plan(g)
         self._register_constant("_q_in", self._products.q_in)
         self._register_constant("_q_out", self._products.q_out)
+        self._packed = product_plan(g, gauss=False)
+        if has_gauss_blocks(g):  # the packed products are a path of their own
+            self._register_constant("_q_packed", self._packed.q_in)
         self._n_rho = len(plan.rho)
         for i, r in enumerate(plan.rho):
             self._register_constant(f"_rho{i}", r if classes is None else r[classes])
@@ -202,7 +217,7 @@ class GMChannelConv(GMModule):
 
     # ------------------------------------------------------------------ forward
     def impls(self) -> tuple[str, ...]:
-        return ("dense", "grouped")
+        return ("dense", "grouped", "packed") if has_gauss_blocks(self.group) else ("dense", "grouped")
 
     def resolved_impl(self) -> str:
         """The path ``forward`` takes ("auto": grouped when it needs at most half the dense multiply-adds)."""
@@ -211,18 +226,20 @@ class GMChannelConv(GMModule):
         dense = self.in_padded * self.out_padded * math.prod(self.kernel_size)
         return "grouped" if 2 * self._grouped_macs_per_position() <= dense else "dense"
 
-    def _grouped_macs_per_position(self) -> int:
+    def _grouped_macs_per_position(self, impl: str = "grouped") -> int:
         """Per output position (input positions taken as equal): transforms, block mixing, modulation."""
         n, rco, k = self.pattern.n_out, self.rank * self.c_out, math.prod(self.kernel_size)
-        m, size = self._products.q_in.shape[1], self._products.size  # product coordinates (see ProductPlan)
-        mixing = self._products.groups * size**2 * self.channels_in * rco * k
+        plan = self._plan(impl)
+        m, size = plan.q_in.shape[1], plan.size  # product coordinates (see ProductPlan)
+        mixing = plan.groups * size**2 * self.channels_in * rco * k
         return self.channels_in * n * m + mixing + rco * n * m + (rco * n if self.modulations is not None else 0)
 
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         positions = out.numel() // self.out_channels
-        if self.resolved_impl() == "dense":
+        impl = self.resolved_impl()
+        if impl == "dense":
             return positions * self.out_channels * self.in_channels * math.prod(self.kernel_size)
-        return positions * self._grouped_macs_per_position()
+        return positions * self._grouped_macs_per_position(impl)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int, bias: torch.Tensor | None = None):
         """The layer's own convolution (stride, padding and its mode, dilation) of ``x`` with ``weight``."""
@@ -265,20 +282,32 @@ class GMChannelConv(GMModule):
         if self.in_padded != self.in_channels:
             x = F.pad(x, (0, 0) * self.dims + (0, self.in_padded - self.in_channels))
         bias = self._padded_bias()
-        if self.resolved_impl() == "dense":
+        impl = self.resolved_impl()
+        if impl == "dense":
             weight = self._cached("dense", self.weight_padded)
             y = self._conv(x, weight, 1, bias)
         else:
-            weight, back = self._cached("grouped", self._grouped_weights)
+            weight, back = self._cached(impl, lambda: self._grouped_weights(impl))
+            plan = self._plan(impl)
+            q_in, q_out = (self._q_packed, self._q_packed) if plan is self._packed else (self._q_in, self._q_out)
             x4 = x if self.dims == 2 else x.unsqueeze(2)  # a Conv1d's length is the width of a height-1 image
-            groups = self._products.groups
-            y = grouped_conv_forward(x4, self._q_in, self._q_out, weight, groups, self._conv2d, self.modulations,
-                                     back, bias)  # fmt: skip
+            conv = self._conv2d
+            if self._pointwise() and not channels_last:  # the products as matrix products, on the kept pixels
+                conv = None
+                step_h, step_w = self.stride if self.dims == 2 else (1, *self.stride)
+                if step_h > 1 or step_w > 1:
+                    x4 = x4[..., ::step_h, ::step_w].contiguous()
+            y = grouped_conv_forward(x4, q_in, q_out, weight, plan.groups, conv, self.modulations, back, bias)
             y = y if self.dims == 2 else y.squeeze(2)
         if self.out_padded != self.out_channels:
             y = y[:, : self.out_channels]
             y = y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return y.squeeze(0) if unbatched else y
+
+    def _pointwise(self) -> bool:
+        """A 1x1 kernel without padding: each output pixel is the channel mixing of one input pixel."""
+        no_padding = isinstance(self.padding, str) or not any(self.padding)  # "same" pads a 1x1 kernel by 0
+        return all(k == 1 for k in self.kernel_size) and no_padding
 
     def _padded_bias(self) -> torch.Tensor | None:
         """One bias per (padded) output channel: a per-channel bias padded with zeros, a shared one expanded."""
@@ -294,13 +323,18 @@ class GMChannelConv(GMModule):
         w = self.dense_weight().view(self.out_padded, self.channels_in, k, n).transpose(2, 3)
         return w.reshape(self.out_padded, self.in_padded, *self.kernel_size)
 
-    def _grouped_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _plan(self, impl: str) -> ProductPlan:
+        """The block products of path ``impl`` (the packed form, or Gauss's where the group has one)."""
+        return self._packed if impl == "packed" else self._products
+
+    def _grouped_weights(self, impl: str = "grouped") -> tuple[torch.Tensor, torch.Tensor]:
         """The grouped convolution's weight ``(groups size r c_out, size c_in, *kernel_size)`` (2-D) and the
-        modulated way back (:func:`~gmcompress.nn.functional.modulated_back`)."""
+        modulated way back (:func:`~gmcompress.nn.functional.modulated_back`) of path ``impl``."""
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
-        w = product_weights(self.kernels, rho, self._products)  # (G, size c_in K, size r c_out), rows (y, i, k)
+        w = product_weights(self.kernels, rho, self._plan(impl))  # (G, size c_in K, size r c_out), rows (y, i, k)
         w = w.transpose(1, 2).reshape(w.shape[0] * w.shape[2], -1, *(1,) * (2 - self.dims), *self.kernel_size)
-        return w.contiguous(), modulated_back(self.modulations, self._q_out, self.c_out)
+        q_out = self._q_packed if impl == "packed" else self._q_out
+        return w.contiguous(), modulated_back(self.modulations, q_out, self.c_out)
 
     # ------------------------------------------------------------------ equivariance
     @torch.no_grad()

@@ -21,6 +21,7 @@ from .functional import (
     blocks_forward,
     fft_forward,
     full_kernels,
+    has_gauss_blocks,
     kernel_spectra,
     product_plan,
     product_weights,
@@ -78,7 +79,7 @@ class GMLinear(GMModule):
         regular = in_subgroup is None and out_subgroup is None
         if impl in ("blocks", "packed") and not regular:
             raise ValueError(f"impl={impl!r} needs a plain group matrix (no in_subgroup/out_subgroup); use 'dense'")
-        if impl == "packed" and regular and not _has_gauss_blocks(g):
+        if impl == "packed" and regular and not has_gauss_blocks(g):
             impl = "blocks"  # no Gauss form: the block path is the packed one
         if impl == "fft" and (not regular or g.cyclic_shape is None):
             raise ValueError(f"impl='fft' needs a product of cyclic groups, got {g.name}; use 'blocks' or 'dense'")
@@ -95,7 +96,7 @@ class GMLinear(GMModule):
             self._register_constant("_q_in", self._products.q_in)
             self._register_constant("_q_out", self._products.q_out)
             self._packed = product_plan(g, gauss=False)
-            if _has_gauss_blocks(g):  # Gauss's 2x2 blocks exist: the packed form is a path of its own
+            if has_gauss_blocks(g):  # Gauss's 2x2 blocks exist: the packed form is a path of its own
                 self._register_constant("_q_packed", self._packed.q_in)
             rho = [r if classes is None else r[classes] for r in plan.rho]
             self._n_rho = len(rho)
@@ -217,7 +218,7 @@ class GMLinear(GMModule):
     def impls(self) -> tuple[str, ...]:
         if not self.regular:
             return ("dense",)
-        packed = ("packed",) if _has_gauss_blocks(self.group) else ()
+        packed = ("packed",) if has_gauss_blocks(self.group) else ()
         return ("dense", "blocks", *packed) + (("fft",) if self.group.cyclic_shape is not None else ())
 
     def resolved_impl(self) -> str:
@@ -372,12 +373,6 @@ def group_from_config(config: dict) -> FiniteGroup:
     if "spec" in config:
         return _as_group(config["spec"])
     return FiniteGroup(np.asarray(config["table"]), name=config.get("name"), validate=True)
-
-
-def _has_gauss_blocks(g: FiniteGroup) -> bool:
-    """Whether the Gauss form of ``g``'s products differs from the packed one (it has 2x2 blocks)."""
-    parts = product_plan(g).parts
-    return parts is not None and any(role for _, _, role in parts)
 
 
 def _round_up(v: int, m: int) -> int:

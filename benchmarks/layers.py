@@ -5,7 +5,8 @@
 CPU (default, fp32, all the process's threads): GMLinear for n in {1024, 4096} (square layers), groups
 C16, C64, D8, rank 1 and 2, batch 1 and 64, and the batch-1 read time of its parameters (the memory
 limit); GMChannelConv for a 3x3 Conv2d 256 -> 256 on (8, 256, 28, 28) (C8, C16), a 1x1 Conv2d
-384 -> 1536 on (8, 384, 14, 14) (C8) and MNISTNet's 32 -> 64 3x3 conv at batch 64 (C8), each path,
+384 -> 1536 on (8, 384, 14, 14) (C8), MNISTNet's 32 -> 64 3x3 conv at batch 64 and ResNet-18's 64 -> 64 3x3
+conv on (8, 64, 56, 56) (C8), each path (dense, grouped: Gauss's products, packed),
 with the MAC-limited speed-up (dense MACs / GM MACs) beside the measured one. Eval mode under
 ``torch.inference_mode`` (the layers cache their weights, as in deployment). ``--device cuda`` runs the
 GPU setting instead: n = 8192, C16, batch 16384, bf16 and fp32 (TF32 off), against ``x @ W.T``.
@@ -60,6 +61,7 @@ CONV_CASES = [  # (label, conv, input shape, group)
     ("3x3 Conv2d 256 -> 256", lambda: torch.nn.Conv2d(256, 256, 3, padding=1), (8, 256, 28, 28), "C16"),
     ("1x1 Conv2d 384 -> 1536", lambda: torch.nn.Conv2d(384, 1536, 1), (8, 384, 14, 14), "C8"),
     ("MNISTNet 3x3 Conv2d 32 -> 64", lambda: torch.nn.Conv2d(32, 64, 3, padding=1), (64, 32, 14, 14), "C8"),
+    ("ResNet-18 3x3 Conv2d 64 -> 64", lambda: torch.nn.Conv2d(64, 64, 3, padding=1), (8, 64, 56, 56), "C8"),
 ]
 
 
@@ -69,9 +71,9 @@ def conv_lines(quick: bool, min_run_time: float, device: str = "cpu", dtype: tor
 
     sync = "; torch.cuda.synchronize()" if device == "cuda" else ""
     lines = [
-        "| layer | input | layout | group | dtype | dense us | GM dense-path us | GM grouped us | GM grouped frozen us "
-        "| speed-up | MAC limit | param ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | input | layout | group | dtype | dense us | GM dense-path us | GM grouped us | GM packed us "
+        "| GM grouped frozen us | speed-up | MAC limit | param ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, build, shape, spec in CONV_CASES[:1] if quick else CONV_CASES:
         torch.manual_seed(0)
@@ -96,7 +98,8 @@ def conv_lines(quick: bool, min_run_time: float, device: str = "cpu", dtype: tor
             lines.append(
                 f"| {label} | {tuple(shape)} | {layout} | {spec} | {str(dtype).removeprefix('torch.')} | "
                 f"{t_dense * 1e6:.0f} | {times['dense'] * 1e6:.0f} | {times['grouped'] * 1e6:.0f} | "
-                f"{t_frozen * 1e6:.0f} | {t_dense / best:.2f}x | {limit:.1f}x | {params:.1f}x |"
+                f"{times['packed'] * 1e6:.0f} | {t_frozen * 1e6:.0f} | {t_dense / best:.2f}x | {limit:.1f}x | "
+                f"{params:.1f}x |"
             )
     return lines
 

@@ -202,3 +202,38 @@ def test_switching_paths_on_one_layer_serves_each_paths_own_cached_weights(kerne
         for impl in ("grouped", "packed", "dense", "packed", "grouped"):
             layer.impl = impl
             torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "packed"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_empty_batch_gives_an_empty_output_like_the_convolution(impl, grad):
+    layer = GMChannelConv(16, 24, 3, "C8", padding=1, bias="shared", impl=impl).eval()
+    x = torch.randn(0, 16, 5, 5)
+    with torch.set_grad_enabled(grad):
+        assert layer(x).shape == layer.to_dense()(x).shape == (0, 24, 5, 5)
+
+
+def test_a_path_set_after_construction_is_checked():
+    """"packed" on a group without Gauss's form runs the grouped path (as the constructor maps it); a path
+    the layer does not have is an error naming the choices, not a silent fallback."""
+    layer = GMChannelConv(16, 16, 1, "D4").eval()
+    layer.impl = "packed"
+    assert layer.resolved_impl() == "grouped"
+    x = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(layer(x), layer.to_dense()(x), atol=1e-5, rtol=1e-4)
+    layer.impl = "blocks"
+    with pytest.raises(ValueError, match="no path 'blocks'.*'grouped'"):
+        layer(x)
+
+
+def test_outputs_are_contiguous_where_the_convolutions_are():
+    """A Conv1d on a transposed (B, L, C) input and an unbatched Conv2d on a permuted (H, W, C) input: nn.Conv
+    returns contiguous tensors there, so must the grouped path (``.view`` on the output must work)."""
+    conv1 = GMChannelConv(16, 24, 3, "C8", padding=1, dims=1, impl="grouped")
+    x1 = torch.randn(2, 7, 16).transpose(1, 2)
+    conv2 = GMChannelConv(16, 24, 3, "C8", padding=1, impl="grouped")
+    x2 = torch.randn(6, 7, 16).permute(2, 0, 1)
+    for layer, x in ((conv1, x1), (conv2, x2)):
+        y = layer(x)
+        assert y.is_contiguous()
+        torch.testing.assert_close(y, layer.to_dense()(x), atol=1e-5, rtol=1e-4)

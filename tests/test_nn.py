@@ -454,3 +454,16 @@ def test_block_products_use_gauss_for_abelian_groups(spec, products):
         )
     )  # fmt: skip
     torch.testing.assert_close(u[:, 0].reshape(3, -1), x.reshape(3, -1) @ dense.T)
+
+
+def test_gmlinear_path_set_after_construction_is_checked():
+    """"packed" without Gauss's form is the blocks path; a path the layer does not have is an error."""
+    layer = GMLinear(16, 16, "D4").eval()
+    layer.impl = "packed"
+    assert layer.resolved_impl() == "blocks"
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight().T + layer.bias, atol=1e-5, rtol=1e-4)
+    layer.impl = "fft"  # D4 is not cyclic
+    with pytest.raises(ValueError, match="no path 'fft'.*'blocks'"):
+        layer(x)
+    assert GMLinear(16, 16, "C8")(torch.randn(0, 16)).shape == (0, 16)

@@ -220,9 +220,14 @@ class GMChannelConv(GMModule):
         return ("dense", "grouped", "packed") if has_gauss_blocks(self.group) else ("dense", "grouped")
 
     def resolved_impl(self) -> str:
-        """The path ``forward`` takes ("auto": grouped when it needs at most half the dense multiply-adds)."""
+        """The path ``forward`` takes ("auto": grouped when it needs at most half the dense multiply-adds;
+        "packed" where the group has no Gauss form: grouped, the same products)."""
         if self.impl != "auto":
-            return self.impl
+            impl = "grouped" if self.impl == "packed" and "packed" not in self.impls() else self.impl
+            if impl not in self.impls():
+                raise ValueError(f"{type(self).__name__}({self.extra_repr()}): no path {self.impl!r}; "
+                                 f"choose one of {('auto', *self.impls())}")  # fmt: skip
+            return impl
         dense = self.in_padded * self.out_padded * math.prod(self.kernel_size)
         return "grouped" if 2 * self._grouped_macs_per_position() <= dense else "dense"
 
@@ -277,6 +282,9 @@ class GMChannelConv(GMModule):
                 f"({self.in_channels}, *spatial) with {self.dims} spatial dims, got shape {tuple(x.shape)}"
             )
         unbatched = x.dim() == self.dims + 1
+        if not unbatched and x.shape[0] == 0:  # an empty batch: the dense convolution gives its shape
+            bias = None if self.bias is None else self._padded_bias()[: self.out_channels]
+            return self._conv(x, self.weight, 1, bias)
         x = x.unsqueeze(0) if unbatched else x
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if self.in_padded != self.in_channels:
@@ -290,7 +298,7 @@ class GMChannelConv(GMModule):
             weight, back = self._cached(impl, lambda: self._grouped_weights(impl))
             plan = self._plan(impl)
             q_in, q_out = (self._q_packed, self._q_packed) if plan is self._packed else (self._q_in, self._q_out)
-            x4 = x if self.dims == 2 else x.unsqueeze(2)  # a Conv1d's length is the width of a height-1 image
+            x4 = x if self.dims == 2 else x.contiguous().unsqueeze(2)  # a Conv1d runs as a height-1 Conv2d
             conv = self._conv2d
             if self._pointwise() and not channels_last:  # the products as matrix products, on the kept pixels
                 conv = None
@@ -302,7 +310,7 @@ class GMChannelConv(GMModule):
         if self.out_padded != self.out_channels:
             y = y[:, : self.out_channels]
             y = y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        return y.squeeze(0) if unbatched else y
+        return y.squeeze(0).contiguous() if unbatched else y  # (C, H, W) has no channels-last format
 
     def _pointwise(self) -> bool:
         """A 1x1 kernel without padding: each output pixel is the channel mixing of one input pixel."""

@@ -225,7 +225,11 @@ class GMLinear(GMModule):
         """The path ``forward`` takes. "auto": blocks for plain GMs when they need at most half the
         multiply-adds of the dense product (the rest pays for the extra kernel launches), else dense."""
         if self.impl != "auto":
-            return self.impl
+            impl = "blocks" if self.impl == "packed" and "packed" not in self.impls() else self.impl
+            if impl not in self.impls():
+                raise ValueError(f"GMLinear({self.extra_repr()}): no path {self.impl!r}; "
+                                 f"choose one of {('auto', *self.impls())}")  # fmt: skip
+            return impl
         if self.regular and 2 * self._blocks_macs_per_row() <= self.in_padded * self.out_padded:
             return "blocks"
         return "dense"

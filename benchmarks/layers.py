@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -102,6 +104,15 @@ def conv_lines(quick: bool, min_run_time: float, device: str = "cpu", dtype: tor
                 f"{params:.1f}x |"
             )
     return lines
+
+
+def conv_lines_fresh(quick: bool, threads: int | None) -> list[str]:
+    """:func:`conv_lines` on the CPU in a fresh process. A process's allocation history moves these timings:
+    measured, after the GMLinear rows in the same process the grouped convolutions ran 15-30% slower
+    (3x3 C8 3.13x, 1x1 1.21x) than in a process of their own (3.62x, 1.59x), the dense ones barely."""
+    command = [sys.executable, __file__, "--convs"] + (["--quick"] if quick else [])
+    command += ["--threads", str(threads)] if threads else []
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
 
 
 def compiled_batch1_line(min_run_time: float) -> str:
@@ -280,6 +291,7 @@ def main() -> None:
     parser.add_argument("--shapes", action="store_true", help="issue 16's table: feed-forward shapes vs low rank")
     parser.add_argument("--compile", action="store_true", help="with --shapes: also the block path under torch.compile")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--convs", action="store_true", help="only the CPU convolution table (no header)")
     args = parser.parse_args()
     steady_allocator()
     ROUNDS["rounds"] = 1 if args.quick else 3
@@ -287,6 +299,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     min_run_time = 0.2 if args.quick else 0.5
     start = time.perf_counter()
+    if args.convs:
+        print("\n".join(conv_lines(args.quick, min_run_time)))
+        return
     if args.shapes:
         lines = shape_lines(args.quick, min_run_time, args.compile)
         text = "\n".join([f"{measured_on()}; {time.perf_counter() - start:.0f} s.", "", *lines])
@@ -312,7 +327,7 @@ def main() -> None:
         )
     if args.device == "cpu":
         lines += ["", read_time_line(min_run_time), "", "### Convolutions (GMChannelConv, rank 1)", ""]
-        lines += conv_lines(args.quick, min_run_time)
+        lines += conv_lines_fresh(args.quick, args.threads)
     else:
         lines += ["", "### Convolutions (GMChannelConv, rank 1)", ""]
         for dtype in (torch.bfloat16, torch.float32):

@@ -457,7 +457,7 @@ def test_block_products_use_gauss_for_abelian_groups(spec, products):
 
 
 def test_gmlinear_path_set_after_construction_is_checked():
-    """"packed" without Gauss's form is the blocks path; a path the layer does not have is an error."""
+    """ "packed" without Gauss's form is the blocks path; a path the layer does not have is an error."""
     layer = GMLinear(16, 16, "D4").eval()
     layer.impl = "packed"
     assert layer.resolved_impl() == "blocks"

@@ -86,7 +86,9 @@ class GMChannelConv(GMModule):
         c_out, c_in = channel_counts((out_padded, in_padded), pattern, label)
         ks = tuple(int(v) for v in _ntuple(dims)(kernel_size))
         super().__init__(pattern, c_out, c_in * math.prod(ks), rank, modulate, classes, device, dtype)
-        impl = "grouped" if impl == "packed" and not has_gauss_blocks(g) else impl  # the same products there
+        gauss = has_gauss_blocks(g)
+        impl = "grouped" if impl == "packed" and not gauss else impl  # the same products there
+        self._paths = ("dense", "grouped", "packed") if gauss else ("dense", "grouped")
         self.group, self.impl, self.dims, self.kernel_size = g, impl, dims, ks
         self.in_channels, self.out_channels, self.in_padded, self.out_padded = (
             in_channels, out_channels, in_padded, out_padded,
@@ -102,7 +104,7 @@ class GMChannelConv(GMModule):
         self._register_constant("_q_in", self._products.q_in)
         self._register_constant("_q_out", self._products.q_out)
         self._packed = product_plan(g, gauss=False)
-        if has_gauss_blocks(g):  # the packed products are a path of their own
+        if gauss:  # the packed products are a path of their own
             self._register_constant("_q_packed", self._packed.q_in)
         self._n_rho = len(plan.rho)
         for i, r in enumerate(plan.rho):
@@ -217,7 +219,7 @@ class GMChannelConv(GMModule):
 
     # ------------------------------------------------------------------ forward
     def impls(self) -> tuple[str, ...]:
-        return ("dense", "grouped", "packed") if has_gauss_blocks(self.group) else ("dense", "grouped")
+        return self._paths
 
     def resolved_impl(self) -> str:
         """The path ``forward`` takes ("auto": grouped when it needs at most half the dense multiply-adds;

@@ -84,6 +84,7 @@ class GMLinear(GMModule):
         if impl == "fft" and (not regular or g.cyclic_shape is None):
             raise ValueError(f"impl='fft' needs a product of cyclic groups, got {g.name}; use 'blocks' or 'dense'")
         self.group, self.impl, self.regular = g, impl, regular
+        self._paths = self._path_names()
         self.support_elements = None if support is None else [int(v) for v in support]
         self.bias_mode: BiasMode = bias
         self.in_subgroup, self.out_subgroup = in_subgroup, out_subgroup
@@ -216,6 +217,10 @@ class GMLinear(GMModule):
 
     # ------------------------------------------------------------------ forward
     def impls(self) -> tuple[str, ...]:
+        return self._paths
+
+    def _path_names(self) -> tuple[str, ...]:
+        """The paths this layer offers (fixed at construction; ``impls`` is called on every forward)."""
         if not self.regular:
             return ("dense",)
         packed = ("packed",) if has_gauss_blocks(self.group) else ()

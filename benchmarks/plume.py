@@ -670,11 +670,14 @@ def study(
         for tag, (results, _) in sweep.items():
             by_family = {f: sorted((n for n in results if family_of(n) == f), key=lambda n: results[n].params)
                          for f in ["p4 exact", *relaxed]}  # fmt: skip
+            sweep_widths = widths(False)["p4 exact"]  # the budget is the exact model's place in the sweep
             for i in range(min(len(v) for v in by_family.values())):
                 exact = results[by_family["p4 exact"][i]]
+                width = int(by_family["p4 exact"][i].rsplit(" ", 1)[1])
+                budget = ("small", "large")[sweep_widths.index(width)] if width in sweep_widths else f"width {width}"
                 best = min((by_family[f][i] for f in relaxed), key=lambda n: results[n].future)
                 lines.append(
-                    f"| {tag} | {('small', 'large')[i] if i < 2 else i} | {exact.future:.4f} ({exact.params:,}) | "
+                    f"| {tag} | {budget} | {exact.future:.4f} ({exact.params:,}) | "
                     f"`{best}` {results[best].future:.4f} ({results[best].params:,}) | "
                     f"{100 * (results[best].future / exact.future - 1):+.1f}% |"
                 )

@@ -48,6 +48,28 @@ def test_in_place_updates_are_seen_by_the_eval_cache(impl, update):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+@pytest.mark.parametrize("change", ["next float", "sign of zero"])
+def test_the_eval_cache_sees_a_one_element_change_in_any_position(index, change):
+    """The check compares bits (8 bytes at a time): a change to any single element, even the smallest one,
+    must drop the cache. The next float up changes one bit pattern; -0.0 for 0.0 changes only the sign bit."""
+    torch.manual_seed(0)
+    layer = GMLinear(64, 64, "C8", impl="dense").eval()
+    flat = layer.kernels.data.view(-1)
+    if change == "sign of zero":
+        flat[index] = 0.0
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+        value = flat[index].clone()
+        flat[index] = -value if change == "sign of zero" else torch.nextafter(value, torch.tensor(float("inf")))
+        got = layer(x)
+        assert layer._snapshot[0].view(-1)[index].item() == flat[index].item()  # the check took the new values
+        if change == "sign of zero":
+            assert torch.signbit(layer._snapshot[0].view(-1)[index])
+    torch.testing.assert_close(got, F.linear(x, layer.weight.detach(), layer.bias.detach()), atol=0, rtol=0)
+
+
 def test_in_place_update_under_inference_mode_is_seen():
     torch.manual_seed(0)
     with torch.inference_mode():

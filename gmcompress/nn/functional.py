@@ -317,7 +317,9 @@ def grouped_conv_forward(
       chunks of ``H W``; the way back reads the convolution's output in place, one
       ``y[b, o] = back[o] t[b, :, o]`` product per output channel with ``back`` from :func:`modulated_back`
       and the bias added by ``baddbmm`` (per image, straight into the output, when :func:`_may_write_into`
-      allows; else after one copy of the convolution's output).
+      allows; else after one copy of the convolution's output). When it allows (inference), the whole chain
+      runs on :data:`CHUNK_BYTES` worth of images at a time, so each step reads what the step before wrote
+      while it is still in cache.
     """
     batch, channels, height, width = x.shape
     n, m = q_in.shape
@@ -364,8 +366,8 @@ def grouped_conv_forward(
 
 
 CHUNK_BYTES = 2 << 20
-"""Inference runs :func:`grouped_conv_forward` on as many images at a time as keep the transformed input near
-this size (about one core's L2 cache here)."""
+"""Inference runs :func:`grouped_conv_forward` on as many images at a time (at least one) as keep the larger of
+the transformed input and the products' output near this size (about one core's L2 cache here)."""
 
 
 def _nchw_products(

@@ -21,7 +21,6 @@ with the same number of parameters, with the MAC-limited speed-up (dense MACs / 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import subprocess
 import sys
 import time
@@ -42,14 +41,15 @@ def time_path(layer: torch.nn.Module, impl: str, x: torch.Tensor, min_run_time: 
     """``layer(x)`` on path ``impl``; ``"frozen"``: the grouped path inside ``gm.frozen(layer)``."""
     layer.impl = "grouped" if impl == "frozen" else impl
     layer(x)
-    with gm.frozen(layer) if impl == "frozen" else contextlib.nullcontext():
-        return timed("f(x)" + sync, min_run_time, f=layer, x=x, torch=torch)
+    if impl == "frozen":
+        return frozen_timed(layer, x, min_run_time, sync)
+    return timed("f(x)" + sync, min_run_time, f=layer, x=x, torch=torch)
 
 
-def frozen_timed(layer: torch.nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+def frozen_timed(layer: torch.nn.Module, x: torch.Tensor, min_run_time: float, sync: str = "") -> float:
     """``layer(x)`` timed inside ``gm.frozen(layer)`` (no per-call parameter check)."""
     with gm.frozen(layer):
-        return timed("f(x)", min_run_time, f=layer, x=x)
+        return timed("f(x)" + sync, min_run_time, f=layer, x=x, torch=torch)
 
 
 def timed(stmt: str, min_run_time: float, **env) -> float:
@@ -97,11 +97,11 @@ def conv_lines(quick: bool, min_run_time: float, device: str = "cpu", dtype: tor
             limit = conv.weight.numel() / (layer.macs(x, out) / (out.numel() // out.shape[1]))
             params = conv.weight.numel() / layer.num_structured_parameters
             best = min(*times.values(), t_frozen)
+            packed = f"{times['packed'] * 1e6:.0f}" if "packed" in times else "-"  # groups with a Gauss form
             lines.append(
                 f"| {label} | {tuple(shape)} | {layout} | {spec} | {str(dtype).removeprefix('torch.')} | "
-                f"{t_dense * 1e6:.0f} | {times['dense'] * 1e6:.0f} | {times['grouped'] * 1e6:.0f} | "
-                f"{times['packed'] * 1e6:.0f} | {t_frozen * 1e6:.0f} | {t_dense / best:.2f}x | {limit:.1f}x | "
-                f"{params:.1f}x |"
+                f"{t_dense * 1e6:.0f} | {times['dense'] * 1e6:.0f} | {times['grouped'] * 1e6:.0f} | {packed} | "
+                f"{t_frozen * 1e6:.0f} | {t_dense / best:.2f}x | {limit:.1f}x | {params:.1f}x |"
             )
     return lines
 
@@ -142,8 +142,7 @@ def read_time_line(min_run_time: float) -> str:
     with torch.inference_mode():
         layer(x)
         t_gm = timed("f(x)", min_run_time, f=layer, x=x)
-        with gm.frozen(layer):
-            t_frozen = timed("f(x)", min_run_time, f=layer, x=x)
+        t_frozen = frozen_timed(layer, x, min_run_time)
         params = torch.cat([p.reshape(-1) for p in layer.parameters()])
         t_read = timed("p.sum()", min_run_time, p=params)
         weights = layer._cache["blocks"].numel()

@@ -32,7 +32,8 @@ class LayerSettings:
     ``bias="shared"`` replaces the bias by its mean over each channel's group axis (exactly
     equivariant), ``"keep"`` copies it. ``impl`` picks the forward path: ``"dense"`` (materialised weight),
     ``"blocks"`` (the block-diagonal fast path: batched GEMMs for Linear, grouped convolutions for convs),
-    ``"packed"`` (Linear over abelian groups: the block path without Gauss's three-product trick),
+    ``"packed"`` (abelian groups: the block path without Gauss's three-product trick, fewer and wider
+    products; elsewhere the block path),
     ``"fft"`` (Linear over abelian groups; convs take the block path) or ``"auto"`` (the documented rule of
     each layer, or the fastest path measured on ``example_inputs`` when ``compress`` gets some).
     """

@@ -214,7 +214,7 @@ def test_empty_batch_gives_an_empty_output_like_the_convolution(impl, grad):
 
 
 def test_a_path_set_after_construction_is_checked():
-    """ "packed" on a group without Gauss's form runs the grouped path (as the constructor maps it); a path
+    """ "packed" on a group without Gauss's form runs the grouped path (the same products); a path
     the layer does not have is an error naming the choices, not a silent fallback."""
     layer = GMChannelConv(16, 16, 1, "D4").eval()
     layer.impl = "packed"

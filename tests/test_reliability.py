@@ -50,15 +50,17 @@ def test_in_place_updates_are_seen_by_the_eval_cache(impl, update):
 
 @pytest.mark.parametrize("index", [0, 1, 2, 3])
 @pytest.mark.parametrize("change", ["next float", "sign of zero"])
-def test_the_eval_cache_sees_a_one_element_change_in_any_position(index, change):
-    """The check compares bits (8 bytes at a time): a change to any single element, even the smallest one,
-    must drop the cache. The next float up changes one bit pattern; -0.0 for 0.0 changes only the sign bit."""
+@pytest.mark.parametrize("features,group", [(64, "C8"), (9, "C3")])  # 27 kernel numbers: not 8-byte pairs
+def test_the_eval_cache_sees_a_one_element_change_in_any_position(index, change, features, group):
+    """The check compares bits (8 bytes at a time where they pair up): a change to any single element, even the
+    smallest one, must drop the cache. The next float up changes one bit pattern; -0.0 for 0.0 changes only
+    the sign bit."""
     torch.manual_seed(0)
-    layer = GMLinear(64, 64, "C8", impl="dense").eval()
+    layer = GMLinear(features, features, group, impl="dense").eval()
     flat = layer.kernels.data.view(-1)
     if change == "sign of zero":
         flat[index] = 0.0
-    x = torch.randn(4, 64)
+    x = torch.randn(4, features)
     with torch.no_grad():
         layer(x)  # fills the cache
         value = flat[index].clone()

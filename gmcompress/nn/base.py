@@ -135,6 +135,15 @@ class GMModule(GMLayer):
         self._snapshot = None
         return out
 
+    def _explicit_path(self, unpacked: str) -> str:
+        """``self.impl`` (not "auto") checked against :meth:`impls`. "packed" on a group without Gauss's form is
+        the same products as the block path ``unpacked``; a path the layer does not have is an error."""
+        impl = unpacked if self.impl == "packed" and "packed" not in self.impls() else self.impl
+        if impl not in self.impls():
+            raise ValueError(f"{type(self).__name__}({self.extra_repr()}): no path {self.impl!r}; "
+                             f"choose one of {('auto', *self.impls())}")  # fmt: skip
+        return impl
+
     def _build(self, build: Callable[[], object]) -> object:
         """Derived weights in the parameters' precision, also under autocast (the ops that consume them
         autocast as usual; a cache filled under autocast would otherwise serve low-precision weights after it)."""
@@ -300,16 +309,22 @@ def _same_values(snapshot: list[torch.Tensor] | None, params: list[torch.Tensor]
     )
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's bytes viewed as 8-byte integers where they divide evenly (else the tensor itself):
-    ``torch.equal`` compares element by element, and on this machine 8-byte integers run 2.2x faster than
-    float32 (4 MB: 218 against 512 us on one thread), which is most of a small batch's per-call check."""
-    if t.is_contiguous() and t.dtype.is_floating_point and (t.numel() * t.element_size()) % 8 == 0:
+    """A float tensor's bits as integers: 8-byte ones where a contiguous tensor's bytes divide evenly
+    (``torch.equal`` compares element by element, and on this machine 8-byte integers run 2.2x faster than
+    float32: 4 MB, 218 against 512 us on one thread, most of a small batch's per-call check), else integers
+    of the element's own size."""
+    if not t.dtype.is_floating_point:
+        return t
+    if t.is_contiguous() and (t.numel() * t.element_size()) % 8 == 0:
         try:
             return t.reshape(-1).view(torch.int64)
         except RuntimeError:  # an unaligned storage offset
-            return t
-    return t
+            pass
+    return t.view(_SAME_SIZE_INT[t.element_size()])
 
 
 def make_bias(mode: BiasMode, c_out: int, n_out: int, out_features: int, factory: dict) -> nn.Parameter | None:

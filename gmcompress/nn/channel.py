@@ -87,7 +87,6 @@ class GMChannelConv(GMModule):
         ks = tuple(int(v) for v in _ntuple(dims)(kernel_size))
         super().__init__(pattern, c_out, c_in * math.prod(ks), rank, modulate, classes, device, dtype)
         gauss = has_gauss_blocks(g)
-        impl = "grouped" if impl == "packed" and not gauss else impl  # the same products there
         self._paths = ("dense", "grouped", "packed") if gauss else ("dense", "grouped")
         self.group, self.impl, self.dims, self.kernel_size = g, impl, dims, ks
         self.in_channels, self.out_channels, self.in_padded, self.out_padded = (
@@ -225,11 +224,7 @@ class GMChannelConv(GMModule):
         """The path ``forward`` takes ("auto": grouped when it needs at most half the dense multiply-adds;
         "packed" where the group has no Gauss form: grouped, the same products)."""
         if self.impl != "auto":
-            impl = "grouped" if self.impl == "packed" and "packed" not in self.impls() else self.impl
-            if impl not in self.impls():
-                raise ValueError(f"{type(self).__name__}({self.extra_repr()}): no path {self.impl!r}; "
-                                 f"choose one of {('auto', *self.impls())}")  # fmt: skip
-            return impl
+            return self._explicit_path("grouped")
         dense = self.in_padded * self.out_padded * math.prod(self.kernel_size)
         return "grouped" if 2 * self._grouped_macs_per_position() <= dense else "dense"
 

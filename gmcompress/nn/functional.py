@@ -234,15 +234,23 @@ def blocks_forward(
       ``y[b, o, p] = sum_k a[k, o, p] u[b, p, k, o]`` (``a = 1`` without modulations) reads ``u``
       transposed and writes the channel-major output once; the bias is added in place.
     """
-    batch, c_in, n = x.shape
+    batch, c_in, _ = x.shape
     groups, m = weight_t.shape[0], q_in.shape[1]
     size = m // groups
     r = 1 if modulations is None else modulations.shape[0]
     z = torch.matmul(q_in.t(), x.transpose(1, 2))  # (B, M, c_in)
     t = torch.bmm(z.view(batch, groups, size * c_in).transpose(0, 1), weight_t)  # (G, B, size r c_out)
-    t = t.transpose(0, 1).reshape(batch, m, r * c_out)
-    u = torch.matmul(q_out, t).view(batch, n, r, c_out)
-    y = _modulate(u, modulations).view(batch, c_out * n)
+    return _rows_back(t.transpose(0, 1).reshape(batch, m, r * c_out), q_out, modulations, c_out, bias)
+
+
+def _rows_back(
+    t: torch.Tensor, q_out: torch.Tensor, modulations: torch.Tensor | None, c_out: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The way back of row-batched products ``t (rows, M, r c_out)`` -> ``(rows, c_out N)``: ``u = q_out t`` per
+    row, the modulated, transposed product (:func:`_modulate`), the bias added in place."""
+    n = q_out.shape[0]
+    u = torch.matmul(q_out, t).view(t.shape[0], n, -1, c_out)
+    y = _modulate(u, modulations).view(t.shape[0], c_out * n)
     if bias is not None:
         y.add_(bias)
     return y
@@ -333,13 +341,8 @@ def grouped_conv_forward(
             return y.view(batch, height, width, c_out * n).permute(0, 3, 1, 2)
         z = torch.matmul(q_in.t(), rows.transpose(1, 2))  # (B H W, M, c_in)
         t = conv(z.view(batch, height, width, m * c_in).permute(0, 3, 1, 2), weight, groups)  # channels-last
-        out_h, out_w = t.shape[2:]
-        u = torch.matmul(q_out, t.permute(0, 2, 3, 1).reshape(-1, m, r * c_out)).view(-1, n, r, c_out)
-        y = _modulate(u, modulations)
-        y = y.view(batch, out_h, out_w, c_out * n)
-        if bias is not None:
-            y.add_(bias)
-        return y.permute(0, 3, 1, 2)
+        y = _rows_back(t.permute(0, 2, 3, 1).reshape(-1, m, r * c_out), q_out, modulations, c_out, bias)
+        return y.view(batch, *t.shape[2:], c_out * n).permute(0, 3, 1, 2)
     b3 = bias.view(c_out, n, 1) if bias is not None else None
     if not _may_write_into(x, weight, back, bias):  # autograd, autocast, vmap, export: no out= arguments
         t, out_size = _nchw_products(x, q_in, weight, groups, conv, None)

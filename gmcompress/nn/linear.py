@@ -46,8 +46,9 @@ class GMLinear(GMModule):
             exact equivariance) or False.
         impl: "dense" (materialise W; cached in eval mode), "blocks" (real block-diagonal basis,
             batched GEMMs; for abelian groups Gauss's three products per 2x2 block), "packed" (the same
-            without Gauss's trick: fewer, wider products), "fft" (abelian groups), "auto" (blocks when
-            that at least halves the multiply-adds of the dense product, else dense).
+            without Gauss's trick: fewer, wider products; where there is no Gauss form, the blocks path),
+            "fft" (abelian groups), "auto" (blocks when that at least halves the multiply-adds of the dense
+            product, else dense).
         pad: zero-pad sizes that are not multiples of N instead of raising.
     """
 
@@ -79,8 +80,6 @@ class GMLinear(GMModule):
         regular = in_subgroup is None and out_subgroup is None
         if impl in ("blocks", "packed") and not regular:
             raise ValueError(f"impl={impl!r} needs a plain group matrix (no in_subgroup/out_subgroup); use 'dense'")
-        if impl == "packed" and regular and not has_gauss_blocks(g):
-            impl = "blocks"  # no Gauss form: the block path is the packed one
         if impl == "fft" and (not regular or g.cyclic_shape is None):
             raise ValueError(f"impl='fft' needs a product of cyclic groups, got {g.name}; use 'blocks' or 'dense'")
         self.group, self.impl, self.regular = g, impl, regular
@@ -230,11 +229,7 @@ class GMLinear(GMModule):
         """The path ``forward`` takes. "auto": blocks for plain GMs when they need at most half the
         multiply-adds of the dense product (the rest pays for the extra kernel launches), else dense."""
         if self.impl != "auto":
-            impl = "blocks" if self.impl == "packed" and "packed" not in self.impls() else self.impl
-            if impl not in self.impls():
-                raise ValueError(f"GMLinear({self.extra_repr()}): no path {self.impl!r}; "
-                                 f"choose one of {('auto', *self.impls())}")  # fmt: skip
-            return impl
+            return self._explicit_path("blocks")
         if self.regular and 2 * self._blocks_macs_per_row() <= self.in_padded * self.out_padded:
             return "blocks"
         return "dense"

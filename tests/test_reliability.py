@@ -48,11 +48,11 @@ def test_in_place_updates_are_seen_by_the_eval_cache(impl, update):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, -1])
 @pytest.mark.parametrize("change", ["next float", "sign of zero"])
 @pytest.mark.parametrize("features,group", [(64, "C8"), (9, "C3")])  # 27 kernel numbers: not 8-byte pairs
 def test_the_eval_cache_sees_a_one_element_change_in_any_position(index, change, features, group):
-    """The check compares bits (8 bytes at a time where they pair up): a change to any single element, even the
+    """The check compares bits (every byte, the last one included): a change to any single element, even the
     smallest one, must drop the cache. The next float up changes one bit pattern; -0.0 for 0.0 changes only
     the sign bit."""
     torch.manual_seed(0)
@@ -70,6 +70,51 @@ def test_the_eval_cache_sees_a_one_element_change_in_any_position(index, change,
         if change == "sign of zero":
             assert torch.signbit(layer._snapshot[0].view(-1)[index])
     torch.testing.assert_close(got, F.linear(x, layer.weight.detach(), layer.bias.detach()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "offset view"])
+def test_same_bytes_sees_every_bit_in_every_layout(dtype, layout):
+    """same_bytes (the eval cache's check): memcmp on contiguous CPU tensors, integer views otherwise. Against an
+    independent count: flipping any one bit of any one element, the first and the last included, is a change;
+    -0.0 for 0.0 is a change; a NaN in place and equal copies are not."""
+    from gmcompress.nn.bytecmp import same_bytes
+
+    torch.manual_seed(0)
+    base = torch.randn(6, 10, dtype=dtype)
+    base[2, 3] = 0.0
+    base[4, 5] = float("nan")
+
+    def arrange(t):
+        if layout == "transposed":
+            return t.t().contiguous().t()  # same values, column-major memory
+        if layout == "offset view":
+            return torch.cat([t.new_zeros(1, 10), t])[1:]  # contiguous, at a storage offset
+        return t.clone()
+
+    a = arrange(base)
+    assert same_bytes(a, arrange(base)) and same_bytes(a, a)
+    assert a.is_contiguous() == (layout != "transposed")
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    real = torch.view_as_real(a) if dtype.is_complex else a
+    bits = real.view(ints[real.element_size()])
+    for index in [(0, 0), (2, 3), (5, 9)]:
+        for bit in range(bits.element_size() * 8):
+            b = arrange(base)
+            b_bits = (torch.view_as_real(b) if dtype.is_complex else b).view(bits.dtype)
+            b_bits[index] ^= 1 << bit if bit < bits.element_size() * 8 - 1 else -(1 << bit)
+            assert not torch.equal(bits, b_bits)  # the independent count: the bits differ
+            assert not same_bytes(a, b), (index, bit)
+    other_layout = base.t().contiguous().t() if layout != "transposed" else base.clone()
+    assert a.is_contiguous() != other_layout.is_contiguous() and same_bytes(a, other_layout)
+    other_layout[5, 9] = other_layout[5, 9] + 1
+    assert not same_bytes(a, other_layout)
+    zero = arrange(base)
+    zero[2, 3] = -0.0
+    assert zero[2, 3] == a[2, 3] and not same_bytes(a, zero)
+    other = {torch.float64: torch.float32, torch.complex64: torch.complex128}.get(dtype, torch.float64)
+    assert not same_bytes(a, a.to(other))
+    assert not same_bytes(a, a.reshape(10, 6)) and same_bytes(a[:0], a[:0].clone())
 
 
 def test_in_place_update_under_inference_mode_is_seen():

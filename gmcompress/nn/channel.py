@@ -318,6 +318,8 @@ class GMChannelConv(GMModule):
         """One bias per (padded) output channel: a per-channel bias padded with zeros, a shared one expanded."""
         if self.bias is None:
             return None
+        if self.bias.shape[0] == self.out_padded:
+            return self.bias  # (F.pad copies even by 0: 4 us a call at batch 1)
         if self.bias.shape[0] == self.out_channels:
             return F.pad(self.bias, (0, self.out_padded - self.out_channels))
         return expand_bias(self.bias, self.out_padded, self.pattern.n_out)

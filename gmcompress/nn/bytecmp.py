@@ -1,0 +1,60 @@
+"""Exact comparison of two tensors' bytes: what the eval cache of a GM layer checks on every call.
+
+``same_bytes(a, b)`` is true when the two tensors have the same shape, dtype and device and hold the same bits.
+Bits, not values: ``-0.0`` against ``0.0`` is a difference, a NaN left in place is not. Two contiguous CPU
+tensors are compared with the C library's ``memcmp``, which reads both at memory speed: on this project's 2-core
+VM, 4 MB in 94 us against 307 us for ``torch.equal`` on their 8-byte integer views and 681 us on float32
+(``torch.equal`` compares element by element). Anything else (another device, a non-contiguous layout, a
+platform without a C library to load) compares integer views of the same bits with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+__all__ = ["same_bytes"]
+
+
+def _load_memcmp() -> ctypes._CFuncPtr | None:
+    """The C library's ``memcmp``, or None where none can be loaded."""
+    try:
+        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+        memcmp = libc.memcmp
+    except (OSError, AttributeError):
+        return None
+    memcmp.restype = ctypes.c_int
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return memcmp
+
+
+_MEMCMP = _load_memcmp()
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` have the same shape, dtype and device and the same bits in every element."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if _MEMCMP is not None and a.is_cpu and _plain(a) and _plain(b):
+        return a.numel() == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
+    return torch.equal(_bits(a), _bits(b))
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A contiguous strided tensor whose memory holds its values as they read (no lazy conjugate or negation)."""
+    return t.layout == torch.strided and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bits as integers of the element's size (floats compared as integers: exact, and ``torch.equal``
+    runs faster on integers); integer and bool tensors as they are."""
+    if not (t.dtype.is_floating_point or t.dtype.is_complex):
+        return t
+    t = t.resolve_conj().resolve_neg()
+    if t.dtype.is_complex:
+        t = torch.view_as_real(t)
+    return t.view(_SAME_SIZE_INT[t.element_size()])

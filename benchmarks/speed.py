@@ -59,14 +59,15 @@ def wide_mlp() -> nn.Module:
     return nn.Sequential(*layers).eval()
 
 
-def slow_layers(
+def layer_times(
     original: nn.Module, compressed: nn.Module, inputs: object, device: str, min_run_time: float
-) -> list[str]:
-    """Compressed layers that are not faster than their originals, timed alone on their real inputs."""
+) -> list[tuple[str, float, float, str]]:
+    """Every compressed layer timed alone on its real input, against its original: ``(name, original ms,
+    compressed ms, path and why it is not faster)``."""
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in original.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: captured.setdefault(name, a[0])))
     with torch.inference_mode():
         run_model(original, inputs)
@@ -83,18 +84,16 @@ def slow_layers(
                 "after": partial(median_ms, module, x, device, min_run_time),
             }
         )
-        before, after = best["before"], best["after"]
-        if after >= 0.95 * before:
-            if isinstance(module, GMConv2d):
-                why = "GMConv2d runs the materialised (tied) weight through the same dense convolution"
-            else:
-                impl = module.resolved_impl()
-                why = f"path '{impl}': " + (
-                    "the dense path (materialised weight) was measured or ruled fastest for this layer"
-                    if impl == "dense"
-                    else "transform and launch overhead outweigh the saved multiply-adds"
-                )
-            out.append(f"| {name} | {before:.3f} | {after:.3f} | {before / after:.2f}x | {why} |")
+        if isinstance(module, GMConv2d):
+            why = "GMConv2d runs the materialised (tied) weight through the same dense convolution"
+        else:
+            impl = module.resolved_impl()
+            why = f"path '{impl}': " + (
+                "the dense path (materialised weight) was measured or ruled fastest for this layer"
+                if impl == "dense"
+                else "transform and launch overhead outweigh the saved multiply-adds"
+            )
+        out.append((name, best["before"], best["after"], why))
     return out
 
 
@@ -119,12 +118,17 @@ def plot(path: str, title: str) -> None:
 def measure(
     label: str, original: nn.Module, compressed: nn.Module, batches: dict[int, object], device: str, min_run_time: float
 ) -> list[str]:
+    """Whole-model latency, original against compressed (and inside ``gm.frozen``), with the MAC ratio and the
+    limit set by the layers that were not compressed: with the compressed layers' original times (each timed
+    alone on its real input) summing to ``L`` of the original's ``T``, no speed-up of those layers gives more
+    than ``T / (T - L)`` (the "free layers" limit)."""
     lines = [
         f"### {label}",
         "",
-        "| batch | original ms | compressed ms | speed-up | frozen ms | frozen speed-up | original samples/s | "
-        "compressed samples/s | original MACs | compressed MACs | MAC ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | original ms | compressed ms | speed-up | frozen ms | frozen speed-up | compressed layers ms, "
+        "before -> after | limit if they were free | original samples/s | compressed samples/s | "
+        "original MACs | compressed MACs | MAC ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     slow: list[str] = []
     curve = CURVES.setdefault(label, [])
@@ -140,12 +144,19 @@ def measure(
         curve.append((batch, t0 / t1))
         m0 = gm.report.count_macs(original, inputs)[0]
         m1 = gm.report.count_macs(compressed, inputs)[0]
+        layers = layer_times(original, compressed, inputs, device, min_run_time)
+        before, after = sum(r[1] for r in layers), sum(r[2] for r in layers)
+        limit = f"{t0 / (t0 - before):.2f}x" if before < t0 else "-"
         lines.append(
-            f"| {batch} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x | {t2:.3f} | {t0 / t2:.2f}x | {batch / t0 * 1e3:,.0f} | "
+            f"| {batch} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x | {t2:.3f} | {t0 / t2:.2f}x | {before:.3f} -> "
+            f"{after:.3f} ({before / t0:.0%} of the original) | {limit} | {batch / t0 * 1e3:,.0f} | "
             f"{batch / t1 * 1e3:,.0f} | {m0:,} | {m1:,} | {m0 / m1:.2f}x |"
         )
-        rows = slow_layers(original, compressed, inputs, device, min_run_time)
-        slow += [f"| {batch} " + r for r in rows]
+        slow += [
+            f"| {batch} | {name} | {b:.3f} | {a:.3f} | {b / a:.2f}x | {why} |"
+            for name, b, a, why in layers
+            if a >= 0.95 * b
+        ]
     if slow:
         lines += [
             "",

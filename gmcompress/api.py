@@ -363,11 +363,18 @@ def _fitted_row(p: LayerPlan, new: nn.Module, timing: PathTiming | None) -> Laye
     row.status = "compressed"
     row.path = new.resolved_impl() if hasattr(new, "resolved_impl") else "dense"
     if timing is not None:
-        row.path_times_ms = {"original": timing.original * 1e3, **{k: v * 1e3 for k, v in timing.paths.items()}}
+        row.path, row.path_times_ms = timing.chosen, _times_ms(timing)
+        if timing.small is not None:
+            row.small_batch, row.small_times_ms = timing.small.batch, _times_ms(timing.small)
+            row.small_path = timing.small.chosen if timing.small.chosen != timing.chosen else ""
     row.params_after = _count_params(new)
     row.fit_error, row.output_error = new.fit_error, new.output_error
     row.equivariance_error = equivariance_error(new)
     return row
+
+
+def _times_ms(timing: PathTiming) -> dict[str, float]:
+    return {"original": timing.original * 1e3, **{k: v * 1e3 for k, v in timing.paths.items()}}
 
 
 def _count_params(module: nn.Module) -> int:

@@ -28,11 +28,14 @@ PATH_ROUNDS = 2  # rounds over the original and every path, interleaved; each ke
 
 @dataclass
 class PathTiming:
-    """Median seconds of the original layer and of every path tried; ``chosen`` is the fastest path."""
+    """Median seconds of the original layer and of every path tried at batch size ``batch`` (a Linear's rows);
+    ``chosen`` is the fastest path. ``small``: the same on one sample of the input (``None`` when it had one)."""
 
     original: float
     paths: dict[str, float]
     chosen: str
+    batch: int
+    small: PathTiming | None = None
 
     @property
     def speedup(self) -> float:
@@ -79,12 +82,26 @@ def time_paths(
 def choose_path(
     layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float = PATH_SECONDS
 ) -> PathTiming:
-    """Time ``original`` and every path of ``layer`` on ``x`` (interleaved rounds); keep the fastest as
-    ``layer.impl``."""
+    """Time ``original`` and every path of ``layer`` on ``x`` (interleaved rounds) and on its first sample
+    ``x[:1]``, and keep the fastest: as ``layer.impl`` when both agree, else as ``layer.batch_paths`` (batch
+    size -> path; ``impl="auto"`` then takes the path measured at the nearest batch size, see
+    ``GMModule.path_for``). A path that wins on a batch of 64 can lose 3x on one sample (launch and transform
+    overhead), and a model calibrated on a batch is often served one input at a time."""
+    timing = _fastest(layer, original, x, min_run_time)
+    if x.dim() > 1 and x.shape[0] > 1 and layer.batch_of(x[:1]) < layer.batch_of(x):
+        timing.small = _fastest(layer, original, x[:1], min_run_time)
+    if timing.small is None or timing.small.chosen == timing.chosen:
+        layer.impl = timing.chosen
+    else:
+        layer.impl = "auto"
+        layer.set_batch_paths({timing.small.batch: timing.small.chosen, timing.batch: timing.chosen})
+    return timing
+
+
+def _fastest(layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float) -> PathTiming:
     before, times = float("inf"), {}
     for _ in range(PATH_ROUNDS):
         before = min(before, time_paths(original, x, min_run_time, rounds=1)["dense"])
         for impl, t in time_paths(layer, x, min_run_time, rounds=1).items():
             times[impl] = min(times.get(impl, t), t)
-    layer.impl = min(times, key=times.get)
-    return PathTiming(before, times, layer.impl)
+    return PathTiming(before, times, min(times, key=times.get), layer.batch_of(x))

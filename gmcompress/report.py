@@ -53,12 +53,34 @@ class LayerReport:
     reason: str = ""
     path: str = ""  # the forward path the GM layer takes ("dense", "blocks", "packed", "fft", "grouped")
     path_times_ms: dict[str, float] | None = None  # measured on the layer's example input: "original" and each path
+    small_batch: int | None = None  # the batch size (a Linear's rows) of one example sample, when it was measured too
+    small_path: str = ""  # the path kept for small batches, when it differs from ``path``
+    small_times_ms: dict[str, float] | None = None  # the times on one example sample, as ``path_times_ms``
 
     @property
     def layer_speedup(self) -> float | None:
         """Original layer time / time of the chosen path, when the paths were measured."""
         t = self.path_times_ms
         return t["original"] / t[self.path] if t and self.path in t else None
+
+    @property
+    def small_speedup(self) -> float | None:
+        """The same on one example sample, for the path that batch size takes."""
+        t, path = self.small_times_ms, self.small_path or self.path
+        return t["original"] / t[path] if t and path in t else None
+
+    def path_cell(self) -> str:
+        """The path column: the example batch's path, and one sample's when it differs."""
+        if not self.path:
+            return "-"
+        return f"{self.path} (batch {self.small_batch}: {self.small_path})" if self.small_path else self.path
+
+    def speedup_cell(self) -> str:
+        """The layer speed-up column: on the example batch, and on one sample when it was measured."""
+        if self.layer_speedup is None:
+            return "-"
+        small = f" (batch {self.small_batch}: {self.small_speedup:.2f}x)" if self.small_speedup else ""
+        return f"{self.layer_speedup:.2f}x{small}"
 
 
 @dataclass
@@ -109,8 +131,8 @@ class CompressionReport:
                     _fmt(r.macs_before, "{:,}"),
                     _fmt(r.macs_after, "{:,}"),
                     _fmt(r.equivariance_error, "{:.1e}"),
-                    r.path or "-",
-                    _fmt(r.layer_speedup, "{:.2f}x"),
+                    r.path_cell(),
+                    r.speedup_cell(),
                 ]
             )
         return rows

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gmcompress as gm
@@ -51,3 +52,83 @@ def test_measured_choice_survives_save_and_load(tmp_path, monkeypatch):
     gm.save(out, tmp_path / "m.pt")
     again = gm.load(tmp_path / "m.pt", net())
     assert again.get_submodule("0").impl == "dense" and again.get_submodule("3").impl == "dense"
+
+
+def by_batch(small_wins: str, large_wins: tuple[str, ...]):
+    """A stand-in timer: on one sample path ``small_wins`` is fastest, on more the paths ``large_wins``; the
+    original is slow."""
+
+    def median_seconds(call, model, min_run_time):
+        with torch.inference_mode():
+            call()
+        impl = getattr(model, "impl", "original")
+        winners = (small_wins,) if call.args[0].shape[0] == 1 else large_wins
+        return 1.0 if impl in winners else 3.0
+
+    return median_seconds
+
+
+def test_a_layer_keeps_the_fastest_path_of_each_batch_size_and_runs_it(monkeypatch, tmp_path):
+    """Timed on the example batch and on one sample: when the winners differ, impl stays "auto" and the layer
+    runs the path measured at the nearest batch size, checked by the cache entry each call fills; outputs stay
+    the dense reference's; MACs follow the path; the choice survives save/load and shows in the report."""
+    monkeypatch.setattr(paths, "median_seconds", by_batch("dense", ("blocks", "grouped")))
+    example = torch.randn(8, 16, 6, 6)
+    out = gm.compress(net(), group="C8", example_inputs=example, progress=False).eval()
+    linear, conv = out.get_submodule("3"), out.get_submodule("0")
+    assert linear.impl == "auto" and linear.batch_paths == {1: "dense", 8: "blocks"}
+    assert conv.impl == "auto" and conv.batch_paths == {1: "dense", 8: "grouped"}
+    row = {r.name: r for r in out.gm_report.layers}["3"]
+    assert (row.path, row.small_path, row.small_batch) == ("blocks", "dense", 1)
+    assert "blocks (batch 1: dense)" in str(out.gm_report) and "3.00x (batch 1: 3.00x)" in str(out.gm_report)
+    assert "batch 1: dense, batch 8: blocks" in repr(linear)
+    macs = {}
+    for batch, path in [(1, "dense"), (2, "dense"), (3, "blocks"), (8, "blocks"), (64, "blocks")]:
+        x = torch.randn(batch, 32 * 6 * 6)
+        linear._cache.clear()
+        with torch.no_grad():
+            y = linear(x)
+        assert list(linear._cache) == [path], batch  # sqrt(8) = 2.8: batches 1-2 nearer 1, 3 on nearer 8
+        torch.testing.assert_close(y, F.linear(x, linear.weight, linear.bias), atol=1e-4, rtol=1e-4)
+        macs[batch] = linear.macs(x, y) // batch
+    assert macs[1] == macs[2] == 32 * 6 * 6 * 64 and macs[3] == macs[64] == linear.macs_per_row("blocks") < macs[1]
+    for batch, path in [(1, "dense"), (8, "grouped")]:
+        x = torch.randn(batch, 16, 6, 6)
+        conv._cache.clear()
+        with torch.no_grad():
+            y = conv(x)
+        assert list(conv._cache) == [path], batch
+        torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+        assert conv.macs(x, y) == (batch * 32 * 36 * 16 * 9 if path == "dense" else conv.macs(x, y))
+    assert conv.macs(torch.randn(8, 16, 6, 6), y) < 8 * conv.macs(torch.randn(1, 16, 6, 6), y[:1])
+    linear.impl = "blocks"  # an explicit path wins over the measured ones
+    with torch.no_grad():
+        linear._cache.clear()
+        linear(torch.randn(1, 32 * 6 * 6))
+    assert list(linear._cache) == ["blocks"]
+    linear.impl = "auto"
+    gm.save(out, tmp_path / "m.pt")
+    again = gm.load(tmp_path / "m.pt", net())
+    assert again.get_submodule("3").batch_paths == {1: "dense", 8: "blocks"}
+    assert again.get_submodule("0").batch_paths == {1: "dense", 8: "grouped"}
+
+
+def test_one_winner_for_both_batch_sizes_is_a_plain_impl(monkeypatch):
+    monkeypatch.setattr(paths, "median_seconds", by_batch("blocks", ("blocks",)))
+    out = gm.compress(net(), group="C8", example_inputs=torch.randn(8, 16, 6, 6), progress=False)
+    linear = out.get_submodule("3")
+    assert linear.impl == "blocks" and linear.batch_paths == {}
+    row = {r.name: r for r in out.gm_report.layers}["3"]
+    assert row.small_path == "" and row.small_batch == 1 and row.path_cell() == "blocks"
+
+
+def test_batch_paths_are_checked_and_ties_go_to_the_larger_batch():
+    layer = gm.nn.GMLinear(64, 64, "C8")
+    with pytest.raises(ValueError, match=r"paths among \('dense', 'blocks', 'packed', 'fft'\)"):
+        layer.set_batch_paths({1: "grouped"})
+    with pytest.raises(ValueError, match="batch sizes >= 1"):
+        layer.set_batch_paths({0: "dense"})
+    layer.set_batch_paths({64: "packed", 1: "dense"})
+    assert [layer.path_for(b) for b in (1, 7, 8, 9, 1000)] == ["dense", "dense", "packed", "packed", "packed"]
+    layer.set_batch_paths({})
+    assert layer.path_for(1) == layer.resolved_impl()

@@ -113,6 +113,7 @@ class GMModule(GMLayer):
         self._cache: dict[str, object] = {}
         self._snapshot: list[torch.Tensor] | None = None
         self._cache_inference = False  # the cache holds inference tensors (filled under inference_mode)
+        self.batch_paths: dict[int, str] = {}  # batch size -> path measured fastest there (see path_for)
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
         self.output_error: float | None = None  # relative output error on the calibration inputs, if any
 
@@ -144,6 +145,45 @@ class GMModule(GMLayer):
             raise ValueError(f"{type(self).__name__}({self.extra_repr()}): no path {self.impl!r}; "
                              f"choose one of {('auto', *self.impls())}")  # fmt: skip
         return impl
+
+    def path_for(self, batch: int) -> str:
+        """The path ``forward`` takes on ``batch`` inputs (a Linear's rows, a convolution's images).
+
+        With ``impl="auto"`` and :attr:`batch_paths` measured (``gmcompress.compress`` times every path at the
+        example batch and at batch 1, and keeps both winners when they differ), the path measured at the
+        nearest batch size on a log scale (ties: the larger); explicit paths and unmeasured layers take
+        :meth:`resolved_impl`."""
+        if self.impl != "auto" or not self.batch_paths or batch < 1:
+            return self.resolved_impl()
+        nearest = min(self.batch_paths, key=lambda b: (abs(math.log(b / batch)), -b))
+        return self.batch_paths[nearest]
+
+    def batch_of(self, x: torch.Tensor) -> int:
+        """The batch size :meth:`path_for` is asked about for input ``x``."""
+        raise NotImplementedError
+
+    def set_batch_paths(self, paths: dict[int, str]) -> None:
+        """Set :attr:`batch_paths` (batch size -> one of :meth:`impls`), checked; ``{}`` clears them."""
+        paths = {int(b): p for b, p in dict(paths).items()}
+        bad = {b: p for b, p in paths.items() if b < 1 or p not in self.impls()}
+        if bad:
+            raise ValueError(f"{type(self).__name__}({self.extra_repr()}): batch paths {bad} need batch sizes "
+                             f">= 1 and paths among {self.impls()}")  # fmt: skip
+        self.batch_paths = dict(sorted(paths.items()))
+
+    def _impl_repr(self) -> str:
+        if self.impl != "auto" or not self.batch_paths:
+            return self.impl
+        return "auto (" + ", ".join(f"batch {b}: {p}" for b, p in self.batch_paths.items()) + ")"
+
+    def _batch_paths_config(self) -> list[list]:
+        """:attr:`batch_paths` for :meth:`config` (JSON: a list of ``[batch, path]``)."""
+        return [[b, p] for b, p in self.batch_paths.items()]
+
+    def _with_batch_paths(self, config: dict) -> GMModule:
+        """``self`` with the batch paths of a :meth:`config` set (a config from before they existed has none)."""
+        self.set_batch_paths(dict(config.get("batch_paths") or []))
+        return self
 
     def _build(self, build: Callable[[], object]) -> object:
         """Derived weights in the parameters' precision, also under autocast (the ops that consume them

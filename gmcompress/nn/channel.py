@@ -186,6 +186,7 @@ class GMChannelConv(GMModule):
             "bias": self.bias_mode,
             "padding_mode": self.padding_mode,
             "impl": self.impl,
+            "batch_paths": self._batch_paths_config(),
             "dims": self.dims,
             "support": self.support_elements,
             "pad": self.in_padded != self.in_channels or self.out_padded != self.out_channels,
@@ -196,10 +197,11 @@ class GMChannelConv(GMModule):
         from .linear import group_from_config
 
         kwargs = dict(config, group=group_from_config(config["group"]))
+        kwargs.pop("batch_paths", None)
         for key in ("kernel_size", "stride", "padding", "dilation"):
             if isinstance(kwargs[key], list):
                 kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs, **factory)
+        return cls(**kwargs, **factory)._with_batch_paths(config)
 
     # ------------------------------------------------------------------ weights
     @property
@@ -236,9 +238,13 @@ class GMChannelConv(GMModule):
         mixing = plan.groups * size**2 * self.channels_in * rco * k
         return self.channels_in * n * m + mixing + rco * n * m + (rco * n if self.modulations is not None else 0)
 
+    def batch_of(self, x: torch.Tensor) -> int:
+        """Images (1 for an unbatched input)."""
+        return x.shape[0] if x.dim() == self.dims + 2 else 1
+
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         positions = out.numel() // self.out_channels
-        impl = self.resolved_impl()
+        impl = self.path_for(self.batch_of(inp))
         if impl == "dense":
             return positions * self.out_channels * self.in_channels * math.prod(self.kernel_size)
         return positions * self._grouped_macs_per_position(impl)
@@ -287,7 +293,7 @@ class GMChannelConv(GMModule):
         if self.in_padded != self.in_channels:
             x = F.pad(x, (0, 0) * self.dims + (0, self.in_padded - self.in_channels))
         bias = self._padded_bias()
-        impl = self.resolved_impl()
+        impl = self.path_for(x.shape[0])
         if impl == "dense":
             weight = self._cached("dense", self.weight_padded)
             y = self._conv(x, weight, 1, bias)
@@ -372,5 +378,5 @@ class GMChannelConv(GMModule):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, group={self.group.name}, "
-            f"{self._structure_repr()}, impl={self.impl}, stride={self.stride}, padding={self.padding}"
+            f"{self._structure_repr()}, impl={self._impl_repr()}, stride={self.stride}, padding={self.padding}"
         )

@@ -187,6 +187,7 @@ class GMLinear(GMModule):
             "support": self.support_elements,
             "bias": self.bias_mode,
             "impl": self.impl,
+            "batch_paths": self._batch_paths_config(),
             "pad": self.in_padded != self.in_features or self.out_padded != self.out_features,
             "in_subgroup": None if self.in_subgroup is None else [int(v) for v in self.in_subgroup],
             "out_subgroup": None if self.out_subgroup is None else [int(v) for v in self.out_subgroup],
@@ -195,8 +196,9 @@ class GMLinear(GMModule):
     @classmethod
     def from_config(cls, config: dict, **factory) -> GMLinear:
         kwargs = dict(config)
+        kwargs.pop("batch_paths", None)
         kwargs["group"] = group_from_config(kwargs["group"])
-        return cls(**kwargs, **factory)
+        return cls(**kwargs, **factory)._with_batch_paths(config)
 
     def to_dense(self) -> nn.Linear:
         """An equivalent ``nn.Linear`` (the materialised weight)."""
@@ -249,7 +251,7 @@ class GMLinear(GMModule):
         x2 = x.reshape(-1, self.in_features)
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        impl = self.resolved_impl()
+        impl = self.path_for(x2.shape[0])
         if impl == "dense":
             y = F.linear(x2, self._cached("dense", self.dense_weight))
         else:
@@ -285,18 +287,24 @@ class GMLinear(GMModule):
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
         return product_weights(self.kernels, rho, self._plan(impl)).contiguous()
 
+    def batch_of(self, x: torch.Tensor) -> int:
+        """Rows: every leading index of ``x`` is one."""
+        return x.numel() // self.in_features
+
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Multiply-accumulates of one call: rows of ``inp`` times :meth:`macs_per_row`."""
-        return inp.numel() // self.in_features * self.macs_per_row()
+        rows = self.batch_of(inp)
+        return rows * self.macs_per_row(self.path_for(rows))
 
-    def macs_per_row(self) -> int:
-        """Multiply-accumulates per input row on the path ``forward`` takes (the real cost, not the dense one).
+    def macs_per_row(self, impl: str | None = None) -> int:
+        """Multiply-accumulates per input row on path ``impl`` (default: the one :meth:`resolved_impl` names), the
+        real cost, not the dense one.
 
         blocks: ``c_in N^2`` (basis change) + ``sum_blocks d^2 c_in r c_out`` (block GEMMs) +
         ``r c_out N^2`` (back) + ``r c_out N`` (modulation); fft: the block GEMMs in complex arithmetic plus
         ``~2.5 N log2 N`` per channel and transform (an estimate); dense: ``in * out``.
         """
-        impl = self.resolved_impl()
+        impl = impl or self.resolved_impl()
         if impl == "dense":
             return self.in_padded * self.out_padded
         if impl in ("blocks", "packed"):
@@ -359,7 +367,7 @@ class GMLinear(GMModule):
         )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group={self.group.name}, "
-            f"{self._structure_repr()}, impl={self.impl}, bias={self.bias is not None}{extra}"
+            f"{self._structure_repr()}, impl={self._impl_repr()}, bias={self.bias is not None}{extra}"
         )
 
 

@@ -87,7 +87,7 @@ def layer_times(
         if isinstance(module, GMConv2d):
             why = "GMConv2d runs the materialised (tied) weight through the same dense convolution"
         else:
-            impl = module.resolved_impl()
+            impl = module.path_for(module.batch_of(x))
             why = f"path '{impl}': " + (
                 "the dense path (materialised weight) was measured or ruled fastest for this layer"
                 if impl == "dense"

@@ -94,7 +94,7 @@ def choose_path(
         layer.impl = timing.chosen
     else:
         layer.impl = "auto"
-        layer.set_batch_paths({timing.small.batch: timing.small.chosen, timing.batch: timing.chosen})
+        layer.batch_paths = {timing.small.batch: timing.small.chosen, timing.batch: timing.chosen}
     return timing
 
 

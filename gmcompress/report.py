@@ -53,7 +53,7 @@ class LayerReport:
     reason: str = ""
     path: str = ""  # the forward path the GM layer takes ("dense", "blocks", "packed", "fft", "grouped")
     path_times_ms: dict[str, float] | None = None  # measured on the layer's example input: "original" and each path
-    small_batch: int | None = None  # the batch size (a Linear's rows) of one example sample, when it was measured too
+    small_batch: int | None = None  # one example sample's batch size (a Linear's rows), when it was measured too
     small_path: str = ""  # the path kept for small batches, when it differs from ``path``
     small_times_ms: dict[str, float] | None = None  # the times on one example sample, as ``path_times_ms``
 
@@ -73,13 +73,13 @@ class LayerReport:
         """The path column: the example batch's path, and one sample's when it differs."""
         if not self.path:
             return "-"
-        return f"{self.path} (batch {self.small_batch}: {self.small_path})" if self.small_path else self.path
+        return f"{self.path} (one sample: {self.small_path})" if self.small_path else self.path
 
     def speedup_cell(self) -> str:
         """The layer speed-up column: on the example batch, and on one sample when it was measured."""
         if self.layer_speedup is None:
             return "-"
-        small = f" (batch {self.small_batch}: {self.small_speedup:.2f}x)" if self.small_speedup else ""
+        small = f" (one sample: {self.small_speedup:.2f}x)" if self.small_speedup else ""
         return f"{self.layer_speedup:.2f}x{small}"
 
 

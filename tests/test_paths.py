@@ -80,8 +80,8 @@ def test_a_layer_keeps_the_fastest_path_of_each_batch_size_and_runs_it(monkeypat
     assert conv.impl == "auto" and conv.batch_paths == {1: "dense", 8: "grouped"}
     row = {r.name: r for r in out.gm_report.layers}["3"]
     assert (row.path, row.small_path, row.small_batch) == ("blocks", "dense", 1)
-    assert "blocks (batch 1: dense)" in str(out.gm_report) and "3.00x (batch 1: 3.00x)" in str(out.gm_report)
-    assert "batch 1: dense, batch 8: blocks" in repr(linear)
+    assert "blocks (one sample: dense)" in str(out.gm_report) and "3.00x (one sample: 3.00x)" in str(out.gm_report)
+    assert "rows 1: dense, rows 8: blocks" in repr(linear) and "images 1: dense, images 8: grouped" in repr(conv)
     macs = {}
     for batch, path in [(1, "dense"), (2, "dense"), (3, "blocks"), (8, "blocks"), (64, "blocks")]:
         x = torch.randn(batch, 32 * 6 * 6)
@@ -123,12 +123,43 @@ def test_one_winner_for_both_batch_sizes_is_a_plain_impl(monkeypatch):
 
 
 def test_batch_paths_are_checked_and_ties_go_to_the_larger_batch():
+    """Assigning batch paths checks them (sizes whole and >= 1, paths the layer has); between two measured sizes
+    the boundary is their geometric mean, exactly (10 = sqrt(1 * 100) goes to 100, as 20 to 200)."""
     layer = gm.nn.GMLinear(64, 64, "C8")
     with pytest.raises(ValueError, match=r"paths among \('dense', 'blocks', 'packed', 'fft'\)"):
-        layer.set_batch_paths({1: "grouped"})
-    with pytest.raises(ValueError, match="batch sizes >= 1"):
-        layer.set_batch_paths({0: "dense"})
-    layer.set_batch_paths({64: "packed", 1: "dense"})
+        layer.batch_paths = {1: "grouped"}
+    with pytest.raises(ValueError, match="whole batch sizes >= 1"):
+        layer.batch_paths = {0: "dense"}
+    with pytest.raises(ValueError, match="whole batch sizes >= 1"):
+        layer.batch_paths = {2.7: "dense"}
+    with pytest.raises(ValueError, match="paths among"):
+        gm.nn.GMLinear(64, 64, "D4").batch_paths = {1: "packed"}  # D4 has no packed path
+    layer.batch_paths = {64: "packed", 1: "dense"}
+    assert list(layer.batch_paths) == [1, 64] and "rows 1: dense, rows 64: packed" in repr(layer)
     assert [layer.path_for(b) for b in (1, 7, 8, 9, 1000)] == ["dense", "dense", "packed", "packed", "packed"]
-    layer.set_batch_paths({})
+    for lo, hi, tie in [(1, 100, 10), (2, 200, 20), (1, 484, 22), (3, 12, 6)]:
+        layer.batch_paths = {lo: "dense", hi: "blocks"}
+        assert [layer.path_for(b) for b in (tie - 1, tie)] == ["dense", "blocks"], (lo, hi)
+    layer.batch_paths = {1: "dense", 8: "blocks", 64: "packed"}
+    assert [layer.path_for(b) for b in (2, 3, 22, 23)] == ["dense", "blocks", "blocks", "packed"]
+    layer.batch_paths = {}
     assert layer.path_for(1) == layer.resolved_impl()
+
+
+def test_a_layer_with_batch_paths_exports_and_compiles_with_a_dynamic_batch():
+    """A symbolic batch (torch.export with a dynamic dimension, torch.compile) takes the largest measured size's
+    path: one graph for every batch, with the dense reference's outputs at other sizes."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    layer = gm.nn.GMLinear(64, 64, "C8").eval()
+    layer.batch_paths = {1: "dense", 8: "packed"}
+    program = torch.export.export(layer, (torch.randn(8, 64),), dynamic_shapes=({0: Dim("b", min=1, max=1024)},))
+    assert any("bmm" in str(n.target) for n in program.graph.nodes)  # the packed path's products
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for batch in (1, 3, 8, 100):
+        x = torch.randn(batch, 64)
+        want = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(program.module()(x), want, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), want, atol=1e-4, rtol=1e-4)

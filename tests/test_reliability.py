@@ -117,6 +117,32 @@ def test_same_bytes_sees_every_bit_in_every_layout(dtype, layout):
     assert not same_bytes(a, a.reshape(10, 6)) and same_bytes(a[:0], a[:0].clone())
 
 
+def test_a_tensor_subclass_parameter_is_compared_by_value_not_by_memory():
+    """Wrapper subclasses (DTensor, FakeTensor, TwoTensor) report contiguous CPU storage at data_ptr 0: the memcmp
+    path must not read it (it crashed the process), the cache must still see their changes. In a subprocess,
+    so that a crash fails this test and not the session."""
+    script = """
+import torch, torch.nn.functional as F
+from torch.testing._internal.two_tensor import TwoTensor
+from gmcompress.nn import GMLinear
+torch.manual_seed(0)
+layer = GMLinear(64, 64, "C8", impl="dense").eval()
+k = layer.kernels.detach()
+layer.kernels = torch.nn.Parameter(TwoTensor(k.clone(), k.clone()))
+x = torch.randn(2, 64)
+with torch.no_grad():
+    layer(x)
+    layer(x)
+    layer.kernels.mul_(0.5)
+    got = layer(x)
+    want = F.linear(x, layer.weight, layer.bias)
+assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, F.linear(x, 2 * layer.weight, layer.bias))
+print("same values")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "same values" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
 def test_in_place_update_under_inference_mode_is_seen():
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -151,6 +177,19 @@ def test_frozen_checks_once_and_refuses_a_change_made_inside():
         fresh = layer(x)  # after the error the cache is rebuilt from the new values
     torch.testing.assert_close(fresh, F.linear(x, layer.weight, layer.bias))
     assert not torch.allclose(fresh, first)
+
+
+def test_frozen_does_not_serve_an_inference_mode_cache_to_autograd():
+    """A weight cached under inference_mode cannot be saved for backward: inside frozen() too, a call outside
+    inference mode rebuilds it, so gradients with respect to the input work (and are right)."""
+    torch.manual_seed(0)
+    layer = GMLinear(64, 64, "C8", impl="dense").eval().requires_grad_(False)
+    with gm.frozen(layer):
+        with torch.inference_mode():
+            layer(torch.randn(2, 64))
+        x = torch.randn(2, 64, requires_grad=True)
+        layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 64))
 
 
 def test_frozen_lets_an_exception_through_and_leaves_the_layers_checking():

@@ -113,7 +113,7 @@ class GMModule(GMLayer):
         self._cache: dict[str, object] = {}
         self._snapshot: list[torch.Tensor] | None = None
         self._cache_inference = False  # the cache holds inference tensors (filled under inference_mode)
-        self.batch_paths: dict[int, str] = {}  # batch size -> path measured fastest there (see path_for)
+        self._batch_paths: dict[int, str] = {}  # batch size -> path measured fastest there (see path_for)
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
         self.output_error: float | None = None  # relative output error on the calibration inputs, if any
 
@@ -146,43 +146,60 @@ class GMModule(GMLayer):
                              f"choose one of {('auto', *self.impls())}")  # fmt: skip
         return impl
 
+    batch_unit = "batch"  # what path_for's batch counts (a Linear's rows, a convolution's images)
+    _batch_paths: dict[int, str] = {}  # never changed in place; for layers pickled before batch paths existed
+
     def path_for(self, batch: int) -> str:
         """The path ``forward`` takes on ``batch`` inputs (a Linear's rows, a convolution's images).
 
-        With ``impl="auto"`` and :attr:`batch_paths` measured (``gmcompress.compress`` times every path at the
-        example batch and at batch 1, and keeps both winners when they differ), the path measured at the
-        nearest batch size on a log scale (ties: the larger); explicit paths and unmeasured layers take
-        :meth:`resolved_impl`."""
-        if self.impl != "auto" or not self.batch_paths or batch < 1:
+        With ``impl="auto"`` and :attr:`batch_paths` measured (``gmcompress.compress`` times every path on the
+        example input and on one sample of it, and keeps both winners when they differ), the path measured at
+        the nearest batch size on a log scale: between measured sizes ``lo < hi``, ``hi`` from ``batch**2 >= lo
+        * hi`` on (exact integer arithmetic). Under ``torch.compile`` or ``torch.export`` (a symbolic batch), the
+        path of the largest measured size, so one graph serves every batch. Explicit paths and unmeasured
+        layers take :meth:`resolved_impl`."""
+        if self.impl != "auto" or not self._batch_paths:
             return self.resolved_impl()
-        nearest = min(self.batch_paths, key=lambda b: (abs(math.log(b / batch)), -b))
-        return self.batch_paths[nearest]
+        sizes = list(self._batch_paths)  # ascending
+        if not isinstance(batch, int) or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self._batch_paths[sizes[-1]]
+        chosen = sizes[0]
+        for lo, hi in zip(sizes, sizes[1:]):
+            if batch * batch >= lo * hi:
+                chosen = hi
+        return self._batch_paths[chosen]
 
     def batch_of(self, x: torch.Tensor) -> int:
         """The batch size :meth:`path_for` is asked about for input ``x``."""
         raise NotImplementedError
 
-    def set_batch_paths(self, paths: dict[int, str]) -> None:
-        """Set :attr:`batch_paths` (batch size -> one of :meth:`impls`), checked; ``{}`` clears them."""
-        paths = {int(b): p for b, p in dict(paths).items()}
-        bad = {b: p for b, p in paths.items() if b < 1 or p not in self.impls()}
+    @property
+    def batch_paths(self) -> dict[int, str]:
+        """Batch size -> the path measured fastest there (a copy; assign a dict to change them, ``{}`` to clear).
+        Used when ``impl == "auto"``; see :meth:`path_for`."""
+        return dict(self._batch_paths)
+
+    @batch_paths.setter
+    def batch_paths(self, paths: dict[int, str]) -> None:
+        paths = dict(paths)
+        bad = {b: p for b, p in paths.items() if type(b) is not int or b < 1 or p not in self.impls()}
         if bad:
-            raise ValueError(f"{type(self).__name__}({self.extra_repr()}): batch paths {bad} need batch sizes "
-                             f">= 1 and paths among {self.impls()}")  # fmt: skip
-        self.batch_paths = dict(sorted(paths.items()))
+            raise ValueError(f"{type(self).__name__}({self.extra_repr()}): batch paths {bad} need whole batch "
+                             f"sizes >= 1 and paths among {self.impls()}")  # fmt: skip
+        self._batch_paths = dict(sorted(paths.items()))
 
     def _impl_repr(self) -> str:
-        if self.impl != "auto" or not self.batch_paths:
+        if self.impl != "auto" or not self._batch_paths:
             return self.impl
-        return "auto (" + ", ".join(f"batch {b}: {p}" for b, p in self.batch_paths.items()) + ")"
+        return "auto (" + ", ".join(f"{self.batch_unit} {b}: {p}" for b, p in self._batch_paths.items()) + ")"
 
     def _batch_paths_config(self) -> list[list]:
         """:attr:`batch_paths` for :meth:`config` (JSON: a list of ``[batch, path]``)."""
-        return [[b, p] for b, p in self.batch_paths.items()]
+        return [[b, p] for b, p in self._batch_paths.items()]
 
     def _with_batch_paths(self, config: dict) -> GMModule:
         """``self`` with the batch paths of a :meth:`config` set (a config from before they existed has none)."""
-        self.set_batch_paths(dict(config.get("batch_paths") or []))
+        self.batch_paths = dict(config.get("batch_paths") or [])
         return self
 
     def _build(self, build: Callable[[], object]) -> object:
@@ -211,12 +228,12 @@ class GMModule(GMLayer):
             self._cache.clear()
             self._snapshot = None
             return self._build(build)
-        block = _FROZEN.get(id(self))
-        if block is not None and name in self._cache and self._snapshot is block.snapshot is not None:
-            return self._cache[name]  # inside frozen(), validated against the block's snapshot
         if self._cache_inference and not torch.is_inference_mode_enabled():
             self._cache.clear()  # inference tensors cannot be saved for backward (e.g. gradients w.r.t. inputs)
             self._snapshot = None
+        block = _FROZEN.get(id(self))
+        if block is not None and name in self._cache and self._snapshot is block.snapshot is not None:
+            return self._cache[name]  # inside frozen(), validated against the block's snapshot
         params = self._structure_params()
         if not _same_values(self._snapshot, params):
             self._cache.clear()

@@ -40,13 +40,28 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
     if _MEMCMP is not None and a.is_cpu and _plain(a) and _plain(b):
-        return a.numel() == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
+        if a.numel() == 0:
+            return True
+        pa, pb = a.data_ptr(), b.data_ptr()
+        if pa and pb:
+            return _MEMCMP(pa, pb, a.numel() * a.element_size()) == 0
     return torch.equal(_bits(a), _bits(b))
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain(t: torch.Tensor) -> bool:
-    """A contiguous strided tensor whose memory holds its values as they read (no lazy conjugate or negation)."""
-    return t.layout == torch.strided and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+    """A plain (not a subclass: DTensor, FakeTensor and wrapper tensors have no memory of their own at
+    ``data_ptr``) contiguous strided tensor whose memory holds its values as they read (no lazy conjugate or
+    negation)."""
+    return (
+        type(t) in _PLAIN_TYPES
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
+    )
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

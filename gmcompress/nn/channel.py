@@ -223,8 +223,9 @@ class GMChannelConv(GMModule):
         return self._paths
 
     def resolved_impl(self) -> str:
-        """The path ``forward`` takes ("auto": grouped when it needs at most half the dense multiply-adds;
-        "packed" where the group has no Gauss form: grouped, the same products)."""
+        """The path ``forward`` takes without measured :attr:`batch_paths` (with them: :meth:`path_for`).
+        "auto": grouped when it needs at most half the dense multiply-adds; "packed" where the group has no
+        Gauss form: grouped, the same products."""
         if self.impl != "auto":
             return self._explicit_path("grouped")
         dense = self.in_padded * self.out_padded * math.prod(self.kernel_size)
@@ -237,6 +238,8 @@ class GMChannelConv(GMModule):
         m, size = plan.q_in.shape[1], plan.size  # product coordinates (see ProductPlan)
         mixing = plan.groups * size**2 * self.channels_in * rco * k
         return self.channels_in * n * m + mixing + rco * n * m + (rco * n if self.modulations is not None else 0)
+
+    batch_unit = "images"
 
     def batch_of(self, x: torch.Tensor) -> int:
         """Images (1 for an unbatched input)."""

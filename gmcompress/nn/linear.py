@@ -228,8 +228,9 @@ class GMLinear(GMModule):
         return ("dense", "blocks", *packed) + (("fft",) if self.group.cyclic_shape is not None else ())
 
     def resolved_impl(self) -> str:
-        """The path ``forward`` takes. "auto": blocks for plain GMs when they need at most half the
-        multiply-adds of the dense product (the rest pays for the extra kernel launches), else dense."""
+        """The path ``forward`` takes without measured :attr:`batch_paths` (with them: :meth:`path_for`). "auto":
+        blocks for plain GMs when they need at most half the multiply-adds of the dense product (the rest pays
+        for the extra kernel launches), else dense."""
         if self.impl != "auto":
             return self._explicit_path("blocks")
         if self.regular and 2 * self._blocks_macs_per_row() <= self.in_padded * self.out_padded:
@@ -286,6 +287,8 @@ class GMLinear(GMModule):
         """The right-hand sides of the block products of path ``impl``, laid out for ``bmm``."""
         rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
         return product_weights(self.kernels, rho, self._plan(impl)).contiguous()
+
+    batch_unit = "rows"
 
     def batch_of(self, x: torch.Tensor) -> int:
         """Rows: every leading index of ``x`` is one."""

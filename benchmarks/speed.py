@@ -89,7 +89,7 @@ def layer_times(
         else:
             impl = module.path_for(module.batch_of(x))
             why = f"path '{impl}': " + (
-                "the dense path (materialised weight) was measured or ruled fastest for this layer"
+                "the original's product on the materialised weight, plus the per-call parameter check"
                 if impl == "dense"
                 else "transform and launch overhead outweigh the saved multiply-adds"
             )

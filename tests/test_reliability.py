@@ -143,6 +143,27 @@ print("same values")
     assert out.returncode == 0 and "same values" in out.stdout, (out.returncode, out.stderr[-2000:])
 
 
+def test_a_parametrized_kernel_is_read_through_its_parametrization():
+    """The cache check reads kernels and modulations from the module's own parameters, and a parametrized one
+    (torch.nn.utils.parametrize) through its attribute: a change of the underlying tensor is seen."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, k):
+            return 2.0 * k
+
+    torch.manual_seed(0)
+    layer = GMLinear(64, 64, "C8", impl="blocks").eval()
+    parametrize.register_parametrization(layer, "kernels", Scale())
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        first = layer(x)
+        torch.testing.assert_close(first, F.linear(x, layer.weight, layer.bias))
+        layer.parametrizations.kernels.original.mul_(0.5)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert not torch.allclose(layer(x), first)
+
+
 def test_in_place_update_under_inference_mode_is_seen():
     torch.manual_seed(0)
     with torch.inference_mode():

@@ -590,7 +590,21 @@ def summary_lines(sweep: dict) -> list[str]:
     out.append("")
     for tag, (results, _) in sweep.items():
         out += [f"- {tag}: " + "; ".join(claim_lines({n: (r.params, r.future, r.domain) for n, r in results.items()}))]
+    variation = seed_variation(sweep)
+    out += ["", "Seed-to-seed variation of the future RMSE, per family (the root mean square over its cells of the "
+            f"coefficient of variation, sample std / mean, of each cell's seeds): {variation or '-'}."]  # fmt: skip
     return out
+
+
+def seed_variation(sweep: dict) -> str:
+    """Per family, the pooled coefficient of variation of the seeds' future RMSE over every (case, width) cell."""
+    cvs: dict[str, list[float]] = {}
+    for results, _ in sweep.values():
+        for name, r in results.items():
+            f = np.array([fut for fut, _ in r.seeds])
+            if len(f) > 1:
+                cvs.setdefault(family_of(name), []).append(float(f.std(ddof=1) / f.mean()))
+    return ", ".join(f"{fam} {100 * np.sqrt(np.mean(np.square(v))):.1f}%" for fam, v in cvs.items())
 
 
 def plot(sweep: dict, path: Path, title: str) -> None:

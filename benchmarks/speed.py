@@ -169,7 +169,8 @@ def measure(
 
 
 def path_table(report: gm.CompressionReport) -> list[str]:
-    """Per compressed layer: the path chosen on the example input and the times of every path."""
+    """Per compressed layer: the path chosen on the example input (and on one sample, where it differs) and the
+    times of every path on the example input."""
     lines = [
         "| layer | shape | form | path | original ms | paths ms | layer speed-up |",
         "|---|---|---|---|---|---|---|",
@@ -177,9 +178,9 @@ def path_table(report: gm.CompressionReport) -> list[str]:
     for r in report.compressed:
         times = r.path_times_ms or {}
         paths = ", ".join(f"{k} {v:.3f}" for k, v in times.items() if k != "original")
-        speedup = f"{r.layer_speedup:.2f}x" if r.layer_speedup else "-"
         original = f"{times['original']:.3f}" if "original" in times else "-"
-        lines.append(f"| {r.name} | {r.shape} | {r.form} {r.group} | {r.path} | {original} | {paths} | {speedup} |")
+        lines.append(f"| {r.name} | {r.shape} | {r.form} {r.group} | {r.path_cell()} | {original} | {paths} | "
+                     f"{r.speedup_cell()} |")  # fmt: skip
     return lines
 
 

@@ -2,10 +2,11 @@
 
 ``same_bytes(a, b)`` is true when the two tensors have the same shape, dtype and device and hold the same bits.
 Bits, not values: ``-0.0`` against ``0.0`` is a difference, a NaN left in place is not. Two contiguous CPU
-tensors are compared with the C library's ``memcmp``, which reads both at memory speed: on this project's 2-core
-VM, 4 MB in 94 us against 307 us for ``torch.equal`` on their 8-byte integer views and 681 us on float32
-(``torch.equal`` compares element by element). Anything else (another device, a non-contiguous layout, a
-platform without a C library to load) compares integer views of the same bits with ``torch.equal``.
+tensors are compared with the C library's ``memcmp``. Measured on this project's 2-core VM against
+``torch.equal`` on 8-byte integer views (2 threads): 1.1 against 3.7 us at 64 KB, 18.5 against 28.3 us at 1 MB,
+68 against 109 us at 4 MB with both in cache; from DRAM 150 against 135 us at 4 MB (``memcmp`` runs on one
+thread). Anything else (another device, a non-contiguous layout, a tensor subclass, a platform without a C
+library to load) compares integer views of the same bits with ``torch.equal``.
 """
 
 from __future__ import annotations

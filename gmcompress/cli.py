@@ -28,7 +28,7 @@ from ._version import __version__
 from .api import compress, plan
 from .budget import Budget
 from .io import load, save
-from .report import CompressionReport, count_macs, format_table, measure_latency, state_dict_bytes
+from .report import CompressionReport, count_macs, format_table, measure_latencies, state_dict_bytes
 from .zoo import DemoModel
 
 
@@ -259,8 +259,7 @@ def _totals(original: torch.nn.Module, model: torch.nn.Module, example: Any) -> 
     if example is not None:
         report.macs_before = count_macs(original, example)[0]
         report.macs_after = count_macs(model, example)[0]
-        report.latency_before_ms = measure_latency(original, example)
-        report.latency_after_ms = measure_latency(model, example)
+        report.latency_before_ms, report.latency_after_ms = measure_latencies(original, model, example)
     return report
 
 

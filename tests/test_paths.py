@@ -163,3 +163,25 @@ def test_a_layer_with_batch_paths_exports_and_compiles_with_a_dynamic_batch():
         torch.testing.assert_close(program.module()(x), want, atol=1e-4, rtol=1e-4)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_latency_before_and_after_are_measured_in_alternating_rounds(monkeypatch):
+    """compress (not in place) times the user's untouched model and the compressed one alternately, keeping
+    each one's best round; the user's model keeps its mode and weights."""
+    import gmcompress.report as report
+
+    calls = []
+    times = iter([5.0, 4.0, 3.0, 6.0, 7.0, 2.5])  # before, after, before, after, before, after
+
+    def fake(model, inputs, min_run_time=0.3):
+        calls.append("gm" if any(isinstance(m, gm.nn.GMLinear) for m in model.modules()) else "dense")
+        return next(times)
+
+    monkeypatch.setattr(report, "measure_latency", fake)
+    monkeypatch.setattr(paths, "median_seconds", lambda call, model, t: 1.0)
+    model = net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = gm.compress(model, group="C8", example_inputs=torch.randn(2, 16, 6, 6), progress=False)
+    assert calls == ["dense", "gm"] * 3
+    assert (out.gm_report.latency_before_ms, out.gm_report.latency_after_ms) == (3.0, 2.5)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

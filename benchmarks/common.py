@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from gmcompress.report import interleaved_best
+
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 """glibc settings of a long-running server: large blocks are reused, not mapped and faulted in afresh."""
 
@@ -45,15 +47,9 @@ ROUNDS = {"rounds": 3}  # interleaved timing rounds; the --quick smoke runs set 
 
 
 def interleaved(timers: dict, rounds: int | None = None) -> dict:
-    """Best of ``rounds`` (default ``ROUNDS["rounds"]``) rounds of every timing function in ``timers`` (each
-    returns seconds), interleaved: a burst of load on this shared machine slows one round of every candidate
-    instead of one candidate."""
-    best: dict = {}
-    for _ in range(rounds or ROUNDS["rounds"]):
-        for name, fn in timers.items():
-            t = fn()
-            best[name] = min(best.get(name, t), t)
-    return best
+    """Best of ``rounds`` (default ``ROUNDS["rounds"]``) interleaved rounds of every timing function in
+    ``timers`` (each returns seconds): :func:`gmcompress.report.interleaved_best`."""
+    return interleaved_best(timers, rounds or ROUNDS["rounds"])
 
 
 def measured_on(device: str | None = None) -> str:

@@ -10,6 +10,7 @@ Without example inputs each layer's documented ``"auto"`` rule decides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .batches import run_model
 from .handlers import LayerPlan
-from .report import median_seconds
+from .report import interleaved_best, median_seconds
 
 __all__ = ["PATH_SECONDS", "PathTiming", "capture_layer_inputs", "time_paths", "choose_path"]
 
@@ -68,15 +69,22 @@ def time_paths(
     dense module, is timed as it is, under the key "dense") over ``rounds`` interleaved rounds: a burst of
     load on a shared machine then slows one round of every path, not one path. ``layer.impl`` is left at the
     last path timed."""
+    return interleaved_best(_path_timers(layer, x, min_run_time), rounds)
+
+
+def _path_timers(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> dict[str, Callable[[], float]]:
+    """One timing function per path of ``layer`` (each sets ``layer.impl`` first), or ``{"dense": ...}``."""
     impls = layer.impls() if hasattr(layer, "impls") else ()
-    times: dict[str, float] = {}
-    for _ in range(rounds):
-        for impl in impls or ("dense",):
-            if impls:
+
+    def timer(impl: str | None) -> Callable[[], float]:
+        def run() -> float:
+            if impl is not None:
                 layer.impl = impl
-            t = median_seconds(partial(layer, x), layer, min_run_time)
-            times[impl] = min(times.get(impl, t), t)
-    return times
+            return median_seconds(partial(layer, x), layer, min_run_time)
+
+        return run
+
+    return {impl: timer(impl) for impl in impls} if impls else {"dense": timer(None)}
 
 
 def choose_path(
@@ -99,9 +107,8 @@ def choose_path(
 
 
 def _fastest(layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float) -> PathTiming:
-    before, times = float("inf"), {}
-    for _ in range(PATH_ROUNDS):
-        before = min(before, time_paths(original, x, min_run_time, rounds=1)["dense"])
-        for impl, t in time_paths(layer, x, min_run_time, rounds=1).items():
-            times[impl] = min(times.get(impl, t), t)
+    """The original and every path of ``layer`` on ``x``, in :data:`PATH_ROUNDS` interleaved rounds."""
+    original_timer = _path_timers(original, x, min_run_time)["dense"]
+    times = interleaved_best({"": original_timer, **_path_timers(layer, x, min_run_time)}, PATH_ROUNDS)
+    before = times.pop("")
     return PathTiming(before, times, min(times, key=times.get), layer.batch_of(x))

@@ -29,6 +29,7 @@ __all__ = [
     "count_macs",
     "measure_latency",
     "measure_latencies",
+    "interleaved_best",
     "state_dict_bytes",
     "format_table",
     "equivariance_error",
@@ -314,17 +315,30 @@ def measure_latency(model: nn.Module, example_inputs: object, min_run_time: floa
 LATENCY_ROUNDS = 3  # interleaved rounds of measure_latencies
 
 
+def interleaved_best(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """The best of ``rounds`` rounds of every timing function in ``timers``, called in turn each round: a burst of
+    load on a shared machine then slows one round of every candidate, not one candidate."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            best[name] = min(best.get(name, math.inf), timer())
+    return best
+
+
 def measure_latencies(
     original: nn.Module, compressed: nn.Module, example_inputs: object, min_run_time: float = 0.3
 ) -> tuple[float, float]:
     """Median milliseconds of ``original`` and of ``compressed`` (as :func:`measure_latency`), each the best of
-    :data:`LATENCY_ROUNDS` rounds that alternate the two: a burst of load on a shared machine then slows a round
-    of both, not one model (measured one after the other, the same MNISTNet pair read 0.89x and 1.10x)."""
-    best = [math.inf, math.inf]
-    for _ in range(LATENCY_ROUNDS):
-        for i, model in enumerate((original, compressed)):
-            best[i] = min(best[i], measure_latency(model, example_inputs, min_run_time))
-    return best[0], best[1]
+    :data:`LATENCY_ROUNDS` alternating rounds (:func:`interleaved_best`; measured one after the other, the same
+    MNISTNet pair read 0.89x and 1.10x)."""
+    best = interleaved_best(
+        {
+            "original": lambda: measure_latency(original, example_inputs, min_run_time),
+            "compressed": lambda: measure_latency(compressed, example_inputs, min_run_time),
+        },
+        LATENCY_ROUNDS,
+    )
+    return best["original"], best["compressed"]
 
 
 SETTLE_BYTES = 31 * 2**20  # just under glibc's largest adaptive mmap threshold (32 MiB on 64-bit)

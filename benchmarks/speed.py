@@ -28,7 +28,7 @@ from torch.utils import benchmark
 
 import gmcompress as gm
 from gmcompress import zoo
-from gmcompress.batches import run_model
+from gmcompress.batches import first_inputs, run_model
 from gmcompress.nn import GMChannelConv, GMConv2d, GMLinear
 from gmcompress.report import settle_allocator
 
@@ -64,15 +64,8 @@ def layer_times(
 ) -> list[tuple[str, float, float, str]]:
     """Every compressed layer timed alone on its real input, against its original: ``(name, original ms,
     compressed ms, path and why it is not faster)``."""
-    captured: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in original.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: captured.setdefault(name, a[0])))
-    with torch.inference_mode():
-        run_model(original, inputs)
-    for h in hooks:
-        h.remove()
+    dense = {n: m for n, m in original.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
+    captured = first_inputs(original, inputs, dense)
     out = []
     for name, module in compressed.named_modules():
         if not isinstance(module, (GMLinear, GMConv2d, GMChannelConv)) or name not in captured:

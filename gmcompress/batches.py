@@ -7,12 +7,17 @@ A batch of model inputs is a tensor (one positional input), a tuple or list (pos
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["run_model", "call_arguments", "first_tensor", "output_tensors", "to_device", "split_batch"]
+__all__ = [
+    "run_model", "call_arguments", "forward_hooks", "first_inputs", "first_tensor", "output_tensors", "to_device",
+    "split_batch",
+]  # fmt: skip
 
 
 def call_arguments(inputs: object) -> tuple[tuple, dict]:
@@ -28,6 +33,30 @@ def run_model(model: nn.Module, inputs: object) -> object:
     """Call ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
     args, kwargs = call_arguments(inputs)
     return model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False) -> Iterator[None]:
+    """``(module, hook)`` pairs registered as forward hooks (forward pre-hooks with ``pre``) for the block, and
+    removed when it ends, also on an error."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def first_inputs(model: nn.Module, inputs: object, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The first positional input of the first call of each of ``modules`` (by name) when ``model`` runs on
+    ``inputs`` in inference mode; a module that is not called is left out."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [(m, lambda mod, args, name=name: seen.setdefault(name, args[0].detach())) for name, m in modules.items()]
+    with forward_hooks(hooks, pre=True), torch.inference_mode():
+        run_model(model, inputs)
+    return seen
 
 
 def first_tensor(out: object) -> torch.Tensor:

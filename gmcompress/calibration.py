@@ -17,6 +17,7 @@ summed batch by batch), never the rows themselves. Two modes (``compress(..., ca
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterable
 
@@ -24,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from .aware import InputStats
-from .batches import call_arguments, run_model
+from .batches import call_arguments, forward_hooks, run_model
 from .handlers import LayerPlan
 
 __all__ = ["MODES", "capture_statistics", "calibrate"]
@@ -74,14 +75,10 @@ def capture_statistics(
 ) -> dict[str, InputStats]:
     """One pass of ``model`` over the calibration batches: the input statistics of every layer in ``plans``."""
     acc = _Accumulator(max_rows)
-    handles = [p.module.register_forward_pre_hook(lambda mod, args, p=p: acc.add(p, mod, args[0])) for p in plans]
-    try:
-        with torch.no_grad():
-            for batch in _batches(calibration):
-                run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(p.module, lambda mod, args, p=p: acc.add(p, mod, args[0])) for p in plans]
+    with forward_hooks(hooks, pre=True), torch.no_grad():
+        for batch in _batches(calibration):
+            run_model(model, batch)
     return acc.stats
 
 
@@ -214,13 +211,7 @@ def _next_group(
 
     for i, batch in enumerate(batches):
         first, state = i == 0, {"seen": set()}
-        handles = [p.module.register_forward_pre_hook(lambda m, a, p=p, s=state: hook(m, a, p, s)) for p in pending]
-        try:
-            with torch.no_grad():
-                run_model(model, batch)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        hooks = [(p.module, lambda m, a, p=p, s=state: hook(m, a, p, s)) for p in pending]
+        with forward_hooks(hooks, pre=True), torch.no_grad(), contextlib.suppress(_Stop):
+            run_model(model, batch)
     return [(p, acc.stats.get(p.name)) for p in members]

@@ -52,9 +52,14 @@ def find_layers(model: nn.Module) -> TraceResult:
         gm = fx.GraphModule(model, graph, type(model).__name__)
         _lift_functional_layers(gm)
     except Exception as err:  # torch.fx raises many types for untraceable code
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        layers = [(name, m) for name, m in model.named_modules() if handler_for(m) is not None]
-        return TraceResult(layers, None, reason)
+        return _module_tree(model, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    optional = _used_optional_arguments(gm)
+    if optional:
+        return _module_tree(
+            model,
+            f"forward argument(s) {', '.join(optional)} default to None and are used, so the trace would keep "
+            "only the branches taken when they are given",
+        )
     seen: set[str] = set()
     layers = []
     for node in gm.graph.nodes:
@@ -64,6 +69,21 @@ def find_layers(model: nn.Module) -> TraceResult:
                 seen.add(node.target)
                 layers.append((str(node.target), module))
     return TraceResult(layers, gm, None)
+
+
+def _module_tree(model: nn.Module, reason: str) -> TraceResult:
+    """The fallback: every module with a handler, in module order, and why the graph is not used."""
+    layers = [(name, m) for name, m in model.named_modules() if handler_for(m) is not None]
+    return TraceResult(layers, None, reason)
+
+
+def _used_optional_arguments(gm: fx.GraphModule) -> list[str]:
+    """Forward arguments that default to ``None`` and that the graph uses.
+
+    torch.fx traces such an argument as a Proxy, which ``is not None``: code like ``if mask is not None: y = y *
+    mask`` is recorded with its branch taken, and the GraphModule then fails (or computes something else) when
+    the argument is left out. The module tree keeps the model's own ``forward``, so it stays right."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder" and n.args == (None,) and n.users]
 
 
 _FUNCTIONAL = {torch._C._nn.linear: "linear", torch.conv1d: "conv1d", torch.conv2d: "conv2d"}

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .batches import run_model
+from .batches import first_inputs
 from .handlers import LayerPlan
 from .report import interleaved_best, median_seconds
 
@@ -45,21 +45,7 @@ class PathTiming:
 
 def capture_layer_inputs(model: nn.Module, plans: list[LayerPlan], example_inputs: object) -> dict[str, torch.Tensor]:
     """The input of the first call of every planned layer on ``example_inputs``."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for p in plans:
-
-        def hook(mod: nn.Module, args: tuple, name: str = p.name) -> None:
-            seen.setdefault(name, args[0].detach())
-
-        handles.append(p.module.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            run_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return first_inputs(model, example_inputs, {p.name: p.module for p in plans})
 
 
 def time_paths(

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from .batches import run_model
+from .batches import forward_hooks, run_model
 from .handlers import handler_for
 from .nn import GMLayer, NotApplicable
 
@@ -287,22 +288,15 @@ def equivariance_error(layer: nn.Module, max_elements: int = 16) -> float | None
 def count_macs(model: nn.Module, example_inputs: object) -> tuple[int, dict[str, int]]:
     """Total and per-layer MACs of one forward on ``example_inputs``."""
     per_layer: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, GMLayer) or handler_for(module) is not None:
 
-            def hook(mod, args, out, name=name):
-                macs = layer_macs(mod, args[0], out)
-                if macs is not None:
-                    per_layer[name] = per_layer.get(name, 0) + macs
+    def hook(mod: nn.Module, args: tuple, out: object, name: str) -> None:
+        macs = layer_macs(mod, args[0], out)
+        if macs is not None:
+            per_layer[name] = per_layer.get(name, 0) + macs
 
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.inference_mode():
-            run_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GMLayer) or handler_for(m) is not None]
+    with forward_hooks((m, partial(hook, name=n)) for n, m in layers), torch.inference_mode():
+        run_model(model, example_inputs)
     return sum(per_layer.values()), per_layer
 
 

@@ -83,6 +83,29 @@ def test_traced_and_fallback_routes_agree():
     assert [r.fit_error for r in a.gm_report.layers] == [r.fit_error for r in b.gm_report.layers]
 
 
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 16)
+
+    def forward(self, x, mask=None):
+        y = self.a(x)
+        if mask is not None:  # torch.fx traces mask as a Proxy, which is not None: the branch is always taken
+            y = y * mask
+        return self.b(y)
+
+
+def test_an_optional_argument_the_model_uses_keeps_its_own_forward():
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 64), (torch.rand(4, 64) > 0.5).float()
+    with pytest.warns(UserWarning, match="mask default to None"):
+        out = gm.compress(OptionalMask().eval(), group="C8", example_inputs=(x,), progress=False)
+    assert isinstance(out, OptionalMask) and not out.gm_report.traced and isinstance(out.a, GMLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), out.b(out.a(x)), rtol=0, atol=0)
+        torch.testing.assert_close(out(x, mask), out.b(out.a(x) * mask), rtol=0, atol=0)
+
+
 def test_report_fit_errors_equal_structure_project():
     torch.manual_seed(0)
     model = Small()

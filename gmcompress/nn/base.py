@@ -209,7 +209,9 @@ class GMModule(GMLayer):
             return build()
 
     def _cache_allowed(self) -> bool:
-        if self.training or torch.compiler.is_compiling():
+        """No cache in training, under autograd, or while compiled or traced (``torch.jit.trace`` then records the
+        weights' derivation from the parameters, as ``torch.compile`` and ``torch.export`` do)."""
+        if self.training or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._structure_params()))
 

@@ -125,14 +125,16 @@ def compiled_batch1_line(min_run_time: float) -> str:
         layer(x)
         t_eager = timed(sync, min_run_time, f=layer, x=x, torch=torch)
         t_dense = timed(sync, min_run_time, f=dense, x=x, torch=torch)
-        compiled = torch.compile(layer, mode="reduce-overhead")
-        for _ in range(3):
-            compiled(x)
-        t_graph = timed(sync, min_run_time, f=compiled, x=x, torch=torch)
-    return (
-        f"Batch 1, bf16, GMLinear 8192 C16: dense {t_dense * 1e6:.0f} us, GM eager {t_eager * 1e6:.0f} us, "
-        f"GM torch.compile(reduce-overhead, CUDA graphs) {t_graph * 1e6:.0f} us."
-    )
+    line = f"Batch 1, bf16, GMLinear 8192 C16: dense {t_dense * 1e6:.0f} us, GM eager {t_eager * 1e6:.0f} us, "
+    try:  # compiled under no_grad: torch 2.11's dynamo failed its own guard under inference_mode
+        with torch.no_grad():
+            compiled = torch.compile(layer, mode="reduce-overhead")
+            for _ in range(3):
+                compiled(x)
+            t_graph = timed(sync, min_run_time, f=compiled, x=x, torch=torch)
+    except Exception as err:  # a compiler bug must not cost the tables above
+        return line + f"GM torch.compile failed on torch {torch.__version__}: {type(err).__name__}."
+    return line + f"GM torch.compile(reduce-overhead, CUDA graphs) {t_graph * 1e6:.0f} us."
 
 
 def read_time_line(min_run_time: float) -> str:
@@ -291,12 +293,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="with --shapes: also the block path under torch.compile")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--convs", action="store_true", help="only the CPU convolution table (no header)")
+    parser.add_argument("--min-run-time", type=float, help="seconds per timing (default 0.5, 0.2 with --quick)")
     args = parser.parse_args()
     steady_allocator()
     ROUNDS["rounds"] = 1 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
-    min_run_time = 0.2 if args.quick else 0.5
+    min_run_time = args.min_run_time or (0.2 if args.quick else 0.5)
     start = time.perf_counter()
     if args.convs:
         print("\n".join(conv_lines(args.quick, min_run_time)))
@@ -327,10 +330,12 @@ def main() -> None:
     if args.device == "cpu":
         lines += ["", read_time_line(min_run_time), "", "### Convolutions (GMChannelConv, rank 1)", ""]
         lines += conv_lines_fresh(args.quick, args.threads)
-    else:
+    else:  # each table printed as it is done, so a run cut short still shows what it measured
+        print("\n".join(lines), flush=True)
         lines += ["", "### Convolutions (GMChannelConv, rank 1)", ""]
         for dtype in (torch.bfloat16, torch.float32):
             lines += conv_lines(args.quick, min_run_time, "cuda", dtype)[0 if dtype == torch.bfloat16 else 2 :]
+            print("\n".join(lines[-8:]), flush=True)
         lines += ["", compiled_batch1_line(min_run_time)]
     text = "\n".join(lines)
     print(text)

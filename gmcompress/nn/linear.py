@@ -248,29 +248,29 @@ class GMLinear(GMModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GMLinear expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        impl = self.path_for(x.numel() // self.in_features)
+        n = self.pattern.n_out
+        if impl == "dense":  # one GEMM with the weight trimmed to the real features, the bias inside (nn.Linear's op)
+            bias = None if self.bias is None else expand_bias(self.bias, self.out_features, n)
+            return F.linear(x, self._cached("dense", lambda: self.weight.contiguous()), bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        impl = self.path_for(x2.shape[0])
-        if impl == "dense":
-            y = F.linear(x2, self._cached("dense", self.dense_weight))
+        xg = x2.view(-1, self.c_in, n)
+        if impl in ("blocks", "packed"):
+            weight_t = self._cached(impl, lambda: self._block_weights(impl))
+            q_in, q_out = (self._q_packed, self._q_packed) if impl == "packed" else (self._q_in, self._q_out)
+            inside = self.out_padded == self.out_features and self.bias is not None  # added in place
+            bias = expand_bias(self.bias, self.out_features, n) if inside else None
+            y = blocks_forward(xg, q_in, q_out, weight_t, self.modulations, self.c_out, bias)
+            if inside:
+                return y.reshape(*lead, self.out_features)
         else:
-            n = self.pattern.n_out
-            xg = x2.view(-1, self.c_in, n)
-            if impl in ("blocks", "packed"):
-                weight_t = self._cached(impl, lambda: self._block_weights(impl))
-                q_in, q_out = (self._q_packed, self._q_packed) if impl == "packed" else (self._q_in, self._q_out)
-                inside = self.out_padded == self.out_features and self.bias is not None  # added in place
-                bias = expand_bias(self.bias, self.out_features, n) if inside else None
-                y = blocks_forward(xg, q_in, q_out, weight_t, self.modulations, self.c_out, bias)
-                if inside:
-                    return y.reshape(*lead, self.out_features)
-            else:
-                spectra = self._cached("fft", self._kernel_spectra)
-                y = fft_forward(xg, spectra, self.group.cyclic_shape)
-                y = y[:, 0] if self.modulations is None else (y * self.modulations).sum(1)
-                y = y.reshape(-1, self.out_padded)
+            spectra = self._cached("fft", self._kernel_spectra)
+            y = fft_forward(xg, spectra, self.group.cyclic_shape)
+            y = y[:, 0] if self.modulations is None else (y * self.modulations).sum(1)
+            y = y.reshape(-1, self.out_padded)
         if self.out_padded != self.out_features:
             y = y[:, : self.out_features]
         if self.bias is not None:
@@ -309,7 +309,7 @@ class GMLinear(GMModule):
         """
         impl = impl or self.resolved_impl()
         if impl == "dense":
-            return self.in_padded * self.out_padded
+            return self.in_features * self.out_features
         if impl in ("blocks", "packed"):
             return self._blocks_macs_per_row(impl)
         n, rco = self.pattern.n_out, self.rank * self.c_out

@@ -270,11 +270,13 @@ def _modulate(u: torch.Tensor, modulations: torch.Tensor | None) -> torch.Tensor
 
 
 def kernel_spectra(kernels_full: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Conjugated real FFT of kernels ``(r, c_out, c_in, N)`` over the cyclic factors: ``(r, c_out, c_in, F)``."""
+    """Conjugated real FFT of kernels ``(r, c_out, c_in, N)`` over the cyclic factors, laid out for the products
+    of :func:`fft_forward`: ``(F, c_in, r c_out)``, frequency-major, contiguous."""
     r, c_out, c_in, _ = kernels_full.shape
     dims = tuple(range(-len(shape), 0))
     kernels_full = kernels_full.to(_fft_dtype(kernels_full.dtype))
-    return torch.fft.rfftn(kernels_full.reshape(r, c_out, c_in, *shape), dim=dims).flatten(3).conj()
+    spectra = torch.fft.rfftn(kernels_full.reshape(r, c_out, c_in, *shape), dim=dims).flatten(3).conj()
+    return spectra.permute(3, 2, 0, 1).reshape(-1, c_in, r * c_out).contiguous()
 
 
 def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -282,20 +284,20 @@ def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...], rank: int) -> torch.Tensor:
     """``x (B, c_in, N) -> (B, r, c_out, N)`` by FFT over the cyclic factors (abelian groups).
 
     ``y_o(i) = sum_c sum_m f_{o,c}(m) x_c(i + m)`` (a cross-correlation), so in frequency
-    ``Y_o = sum_c conj(F_{o,c}) X_c``; ``spectra`` is :func:`kernel_spectra`.
+    ``Y_o = sum_c conj(F_{o,c}) X_c``: one complex ``bmm`` over the frequencies, with ``spectra`` from
+    :func:`kernel_spectra` (``(F, c_in, r c_out)``, read as it is stored: the product reads each spectrum once).
     """
     batch, c_in, n = x.shape
-    r, c_out = spectra.shape[:2]
     dims = tuple(range(-len(shape), 0))
     xf = torch.fft.rfftn(x.reshape(batch, c_in, *shape).to(_fft_dtype(x.dtype)), dim=dims).flatten(2)
-    yf = torch.einsum("bcf,kocf->bkof", xf, spectra)
+    yf = torch.bmm(xf.permute(2, 0, 1), spectra)  # (F, B, r c_out)
     half = (*shape[:-1], shape[-1] // 2 + 1)
-    y = torch.fft.irfftn(yf.reshape(batch, r, c_out, *half), s=shape, dim=dims)
-    return y.reshape(batch, r, c_out, n).to(x.dtype)
+    y = torch.fft.irfftn(yf.permute(1, 2, 0).reshape(batch, rank, -1, *half), s=shape, dim=dims)
+    return y.reshape(batch, rank, -1, n).to(x.dtype)
 
 
 def grouped_conv_forward(

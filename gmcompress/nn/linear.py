@@ -268,7 +268,7 @@ class GMLinear(GMModule):
                 return y.reshape(*lead, self.out_features)
         else:
             spectra = self._cached("fft", self._kernel_spectra)
-            y = fft_forward(xg, spectra, self.group.cyclic_shape)
+            y = fft_forward(xg, spectra, self.group.cyclic_shape, self.rank)
             y = y[:, 0] if self.modulations is None else (y * self.modulations).sum(1)
             y = y.reshape(-1, self.out_padded)
         if self.out_padded != self.out_features:

@@ -294,7 +294,7 @@ def fft_forward(x: torch.Tensor, spectra: torch.Tensor, shape: tuple[int, ...], 
     batch, c_in, n = x.shape
     dims = tuple(range(-len(shape), 0))
     xf = torch.fft.rfftn(x.reshape(batch, c_in, *shape).to(_fft_dtype(x.dtype)), dim=dims).flatten(2)
-    yf = torch.bmm(xf.permute(2, 0, 1), spectra)  # (F, B, r c_out)
+    yf = torch.bmm(xf.permute(2, 0, 1).contiguous(), spectra)  # (F, B, r c_out); strided, bmm copies per slice
     half = (*shape[:-1], shape[-1] // 2 + 1)
     y = torch.fft.irfftn(yf.permute(1, 2, 0).reshape(batch, rank, -1, *half), s=shape, dim=dims)
     return y.reshape(batch, rank, -1, n).to(x.dtype)

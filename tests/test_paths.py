@@ -185,3 +185,19 @@ def test_latency_before_and_after_are_measured_in_alternating_rounds(monkeypatch
     assert calls == ["dense", "gm"] * 3
     assert (out.gm_report.latency_before_ms, out.gm_report.latency_after_ms) == (3.0, 2.5)
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_rule_takes_the_dense_path_on_cuda():
+    """Without measurements, a layer on a CUDA device takes "dense" (cuBLAS/cuDNN won nearly every row measured on
+    an H200); the same layer on the CPU takes its fast path. No GPU here: the kernels' device is stood in for."""
+    from types import SimpleNamespace
+
+    for layer, fast in [
+        (gm.nn.GMLinear(256, 256, "C16"), "blocks"),
+        (gm.nn.GMChannelConv(64, 64, 3, group="C8", padding=1), "grouped"),
+    ]:
+        assert layer.resolved_impl() == fast
+        layer._parameters["kernels"] = SimpleNamespace(device=torch.device("cuda"))
+        assert layer.resolved_impl() == "dense"
+        layer.impl = fast  # an explicit path is kept on any device
+        assert layer.resolved_impl() == fast

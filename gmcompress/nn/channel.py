@@ -225,9 +225,11 @@ class GMChannelConv(GMModule):
     def resolved_impl(self) -> str:
         """The path ``forward`` takes without measured :attr:`batch_paths` (with them: :meth:`path_for`).
         "auto": grouped when it needs at most half the dense multiply-adds; "packed" where the group has no
-        Gauss form: grouped, the same products."""
+        Gauss form: grouped, the same products. On a CUDA device, dense (docs/design.md, "auto")."""
         if self.impl != "auto":
             return self._explicit_path("grouped")
+        if self.kernels.device.type == "cuda":
+            return "dense"
         dense = self.in_padded * self.out_padded * math.prod(self.kernel_size)
         return "grouped" if 2 * self._grouped_macs_per_position() <= dense else "dense"
 

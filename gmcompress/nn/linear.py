@@ -230,9 +230,11 @@ class GMLinear(GMModule):
     def resolved_impl(self) -> str:
         """The path ``forward`` takes without measured :attr:`batch_paths` (with them: :meth:`path_for`). "auto":
         blocks for plain GMs when they need at most half the multiply-adds of the dense product (the rest pays
-        for the extra kernel launches), else dense."""
+        for the extra kernel launches), else dense; on a CUDA device, dense (docs/design.md, "auto")."""
         if self.impl != "auto":
             return self._explicit_path("blocks")
+        if self.kernels.device.type == "cuda":
+            return "dense"
         if self.regular and 2 * self._blocks_macs_per_row() <= self.in_padded * self.out_padded:
             return "blocks"
         return "dense"

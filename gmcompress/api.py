@@ -155,6 +155,12 @@ def plan(
         if layer_plan.form and id(module.weight) in tied:
             others = ", ".join(n for n in tied[id(module.weight)] if not n.startswith(f"{name}."))
             layer_plan.skip(f"weight tied to {others}: tied layers stay dense (untying them would change the model)")
+        reader = _weight_reader(model, name) if traced.graph_module is None else None
+        if layer_plan.form and reader is not None:
+            layer_plan.skip(
+                f"its parent ({type(reader).__name__}) reads its weight and bias directly instead of calling it, "
+                "so a GM layer there would save nothing"
+            )
         plans.append(layer_plan)
     if include is not None and matched == 0:
         warnings.warn(
@@ -186,6 +192,18 @@ def _budget(
     if rank is not None:
         raise ValueError(f"rank={rank} with a budget: the budget chooses each layer's rank (leave rank out)")
     return budget, budget.groups[0]
+
+
+_WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+"""torch modules whose forward reads child Linears' ``weight``/``bias`` instead of calling them (MultiheadAttention
+its ``out_proj``; the encoder and decoder layers all of theirs on their fused inference path). A traced graph
+calls what it calls; in the module-tree fallback these children are left dense."""
+
+
+def _weight_reader(model: nn.Module, name: str) -> nn.Module | None:
+    """The parent of layer ``name`` when it is one of :data:`_WEIGHT_READERS`."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    return parent if isinstance(parent, _WEIGHT_READERS) else None
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
-    "run_model", "call_arguments", "forward_hooks", "first_inputs", "first_tensor", "output_tensors", "to_device",
-    "split_batch",
+    "run_model", "call_arguments", "layer_input", "forward_hooks", "first_inputs", "first_tensor", "output_tensors",
+    "to_device", "split_batch",
 ]  # fmt: skip
 
 
@@ -35,14 +36,36 @@ def run_model(model: nn.Module, inputs: object) -> object:
     return model(*args, **kwargs)
 
 
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input a layer was called with: its first positional argument, or ``input=`` (the keyword of
+    ``nn.Linear`` and ``nn.Conv*d``, and of the GM layers)."""
+    if args:
+        return args[0]
+    if "input" in kwargs:
+        return kwargs["input"]
+    raise TypeError(f"a layer called without an input: positional {len(args)}, keywords {sorted(kwargs)}")
+
+
 @contextlib.contextmanager
 def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False) -> Iterator[None]:
-    """``(module, hook)`` pairs registered as forward hooks (forward pre-hooks with ``pre``) for the block, and
-    removed when it ends, also on an error."""
+    """``(module, hook)`` pairs registered for the block and removed when it ends, also on an error. Each hook is
+    called as ``hook(module, x)`` before the module runs (``pre``) or ``hook(module, x, output)`` after it, with
+    ``x`` the module's input (:func:`layer_input`); what it returns is ignored, so it never replaces the
+    module's arguments or output."""
+
+    def before(module: nn.Module, args: tuple, kwargs: dict, hook: Callable) -> None:
+        hook(module, layer_input(args, kwargs))
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: object, hook: Callable) -> None:
+        hook(module, layer_input(args, kwargs), output)
+
     handles = []
     try:
         for module, hook in hooks:
-            handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
+            if pre:
+                handles.append(module.register_forward_pre_hook(partial(before, hook=hook), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(partial(after, hook=hook), with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -50,10 +73,10 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False
 
 
 def first_inputs(model: nn.Module, inputs: object, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The first positional input of the first call of each of ``modules`` (by name) when ``model`` runs on
-    ``inputs`` in inference mode; a module that is not called is left out."""
+    """The input of the first call of each of ``modules`` (by name) when ``model`` runs on ``inputs`` in inference
+    mode; a module that is not called is left out."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [(m, lambda mod, args, name=name: seen.setdefault(name, args[0].detach())) for name, m in modules.items()]
+    hooks = [(m, lambda mod, x, name=name: seen.setdefault(name, x.detach())) for name, m in modules.items()]
     with forward_hooks(hooks, pre=True), torch.inference_mode():
         run_model(model, inputs)
     return seen

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from .aware import InputStats
-from .batches import call_arguments, forward_hooks, run_model
+from .batches import call_arguments, forward_hooks, layer_input, run_model
 from .handlers import LayerPlan
 
 __all__ = ["MODES", "capture_statistics", "calibrate"]
@@ -75,7 +75,7 @@ def capture_statistics(
 ) -> dict[str, InputStats]:
     """One pass of ``model`` over the calibration batches: the input statistics of every layer in ``plans``."""
     acc = _Accumulator(max_rows)
-    hooks = [(p.module, lambda mod, args, p=p: acc.add(p, mod, args[0])) for p in plans]
+    hooks = [(p.module, lambda mod, x, p=p: acc.add(p, mod, x)) for p in plans]
     with forward_hooks(hooks, pre=True), torch.no_grad():
         for batch in _batches(calibration):
             run_model(model, batch)
@@ -159,7 +159,8 @@ def _graph_sequential(
             if plan is not None and id(plan.module) not in fitted:
                 if plan.settings.activation_aware:
                     for s in steppers:
-                        acc.add(plan, plan.module, s.inputs(node)[0][0], source=node.args[0])
+                        source = node.args[0] if node.args else node.kwargs.get("input")
+                        acc.add(plan, plan.module, layer_input(*s.inputs(node)), source=source)
                 fitted[id(plan.module)] = install(plan, acc.stats.pop(plan.name, None))
             module = fitted.get(id(plan.module)) if plan is not None else None
             for s in steppers:
@@ -197,8 +198,7 @@ def _next_group(
     """One pass per batch with hooks on the pending layers: the group of the first pending call, with stats."""
     members: list[LayerPlan] = []
 
-    def hook(mod: nn.Module, args: tuple, p: LayerPlan, state: dict) -> None:
-        x = args[0]
+    def hook(mod: nn.Module, x: torch.Tensor, p: LayerPlan, state: dict) -> None:
         if state.get("anchor") is None:
             state["anchor"] = x
         elif x is not state["anchor"] or p.name in state["seen"]:
@@ -211,7 +211,7 @@ def _next_group(
 
     for i, batch in enumerate(batches):
         first, state = i == 0, {"seen": set()}
-        hooks = [(p.module, lambda m, a, p=p, s=state: hook(m, a, p, s)) for p in pending]
+        hooks = [(p.module, lambda m, x, p=p, s=state: hook(m, x, p, s)) for p in pending]
         with forward_hooks(hooks, pre=True), torch.no_grad(), contextlib.suppress(_Stop):
             run_model(model, batch)
     return [(p, acc.stats.get(p.name)) for p in members]

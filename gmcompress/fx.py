@@ -53,12 +53,12 @@ def find_layers(model: nn.Module) -> TraceResult:
         _lift_functional_layers(gm)
     except Exception as err:  # torch.fx raises many types for untraceable code
         return _module_tree(model, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    optional = _used_optional_arguments(gm)
+    optional = _arguments_with_defaults(gm)
     if optional:
         return _module_tree(
             model,
-            f"forward argument(s) {', '.join(optional)} default to None and are used, so the trace would keep "
-            "only the branches taken when they are given",
+            f"forward argument(s) {', '.join(optional)} have defaults, so the trace would keep only the branches "
+            "taken when they are given",
         )
     seen: set[str] = set()
     layers = []
@@ -77,13 +77,16 @@ def _module_tree(model: nn.Module, reason: str) -> TraceResult:
     return TraceResult(layers, None, reason)
 
 
-def _used_optional_arguments(gm: fx.GraphModule) -> list[str]:
-    """Forward arguments that default to ``None`` and that the graph uses.
+def _arguments_with_defaults(gm: fx.GraphModule) -> list[str]:
+    """Forward arguments that have a default value (``mask=None``, ``scale=1.0``).
 
-    torch.fx traces such an argument as a Proxy, which ``is not None``: code like ``if mask is not None: y = y *
-    mask`` is recorded with its branch taken, and the GraphModule then fails (or computes something else) when
-    the argument is left out. The module tree keeps the model's own ``forward``, so it stays right."""
-    return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder" and n.args == (None,) and n.users]
+    torch.fx traces every argument as a Proxy. Tests that do not go through the graph still run on it: ``mask is
+    not None`` is true and ``isinstance(mask, torch.Tensor)`` false, whatever is passed later. Code like ``if
+    mask is not None: y = y * mask`` is then recorded with its branch taken, and the GraphModule fails or
+    computes something else when the argument is left out (or, for ``isinstance``, when it is given). Such a
+    test leaves no trace in the graph, so any argument with a default is suspect. The module tree keeps the
+    model's own ``forward``, so it stays right."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder" and n.args]
 
 
 _FUNCTIONAL = {torch._C._nn.linear: "linear", torch.conv1d: "conv1d", torch.conv2d: "conv2d"}

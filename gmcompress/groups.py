@@ -82,7 +82,10 @@ class FiniteGroup:
 
     @property
     def order(self) -> int:
-        return int(self.table.shape[0])
+        # the names' count (validated equal to the table's size): a plain tuple length, where a forward under
+        # torch.compile reading the numpy table's shape makes dynamo guard on the table, a guard that fails on its
+        # own frame under torch.inference_mode (torch 2.13)
+        return len(self.names)
 
     @property
     def is_abelian(self) -> bool:

@@ -289,8 +289,8 @@ def count_macs(model: nn.Module, example_inputs: object) -> tuple[int, dict[str,
     """Total and per-layer MACs of one forward on ``example_inputs``."""
     per_layer: dict[str, int] = {}
 
-    def hook(mod: nn.Module, args: tuple, out: object, name: str) -> None:
-        macs = layer_macs(mod, args[0], out)
+    def hook(mod: nn.Module, x: torch.Tensor, out: object, name: str) -> None:
+        macs = layer_macs(mod, x, out)
         if macs is not None:
             per_layer[name] = per_layer.get(name, 0) + macs
 

@@ -109,15 +109,17 @@ class Pattern:
     counts: np.ndarray
     name: str = ""
 
-    @property
+    # Plain ints kept on the instance: a forward that reads a numpy array's shape under torch.compile makes dynamo
+    # guard on the array, and that guard fails on its own frame under torch.inference_mode (torch 2.13).
+    @functools.cached_property
     def n_out(self) -> int:
         return int(self.index.shape[0])
 
-    @property
+    @functools.cached_property
     def n_in(self) -> int:
         return int(self.index.shape[1])
 
-    @property
+    @functools.cached_property
     def n_classes(self) -> int:
         return int(self.counts.shape[0])
 

@@ -95,15 +95,30 @@ class OptionalMask(nn.Module):
         return self.b(y)
 
 
-def test_an_optional_argument_the_model_uses_keeps_its_own_forward():
+class OptionalBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 16)
+
+    def forward(self, x, extra=None):  # the argument is only tested: the graph never uses it
+        y = self.a(x)
+        return self.b(y) if extra is not None else y[:, :16]
+
+
+@pytest.mark.parametrize("model", [OptionalMask, OptionalBranch])
+def test_an_argument_with_a_default_keeps_the_models_own_forward(model):
     torch.manual_seed(0)
     x, mask = torch.randn(4, 64), (torch.rand(4, 64) > 0.5).float()
-    with pytest.warns(UserWarning, match="mask default to None"):
-        out = gm.compress(OptionalMask().eval(), group="C8", example_inputs=(x,), progress=False)
-    assert isinstance(out, OptionalMask) and not out.gm_report.traced and isinstance(out.a, GMLinear)
+    with pytest.warns(UserWarning, match="have defaults"):
+        out = gm.compress(model().eval(), group="C8", example_inputs=(x,), progress=False)
+    assert isinstance(out, model) and not out.gm_report.traced and isinstance(out.a, GMLinear)
     with torch.no_grad():
-        torch.testing.assert_close(out(x), out.b(out.a(x)), rtol=0, atol=0)
-        torch.testing.assert_close(out(x, mask), out.b(out.a(x) * mask), rtol=0, atol=0)
+        if model is OptionalMask:
+            torch.testing.assert_close(out(x), out.b(out.a(x)), rtol=0, atol=0)
+            torch.testing.assert_close(out(x, mask), out.b(out.a(x) * mask), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(out(x), out.a(x)[:, :16], rtol=0, atol=0)
+            torch.testing.assert_close(out(x, mask), out.b(out.a(x)), rtol=0, atol=0)
 
 
 def test_report_fit_errors_equal_structure_project():
@@ -448,3 +463,55 @@ def test_cli_calibration_mode_reaches_compress(mode, monkeypatch, capsys):
     rc = cli.main([*args, "--calibration-mode", mode, "--quiet"])
     assert rc == 0, capsys.readouterr().err
     assert seen["calibration_mode"] == mode and seen["calibration"] is not None
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.block = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True).eval()
+        self.head = nn.Linear(64, 32)
+
+    def forward(self, x, mask=None):
+        y = self.attn(x, x, x, key_padding_mask=mask)[0]
+        return self.head(self.block(y, src_key_padding_mask=mask))
+
+
+def test_layers_whose_parent_reads_their_weights_stay_dense_in_the_fallback():
+    """MultiheadAttention reads out_proj.weight/.bias and the encoder layer's fused inference path reads all of its
+    Linears: swapped for GM layers they would save nothing, and a shared bias broke the call."""
+    torch.manual_seed(0)
+    recipe = {"version": 1, "defaults": {"group": "C8", "rank": 2, "bias": "shared"}}
+    with pytest.warns(UserWarning, match="have defaults"):
+        out = gm.compress(Attention().eval(), recipe=recipe, progress=False)
+    rows = {r.name: r for r in out.gm_report.layers}
+    readers = ["attn.out_proj", "block.self_attn.out_proj", "block.linear1", "block.linear2"]
+    assert all(rows[n].status == "skipped" and "reads its weight" in rows[n].reason for n in readers)
+    assert rows["head"].status == "compressed" and isinstance(out.head, GMLinear)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), out.head(out.block(out.attn(x, x, x)[0])), rtol=0, atol=0)
+
+
+class KeywordCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16 * 4 * 4, 16)
+
+    def forward(self, x):  # the layers called by nn.Linear's and nn.Conv2d's own keyword
+        return self.fc(input=torch.relu(self.conv(input=x)).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "original"])
+def test_layers_called_with_the_input_keyword(mode):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 4, 4)
+    model = KeywordCalls().eval()
+    out = gm.compress(model, group="C8", rank=2, example_inputs=x, calibration=[x], calibration_mode=mode,
+                      progress=False)  # fmt: skip
+    assert isinstance(out.fc, GMLinear) and isinstance(out.conv, gm.nn.GMChannelConv)
+    rows = {r.name: r for r in out.gm_report.layers}
+    assert rows["fc"].macs_before == 4 * 256 * 16 and rows["conv"].macs_before == 4 * 16 * 16 * 8 * 9
+    assert rows["fc"].output_error is not None  # the calibration saw the keyword inputs
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), out.fc(torch.relu(out.conv(x)).flatten(1)), rtol=0, atol=0)

@@ -427,6 +427,21 @@ def test_torch_compile_fullgraph(impl):
     torch.testing.assert_close(torch.compile(conv, fullgraph=True)(xc), conv(xc))
 
 
+def test_torch_compile_under_inference_mode():
+    """Deployment compiles in inference mode. A forward that read a numpy array's shape (the pattern's sizes) made
+    dynamo guard on the array, and that guard failed on its own frame under inference_mode."""
+    layers = [
+        (make_linear("C8", 2, "blocks").eval(), torch.randn(4, 24)),
+        (GMLinear(64, 64, "C8").eval(), torch.randn(4, 64)),  # "auto": the rule counts the paths' multiply-adds
+        (GMChannelConv(16, 16, 3, group="C8", padding=1).eval(), torch.randn(2, 16, 6, 6)),
+        (GMConv2d(8, 8, 3, "C4", rank=2, padding=1).eval(), torch.randn(2, 8, 6, 6)),
+    ]
+    for layer, x in layers:
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x), layer(x))
+
+
 @pytest.mark.parametrize(
     "spec,products", [("C8", 11), ("C16", 23), ("C4xC4", 22), ("C2^3", 8), ("D8", None), ("S3", None)]
 )
@@ -467,3 +482,14 @@ def test_gmlinear_path_set_after_construction_is_checked():
     with pytest.raises(ValueError, match="no path 'fft'.*'blocks'"):
         layer(x)
     assert GMLinear(16, 16, "C8")(torch.randn(0, 16)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blocks", "packed", "fft", "auto"])
+def test_an_empty_batch_gives_an_empty_output_on_every_path(impl):
+    layer = GMLinear(64, 37, "C8", rank=2, impl=impl, pad=True)  # padded outputs too
+    for shape in [(0, 64), (2, 0, 64)]:
+        x = torch.randn(*shape, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 37)
+        y.sum().backward()
+        assert x.grad.shape == x.shape

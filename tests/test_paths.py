@@ -201,3 +201,21 @@ def test_the_rule_takes_the_dense_path_on_cuda():
         assert layer.resolved_impl() == "dense"
         layer.impl = fast  # an explicit path is kept on any device
         assert layer.resolved_impl() == fast
+
+
+def test_capturing_inputs_never_changes_what_the_layers_compute():
+    """A forward pre-hook that returns a value replaces the module's arguments: capturing each layer's first input
+    must not feed that input to the layer's later calls (a layer called twice, as in a shared block)."""
+    from gmcompress.batches import first_inputs
+
+    torch.manual_seed(0)
+    shared, head = nn.Linear(16, 16), nn.Linear(16, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, head)
+    x = torch.randn(3, 16)
+    seen = first_inputs(model, x, {"shared": shared, "head": head})
+    with torch.no_grad():
+        torch.testing.assert_close(seen["shared"], x, rtol=0, atol=0)
+        torch.testing.assert_close(seen["head"], shared(torch.tanh(shared(x))), rtol=0, atol=0)
+    layer = gm.nn.GMConv2d(8, 8, 3, "C4", padding=1).eval()  # the GM layers take nn.Conv2d's keyword too
+    xc = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(layer(input=xc), layer(xc), rtol=0, atol=0)

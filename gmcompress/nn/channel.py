@@ -237,7 +237,7 @@ class GMChannelConv(GMModule):
         """Per output position (input positions taken as equal): transforms, block mixing, modulation."""
         n, rco, k = self.pattern.n_out, self.rank * self.c_out, math.prod(self.kernel_size)
         plan = self._plan(impl)
-        m, size = plan.q_in.shape[1], plan.size  # product coordinates (see ProductPlan)
+        m, size = plan.coordinates, plan.size  # product coordinates (see ProductPlan)
         mixing = plan.groups * size**2 * self.channels_in * rco * k
         return self.channels_in * n * m + mixing + rco * n * m + (rco * n if self.modulations is not None else 0)
 
@@ -282,7 +282,8 @@ class GMChannelConv(GMModule):
             return [v for t in reversed(totals) for v in (t // 2, t - t // 2)]
         return [v for p in reversed(self.padding) for v in (p, p)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's and nn.Conv2d's name for it
+        x = input
         if x.dim() not in (self.dims + 1, self.dims + 2) or x.shape[-self.dims - 1] != self.in_channels:
             raise ValueError(
                 f"GMChannelConv({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}): expected "

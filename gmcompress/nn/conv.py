@@ -161,7 +161,8 @@ class GMConv2d(GMModule):
         """The tied ``(out_channels, in_channels, k, k)`` convolution weight."""
         return self.dense_weight().view(self.out_channels, self.in_channels, *self.kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's and nn.Conv2d's name for it
+        x = input
         weight = self._cached("dense", lambda: self.weight)
         bias = None if self.bias is None else expand_bias(self.bias, self.out_channels, self.group.order)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -155,6 +155,12 @@ class ProductPlan:
     size: int
     parts: tuple[tuple[int, int, int], ...] | None = None
     packing: GroupedPlan | None = None
+    coordinates: int = field(init=False)  # M, the columns of q_in: a plain int for forward code (see below)
+
+    def __post_init__(self) -> None:
+        # forward code under torch.compile reads this int, not q_in's shape: a numpy array read there makes dynamo
+        # guard on it, and that guard fails on its own frame under torch.inference_mode (torch 2.13)
+        object.__setattr__(self, "coordinates", int(self.q_in.shape[1]))
 
 
 @functools.lru_cache(maxsize=64)

@@ -242,15 +242,17 @@ class GMLinear(GMModule):
     def _blocks_macs_per_row(self, impl: str = "blocks") -> int:
         n, rco = self.pattern.n_out, self.rank * self.c_out
         plan = self._plan(impl)
-        m, size = plan.q_in.shape[1], plan.size  # product coordinates (see ProductPlan)
+        m, size = plan.coordinates, plan.size  # product coordinates (see ProductPlan)
         gemm = plan.groups * size * size * self.c_in * rco
         modulation = rco * n if self.modulations is not None else 0
         return int(self.c_in * n * m + gemm + rco * m * n + modulation)  # transform, block products, way back, modulate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's and nn.Conv2d's name for it
+        x = input
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GMLinear expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        impl = self.path_for(x.numel() // self.in_features)
+        rows = x.numel() // self.in_features
+        impl = "dense" if isinstance(rows, int) and rows == 0 else self.path_for(rows)  # no rows: nothing to block
         n = self.pattern.n_out
         if impl == "dense":  # one GEMM with the weight trimmed to the real features, the bias inside (nn.Linear's op)
             bias = None if self.bias is None else expand_bias(self.bias, self.out_features, n)

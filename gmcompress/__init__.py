@@ -14,7 +14,7 @@ from .io import load, save
 from .nn.base import frozen
 from .recipe import Recipe
 from .report import CompressionReport
-from .training import FinetuneResult, NonFiniteError, finetune
+from .training import FeatureTaps, FinetuneResult, NonFiniteError, finetune
 
 __all__ = [
     "__version__",
@@ -23,6 +23,7 @@ __all__ = [
     "Budget",
     "BudgetError",
     "finetune",
+    "FeatureTaps",
     "frozen",
     "save",
     "load",

@@ -496,3 +496,26 @@ def test_distillation_text_is_clean_and_disjoint():
     assert not any(mark in s for s in wiki for mark in ("[[", "]]", "{{", "}}", "<ref", "&quot;"))
     _, held_out = zoo.split_sentences()
     assert not set(held_out) & set(wiki)
+
+
+def test_feature_taps_return_the_inner_outputs_and_train_the_model_they_wrap():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4)).eval()
+    student = gm.compress(teacher, group="C8", rank=1, progress=False)
+    taps = gm.FeatureTaps(student, ["1", "0"])  # in the order given, not the order called
+    x = torch.randn(5, 8, 4, 4)
+    with torch.no_grad():
+        conv = student.get_submodule("0")(x)
+        expected = torch.cat([torch.relu(conv).flatten(1), conv.flatten(1), student(x)], 1)
+        torch.testing.assert_close(taps(x), expected, rtol=0, atol=0)
+    hooks = [m._forward_hooks for m in student.modules()]
+    assert not any(hooks)  # each forward removes the hooks it registered
+    before = student.get_submodule("0").kernels.detach().clone()
+    data = TensorDataset(torch.randn(64, 8, 4, 4))
+    result = finetune(taps, gm.FeatureTaps(teacher, ["1", "0"]), data, epochs=2, lr=1e-2, loss="mse", progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert not torch.equal(student.get_submodule("0").kernels, before)  # the wrapped model's own parameters moved
+    spare = nn.ModuleDict({"used": nn.Linear(4, 4), "spare": nn.Linear(4, 4)})
+    spare.forward = lambda x: spare["used"](x)
+    with pytest.raises(RuntimeError, match="spare not called"):
+        gm.FeatureTaps(spare, ["spare"])(torch.randn(2, 4))

@@ -19,11 +19,13 @@ The modules, each depending only on those before it: :mod:`.result` (what a run 
 error), :mod:`.settings` (hyper-parameters and their validation), :mod:`.losses`, :mod:`.fingerprint`,
 :mod:`.data` (the data forms), :mod:`.state` (the trainer state), :mod:`.epochs` (an epoch's batches),
 :mod:`.checkpoint`, :mod:`.step` (one optimizer step), :mod:`.prepare` (everything before the first step)
-and :mod:`.loop` (:func:`finetune` itself).
+and :mod:`.loop` (:func:`finetune` itself); :mod:`.taps` (:class:`FeatureTaps`, inner outputs as targets) stands
+apart.
 """
 
 from .loop import finetune
 from .result import FinetuneResult, NonFiniteError
 from .settings import LOSSES
+from .taps import FeatureTaps
 
-__all__ = ["finetune", "FinetuneResult", "NonFiniteError", "LOSSES"]
+__all__ = ["finetune", "FinetuneResult", "NonFiniteError", "LOSSES", "FeatureTaps"]

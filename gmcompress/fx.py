@@ -49,11 +49,12 @@ def find_layers(model: nn.Module) -> TraceResult:
         )
     try:
         graph = _LayerTracer().trace(model)
-        gm = fx.GraphModule(model, graph, type(model).__name__)
-        _lift_functional_layers(gm)
+        optional = _arguments_with_defaults(graph)
+        if not optional:  # (checked before lifting: the lifting moves parameters out of the model's modules)
+            gm = fx.GraphModule(model, graph, type(model).__name__)
+            _lift_functional_layers(gm)
     except Exception as err:  # torch.fx raises many types for untraceable code
         return _module_tree(model, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    optional = _arguments_with_defaults(gm)
     if optional:
         return _module_tree(
             model,
@@ -77,7 +78,7 @@ def _module_tree(model: nn.Module, reason: str) -> TraceResult:
     return TraceResult(layers, None, reason)
 
 
-def _arguments_with_defaults(gm: fx.GraphModule) -> list[str]:
+def _arguments_with_defaults(graph: fx.Graph) -> list[str]:
     """Forward arguments that have a default value (``mask=None``, ``scale=1.0``).
 
     torch.fx traces every argument as a Proxy. Tests that do not go through the graph still run on it: ``mask is
@@ -86,7 +87,7 @@ def _arguments_with_defaults(gm: fx.GraphModule) -> list[str]:
     computes something else when the argument is left out (or, for ``isinstance``, when it is given). Such a
     test leaves no trace in the graph, so any argument with a default is suspect. The module tree keeps the
     model's own ``forward``, so it stays right."""
-    return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder" and n.args]
+    return [str(n.target) for n in graph.nodes if n.op == "placeholder" and n.args]
 
 
 _FUNCTIONAL = {torch._C._nn.linear: "linear", torch.conv1d: "conv1d", torch.conv2d: "conv2d"}
@@ -126,12 +127,17 @@ def _lift_functional_layers(gm: fx.GraphModule) -> None:
 
 
 def _own_parameter(gm: fx.GraphModule, node: object) -> bool:
-    """A ``get_attr`` of a parameter with exactly one user (the call being lifted)."""
+    """A ``get_attr`` of a parameter with exactly one user (the call being lifted), whose owner module is not
+    itself called (``self.proj(x)`` beside ``F.linear(x, self.proj.weight)``: lifting would take the weight
+    away from the call)."""
     if not isinstance(node, fx.Node) or node.op != "get_attr" or len(node.users) != 1:
         return False
     try:
         gm.get_parameter(node.target)
     except AttributeError:
+        return False
+    owner = node.target.rpartition(".")[0]
+    if any(n.op == "call_module" and n.target == owner for n in gm.graph.nodes):
         return False
     return sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target) == 1
 

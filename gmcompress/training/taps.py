@@ -31,9 +31,9 @@ class FeatureTaps(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         seen: dict[int, torch.Tensor] = {}
-        hooks = [(m, lambda mod, x, out, i=i: seen.setdefault(i, first_tensor(out))) for i, m in
+        hooks = [(m, lambda mod, out, i=i: seen.setdefault(i, first_tensor(out))) for i, m in
                  enumerate(self._modules_tapped)]  # fmt: skip
-        with forward_hooks(hooks):
+        with forward_hooks(hooks, inputs=False):  # a tapped block may take its input by any keyword
             out = first_tensor(self.model(*args, **kwargs))
         missing = [n for i, n in enumerate(self.names) if i not in seen]
         if missing:

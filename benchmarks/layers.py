@@ -147,13 +147,18 @@ def read_time_line(min_run_time: float) -> str:
         t_frozen = frozen_timed(layer, x, min_run_time)
         params = torch.cat([p.reshape(-1) for p in layer.parameters()])
         t_read = timed("p.sum()", min_run_time, p=params)
+        # the floor of any path made of the library's products: one matrix-vector product over the same bytes
+        matrix, vector = params.view(-1, 1024), torch.randn(1024)  # 1,056,768 = 1032 x 1024
+        t_mv = timed("torch.mv(a, v)", min_run_time, torch=torch, a=matrix, v=vector)
         weights = layer._cache["blocks"].numel()
     return (
         f"GMLinear 4096 -> 4096, C16 rank 1, batch 1: {t_gm * 1e6:.0f} us ({t_frozen * 1e6:.0f} us in `gm.frozen`, "
         f"which skips the per-call parameter check); reading its {params.numel():,} parameters once "
         f"({params.numel() * 4 / 2**20:.1f} MiB, `sum`): {t_read * 1e6:.0f} us; ratio {t_gm / t_read:.1f}x "
         f"({t_frozen / t_read:.1f}x frozen; target: within 2x). The block products read {weights:,} weights "
-        f"({weights / params.numel():.2f}x the parameters: the Gauss form of the 2x2 blocks)."
+        f"({weights / params.numel():.2f}x the parameters: the Gauss form of the 2x2 blocks). A dense "
+        f"matrix-vector product (`torch.mv`) over the same {params.numel():,} floats takes {t_mv * 1e6:.0f} us, "
+        f"{t_mv / t_read:.1f}x the read: the floor of a path built on the library's products."
     )
 
 

@@ -8,7 +8,7 @@
 * MNISTNet (ccexam): compressed with ``recipes/mnistnet.yaml``; distilled on the 3,500 training digits
   of ``zoo.mnist_split`` plus shifted/rotated copies labelled by the teacher (``zoo.mnist_augmented``);
   accuracy on the 1,500 held-out digits. ``--feature-epochs N``: first N epochs of MSE on the last feature map
-  and the logits (``gm.FeatureTaps``), then the recipe's distillation (``--distill-epochs 0``: none).
+  and the logits (``finetune(features=["features.5"])``), then the recipe's distillation (``--distill-epochs 0``: none).
 * all-MiniLM-L6-v2: feed-forward layers compressed with ``recipes/minilm.yaml``; distilled on the Lee
   news sentences (gensim) by MSE on the token states after every encoder layer (``zoo.TokenStates``,
   which trains much faster than the pooled embedding); mean cosine between student and teacher sentence
@@ -50,7 +50,7 @@ def mnist(
     quick: bool, recipe: str = "recipes/mnistnet.yaml", feature_epochs: int = 0, distill_epochs: int | None = None
 ) -> list[str]:
     """Compress with ``recipe``, distil, report. ``feature_epochs``: first that many epochs of MSE on the
-    feature map and the logits together (:class:`gmcompress.FeatureTaps`), then the recipe's fine-tuning
+    feature map and the logits together (``finetune(features=...)``), then the recipe's fine-tuning
     (``distill_epochs`` replaces its epochs; 0 skips it)."""
     torch.manual_seed(0)
     net = zoo.mnistnet()
@@ -73,15 +73,15 @@ def mnist(
         data = torch.utils.data.TensorDataset(*data[:2048])
     features_line = []
     if feature_epochs:
-        taps = [gm.FeatureTaps(m, [FEATURE_TAP]) for m in (student, net)]
         inputs = torch.utils.data.TensorDataset(data.tensors[0])
         feature_epochs = 1 if quick else feature_epochs
-        steps = gm.finetune(*taps, inputs, epochs=feature_epochs, lr=settings["lr"],
+        steps = gm.finetune(student, net, inputs, features=[FEATURE_TAP], epochs=feature_epochs, lr=settings["lr"],
                             batch_size=settings.get("batch_size"), loss="mse", progress=not quick).steps  # fmt: skip
         acc_features = zoo.mnist_accuracy(student)["accuracy"]
         features_line = [
             f"Feature distillation first: {steps} steps of MSE on `{FEATURE_TAP}`'s output and the logits "
-            f"(`gm.FeatureTaps`, {feature_epochs} epochs, lr {settings['lr']}), accuracy then {acc_features:.4f}.",
+            f"(`finetune(features=...)`, {feature_epochs} epochs, lr {settings['lr']}), "
+            f"accuracy then {acc_features:.4f}.",
             "",
         ]
     if settings["epochs"]:

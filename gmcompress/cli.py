@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", help="package.module:function returning the training Dataset")
     tune.add_argument("--epochs", type=int, help="override the recipe's epochs")
     tune.add_argument("--checkpoint-dir", help="resumable checkpoints (Ctrl-C saves; rerun to resume)")
+    tune.add_argument(
+        "--features",
+        help="comma-separated submodule names whose outputs are distilled with the model's own (overrides the "
+        "recipe's features; sets loss=mse unless the recipe names mse or cosine), e.g. features.5",
+    )
     tune.add_argument("--out", help="where to save the fine-tuned model")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -172,6 +177,7 @@ def _add_metrics(
 def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.Module) -> int:
     from .recipe import load_recipe
     from .training import finetune
+    from .training.settings import FEATURE_LOSSES
 
     settings = dict(load_recipe(args.recipe).finetune or {}) if args.recipe else {}
     if args.epochs is not None:
@@ -179,6 +185,10 @@ def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.M
         settings["epochs"] = args.epochs
     if args.checkpoint_dir:
         settings["checkpoint_dir"] = args.checkpoint_dir
+    if args.features:
+        settings["features"] = [name.strip() for name in args.features.split(",")]
+        if settings.get("loss") not in FEATURE_LOSSES:
+            settings["loss"] = "mse"
     if "epochs" not in settings and "steps" not in settings:
         raise ValueError("no fine-tuning budget: give --epochs or a recipe with a finetune section")
     if args.data:

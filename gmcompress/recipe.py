@@ -59,6 +59,7 @@ FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
     "device": (str, type(None)),
     "amp": (bool, str, type(None)),
     "seed": (int,),
+    "features": (list,),
 }
 
 
@@ -77,6 +78,7 @@ FINETUNE_RANGES: dict[str, tuple[str, Any]] = {
     "resume": ("one of auto, never, must", lambda v: v in ("auto", "never", "must")),
     "nonfinite": ("one of raise, skip", lambda v: v in ("raise", "skip")),
     "amp": ("null, false, true, bf16 or fp16", lambda v: v in (None, False, True, "bf16", "fp16")),
+    "features": ("a non-empty list of submodule names", lambda v: bool(v) and all(isinstance(n, str) and n for n in v)),
 }
 
 

@@ -253,6 +253,9 @@ def test_bad_inputs_name_the_layer_and_the_fix():
         ({"version": 1, "layers": [{"name": "a", "type": "Linear"}]}, r"layers\[0\]: expected exactly one of"),
         ({"version": 1, "layers": [{"type": "LSTM"}]}, r"layers\[0\].type: expected one of Linear"),
         ({"version": 1, "finetune": {"lr": "fast"}}, r"finetune.lr: expected float or int"),
+        ({"version": 1, "finetune": {"features": "features.5"}}, r"finetune.features: expected list"),
+        ({"version": 1, "finetune": {"features": []}}, r"finetune.features: expected a non-empty list of submodule"),
+        ({"version": 1, "finetune": {"features": ["a", 5]}}, r"finetune.features: expected a non-empty list"),
         ({"version": 1, "extra": 1}, r"extra: unknown key"),
     ],
 )
@@ -445,6 +448,25 @@ def test_cli_plan_compress_report_finetune(tmp_path, capsys):
     assert "fine-tuned" in text and "8 steps" in text and tuned.exists()
     assert main(["finetune", "--model", "cli_models:mlp", "--group", "C8"]) == 2
     assert "no fine-tuning budget" in capsys.readouterr().err
+
+
+def test_cli_finetune_features_distil_the_named_outputs(monkeypatch, capsys):
+    import gmcompress.training as training
+    from gmcompress.cli import main
+
+    seen = {}
+    real = training.finetune
+
+    def spy(student, teacher, data, **kwargs):
+        seen.update(kwargs)
+        return real(student, teacher, data, **kwargs)
+
+    monkeypatch.setattr(training, "finetune", spy)
+    args = ["finetune", "--model", "cli_models:mlp", "--group", "C8", "--epochs", "1", "--quiet"]
+    assert main([*args, "--features", "0, 1"]) == 0, capsys.readouterr().err
+    assert seen["features"] == ["0", "1"] and seen["loss"] == "mse"  # the recipe-less default loss is kd
+    assert main([*args, "--features", "nope"]) == 2
+    assert "has no submodule 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["original", "sequential"])

@@ -524,3 +524,42 @@ def test_feature_taps_return_the_inner_outputs_and_train_the_model_they_wrap():
     spare.forward = lambda x: spare["used"](x)
     with pytest.raises(RuntimeError, match="spare not called"):
         gm.FeatureTaps(spare, ["spare"])(torch.randn(2, 4))
+
+
+def test_finetune_features_train_as_the_taps_wrapper_does_and_checkpoints_hold_the_student(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4)).eval()
+    base = gm.compress(teacher, group="C8", rank=1, progress=False)
+    tapped, wrapped, plain = (copy.deepcopy(base) for _ in range(3))
+    data = TensorDataset(torch.randn(64, 8, 4, 4))
+    x = torch.randn(8, 8, 4, 4)
+    names = ["1", "0"]
+    seen = []
+
+    def score(model):
+        seen.append(model)
+        with torch.no_grad():
+            return {"neg_mse": -float((model(x) - teacher(x)).pow(2).mean())}
+
+    settings = dict(epochs=2, lr=1e-2, loss="mse", progress=False)
+    result = finetune(tapped, teacher, data, features=names, eval_fn=score, checkpoint_dir=tmp_path / "ck", **settings)
+    finetune(gm.FeatureTaps(wrapped, names), gm.FeatureTaps(teacher, names), data, **settings)
+    finetune(plain, teacher, data, **settings)
+    for (name, a), b in zip(tapped.named_parameters(), wrapped.parameters()):
+        assert torch.equal(a, b), name  # the same steps as distilling the wrapper
+    assert not all(torch.equal(a, b) for a, b in zip(tapped.parameters(), plain.parameters()))  # another target
+    assert all(m is tapped for m in seen)  # eval_fn gets the student itself
+    assert not any(m._forward_hooks for m in tapped.modules())
+    best = gm.load(result.best_path, copy.deepcopy(teacher))  # best.pt is the student, not a wrapper
+    with torch.no_grad():
+        torch.testing.assert_close(best(x), tapped(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"features: \('1', '0'\) in the checkpoint, \('0',\) now"):
+        finetune(copy.deepcopy(base), teacher, data, features=["0"], checkpoint_dir=tmp_path / "ck", **settings)
+    with pytest.raises(ValueError, match=r"student \(GraphModule\) has no submodule 'conv'"):
+        finetune(copy.deepcopy(base), teacher, data, features=["conv"], **settings)
+    with pytest.raises(ValueError, match=r"loss='kd' cannot compare: use loss='mse'"):
+        finetune(copy.deepcopy(base), teacher, data, features=["0"], **{**settings, "loss": "kd"})
+    with pytest.raises(ValueError, match="non-empty list of submodule names"):
+        finetune(copy.deepcopy(base), teacher, data, features="0", **settings)

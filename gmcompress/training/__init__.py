@@ -18,9 +18,9 @@ batch is skipped and recorded in :class:`FinetuneResult` (``nonfinite="skip"``).
 The modules, each depending only on those before it: :mod:`.result` (what a run returns, the non-finite
 error), :mod:`.settings` (hyper-parameters and their validation), :mod:`.losses`, :mod:`.fingerprint`,
 :mod:`.data` (the data forms), :mod:`.state` (the trainer state), :mod:`.epochs` (an epoch's batches),
-:mod:`.checkpoint`, :mod:`.step` (one optimizer step), :mod:`.prepare` (everything before the first step)
-and :mod:`.loop` (:func:`finetune` itself); :mod:`.taps` (:class:`FeatureTaps`, inner outputs as targets) stands
-apart.
+:mod:`.checkpoint`, :mod:`.taps` (inner outputs as targets: ``finetune(features=...)`` and
+:class:`FeatureTaps`), :mod:`.step` (one optimizer step), :mod:`.prepare` (everything before the first step)
+and :mod:`.loop` (:func:`finetune` itself).
 """
 
 from .loop import finetune

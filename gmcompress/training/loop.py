@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,12 @@ from .state import _Trainer
 from .step import _train_step
 
 __all__ = ["finetune"]
+
+
+def _feature_names(features: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``features`` as the tuple the settings keep (a list or tuple; anything else is left for
+    :func:`~gmcompress.training.taps.resolve_taps` to reject by name)."""
+    return tuple(features) if isinstance(features, (list, tuple)) else features
 
 
 def _end_epoch(t: _Trainer, eval_fn: Callable[[nn.Module], dict[str, float]] | None, best_metric: str | None) -> None:
@@ -108,6 +114,7 @@ def finetune(
     collate_fn: Callable | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    features: Sequence[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` (in place) to match ``teacher`` on ``data``; returns a :class:`FinetuneResult`.
 
@@ -116,7 +123,12 @@ def finetune(
     targets), ``"mix"`` (``alpha * kd + (1 - alpha) * task``). AdamW with linear warm-up (``warmup``
     fraction of the steps) then cosine decay to 0, gradient clipping at ``clip``. ``eval_fn(student)`` runs
     after each epoch; the largest value of ``best_metric`` (default: its first key) is tracked. ``amp``:
-    None/False, "bf16" or "fp16" autocast. ``on_step(step)`` is called after every step. Everything is
+    None/False, "bf16" or "fp16" autocast. ``on_step(step)`` is called after every step. ``features``: names of
+    submodules (as ``named_modules()`` gives them, the same in student and teacher) whose outputs are distilled
+    with the model's own: each side's tapped outputs and output, flattened per sample and concatenated
+    (:func:`~gmcompress.training.taps.tapped_output`), compared by ``loss="mse"`` or ``"cosine"``; a target
+    next to every compressed layer, not only the logits (MNISTNet: ``["features.5"]``, benchmarks/recovery.py).
+    Checkpoints and ``best.pt`` hold the student itself. Everything is
     validated before any work (numbers must be finite, counts integers), the first batch included: student
     and teacher run on it (eval mode, no grad), and outputs whose shapes the loss cannot compare fail.
 
@@ -149,7 +161,7 @@ def finetune(
     """
     settings = _Settings(
         epochs, steps, lr, batch_size, loss, temperature, alpha, warmup, weight_decay, clip, checkpoint_every, amp,
-        seed, nonfinite,
+        seed, nonfinite, _feature_names(features),
     )  # fmt: skip
     student_was_training = student.training
     teacher_was_training = teacher.training if teacher is not None else False

@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..batches import first_tensor, run_model, split_batch, to_device
+from ..batches import split_batch, to_device
 from .checkpoint import _restore
 from .data import _END, _as_dataset, _batches_data, _Data, _dataset_data, _isolated_rng
 from .fingerprint import _fingerprint
 from .losses import _check_shapes
 from .settings import DEFAULT_BATCH_SIZE, RESUME, _amp_dtype, _autocast, _Settings
 from .state import _Trainer
+from .taps import distilled_output, resolve_taps
 
 
 def _distributed() -> tuple[int, int]:
@@ -66,8 +67,16 @@ def _place_models(
     return model, teacher
 
 
-def _preflight(student: nn.Module, teacher: nn.Module | None, data: _Data, s: _Settings, device: torch.device) -> None:
-    """Run student and teacher (eval mode, no grad) on the first batch: the loss must be able to compare them.
+def _preflight(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    data: _Data,
+    s: _Settings,
+    device: torch.device,
+    taps: tuple[list[nn.Module], list[nn.Module]] = ([], []),
+) -> None:
+    """Run student and teacher (eval mode, no grad) on the first batch: the loss must be able to compare what
+    they give it (with ``taps``, the student's and the teacher's tapped submodules, their outputs too).
 
     Nothing observable changes: the global RNGs and the loader's generators are restored afterwards.
     """
@@ -81,10 +90,10 @@ def _preflight(student: nn.Module, teacher: nn.Module | None, data: _Data, s: _S
             inputs, labels = split_batch(to_device(batch, device))
             student.eval()
             with torch.no_grad(), _autocast(device, _amp_dtype(s.amp)):
-                out = first_tensor(run_model(student, inputs))
+                out = distilled_output(student, inputs, taps[0], s.features or ())
                 target = None
                 if teacher is not None and s.loss != "task":
-                    target = first_tensor(run_model(teacher, inputs))
+                    target = distilled_output(teacher, inputs, taps[1], s.features or ())
     finally:
         student.train(was_training)
         for g, state in zip(data.generators, states):
@@ -122,7 +131,10 @@ def _setup(
     model, teacher = _place_models(student, teacher, device, world)
     if teacher is not None:
         teacher.eval()
-    _preflight(student, teacher, batches, s, device)
+    taps: tuple[list[nn.Module], list[nn.Module]] = ([], [])
+    if s.features is not None:  # the teacher as placed (a copy when it was on another device)
+        taps = (resolve_taps(student, s.features, "student"), resolve_taps(teacher, s.features, "teacher"))
+    _preflight(student, teacher, batches, s, device, taps)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and rank == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -135,6 +147,7 @@ def _setup(
     t = _Trainer(
         s, student, model, teacher, batches, params, [n for n, _ in named], optimizer, scheduler, scaler, amp_dtype,
         device, rank=rank, world=world, total=total, checkpoint_dir=ckpt, fingerprint=fingerprint,
+        student_taps=taps[0], teacher_taps=taps[1],
     )  # fmt: skip
     torch.manual_seed(s.seed)
     _restore(t, resume)

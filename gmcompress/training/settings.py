@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 LOSSES = ("kd", "mse", "cosine", "task", "mix")
+FEATURE_LOSSES = ("mse", "cosine")  # the losses that compare feature vectors, not logits or labels
 RESUME = ("auto", "never", "must")
 NONFINITE = ("raise", "skip")
 DEFAULT_BATCH_SIZE = 64
@@ -52,6 +53,7 @@ class _Settings:
     amp: bool | str | None
     seed: int
     nonfinite: str = "raise"
+    features: tuple[str, ...] | None = None  # submodules whose outputs join the distilled output (taps.py)
 
     def validate(self, teacher: nn.Module | None) -> None:
         """Raise ValueError for the first bad setting: wrong type, NaN/inf, or out of range."""
@@ -82,6 +84,11 @@ class _Settings:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {self.nonfinite!r}")
         if self.loss != "task" and teacher is None:
             raise ValueError(f"loss={self.loss!r} distils from a teacher: pass teacher=<the original model>")
+        if self.features is not None and self.loss not in FEATURE_LOSSES:
+            raise ValueError(
+                f"features={list(self.features)} distils inner outputs concatenated with the model's output, which "
+                f"loss={self.loss!r} cannot compare: use loss='mse' (or 'cosine')"
+            )
         _amp_dtype(self.amp)
 
 

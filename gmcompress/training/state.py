@@ -43,6 +43,8 @@ class _Trainer:
     rng_boundary: dict[str, Any] | None = None  # RNG states at the last step boundary (saved on Ctrl-C)
     busy: str | None = None  # an interruption now would save an inconsistent state: it saves nothing
     checkpoint_step: int | None = None
+    student_taps: list[nn.Module] = field(default_factory=list)  # settings.features in the student (taps.py)
+    teacher_taps: list[nn.Module] = field(default_factory=list)  # ... and in the teacher
 
     @property
     def per_epoch(self) -> int:

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..batches import first_tensor, run_model, split_batch, to_device
+from ..batches import split_batch, to_device
 from .checkpoint import _rng_state
 from .losses import _loss
 from .result import NonFiniteError
 from .settings import _autocast
 from .state import _Trainer
+from .taps import distilled_output
 
 
 def _nonfinite_loss(t: _Trainer, value: torch.Tensor) -> str | None:
@@ -59,8 +60,8 @@ def _train_step(t: _Trainer, batch: Any, epoch: int, index: int) -> float | None
         target = None
         if t.teacher is not None and s.loss != "task":
             with torch.no_grad():
-                target = first_tensor(run_model(t.teacher, inputs)).float()
-        out = first_tensor(run_model(t.model, inputs)).float()
+                target = distilled_output(t.teacher, inputs, t.teacher_taps, s.features or ()).float()
+        out = distilled_output(t.model, inputs, t.student_taps, s.features or ()).float()
         value = _loss(s.loss, out, target, labels, s.temperature, s.alpha)
     t.optimizer.zero_grad(set_to_none=True)
     bad = _nonfinite_loss(t, value)

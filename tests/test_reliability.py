@@ -617,3 +617,51 @@ def test_cli_in_a_subprocess_prints_no_traceback(tmp_path):
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr and "empty.pt" in run.stderr
+
+
+def test_bit_snapshot_decides_as_same_bytes_does():
+    """BitSnapshot (the eval cache's per-call check) takes a shortcut for plain contiguous CPU tensors; on every
+    kind of difference it must answer as same_bytes, tensor by tensor, and a different count is a difference."""
+    from gmcompress.nn.bytecmp import BitSnapshot, same_bytes
+
+    torch.manual_seed(0)
+    base = torch.randn(6, 10)
+    one_bit = base.clone()
+    one_bit.view(torch.int32)[5, 9] ^= 1
+    variants = {
+        "equal copy": base.clone(),
+        "the last bit of the last element": one_bit,
+        "same bytes, other shape": base.clone().reshape(10, 6),
+        "same bytes, other dtype": base.clone().view(torch.int32),
+        "same values, column-major": base.t().contiguous().t(),
+        "same values, lazily negated": torch._neg_view(-base),
+        "float64": base.double(),
+        "empty": base[:0].clone(),
+        "a Parameter": torch.nn.Parameter(base.clone()),
+    }
+    for snapshot_of in (base, base.t().contiguous().t(), base[:0]):
+        snapshot = BitSnapshot([snapshot_of])
+        assert snapshot[0] is not snapshot_of and len(snapshot) == 1
+        for name, tensor in variants.items():
+            assert snapshot.matches([tensor]) == same_bytes(snapshot_of, tensor), name
+    assert not BitSnapshot([base]).matches([base, base]) and not BitSnapshot([base]).matches([])
+    assert BitSnapshot([base, base[4:]]).matches([base.clone(), base[4:].clone()])
+    assert not BitSnapshot([base, base[4:]]).matches([base.clone(), one_bit[4:]])
+
+
+def test_a_copied_layer_checks_its_own_snapshot():
+    """deepcopy and pickling copy a layer's cache snapshot; the copy's check must read its own copies, not the
+    memory of the original's (which may be freed and reused: here it is overwritten on purpose)."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = GMLinear(64, 64, "C8", impl="dense").eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        layer(x)  # fills the cache and its snapshot
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            layer._snapshot[0].view(-1)[0] += 1.0  # the original's snapshot memory changes
+            assert twin._snapshot.matches(twin._structure_params())
+            twin.kernels.data.view(-1)[0] += 1.0  # now equal to the original's snapshot, not to the twin's
+            torch.testing.assert_close(twin(x), F.linear(x, twin.weight, twin.bias), rtol=0, atol=0)

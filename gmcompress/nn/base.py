@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checks import check_rank
 from ..structure import GMFit, Pattern
-from .bytecmp import same_bytes
+from .bytecmp import BitSnapshot
 
 BiasMode = bool | str  # True: one bias per output feature (as nn.Linear); "shared": one per output channel
 
@@ -111,7 +111,7 @@ class GMModule(GMLayer):
         )
         self._constants: dict[str, np.ndarray] = {}
         self._cache: dict[str, object] = {}
-        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot: BitSnapshot | None = None
         self._cache_inference = False  # the cache holds inference tensors (filled under inference_mode)
         self._batch_paths: dict[int, str] = {}  # batch size -> path measured fastest there (see path_for)
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
@@ -215,15 +215,15 @@ class GMModule(GMLayer):
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._structure_params()))
 
+    def _param(self, name: str) -> torch.Tensor | None:
+        """Parameter ``name`` read from ``_parameters`` directly (``nn.Module.__getattr__`` costs 0.4 us a name on
+        every call); a parametrized one through its attribute."""
+        own = self._parameters
+        return own[name] if name in own else getattr(self, name)
+
     def _structure_params(self) -> list[torch.Tensor]:
-        """Kernels and modulations (if any), read from ``_parameters`` directly (``nn.Module.__getattr__`` costs
-        0.4 us a name on every call); a parametrized one through its attribute."""
-        own, out = self._parameters, []
-        for name in ("kernels", "modulations"):
-            p = own[name] if name in own else getattr(self, name)
-            if p is not None:
-                out.append(p)
-        return out
+        """Kernels and modulations (if any)."""
+        return [p for p in (self._param("kernels"), self._param("modulations")) if p is not None]
 
     def _cached(self, name: str, build: Callable[[], object]) -> object:
         """``build()``, memoised in eval mode without autograd while the parameters keep their values.
@@ -246,7 +246,7 @@ class GMModule(GMLayer):
         params = self._structure_params()
         if not _same_values(self._snapshot, params):
             self._cache.clear()
-            self._snapshot = [p.detach().clone() for p in params]
+            self._snapshot = BitSnapshot(params)
         if name not in self._cache:
             self._cache[name] = self._build(build)
             self._cache_inference = torch.is_inference_mode_enabled()
@@ -315,7 +315,7 @@ class _FrozenBlock:
     against on its first call in the block (None before), and whether a change was seen on the way."""
 
     depth: int = 0
-    snapshot: list[torch.Tensor] | None = None
+    snapshot: BitSnapshot | None = None
     stale: bool = False
 
 
@@ -365,12 +365,10 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             )
 
 
-def _same_values(snapshot: list[torch.Tensor] | None, params: list[torch.Tensor]) -> bool:
+def _same_values(snapshot: BitSnapshot | None, params: list[torch.Tensor]) -> bool:
     """Whether every parameter still holds its snapshot's bits (stricter than ``==``: -0.0 against 0.0 counts as
     a change, a NaN left in place does not)."""
-    if snapshot is None or len(snapshot) != len(params):
-        return False
-    return all(same_bytes(s, p) for s, p in zip(snapshot, params))
+    return snapshot is not None and snapshot.matches(params)
 
 
 def make_bias(mode: BiasMode, c_out: int, n_out: int, out_features: int, factory: dict) -> nn.Parameter | None:

@@ -328,13 +328,14 @@ class GMChannelConv(GMModule):
 
     def _padded_bias(self) -> torch.Tensor | None:
         """One bias per (padded) output channel: a per-channel bias padded with zeros, a shared one expanded."""
-        if self.bias is None:
+        bias = self._param("bias")
+        if bias is None:
             return None
-        if self.bias.shape[0] == self.out_padded:
-            return self.bias  # (F.pad copies even by 0: 4 us a call at batch 1)
-        if self.bias.shape[0] == self.out_channels:
-            return F.pad(self.bias, (0, self.out_padded - self.out_channels))
-        return expand_bias(self.bias, self.out_padded, self.pattern.n_out)
+        if bias.shape[0] == self.out_padded:
+            return bias  # (F.pad copies even by 0: 4 us a call at batch 1)
+        if bias.shape[0] == self.out_channels:
+            return F.pad(bias, (0, self.out_padded - self.out_channels))
+        return expand_bias(bias, self.out_padded, self.pattern.n_out)
 
     def weight_padded(self) -> torch.Tensor:
         """The dense weight on the padded channel counts (what the dense path convolves with)."""

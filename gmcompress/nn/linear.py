@@ -253,32 +253,39 @@ class GMLinear(GMModule):
             raise ValueError(f"GMLinear expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         rows = self.batch_of(x)
         impl = "dense" if isinstance(rows, int) and rows == 0 else self.path_for(rows)  # no rows: nothing to block
-        n = self.pattern.n_out
+        n, bias = self.pattern.n_out, self._param("bias")
         if impl == "dense":  # one GEMM with the weight trimmed to the real features, the bias inside (nn.Linear's op)
-            bias = None if self.bias is None else expand_bias(self.bias, self.out_features, n)
+            bias = None if bias is None else expand_bias(bias, self.out_features, n)
             return F.linear(x, self._cached("dense", lambda: self.weight.contiguous()), bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
         xg = x2.view(-1, self.c_in, n)
+        modulations = self._param("modulations")
         if impl in ("blocks", "packed"):
             weight_t = self._cached(impl, lambda: self._block_weights(impl))
-            q_in, q_out = (self._q_packed, self._q_packed) if impl == "packed" else (self._q_in, self._q_out)
-            inside = self.out_padded == self.out_features and self.bias is not None  # added in place
-            bias = expand_bias(self.bias, self.out_features, n) if inside else None
-            y = blocks_forward(xg, q_in, q_out, weight_t, self.modulations, self.c_out, bias)
-            if inside:
+            buffers = self._buffers
+            q_in, q_out = (
+                (buffers["_q_packed"], buffers["_q_packed"])
+                if impl == "packed"
+                else (buffers["_q_in"], buffers["_q_out"])
+            )
+            if self.out_padded == self.out_features and bias is not None:  # the bias added in place
+                y = blocks_forward(
+                    xg, q_in, q_out, weight_t, modulations, self.c_out, expand_bias(bias, self.out_features, n)
+                )
                 return y.reshape(*lead, self.out_features)
+            y = blocks_forward(xg, q_in, q_out, weight_t, modulations, self.c_out, None)
         else:
             spectra = self._cached("fft", self._kernel_spectra)
             y = fft_forward(xg, spectra, self.group.cyclic_shape, self.rank)
-            y = y[:, 0] if self.modulations is None else (y * self.modulations).sum(1)
+            y = y[:, 0] if modulations is None else (y * modulations).sum(1)
             y = y.reshape(-1, self.out_padded)
         if self.out_padded != self.out_features:
             y = y[:, : self.out_features]
-        if self.bias is not None:
-            y = y + expand_bias(self.bias, self.out_features, self.pattern.n_out)
+        if bias is not None:
+            y = y + expand_bias(bias, self.out_features, n)
         return y.reshape(*lead, self.out_features)
 
     def _kernel_spectra(self) -> torch.Tensor:

@@ -185,7 +185,7 @@ def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.M
         settings["epochs"] = args.epochs
     if args.checkpoint_dir:
         settings["checkpoint_dir"] = args.checkpoint_dir
-    if args.features:
+    if args.features is not None:  # "" is an empty name, rejected by finetune, not "no features"
         settings["features"] = [name.strip() for name in args.features.split(",")]
         if settings.get("loss") not in FEATURE_LOSSES:
             settings["loss"] = "mse"

@@ -467,6 +467,8 @@ def test_cli_finetune_features_distil_the_named_outputs(monkeypatch, capsys):
     assert seen["features"] == ["0", "1"] and seen["loss"] == "mse"  # the recipe-less default loss is kd
     assert main([*args, "--features", "nope"]) == 2
     assert "has no submodule 'nope'" in capsys.readouterr().err
+    assert main([*args, "--features", ""]) == 2  # not "no features"
+    assert "non-empty list of submodule names" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["original", "sequential"])

@@ -563,3 +563,51 @@ def test_finetune_features_train_as_the_taps_wrapper_does_and_checkpoints_hold_t
         finetune(copy.deepcopy(base), teacher, data, features=["0"], **{**settings, "loss": "kd"})
     with pytest.raises(ValueError, match="non-empty list of submodule names"):
         finetune(copy.deepcopy(base), teacher, data, features="0", **settings)
+
+
+def test_feature_taps_follow_a_container_the_compressed_graph_calls_through():
+    """compress returns a torch.fx graph that calls a Sequential's children directly, so a hook on the Sequential
+    never fires: given the original, the tap follows it to its last child (whose output it returns)."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+    teacher = nn.Sequential(OrderedDict(features=inner, flatten=nn.Flatten(), classifier=nn.Linear(16 * 16, 4)))
+    student = gm.compress(teacher, group="C8", rank=1, progress=False)
+    assert isinstance(student, torch.fx.GraphModule)
+    x = torch.randn(5, 8, 4, 4)
+    with torch.no_grad():
+        feature = student.get_submodule("features.1")(student.get_submodule("features.0")(x))
+        expected = torch.cat([feature.flatten(1), student(x)], 1)
+        tapped = gm.FeatureTaps(student, ["features"], reference=teacher)(x)
+        torch.testing.assert_close(tapped, expected, rtol=0, atol=0)
+        own = torch.cat([torch.relu(inner[0](x)).flatten(1), teacher(x)], 1)
+        torch.testing.assert_close(gm.FeatureTaps(teacher, ["features"])(x), own, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"never calls 'features' itself.*features\.0, features\.1"):
+        gm.FeatureTaps(student, ["features"])  # without the original, no way to know which output is its own
+    data = TensorDataset(torch.randn(64, 8, 4, 4))
+    result = finetune(student, teacher, data, features=["features"], epochs=2, lr=1e-2, loss="mse", progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_feature_taps_keep_the_tapped_value_and_take_per_sample_scalars():
+    class Squeeze(nn.Module):
+        def forward(self, x):
+            return x.squeeze(-1)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 1), Squeeze())
+    x = torch.randn(7, 6)
+    with torch.no_grad():
+        hidden = net[0](x)
+        expected = torch.cat([hidden, net(x)[:, None]], 1)  # the Linear's output, before the in-place ReLU
+        assert (hidden < 0).any()
+        torch.testing.assert_close(gm.FeatureTaps(net, ["0"])(x), expected, rtol=0, atol=0)
+    data = TensorDataset(torch.randn(64, 6))
+    student = gm.compress(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 1), Squeeze()), group="C2", progress=False)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 1), Squeeze())
+    finetune(student, teacher, data, features=["0"], steps=2, loss="mse", progress=False)  # (B,) outputs: (B, 1)
+    with pytest.raises(ValueError, match=r"non-empty list of submodule names .* got 'features.5'"):
+        finetune(student, teacher, data, features="features.5", steps=1, progress=False)  # checked before the loss
+    result = finetune(student, teacher, data, features=(n for n in ["0"]), steps=1, loss="mse", progress=False)
+    assert result.steps == 1  # any iterable of names

@@ -24,10 +24,15 @@ from .step import _train_step
 __all__ = ["finetune"]
 
 
-def _feature_names(features: Sequence[str] | None) -> tuple[str, ...] | None:
-    """``features`` as the tuple the settings keep (a list or tuple; anything else is left for
-    :func:`~gmcompress.training.taps.resolve_taps` to reject by name)."""
-    return tuple(features) if isinstance(features, (list, tuple)) else features
+def _feature_names(features: Sequence[str] | None) -> object:
+    """``features`` as the tuple the settings keep (any iterable but a string, whose characters would pass for
+    names); anything else is left for :func:`~gmcompress.training.settings.check_feature_names` to reject."""
+    if features is None or isinstance(features, (str, bytes)):
+        return features
+    try:
+        return tuple(features)
+    except TypeError:
+        return features
 
 
 def _end_epoch(t: _Trainer, eval_fn: Callable[[nn.Module], dict[str, float]] | None, best_metric: str | None) -> None:
@@ -128,7 +133,9 @@ def finetune(
     with the model's own: each side's tapped outputs and output, flattened per sample and concatenated
     (:func:`~gmcompress.training.taps.tapped_output`), compared by ``loss="mse"`` or ``"cosine"``; a target
     next to every compressed layer, not only the logits (MNISTNet: ``["features.5"]``, benchmarks/recovery.py).
-    Checkpoints and ``best.pt`` hold the student itself. Everything is
+    A container that the compressed graph calls through is followed to its last child when the teacher holds an
+    ``nn.Sequential`` there (:func:`~gmcompress.training.taps.resolve_taps`); tapped outputs are copied, so a later
+    in-place op does not change them. Checkpoints and ``best.pt`` hold the student itself. Everything is
     validated before any work (numbers must be finite, counts integers), the first batch included: student
     and teacher run on it (eval mode, no grad), and outputs whose shapes the loss cannot compare fail.
 

@@ -90,10 +90,10 @@ def _preflight(
             inputs, labels = split_batch(to_device(batch, device))
             student.eval()
             with torch.no_grad(), _autocast(device, _amp_dtype(s.amp)):
-                out = distilled_output(student, inputs, taps[0], s.features or ())
+                out = distilled_output(student, inputs, taps[0], s.features or (), "student")
                 target = None
                 if teacher is not None and s.loss != "task":
-                    target = distilled_output(teacher, inputs, taps[1], s.features or ())
+                    target = distilled_output(teacher, inputs, taps[1], s.features or (), "teacher")
     finally:
         student.train(was_training)
         for g, state in zip(data.generators, states):
@@ -133,7 +133,7 @@ def _setup(
         teacher.eval()
     taps: tuple[list[nn.Module], list[nn.Module]] = ([], [])
     if s.features is not None:  # the teacher as placed (a copy when it was on another device)
-        taps = (resolve_taps(student, s.features, "student"), resolve_taps(teacher, s.features, "teacher"))
+        taps = (resolve_taps(student, s.features, "student", teacher), resolve_taps(teacher, s.features, "teacher"))
     _preflight(student, teacher, batches, s, device, taps)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and rank == 0:

@@ -84,12 +84,20 @@ class _Settings:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {self.nonfinite!r}")
         if self.loss != "task" and teacher is None:
             raise ValueError(f"loss={self.loss!r} distils from a teacher: pass teacher=<the original model>")
+        if self.features is not None:
+            check_feature_names(self.features)
         if self.features is not None and self.loss not in FEATURE_LOSSES:
             raise ValueError(
                 f"features={list(self.features)} distils inner outputs concatenated with the model's output, which "
                 f"loss={self.loss!r} cannot compare: use loss='mse' (or 'cosine')"
             )
         _amp_dtype(self.amp)
+
+
+def check_feature_names(names: object) -> None:
+    """ValueError unless ``names`` (``finetune(features=...)``) is a non-empty list or tuple of non-empty strings."""
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"features must be a non-empty list of submodule names (e.g. ['features.5']), got {names!r}")
 
 
 def _amp_dtype(amp: bool | str | None) -> torch.dtype | None:

@@ -60,8 +60,8 @@ def _train_step(t: _Trainer, batch: Any, epoch: int, index: int) -> float | None
         target = None
         if t.teacher is not None and s.loss != "task":
             with torch.no_grad():
-                target = distilled_output(t.teacher, inputs, t.teacher_taps, s.features or ()).float()
-        out = distilled_output(t.model, inputs, t.student_taps, s.features or ()).float()
+                target = distilled_output(t.teacher, inputs, t.teacher_taps, s.features or (), "teacher").float()
+        out = distilled_output(t.model, inputs, t.student_taps, s.features or (), "student").float()
         value = _loss(s.loss, out, target, labels, s.temperature, s.alpha)
     t.optimizer.zero_grad(set_to_none=True)
     bad = _nonfinite_loss(t, value)

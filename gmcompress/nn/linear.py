@@ -271,12 +271,11 @@ class GMLinear(GMModule):
                 if impl == "packed"
                 else (buffers["_q_in"], buffers["_q_out"])
             )
-            if self.out_padded == self.out_features and bias is not None:  # the bias added in place
-                y = blocks_forward(
-                    xg, q_in, q_out, weight_t, modulations, self.c_out, expand_bias(bias, self.out_features, n)
-                )
+            inside = self.out_padded == self.out_features and bias is not None  # the bias added in place
+            inside_bias = expand_bias(bias, self.out_features, n) if inside else None
+            y = blocks_forward(xg, q_in, q_out, weight_t, modulations, self.c_out, inside_bias)
+            if inside:
                 return y.reshape(*lead, self.out_features)
-            y = blocks_forward(xg, q_in, q_out, weight_t, modulations, self.c_out, None)
         else:
             spectra = self._cached("fft", self._kernel_spectra)
             y = fft_forward(xg, spectra, self.group.cyclic_shape, self.rank)

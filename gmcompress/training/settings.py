@@ -86,11 +86,11 @@ class _Settings:
             raise ValueError(f"loss={self.loss!r} distils from a teacher: pass teacher=<the original model>")
         if self.features is not None:
             check_feature_names(self.features)
-        if self.features is not None and self.loss not in FEATURE_LOSSES:
-            raise ValueError(
-                f"features={list(self.features)} distils inner outputs concatenated with the model's output, which "
-                f"loss={self.loss!r} cannot compare: use loss='mse' (or 'cosine')"
-            )
+            if self.loss not in FEATURE_LOSSES:
+                raise ValueError(
+                    f"features={list(self.features)} distils inner outputs concatenated with the model's output, "
+                    f"which loss={self.loss!r} cannot compare: use loss='mse' (or 'cosine')"
+                )
         _amp_dtype(self.amp)
 
 

@@ -39,7 +39,9 @@ an interrupted sweep resumes. ``--drift`` writes ``results/plume_drift.md``: why
 writes every seed's RMSE to ``results/plume_NAME.md`` (the seed-spread and longer-training studies).
 
 Training (:func:`train`): AdamW, peak learning rate :data:`LR`, linear warm-up over :data:`WARMUP` of the steps
-(25%: with the old 5%, ReLU fibres of 3-fibre layers died in the first epoch in some seeds), cosine decay.
+(25%: with the old 5%, ReLU fibres of 3-fibre layers died in the first epoch in some seeds), cosine decay,
+Adam betas :data:`ADAM_BETAS` (with PyTorch's beta2 = 0.999, in one seed of six the loss spiked near the peak
+learning rate and 15 ReLU channels died for good; ``--spikes`` and :func:`dead_channels`).
 """
 
 from __future__ import annotations
@@ -65,15 +67,16 @@ from gmcompress.nn import GMConv2d
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / "out" / "plume-cache"
 RUNS = CACHE.parent / "plume-runs"  # one JSON per (case, model, seed, epochs): the sweep resumes
-RUN_VERSION = 2  # bump when a model, its initialisation or the training change
+RUN_VERSION = 3  # bump when a model, its initialisation or the training change
 RPP_DECAY = 10.0  # AdamW weight decay of the RPP residual paths (the equivariant paths and all else: 0.01)
 NORMALIZE = False  # divide the inputs by their training RMS (and scale the predicted change back), every model
 LR = 2e-3  # AdamW peak learning rate, every model
+ADAM_BETAS = (0.9, 0.99)  # beta2 0.999: loss spikes near the peak learning rate killed channels (--spikes)
 WARMUP = 0.25  # fraction of the steps with a linear warm-up, then cosine decay
 EPOCHS = 60  # the sweep's and the studies' default (20 leaves the large models short of converged: README)
 RECIPE = (
-    f"{'inputs divided by their training RMS, ' if NORMALIZE else ''}AdamW {LR:g} with {100 * WARMUP:g}% "
-    "linear warm-up then cosine, weight decay 0.01, batch 16"
+    f"{'inputs divided by their training RMS, ' if NORMALIZE else ''}AdamW {LR:g} (betas {ADAM_BETAS[0]:g}, "
+    f"{ADAM_BETAS[1]:g}) with {100 * WARMUP:g}% linear warm-up then cosine, weight decay 0.01, batch 16"
 )
 GENERATOR_VERSION = 2  # bump when simulate(), strength() or domains() change: the cache key includes it
 
@@ -313,6 +316,15 @@ def rollout_rmse(model: nn.Module, sims: np.ndarray, cfg: PlumeConfig, first: in
     return math.sqrt(float(np.mean(errs)))
 
 
+@torch.no_grad()
+def one_step_rmse(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """RMSE of the one-step predictions on ``data`` (the training pairs: the fit, not the forecast)."""
+    model.eval()
+    x, y = data
+    return math.sqrt(sum(float(((model(x[i : i + 64]) - y[i : i + 64]) ** 2).sum()) for i in range(0, len(x), 64))
+                     / y.numel())  # fmt: skip
+
+
 def train(
     model: nn.Module,
     data: tuple[torch.Tensor, torch.Tensor],
@@ -320,14 +332,16 @@ def train(
     seed: int,
     lr: float = LR,
     warmup: float = WARMUP,
+    betas: tuple[float, float] = ADAM_BETAS,
+    epoch_rmse: list[float] | None = None,
 ) -> float:
     """AdamW (weight decay 0.01 unless the model's ``param_groups`` say otherwise), linear warm-up over the first
     ``warmup`` of the steps then cosine decay, gradient clipping at 1, batch 16 shuffled by ``seed``; mean squared
-    error. Returns the seconds."""
+    error. ``epoch_rmse``: a list that gets each epoch's training RMSE (over its batches). Returns the seconds."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     groups = getattr(model, "param_groups", lambda wd: [{"params": list(model.parameters()), "weight_decay": wd}])
-    optimizer = torch.optim.AdamW(groups(0.01), lr=lr)
+    optimizer = torch.optim.AdamW(groups(0.01), lr=lr, betas=betas)
     x, y = data
     per_epoch = math.ceil(len(x) / 16)
     total, warm = epochs * per_epoch, max(1, int(warmup * epochs * per_epoch))
@@ -338,6 +352,7 @@ def train(
     shuffle = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
+        squares = 0.0
         for batch in torch.randperm(len(x), generator=shuffle).split(16):
             loss = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
             optimizer.zero_grad()
@@ -345,6 +360,9 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
+            squares += loss.item() * len(batch)
+        if epoch_rmse is not None:
+            epoch_rmse.append(math.sqrt(squares / len(x)))
     return time.perf_counter() - start
 
 
@@ -396,6 +414,8 @@ class Result:
     seconds: float
     seeds: list[tuple[float, float]]  # (future, domain) per seed
     modulation_change: float = float("nan")  # mean over the seeds of the largest |a - 1| (relaxed GM), nan: not kept
+    dead_channels: list[int] | None = None  # per seed, hidden channels off on every training input (None: not kept)
+    train_rmse: list[float] | None = None  # per seed, the one-step RMSE on the training pairs (None: not kept)
 
 
 def input_scale(data: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -403,12 +423,52 @@ def input_scale(data: tuple[torch.Tensor, torch.Tensor]) -> float:
     return float(data[0].pow(2).mean().sqrt())
 
 
-def run_seed(name: str, cfg: PlumeConfig, sims: dict, data, epochs: int, seed: int) -> dict:
-    """Train one model with one seed; ``{"future", "domain", "equivariance", "seconds", "params"}``."""
+def hidden_peaks(model: nn.Module, v: torch.Tensor, chunk: int = 64) -> list[torch.Tensor]:
+    """Per hidden layer (every conv but the last, each followed by a ReLU), each channel's largest pre-activation
+    over the batch ``v`` (run ``chunk`` windows at a time) and all positions: the channel's ReLU is off everywhere
+    where it is <= 0."""
+    peaks: list[torch.Tensor | None] = [None] * (len(model.convs) - 1)
+
+    def keep(i: int):
+        def hook(_module, _inputs, out):
+            peak = out.amax(dim=(0, 2, 3))
+            peaks[i] = peak if peaks[i] is None else torch.maximum(peaks[i], peak)
+
+        return hook
+
+    hooks = [conv.register_forward_hook(keep(i)) for i, conv in enumerate(model.convs[:-1])]
+    try:
+        with torch.no_grad():
+            for part in v.split(chunk):
+                model(part)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peaks
+
+
+def dead_channels(model: nn.Module, v: torch.Tensor) -> int:
+    """Hidden channels whose ReLU is off on every input of ``v`` (they get no gradient: dead for good)."""
+    return int(sum(int((peak <= 0).sum()) for peak in hidden_peaks(model, v)))
+
+
+def run_seed(
+    name: str,
+    cfg: PlumeConfig,
+    sims: dict,
+    data,
+    epochs: int,
+    seed: int,
+    betas: tuple[float, float] = ADAM_BETAS,
+    epoch_rmse: list[float] | None = None,
+) -> dict:
+    """Train one model with one seed; ``{"future", "domain", "equivariance", "seconds", "params", "train_rmse",
+    "dead_channels", "modulation_change"}``. ``dead_channels``: hidden channels off on every training input;
+    ``betas``, ``epoch_rmse``: as :func:`train`."""
     torch.manual_seed(seed)
     family, width = family_of(name), int(name.rsplit(" ", 1)[1])
     model = build(family, width, cfg.history, input_scale(data) if NORMALIZE else 1.0)
-    secs = train(model, data, epochs, seed=seed)
+    secs = train(model, data, epochs, seed=seed, betas=betas, epoch_rmse=epoch_rmse)
     equi = equivariance_error(model, cfg.history)
     if family == "p4 exact" and equi > 1e-4:
         raise AssertionError(f"{name} should be exactly equivariant to quarter turns, error {equi:.2e}")
@@ -418,6 +478,8 @@ def run_seed(name: str, cfg: PlumeConfig, sims: dict, data, epochs: int, seed: i
         "equivariance": equi,
         "seconds": secs,
         "params": sum(p.numel() for p in model.parameters()),
+        "train_rmse": one_step_rmse(model, data),
+        "dead_channels": dead_channels(model, data[0]),
         "modulation_change": max(  # largest |a - 1| of a relaxed GM model's modulations (they start at 1)
             (
                 float((m.modulations.detach() - 1).abs().max())
@@ -472,6 +534,8 @@ def run_case(
                 runs[0]["params"], float(np.mean(fut)), float(np.ptp(fut)), float(np.mean(dom)), float(np.ptp(dom)),
                 float(np.mean([r["equivariance"] for r in runs])), float(np.mean([r["seconds"] for r in runs])),
                 list(zip(fut, dom)), float(np.mean([r.get("modulation_change", np.nan) for r in runs])),
+                [r["dead_channels"] for r in runs] if all("dead_channels" in r for r in runs) else None,
+                [r["train_rmse"] for r in runs] if all("train_rmse" in r for r in runs) else None,
             )  # fmt: skip
             print(f"plume [{tag}]: {name}: {results[name].params:,} params, RMSE future {np.mean(fut):.4f} "
                   f"(spread {np.ptp(fut):.4f}) domain {np.mean(dom):.4f}", flush=True)  # fmt: skip
@@ -565,24 +629,41 @@ def budget_row(tag: str, label: str, results: dict[str, Result], b: dict[str, st
     relaxed = min(RELAXED, key=lambda f: results[b[f]].future)
     best, exact = results[b[relaxed]].future, results[b["p4 exact"]].future
     base = min(results[b["RPP"]].future, results[b["RGroup L2"]].future)
+    params = results[b[relaxed]].params
+    base_at = min(rmse_at(results, f, params) for f in ("RPP", "RGroup L2"))
     spread = max(results[b[f]].future_spread / results[b[f]].future for f in RELAXED)
     exact_spread = results[b["p4 exact"]].future_spread / exact
     cells = [f"{results[b[f]].future:.4f} ({results[b[f]].params:,})" for f in FAMILIES]
     return (
         f"| {tag} | {label} | {' | '.join(cells)} | {100 * (best / exact - 1):+.1f}% | "
-        f"{100 * (best / base - 1):+.1f}% | {100 * spread:.0f}% | {100 * exact_spread:.0f}% |"
+        f"{100 * (best / base - 1):+.1f}% | {100 * (best / base_at - 1):+.1f}% | {100 * spread:.0f}% | "
+        f"{100 * exact_spread:.0f}% |"
     )
+
+
+def rmse_at(results: dict[str, Result], family: str, params: int) -> float:
+    """The family's future RMSE at ``params`` parameters, on the power law ``RMSE = c params^alpha`` through its
+    two widths nearest below and above (or the two nearest, outside them); one width: its RMSE."""
+    sizes = sorted((r.params, r.future) for n, r in results.items() if family_of(n) == family)
+    if len(sizes) < 2:
+        return sizes[0][1]
+    i = min(max(1, sum(p < params for p, _ in sizes)), len(sizes) - 1)
+    (p0, r0), (p1, r1) = sizes[i - 1], sizes[i]
+    return r0 * (params / p0) ** (math.log(r1 / r0) / math.log(p1 / p0))
 
 
 def summary_lines(sweep: dict) -> list[str]:
     """Per case and budget: relaxed GM against exact, RPP and RGroup; the best CNN and the GM parameter ratio."""
     out = [
         "Future-frame rollout RMSE (parameters) at matched budgets; the last columns compare the better relaxed "
-        "GM model with exact and with the better baseline (negative: relaxed GM lower):",
+        "GM model with exact and with the better baseline (negative: relaxed GM lower); in \"both at relaxed's "
+        "parameter count\" each baseline's RMSE is moved to the relaxed model's parameter count on the straight "
+        "line through its two widths in log(RMSE) against log(parameters), that case (interpolated, or "
+        "extrapolated outside its widths):",
         "",
         "| case | budget | " + " | ".join(FAMILIES) + " | better relaxed vs exact | vs better of RPP/RGroup | "
-        "largest relaxed seed spread / mean | exact's seed spread / mean |",
-        "|---|---|" + "---|" * (len(FAMILIES) + 4),
+        "both at relaxed's parameter count | largest relaxed seed spread / mean | exact's seed spread / mean |",
+        "|---|---|" + "---|" * (len(FAMILIES) + 5),
     ]
     for tag, (results, _) in sweep.items():
         for i, b in enumerate(budgets(results)):
@@ -590,19 +671,58 @@ def summary_lines(sweep: dict) -> list[str]:
     out.append("")
     for tag, (results, _) in sweep.items():
         out += [f"- {tag}: " + "; ".join(claim_lines({n: (r.params, r.future, r.domain) for n, r in results.items()}))]
+    out += ["", dead_line(sweep)]
+    fit = fit_forecast_correlation(sweep)
+    out += ["", "How much a seed's fit explains its forecast: per family, the correlation over every run between "
+            "log training RMSE and log future RMSE, each less its cell's mean over the seeds (1: the seeds that fit "
+            f"better forecast better; 0: unrelated): {fit or 'not kept'}."]  # fmt: skip
     variation = seed_variation(sweep)
     out += ["", "Seed-to-seed variation of the future RMSE, per family (the root mean square over its cells of the "
-            f"coefficient of variation, sample std / mean, of each cell's seeds): {variation or '-'}."]  # fmt: skip
+            f"coefficient of variation, sample std / mean, of each cell's seeds): {variation or '-'}; of the "
+            f"one-step training RMSE: {seed_variation(sweep, 'train') or 'not kept'}."]  # fmt: skip
     return out
 
 
-def seed_variation(sweep: dict) -> str:
-    """Per family, the pooled coefficient of variation of the seeds' future RMSE over every (case, width) cell."""
+def dead_line(sweep: dict) -> str:
+    """Per family, the runs that ended with a hidden channel off on every training input (the loss-spike symptom)."""
+    runs: dict[str, list[int]] = {}
+    for results, _ in sweep.values():
+        for name, r in results.items():
+            if r.dead_channels is not None:
+                runs.setdefault(family_of(name), []).extend(r.dead_channels)
+    if not runs:
+        return "Dead channels: not kept by these runs."
+    return (
+        "Runs that ended with hidden channels off on every training input (runs with any / runs, most in one "
+        "run): " + ", ".join(f"{f} {sum(d > 0 for d in v)} / {len(v)} ({max(v)})" for f, v in runs.items()) + "."
+    )
+
+
+def fit_forecast_correlation(sweep: dict) -> str:
+    """Per family, the within-cell correlation of the seeds' log training RMSE and log future RMSE (cells that did
+    not keep the training RMSE are left out)."""
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for results, _ in sweep.values():
+        for name, r in results.items():
+            if r.train_rmse is None or len(r.seeds) < 2:
+                continue
+            fit, forecast = np.log(r.train_rmse), np.log([fut for fut, _ in r.seeds])
+            pairs.setdefault(family_of(name), []).extend(zip(fit - fit.mean(), forecast - forecast.mean()))
+    return ", ".join(f"{fam} {np.corrcoef(np.array(v).T)[0, 1]:.2f}" for fam, v in pairs.items())
+
+
+def seed_variation(sweep: dict, metric: str = "future") -> str:
+    """Per family, the pooled coefficient of variation of the seeds' ``metric`` over every (case, width) cell:
+    ``future`` (the rollout RMSE) or ``train`` (the one-step training RMSE; cells that did not keep it are left
+    out)."""
+    if metric not in ("future", "train"):
+        raise ValueError(f"metric must be 'future' or 'train', got {metric!r}")
     cvs: dict[str, list[float]] = {}
     for results, _ in sweep.values():
         for name, r in results.items():
-            f = np.array([fut for fut, _ in r.seeds])
-            if len(f) > 1:
+            values = [fut for fut, _ in r.seeds] if metric == "future" else r.train_rmse
+            if values is not None and len(values) > 1:
+                f = np.array(values)
                 cvs.setdefault(family_of(name), []).append(float(f.std(ddof=1) / f.mean()))
     return ", ".join(f"{fam} {100 * np.sqrt(np.mean(np.square(v))):.1f}%" for fam, v in cvs.items())
 
@@ -703,12 +823,7 @@ def study(
 # ------------------------------------------------------------------------------------ the "drifting" seeds
 def live_fractions(model: P4CNN, x: torch.Tensor) -> list[float]:
     """Per hidden layer, the fraction of channels whose ReLU is on somewhere on the inputs ``x``."""
-    with torch.no_grad():
-        h, out = encode_regular(x), []
-        for conv in model.convs[:-1]:
-            h = torch.relu(conv(h))
-            out.append(float((h.amax(dim=(0, 2, 3)) > 0).float().mean()))
-    return out
+    return [float((peak > 0).float().mean()) for peak in hidden_peaks(model, x)]
 
 
 def build_p4(history: int, width: int, rank: int, seed: int, uniform_bias: bool) -> P4CNN:
@@ -764,6 +879,39 @@ def drift_check(models: tuple[tuple[int, int], ...] = ((2, 1), (4, 1), (2, 4), (
     return lines
 
 
+def spike_check(
+    tag: str = "beta 0.3", name: str = "p4 relaxed r4 3", seeds: int = 6, epochs: int = EPOCHS
+) -> list[str]:
+    """Why seeds still differed after the warm-up fix: each seed of ``name`` trained with Adam's beta2 = 0.999
+    (PyTorch's default, which the sweep used until this check) and with :data:`ADAM_BETAS`; per seed the final
+    one-step training RMSE, the largest ratio of an epoch's training RMSE to the best epoch before it (1.00: it
+    never rose), the hidden channels off on every training input, and the rollout RMSEs."""
+    cfg = case_configs(PlumeConfig())[tag]
+    sims = dataset(cfg)
+    data = windows(sims["train"], cfg.history, 0, cfg.train_frames)
+    lines = [
+        f"`{name}` on `{tag}`, {epochs} epochs, {seeds} seeds, {RECIPE}, except beta2 as in the first column.",
+        "",
+        "| beta2 | seed | training RMSE | largest epoch RMSE / best epoch before | dead channels | future RMSE | "
+        "held-out directions |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for beta2 in (0.999, ADAM_BETAS[1]):
+        futures = []
+        for seed in range(seeds):
+            curve: list[float] = []
+            run = run_seed(name, cfg, sims, data, epochs, seed, (ADAM_BETAS[0], beta2), curve)
+            rise = max([1.0, *(curve[e] / min(curve[:e]) for e in range(1, len(curve)))])
+            futures.append(run["future"])
+            lines.append(f"| {beta2:g} | {seed} | {run['train_rmse']:.5f} | {rise:.2f} | {run['dead_channels']} | "
+                         f"{run['future']:.4f} | {run['domain']:.4f} |")  # fmt: skip
+            print(lines[-1], flush=True)
+        lines.append(f"| {beta2:g} | all | | | | mean {np.mean(futures):.4f}, spread / mean "
+                     f"{100 * np.ptp(futures) / np.mean(futures):.0f}% (first 3 seeds: "
+                     f"{100 * np.ptp(futures[:3]) / np.mean(futures[:3]):.0f}%) | |")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32x32, few frames, 2 cases, 2 epochs, 1 width")
@@ -777,6 +925,7 @@ def main() -> None:
     parser.add_argument("--study", help="write results/plume_<STUDY>.md for --families on --cases (not plume.md)")
     parser.add_argument("--drift", action="store_true", help="only the dead-layer check (results/plume_drift.md)")
     parser.add_argument("--drift-train", type=int, default=0, help="with --drift: also train r2 4, old and new init")
+    parser.add_argument("--spikes", action="store_true", help="only the loss-spike check (results/plume_spikes.md)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -784,6 +933,11 @@ def main() -> None:
         text = "\n".join([f"{measured_on()}.", "", *drift_check(train_seeds=args.drift_train)])
         print(text)
         (RESULTS / "plume_drift.md").write_text(text + "\n")
+        return
+    if args.spikes:
+        text = "\n".join([f"{measured_on()}.", "", *spike_check()])
+        print(text)
+        (RESULTS / "plume_spikes.md").write_text(text + "\n")
         return
     if args.study:
         if not (args.families and args.cases):

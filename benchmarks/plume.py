@@ -73,6 +73,7 @@ NORMALIZE = False  # divide the inputs by their training RMS (and scale the pred
 LR = 2e-3  # AdamW peak learning rate, every model
 ADAM_BETAS = (0.9, 0.99)  # beta2 0.999: loss spikes near the peak learning rate killed channels (--spikes)
 WARMUP = 0.25  # fraction of the steps with a linear warm-up, then cosine decay
+EVAL_CHUNK = 64  # training windows per forward pass when a whole split is evaluated (bounds the activations)
 EPOCHS = 60  # the sweep's and the studies' default (20 leaves the large models short of converged: README)
 RECIPE = (
     f"{'inputs divided by their training RMS, ' if NORMALIZE else ''}AdamW {LR:g} (betas {ADAM_BETAS[0]:g}, "
@@ -321,8 +322,8 @@ def one_step_rmse(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> 
     """RMSE of the one-step predictions on ``data`` (the training pairs: the fit, not the forecast)."""
     model.eval()
     x, y = data
-    return math.sqrt(sum(float(((model(x[i : i + 64]) - y[i : i + 64]) ** 2).sum()) for i in range(0, len(x), 64))
-                     / y.numel())  # fmt: skip
+    squares = sum(float(((model(xs) - ys) ** 2).sum()) for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)))
+    return math.sqrt(squares / y.numel())
 
 
 def train(
@@ -360,7 +361,8 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            squares += loss.item() * len(batch)
+            if epoch_rmse is not None:  # .item() waits for the step: only when asked for
+                squares += loss.item() * len(batch)
         if epoch_rmse is not None:
             epoch_rmse.append(math.sqrt(squares / len(x)))
     return time.perf_counter() - start
@@ -423,7 +425,7 @@ def input_scale(data: tuple[torch.Tensor, torch.Tensor]) -> float:
     return float(data[0].pow(2).mean().sqrt())
 
 
-def hidden_peaks(model: nn.Module, v: torch.Tensor, chunk: int = 64) -> list[torch.Tensor]:
+def hidden_peaks(model: nn.Module, v: torch.Tensor, chunk: int = EVAL_CHUNK) -> list[torch.Tensor]:
     """Per hidden layer (every conv but the last, each followed by a ReLU), each channel's largest pre-activation
     over the batch ``v`` (run ``chunk`` windows at a time) and all positions: the channel's ReLU is off everywhere
     where it is <= 0."""
@@ -912,6 +914,13 @@ def spike_check(
     return lines
 
 
+def write_study(filename: str, body: list[str]) -> None:
+    """Print a study's report under the machine line and write it to ``results/<filename>``."""
+    text = "\n".join([f"{measured_on()}.", "", *body])
+    print(text)
+    (RESULTS / filename).write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32x32, few frames, 2 cases, 2 epochs, 1 width")
@@ -930,25 +939,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.drift:
-        text = "\n".join([f"{measured_on()}.", "", *drift_check(train_seeds=args.drift_train)])
-        print(text)
-        (RESULTS / "plume_drift.md").write_text(text + "\n")
-        return
+        return write_study("plume_drift.md", drift_check(train_seeds=args.drift_train))
     if args.spikes:
-        text = "\n".join([f"{measured_on()}.", "", *spike_check()])
-        print(text)
-        (RESULTS / "plume_spikes.md").write_text(text + "\n")
-        return
+        return write_study("plume_spikes.md", spike_check())
     if args.study:
         if not (args.families and args.cases):
             parser.error("--study needs --families and --cases")
         body = study(
             args.study, args.families, args.cases, args.epochs or EPOCHS, args.seeds or 3, args.models, args.cached
         )
-        text = "\n".join([f"{measured_on()}.", "", *body])
-        print(text)
-        (RESULTS / f"plume_{args.study}.md").write_text(text + "\n")
-        return
+        return write_study(f"plume_{args.study}.md", body)
     main_with(args.quick, args.epochs, args.seeds, args.cases)
 
 

@@ -86,3 +86,76 @@ def test_split_holdout_by_batches_and_by_rows():
     assert len(fit) == 1 and len(held) == 1
     with pytest.raises(ValueError, match="holds 2 samples"):
         split_holdout(x[:2])
+
+
+# ---------------------------------------------------------------------- in compress
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _quiet_compress(*args, **kwargs):
+    import warnings
+
+    import gmcompress as gm
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gm.compress(*args, progress=False, **kwargs)
+    return out, [str(w.message) for w in caught]
+
+
+def test_calibration_holds_out_its_last_quarter_and_the_report_measures_it():
+    torch.manual_seed(0)
+    net = TwoLayer().eval()
+    batches = [torch.randn(64, 32) for _ in range(4)]
+    small, _ = _quiet_compress(net, group="C8", rank=2, calibration=batches)
+    # the same fits as calibrating on the first three batches, with the fourth given as held-out data
+    again, _ = _quiet_compress(net, group="C8", rank=2, calibration=batches[:3], heldout=batches[3])
+    for (name, a), (_, b) in zip(small.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    f = small.gm_report.fidelity
+    assert f == measure_fidelity(net, small, batches[3:], source="held-out calibration")
+    assert f.samples == 64 and f.classifier
+    assert "Whole model, fidelity on 64 held-out calibration samples" in str(small.gm_report)
+    assert small.gm_report.to_json().count('"top1_agreement"') == 1
+
+
+def test_a_lost_model_warns_naming_its_worst_layers():
+    torch.manual_seed(0)
+    net = TwoLayer().eval()
+    x = torch.randn(128, 32)
+    small, messages = _quiet_compress(net, group="C16", modulate=False, example_inputs=x)
+    f = small.gm_report.fidelity
+    assert f.source == "example-input" and f.samples == 128
+    assert f.lost  # an exact C16 group matrix of a random layer keeps nothing
+    lost = [m for m in messages if "lost the original's predictions" in m]
+    assert len(lost) == 1 and "fc1 (" in lost[0] and "fc2 (" in lost[0] and "Budget(max_error" in lost[0]
+    kept, messages = _quiet_compress(net, group="C2", rank=2, example_inputs=x)  # full rank: exact
+    assert kept.gm_report.fidelity.top1_agreement == 1.0
+    assert not any("lost" in m for m in messages)
+
+
+def test_fewer_calibration_rows_than_inputs_warns_per_layer():
+    torch.manual_seed(0)
+    net = TwoLayer().eval()
+    _, messages = _quiet_compress(net, group="C8", calibration=torch.randn(40, 32))  # 30 fit rows, 32 inputs
+    few = [m for m in messages if "fewer rows than input features" in m]
+    assert len(few) == 1 and "fc1 (30 rows for 32 inputs)" in few[0] and "fc2 (30 rows for 64 inputs)" in few[0]
+    _, messages = _quiet_compress(net, group="C8", calibration=torch.randn(400, 32))
+    assert not any("fewer rows" in m for m in messages)
+
+
+def test_no_held_out_data_means_no_fidelity_and_too_little_is_an_error():
+    torch.manual_seed(0)
+    net = TwoLayer().eval()
+    small, _ = _quiet_compress(net, group="C8")
+    assert small.gm_report.fidelity is None and "Whole model" not in str(small.gm_report)
+    with pytest.raises(ValueError, match="holds 2 samples"):
+        _quiet_compress(net, group="C8", calibration=torch.randn(2, 32))

@@ -24,7 +24,7 @@ from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, 
 from .fx import find_layers, module_aliases, swap
 from .groups import group as parse_group
 from .handlers import LayerPlan, handler_for
-from .paths import PathTiming, capture_layer_inputs, choose_path
+from .paths import PATH_MAX_SAMPLES, PathTiming, capture_layer_inputs, choose_path
 from .recipe import Recipe, load_recipe, name_matches
 from .report import (
     CompressionReport,
@@ -382,10 +382,11 @@ def apply_plan(
             report.latency_before_ms = measure_latency(model, example_inputs)
     todo = [p for p in the_plan.layers if p.form]
     measured = [p for p in todo if p.settings.impl == "auto"] if example_inputs is not None else []
-    layer_inputs = capture_layer_inputs(model, measured, example_inputs) if measured else {}
+    layer_inputs = capture_layer_inputs(model, measured, example_inputs, PATH_MAX_SAMPLES) if measured else {}
     aliases = module_aliases(root)
     rows = {}
-    bar = tqdm(total=len(todo), desc="gmcompress: fitting", disable=not progress or not todo, unit="layer")
+    desc = "gmcompress: fitting and timing paths" if layer_inputs else "gmcompress: fitting"
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="layer")
 
     few_rows: list[str] = []
 
@@ -398,6 +399,7 @@ def apply_plan(
         for alias in aliases.get(id(p.module), [p.name]):
             swap(root, alias, new)
         rows[p.name] = _fitted_row(p, new, timing)
+        bar.set_postfix_str(p.name, refresh=False)
         bar.update()
         return new
 

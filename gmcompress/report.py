@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,6 +33,7 @@ __all__ = [
     "measure_latency",
     "measure_latencies",
     "interleaved_best",
+    "block_seconds",
     "state_dict_bytes",
     "format_table",
     "equivariance_error",
@@ -369,6 +371,30 @@ def median_seconds(call: Callable[[], object], model: nn.Module, min_run_time: f
             call()
             timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
             return timer.blocked_autorange(min_run_time=min_run_time).median
+    finally:
+        model.train(was_training)
+
+
+def block_seconds(call: Callable[[], object], model: nn.Module, block_seconds: float, blocks: int = 3) -> float:
+    """Seconds of one ``call()``: the least mean over ``blocks`` timed blocks of about ``block_seconds`` each
+    (one warm-up call sizes the blocks), with ``model`` in eval and inference mode. A cheap timer for choosing
+    among paths: ``torch.utils.benchmark``'s ``blocked_autorange`` spends about 60 ms sizing its block even for
+    a 50 us call, which made timing paths cost more than fitting them."""
+    was_training = model.training
+    model.eval()
+    settle_allocator()
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            call()
+            number = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-7)))
+            best = math.inf
+            for _ in range(blocks):
+                start = time.perf_counter()
+                for _ in range(number):
+                    call()
+                best = min(best, (time.perf_counter() - start) / number)
+            return best
     finally:
         model.train(was_training)
 

@@ -213,7 +213,7 @@ def _fake_clock(monkeypatch):
 
     from gmcompress import paths
 
-    monkeypatch.setattr(paths, "median_seconds", seconds)
+    monkeypatch.setattr(paths, "block_seconds", seconds)
     monkeypatch.setattr(budget_module, "measure_latency", lambda model, inputs: 2.1)
 
 

@@ -214,6 +214,12 @@ class CompressionReport:
         eq = self.max_equivariance_error
         eq_note = f"; max equivariance error of the GM weights {eq:.1e}" if eq is not None else ""
         budget = f"\nPlanned under a {self.budget}." if self.budget else ""
+        before, after = self.latency_before_ms, self.latency_after_ms
+        if before and after and after > before:
+            budget += (
+                f"\nSLOWER: the compressed model ran {before / after:.2f}x the original's speed on example_inputs "
+                "(each layer keeps its fastest measured path; the rest of the model is unchanged)."
+            )
         if self.fidelity is not None:
             lost = " LOST: the model no longer does what the original did." if self.fidelity.lost else ""
             budget += f"\nWhole model, {self.fidelity.summary()}.{lost}"

@@ -373,11 +373,16 @@ def test_minilm_compresses_through_the_fallback(tmp_path):
 
     model = zoo.minilm()
     enc = zoo.minilm_example_inputs()
+    calibration = zoo.minilm_calibration(batches=1)
     with pytest.warns(UserWarning, match="does not trace"):
-        out = gm.compress(
-            model, recipe="recipes/minilm.yaml", calibration=zoo.minilm_calibration(batches=1), progress=False
-        )
+        out = gm.compress(model, recipe="recipes/minilm.yaml", calibration=calibration, progress=False)
     rep = out.gm_report
+    # the fidelity line: embeddings (unit rows) get output error and cosine, measured on the held-out rows
+    held = {k: v[-rep.fidelity.samples :] for k, v in calibration[0].items()}
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(out.eval()(**held), model.eval()(**held), dim=-1).mean()
+    assert not rep.fidelity.classifier and rep.fidelity.cosine == pytest.approx(float(cosine), abs=1e-6)
+    assert "held-out calibration samples: output error" in str(rep)
     assert len(rep.compressed) == 12 and not rep.traced
     assert rep.params_after == sum(p.numel() for p in out.parameters())
     ffn = [r for r in rep.compressed]

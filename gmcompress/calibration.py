@@ -25,17 +25,13 @@ import torch
 from torch import fx, nn
 
 from .aware import InputStats
-from .batches import call_arguments, forward_hooks, layer_input, run_model
+from .batches import calibration_batches, call_arguments, forward_hooks, layer_input, run_model
 from .handlers import LayerPlan
 
 __all__ = ["MODES", "capture_statistics", "calibrate"]
 
 MODES = ("sequential", "original")
 Install = Callable[[LayerPlan, "InputStats | None"], nn.Module]
-
-
-def _batches(calibration: Iterable[object] | torch.Tensor) -> list[object]:
-    return [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
 
 
 class _Accumulator:
@@ -73,11 +69,12 @@ class _Accumulator:
 def capture_statistics(
     model: nn.Module, plans: list[LayerPlan], calibration: Iterable[object] | torch.Tensor, max_rows: int | None = None
 ) -> dict[str, InputStats]:
-    """One pass of ``model`` over the calibration batches: the input statistics of every layer in ``plans``."""
+    """One pass of ``model`` over the calibration batches (forms: :func:`~gmcompress.batches.calibration_batches`):
+    the input statistics of every layer in ``plans``."""
     acc = _Accumulator(max_rows)
     hooks = [(p.module, lambda mod, x, p=p: acc.add(p, mod, x)) for p in plans]
     with forward_hooks(hooks, pre=True), torch.no_grad():
-        for batch in _batches(calibration):
+        for batch in calibration_batches(model, calibration):
             run_model(model, batch)
     return acc.stats
 
@@ -107,7 +104,8 @@ def calibrate(
                 install(p, stats.pop(p.name, None))
             return
         sequential = _graph_sequential if graph_module is not None else _hook_sequential
-        done = sequential(graph_module or model, plans, _batches(calibration), install, max_rows)
+        batches = calibration_batches(model, calibration)
+        done = sequential(graph_module or model, plans, batches, install, max_rows)
     for p in plans:
         if p.name not in done:
             install(p, None)

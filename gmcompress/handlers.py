@@ -138,7 +138,7 @@ def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings,
         if s.on_mismatch == "skip":
             return plan.skip(msg)
         plan.padded = True
-    plan.form, plan.group = layer_type.__name__, s.group
+    plan.form, plan.group = layer_type.__name__, s.group if isinstance(s.group, str) else g.name
     bias_mode = ("shared" if s.bias == "shared" else True) if plan.module.bias is not None else False
     module, padded = plan.module, plan.padded
     plan.shell = lambda device: _shell(module, layer_type, g, s, bias_mode, padded, device)

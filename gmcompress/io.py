@@ -49,8 +49,12 @@ def _check_model(model: object, what: str) -> None:
     """TypeError unless ``model`` (the argument of ``what``: "save" or "load") is an nn.Module."""
     if isinstance(model, nn.Module):
         return
-    swapped = " (the arguments are model, path: the other way round?)" if isinstance(model, (str, os.PathLike)) else ""
-    raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}{swapped}")
+    hint = ""
+    if isinstance(model, (str, os.PathLike)):
+        hint = " (the arguments are model, path: the other way round?)"
+    elif isinstance(model, dict):
+        hint = " (a state_dict? pass the model itself: the file holds the structure of its GM layers too)"
+    raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
@@ -92,12 +96,12 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
 
 def _write_error(err: OSError, path: Path) -> OSError:
     """``err`` (from writing ``path``'s temp file) as an OSError of the same errno that names ``path``."""
-    kept = "the file there before is kept unchanged" if path.exists() else "nothing was written"
+    kept = "; the file there before is kept unchanged" if path.exists() else ""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = f"the disk is full ({err.strerror}); free space on {path.parent} or write elsewhere"
     else:
         reason = err.strerror or str(err)
-    return OSError(err.errno, f"could not write {path}: {reason}; {kept}", str(path))
+    return OSError(err.errno, f"could not write {path}: {reason}{kept}", str(path))
 
 
 def _file_mode(path: Path) -> int:

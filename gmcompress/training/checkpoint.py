@@ -154,7 +154,7 @@ def _write_checkpoint(t: _Trainer, rng: dict[str, Any] | None = None) -> None:
 
 
 def _not_written(t: _Trainer) -> str:
-    kept = f"the checkpoint of step {t.checkpoint_step} is kept" if t.checkpoint_step is not None else "there was none before"
+    kept = "none was written before" if t.checkpoint_step is None else f"the one of step {t.checkpoint_step} is kept"
     return f"The checkpoint of step {t.step} was not written to {t.checkpoint_dir}; {kept}"
 
 

@@ -77,10 +77,11 @@ def _check_output_dtype(out: torch.Tensor, who: str) -> None:
 
 
 def _check_class_labels(kind: str, student_out: torch.Tensor, labels: torch.Tensor) -> None:
-    """Class labels must index the student's classes (its last dimension), or be IGNORE_LABEL."""
+    """Class labels must index the student's classes, or be IGNORE_LABEL. The classes are the output's dimension 1
+    (dimension 0 of a 1-D output), where ``F.cross_entropy`` reads them: ``(B, C)`` logits, ``(B, C, H, W)`` maps."""
     if labels.is_floating_point() or labels.numel() == 0:
         return
-    classes = student_out.shape[-1]
+    classes = student_out.shape[1] if student_out.dim() > 1 else student_out.shape[0]
     used = labels[labels != IGNORE_LABEL]
     if not used.numel():
         return
@@ -88,7 +89,7 @@ def _check_class_labels(kind: str, student_out: torch.Tensor, labels: torch.Tens
     if not 0 <= low <= high < classes:
         raise ValueError(
             f"loss={kind!r}: the data's class labels must lie in 0..{classes - 1} (the student's output has {classes} "
-            f"classes in its last dimension) or be {IGNORE_LABEL} (ignored), but they range from {low} to {high}: "
+            f"classes in its dimension 1) or be {IGNORE_LABEL} (ignored), but they range from {low} to {high}: "
             "check the labels, or the model's number of classes"
         )
 

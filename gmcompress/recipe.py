@@ -77,6 +77,7 @@ FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
     "amp": (bool, str, type(None)),
     "seed": (int,),
     "features": (list,),
+    "batchnorm": (str,),
 }
 
 
@@ -96,6 +97,7 @@ FINETUNE_RANGES: dict[str, tuple[str, Any]] = {
     "nonfinite": ("one of raise, skip", lambda v: v in ("raise", "skip")),
     "amp": ("null, false, true, bf16 or fp16", lambda v: v in (None, False, True, "bf16", "fp16")),
     "features": ("a non-empty list of submodule names", lambda v: bool(v) and all(isinstance(n, str) and n for n in v)),
+    "batchnorm": ("one of frozen, adapt", lambda v: v in ("frozen", "adapt")),
 }
 
 

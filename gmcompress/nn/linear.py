@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import aware
-from ..aware import InputStats
 from ..groups import FiniteGroup, left_cosets
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for
@@ -116,7 +115,7 @@ class GMLinear(GMModule):
         rank: int = 1,
         modulate: bool = True,
         support: Iterable[int] | None = None,
-        inputs: np.ndarray | torch.Tensor | InputStats | None = None,
+        inputs: np.ndarray | torch.Tensor | aware.InputStats | None = None,
         *,
         impl: str = "auto",
         pad: bool = False,
@@ -156,7 +155,7 @@ class GMLinear(GMModule):
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        inputs: np.ndarray | torch.Tensor | InputStats | None,
+        inputs: np.ndarray | torch.Tensor | aware.InputStats | None,
         damping: float,
         label: str,
     ) -> GMLinear:
@@ -166,7 +165,9 @@ class GMLinear(GMModule):
         dense bias over each channel's group axis, the least-squares equivariant bias.
         """
         w = F.pad(weight.detach(), (0, self.in_padded - self.in_features, 0, self.out_padded - self.out_features))
-        stats = None if inputs is None else InputStats.of(inputs, self.in_features, w.device).padded(self.in_padded)
+        stats = None
+        if inputs is not None:
+            stats = aware.InputStats.of(inputs, self.in_features, w.device).padded(self.in_padded)
         classes = None if self._support is None else self._support.cpu().numpy()
         fit = aware.project_pattern(
             w, self.pattern, self.rank, self.modulate, classes, stats, damping=damping,

@@ -158,3 +158,27 @@ def test_the_compression_report_comes_before_fine_tuning(checkpoint, monkeypatch
 
     dense = sum(p.numel() for p in cli_models.build_mlp().parameters())
     assert re.search(rf"^parameters +{dense:,} ", printed_before[1], re.MULTILINE)  # the checkpoint's totals
+
+
+def test_the_report_explains_a_weight_error_above_one(capsys):
+    """An activation-aware fit minimises the output error: on inputs that excite few directions its weight error
+    exceeds 1 while its output error stays below, and the legend says why."""
+    import cli_models
+
+    argv = ["compress", *MLP, "--group", "C8", "--rank", "1", "--calibration", "cli_models:narrow_inputs", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    cells = next(re.split(r" {2,}", line) for line in out.splitlines() if line.startswith("2 "))
+    fit_err, out_err = float(cells[7]), float(cells[8])
+    assert fit_err > 1 > out_err
+    assert "so fit err can exceed 1 (weights moved along input directions the data barely excite)" in out
+    assert "about 1e-7 for exact GMs (modulate: false), about 1 or more for relaxed ones" in out
+    # the column is the relative weight error, computed here from the fitted layer's dense weight
+    small = gm.compress(
+        cli_models.build_mlp(), group="C8", rank=1, calibration=cli_models.narrow_inputs(), progress=False
+    )
+    w, w_gm = (
+        cli_models.build_mlp()[2].weight.detach().double(),
+        getattr(small, "2").to_dense().weight.detach().double(),
+    )
+    assert float((w - w_gm).norm() / w.norm()) == pytest.approx(fit_err, abs=5e-4)

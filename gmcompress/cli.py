@@ -30,6 +30,7 @@ from ._version import __version__
 if TYPE_CHECKING:
     from torch import nn
 
+    from .budget import Budget
     from .report import CompressionReport
     from .zoo import DemoModel
 
@@ -245,7 +246,7 @@ def _plan(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> 
     return 0
 
 
-def _budget(args: argparse.Namespace) -> tuple[Any, str | list[str] | None]:
+def _budget(args: argparse.Namespace) -> tuple[Budget | None, str | list[str] | None]:
     """``--budget`` parsed, and ``--group`` (with a budget, a comma-separated list names the candidates)."""
     from .budget import Budget
 

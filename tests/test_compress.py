@@ -478,16 +478,16 @@ def test_cli_finetune_features_distil_the_named_outputs(monkeypatch, capsys):
 
 @pytest.mark.parametrize("mode", ["original", "sequential"])
 def test_cli_calibration_mode_reaches_compress(mode, monkeypatch, capsys):
-    from gmcompress import cli
+    from gmcompress import api, cli
 
     seen = {}
-    real = cli.compress
+    real = api.compress
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "compress", spy)
+    monkeypatch.setattr(api, "compress", spy)
     args = ["compress", "--model", "cli_models:mlp", "--group", "C8", "--calibration", "cli_models:example_inputs"]
     rc = cli.main([*args, "--calibration-mode", mode, "--quiet"])
     assert rc == 0, capsys.readouterr().err

@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple
 
 from .. import aware
-from ..aware import InputStats
 from ..groups import FiniteGroup
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for
@@ -148,7 +147,7 @@ class GMChannelConv(GMModule):
         return layer._fit_dense(conv, inputs, damping, label)
 
     def _fit_dense(
-        self, conv: nn.Module, inputs: np.ndarray | torch.Tensor | InputStats | None, damping: float, label: str
+        self, conv: nn.Module, inputs: np.ndarray | torch.Tensor | aware.InputStats | None, damping: float, label: str
     ) -> GMChannelConv:
         """Fit the offset-folded weight matrix (input order (i, k, q)); calibration rows or statistics come in
         ``F.unfold`` order (channel ``i * N + q``, offset k) and are reordered the same way."""
@@ -158,9 +157,9 @@ class GMChannelConv(GMModule):
         matrix = w.view(self.out_padded, -1, n, k).permute(0, 1, 3, 2).reshape(self.out_padded, -1)
         stats = None
         if inputs is not None:
-            stats = InputStats.of(inputs, self.in_channels * k, w.device).padded(self.in_padded * k)
+            stats = aware.InputStats.of(inputs, self.in_channels * k, w.device).padded(self.in_padded * k)
             order = torch.arange(self.in_padded * k, device=w.device).view(-1, n, k).transpose(1, 2).reshape(-1)
-            stats = InputStats(stats.gram[order][:, order], stats.rows)
+            stats = aware.InputStats(stats.gram[order][:, order], stats.rows)
         classes = None if self._support is None else self._support.cpu().numpy()
         fit = aware.project_pattern(
             matrix, self.pattern, self.rank, self.modulate, classes, stats, damping=damping,

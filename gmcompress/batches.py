@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = [
     "run_model", "call_arguments", "layer_input", "forward_hooks", "first_inputs", "first_tensor", "output_tensors",
-    "to_device", "split_batch",
+    "to_device", "split_batch", "eval_mode",
 ]  # fmt: skip
 
 
@@ -129,3 +129,15 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
         if len(batch) == 2:
             return batch[0], batch[1]
     return batch, None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside; each module's own ``training`` flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

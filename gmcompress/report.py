@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from .batches import forward_hooks, run_model
+from .batches import eval_mode, forward_hooks, run_model
 from .handlers import handler_for
 from .nn import GMLayer, NotApplicable
 
@@ -356,16 +356,11 @@ def settle_allocator() -> None:
 def median_seconds(call: Callable[[], object], model: nn.Module, min_run_time: float) -> float:
     """``torch.utils.benchmark`` median of ``call()`` with ``model`` in eval and inference mode (one warm-up
     call, after :func:`settle_allocator`)."""
-    was_training = model.training
-    model.eval()
     settle_allocator()
-    try:
-        with torch.inference_mode():
-            call()
-            timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
-            return timer.blocked_autorange(min_run_time=min_run_time).median
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        call()
+        timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 class _ByteCounter(io.RawIOBase):

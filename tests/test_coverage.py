@@ -104,7 +104,7 @@ class Encoder(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # the dense reference's fast path
-def test_transformer_encoder_lists_every_linear_and_compresses_the_feed_forward(monkeypatch):
+def test_transformer_encoder_lists_every_linear_and_compresses_the_feed_forward(monkeypatch, tmp_path):
     """The tracer kept the encoder whole, so none of its Linears was listed ("0 -> 0"). Its feed-forward Linears are
     now compressed; the eval fast paths (the fused layer and the nested-tensor encoder), which read their weights
     (a shared bias has the wrong shape there), are turned off above them, and the output equals the dense model's
@@ -137,8 +137,10 @@ def test_transformer_encoder_lists_every_linear_and_compresses_the_feed_forward(
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", fused)
     monkeypatch.setattr(torch, "_nested_tensor_from_mask", fused)
     out.eval()
+    gm.save(out, tmp_path / "encoder.pt")
+    again = gm.load(tmp_path / "encoder.pt", Encoder()).eval()  # its fused paths are turned off as its layers load
     with torch.no_grad():
-        out(x, padding)  # the GM layers run
+        assert torch.equal(again(x, padding), out(x, padding))  # the GM layers run
 
 
 @pytest.mark.parametrize("mode", ["sequential", "original"])

@@ -18,12 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .aware import InputStats
-from .batches import calibration_batches
+from .batches import calibration_batches, eval_mode
 from .budget import Budget, BudgetOutcome, plan_budget
 from .calibration import MODES, calibrate
 from .checks import check_flag
 from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
-from .fx import find_layers, module_aliases, swap
+from .fx import find_layers, is_lifted, module_aliases, source_name, swap, unfused_paths
 from .groups import FiniteGroup, spec_of
 from .groups import group as parse_group
 from .handlers import LayerPlan, handler_for
@@ -164,12 +164,8 @@ def plan(
         if layer_plan.form and id(module.weight) in tied:
             others = ", ".join(n for n in tied[id(module.weight)] if not n.startswith(f"{name}."))
             layer_plan.skip(f"weight tied to {others}: tied layers stay dense (untying them would change the model)")
-        reader = _weight_reader(model, name) if traced.graph_module is None else None
-        if layer_plan.form and reader is not None:
-            layer_plan.skip(
-                f"its parent ({type(reader).__name__}) reads its weight and bias directly instead of calling it, "
-                "so a GM layer there would save nothing"
-            )
+        if layer_plan.form and name in traced.kept_dense:
+            layer_plan.skip(traced.kept_dense[name])
         plans.append(layer_plan)
     layer_names = [name for name, _ in traced.layers]
     if include is not None and matched == 0:
@@ -178,7 +174,8 @@ def plan(
         _warn_unmatched(f"recipe rule name={name!r}", "a name rule gives the layer's whole name", layer_names)
     the_plan = CompressionPlan(model, plans, traced.failure is None, traced.failure, traced.graph_module)
     if budget is not None:
-        the_plan.budget = plan_budget(the_plan, budget, calibration, example_inputs, max_calibration_rows, progress)
+        with unfused_paths(model):  # the measuring hooks see every Linear called, on plain tensors
+            the_plan.budget = plan_budget(the_plan, budget, calibration, example_inputs, max_calibration_rows, progress)
     return the_plan
 
 
@@ -253,18 +250,6 @@ def _budget(
     if rank is not None:
         raise ValueError(f"rank={rank} with a budget: the budget chooses each layer's rank (leave rank out)")
     return budget, budget.groups[0]
-
-
-_WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-"""torch modules whose forward reads child Linears' ``weight``/``bias`` instead of calling them (MultiheadAttention
-its ``out_proj``; the encoder and decoder layers all of theirs on their fused inference path). A traced graph
-calls what it calls; in the module-tree fallback these children are left dense."""
-
-
-def _weight_reader(model: nn.Module, name: str) -> nn.Module | None:
-    """The parent of layer ``name`` when it is one of :data:`_WEIGHT_READERS`."""
-    parent = model.get_submodule(name.rpartition(".")[0])
-    return parent if isinstance(parent, _WEIGHT_READERS) else None
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
@@ -342,30 +327,51 @@ def compress(
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         working = model if inplace else _copy(model)
-        was_training = working.training
-        working.eval()
-        reference = reference_outputs(working, heldout) if heldout is not None else None
-        the_plan = plan(
-            working, group, rank, recipe=loaded, include=include, exclude=exclude, **overrides, budget=budget,
-            calibration=calibration, example_inputs=example_inputs, max_calibration_rows=max_calibration_rows,
-            progress=progress,
-        )  # fmt: skip
-        if the_plan.trace_failure is not None:
-            warnings.warn(
-                f"gmcompress: {type(model).__name__} does not trace with torch.fx ({the_plan.trace_failure}); "
-                "swapping its layers by name instead",
-                stacklevel=2,
-            )
-        root = working if inplace or the_plan.graph_module is None else the_plan.graph_module
-        apply_plan(
-            the_plan, root, example_inputs, calibration, max_calibration_rows, progress, calibration_mode,
-            original=None if inplace else model,
-        )  # fmt: skip
-        if reference is not None:
-            root.gm_report.fidelity = compare_outputs(reference, reference_outputs(root, heldout), source)
-            _warn_if_lost(root.gm_report)
-        root.train(was_training)
+        modes = {name: m.training for name, m in working.named_modules(remove_duplicate=False)}
+        with eval_mode(working):
+            reference = reference_outputs(working, heldout) if heldout is not None else None
+            the_plan = plan(
+                working, group, rank, recipe=loaded, include=include, exclude=exclude, **overrides, budget=budget,
+                calibration=calibration, example_inputs=example_inputs, max_calibration_rows=max_calibration_rows,
+                progress=progress,
+            )  # fmt: skip
+            if the_plan.trace_failure is not None:
+                warnings.warn(
+                    f"gmcompress: {type(model).__name__} does not trace with torch.fx ({the_plan.trace_failure}); "
+                    "swapping its layers by name instead",
+                    stacklevel=2,
+                )
+            root = working if inplace or the_plan.graph_module is None else the_plan.graph_module
+            if inplace:
+                _keep_lifted_dense(the_plan)
+            apply_plan(
+                the_plan, root, example_inputs, calibration, max_calibration_rows, progress, calibration_mode,
+                original=None if inplace else model,
+            )  # fmt: skip
+            if reference is not None:
+                root.gm_report.fidelity = compare_outputs(reference, reference_outputs(root, heldout), source)
+                _warn_if_lost(root.gm_report)
+        _restore_modes(root, modes)
     return root
+
+
+def _keep_lifted_dense(the_plan: CompressionPlan) -> None:
+    """In place, the model's own forward runs: a layer lifted from a functional call exists only in the GraphModule."""
+    for p in the_plan.layers:
+        if p.form and the_plan.graph_module is not None and is_lifted(the_plan.graph_module, p.name):
+            p.skip(
+                "lifted from a functional call (F.linear/F.conv1d/F.conv2d in a forward), which only the GraphModule "
+                "that compress returns without inplace=True calls as a layer; in place it stays dense"
+            )
+
+
+def _restore_modes(root: nn.Module, modes: dict[str, bool]) -> None:
+    """Each module of the result takes the training flag its counterpart in the model had (``modes``, by name):
+    the module itself, the dense layer a GM layer replaced, the module a GraphModule stands for or whose weight a
+    lifted functional layer holds (:func:`~gmcompress.fx.source_name`); a module with none, its parent's."""
+    for name, module in root.named_modules(remove_duplicate=False):
+        source = source_name(root, name)
+        module.training = modes[source] if source in modes else root.get_submodule(name.rpartition(".")[0]).training
 
 
 def _fidelity_data(
@@ -443,7 +449,8 @@ def apply_plan(
             report.latency_before_ms = measure_latency(model, example_inputs)
     todo = [p for p in the_plan.layers if p.form]
     measured = [p for p in todo if p.settings.impl == "auto"] if example_inputs is not None else []
-    layer_inputs = capture_layer_inputs(model, measured, example_inputs, PATH_MAX_SAMPLES) if measured else {}
+    with unfused_paths(model):  # hooks on the Linears of a transformer see their calls, on plain tensors
+        layer_inputs = capture_layer_inputs(model, measured, example_inputs, PATH_MAX_SAMPLES) if measured else {}
     aliases = module_aliases(root)
     rows = {}
     desc = "gmcompress: fitting and timing paths" if layer_inputs else "gmcompress: fitting"
@@ -464,7 +471,7 @@ def apply_plan(
         bar.update()
         return new
 
-    with bar:
+    with bar, unfused_paths(model):
         calibrate(model, the_plan.graph_module, todo, calibration, install, calibration_mode, max_calibration_rows)
     if few_rows:
         warnings.warn(

@@ -25,7 +25,7 @@ from .checks import short_repr
 
 __all__ = [
     "run_model", "call_arguments", "layer_input", "forward_hooks", "first_inputs", "first_tensor", "output_tensors",
-    "to_device", "split_batch", "calibration_batches", "positional_inputs", "CALIBRATION_FORMS",
+    "to_device", "split_batch", "calibration_batches", "positional_inputs", "CALIBRATION_FORMS", "eval_mode",
 ]  # fmt: skip
 
 
@@ -197,3 +197,15 @@ def positional_inputs(model: nn.Module) -> float:
 def _described(value: object) -> str:
     """A wrong value as its type and a short repr."""
     return f"{type(value).__name__} {short_repr(value)}"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside; each module's own ``training`` flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

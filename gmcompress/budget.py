@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Allocation, Infeasible, allocate
-from .batches import output_tensors, run_model
+from .batches import eval_mode, output_tensors, run_model
 from .calibration import capture_statistics
 from .groups import group as parse_group
 from .groups import square_group
@@ -494,18 +493,6 @@ def _output(model: nn.Module, batch: object) -> torch.Tensor:
     if not tensors:
         raise BudgetError(f"the output of {type(model).__name__} holds no floating-point tensor to measure errors on")
     return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode inside; each module's own ``training`` flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:

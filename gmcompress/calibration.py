@@ -144,16 +144,24 @@ def _graph_sequential(
     gm: fx.GraphModule, plans: list[LayerPlan], batches: list[object], install: Install, max_rows: int | None
 ) -> set[str]:
     """Step the graph for all batches together; at a planned layer's first call, fit it on the inputs the
-    compressed prefix gives it, then run the fitted layer. Returns the names fitted."""
+    compressed prefix gives it, then run the fitted layer. The planned layers inside a module the graph calls whole
+    are fitted there by :func:`_hook_sequential` on that call's inputs. Returns the names fitted."""
     by_module = {id(p.module): p for p in plans}
     steppers = [_Stepper(gm, batch) for batch in batches]
     fitted: dict[int, nn.Module] = {}
     acc = _Accumulator(max_rows)
+    inside: set[str] = set()
     with torch.no_grad():
         for node in gm.graph.nodes:
             if node.op == "output":
                 break
             plan = by_module.get(id(gm.get_submodule(node.target))) if node.op == "call_module" else None
+            if node.op == "call_module" and plan is None:  # a container called whole (nn.TransformerEncoder)
+                inner = [p for p in plans if p.name.startswith(f"{node.target}.") and p.name not in inside]
+                if inner:
+                    container = gm.get_submodule(node.target)
+                    calls = [s.inputs(node) for s in steppers]
+                    inside |= _hook_sequential(lambda a, k, c=container: c(*a, **k), inner, calls, install, max_rows)
             if plan is not None and id(plan.module) not in fitted:
                 if plan.settings.activation_aware:
                     for s in steppers:
@@ -163,7 +171,7 @@ def _graph_sequential(
             module = fitted.get(id(plan.module)) if plan is not None else None
             for s in steppers:
                 s.step(node, module)
-    return {p.name for p in plans if id(p.module) in fitted}
+    return {p.name for p in plans if id(p.module) in fitted} | inside
 
 
 class _Stop(Exception):

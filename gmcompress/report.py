@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from .batches import forward_hooks, run_model
+from .batches import eval_mode, forward_hooks, run_model
 from .fidelity import Fidelity
 from .handlers import handler_for
 from .nn import GMLayer, NotApplicable
@@ -373,16 +373,11 @@ def settle_allocator() -> None:
 def median_seconds(call: Callable[[], object], model: nn.Module, min_run_time: float) -> float:
     """``torch.utils.benchmark`` median of ``call()`` with ``model`` in eval and inference mode (one warm-up
     call, after :func:`settle_allocator`)."""
-    was_training = model.training
-    model.eval()
     settle_allocator()
-    try:
-        with torch.inference_mode():
-            call()
-            timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
-            return timer.blocked_autorange(min_run_time=min_run_time).median
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        call()
+        timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def block_seconds(call: Callable[[], object], model: nn.Module, block_seconds: float, blocks: int = 3) -> float:
@@ -390,23 +385,18 @@ def block_seconds(call: Callable[[], object], model: nn.Module, block_seconds: f
     (one warm-up call sizes the blocks), with ``model`` in eval and inference mode. A cheap timer for choosing
     among paths: ``torch.utils.benchmark``'s ``blocked_autorange`` spends about 60 ms sizing its block even for
     a 50 us call, which made timing paths cost more than fitting them."""
-    was_training = model.training
-    model.eval()
     settle_allocator()
-    try:
-        with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
+        start = time.perf_counter()
+        call()
+        number = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-7)))
+        best = math.inf
+        for _ in range(blocks):
             start = time.perf_counter()
-            call()
-            number = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-7)))
-            best = math.inf
-            for _ in range(blocks):
-                start = time.perf_counter()
-                for _ in range(number):
-                    call()
-                best = min(best, (time.perf_counter() - start) / number)
-            return best
-    finally:
-        model.train(was_training)
+            for _ in range(number):
+                call()
+            best = min(best, (time.perf_counter() - start) / number)
+        return best
 
 
 class _ByteCounter(io.RawIOBase):

@@ -507,16 +507,18 @@ class Attention(nn.Module):
 
 
 def test_layers_whose_parent_reads_their_weights_stay_dense_in_the_fallback():
-    """MultiheadAttention reads out_proj.weight/.bias and the encoder layer's fused inference path reads all of its
-    Linears: swapped for GM layers they would save nothing, and a shared bias broke the call."""
+    """MultiheadAttention reads out_proj.weight/.bias and its input projection: they are listed and stay dense. The
+    encoder layer's fused inference path reads linear1/linear2 too; with GM layers there it is turned off (a shared
+    bias broke the call), so they are compressed."""
     torch.manual_seed(0)
     recipe = {"version": 1, "defaults": {"group": "C8", "rank": 2, "bias": "shared"}}
     with pytest.warns(UserWarning, match="have defaults"):
         out = gm.compress(Attention().eval(), recipe=recipe, progress=False)
     rows = {r.name: r for r in out.gm_report.layers}
-    readers = ["attn.out_proj", "block.self_attn.out_proj", "block.linear1", "block.linear2"]
-    assert all(rows[n].status == "skipped" and "reads its weight" in rows[n].reason for n in readers)
-    assert rows["head"].status == "compressed" and isinstance(out.head, GMLinear)
+    readers = ["attn.in_proj", "attn.out_proj", "block.self_attn.in_proj", "block.self_attn.out_proj"]
+    assert all(rows[n].status == "skipped" and "MultiheadAttention reads" in rows[n].reason for n in readers)
+    assert all(rows[n].status == "compressed" for n in ["head", "block.linear1", "block.linear2"])
+    assert isinstance(out.head, GMLinear) and isinstance(out.block.linear1, GMLinear)
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         torch.testing.assert_close(out(x), out.head(out.block(out.attn(x, x, x)[0])), rtol=0, atol=0)

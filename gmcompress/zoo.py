@@ -7,6 +7,7 @@ package raises an ``ImportError`` that says how to install it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import math
 from collections import OrderedDict
@@ -432,8 +433,13 @@ class PhotoCrops(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if not 0 <= i < self.n:
             raise IndexError(f"crop {i} of {self.n}")
-        generator = torch.Generator().manual_seed((self.seed << 32) + i)
+        generator = torch.Generator().manual_seed(_crop_seed(self.seed, i))
         return random_resized_crop(self.images[i % len(self.images)], generator)
+
+
+def _crop_seed(seed: int, i: int) -> int:
+    """A 32-bit generator seed for crop ``i`` of ``seed`` (torch's CPU generator keeps only 32 bits of a seed)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=4).digest(), "little")
 
 
 SPLITS = ("train", "held_out")

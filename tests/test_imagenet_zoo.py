@@ -2,6 +2,8 @@
 
 import hashlib
 import importlib.resources
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ pytest.importorskip("sklearn")
 import gmcompress as gm  # noqa: E402
 from gmcompress import zoo  # noqa: E402
 from gmcompress.fidelity import measure_fidelity  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from imagenet import DAMPING, LowRank, input_gram, low_rank_fit, svd_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,18 +140,17 @@ class NoisyLogits(torch.nn.Module):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:gmcompress:UserWarning")  # too few rows for the classifier; lost predictions
 def test_mobilenet_v2_compresses_end_to_end(net, tmp_path):
     calibration = zoo.photo_batches("train", 16, seed=0, batch_size=8)
     heldout = zoo.photo_batches("held_out", 16, seed=2, batch_size=16)
-    include = r"features\.1[5-8]\..*|classifier\.1"  # the last blocks: the pipeline, not the full cost
+    include = r"features\.17\..*|features\.18\.0|classifier\.1"  # the last layers: the pipeline, not the full cost
     before = {k: v.clone() for k, v in net.state_dict().items()}
     out = gm.compress(net, "C8", 2, include=include, calibration=calibration, heldout=heldout, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     rep = out.gm_report
     names = [r.name for r in rep.compressed]
-    assert names == [
-        *(f"features.{i}.conv.{j}" for i in (15, 16, 17) for j in ("0.0", "2")), "features.18.0", "classifier.1"
-    ]  # fmt: skip
+    assert names == ["features.17.conv.0.0", "features.17.conv.2", "features.18.0", "classifier.1"]
     assert {r.form for r in rep.compressed} == {"GMChannelConv", "GMLinear"}
     assert rep.params_after == sum(p.numel() for p in out.parameters()) < rep.params_before
     assert rep.fidelity.samples == 16 and rep.fidelity.top1_agreement is not None
@@ -158,3 +162,52 @@ def test_mobilenet_v2_compresses_end_to_end(net, tmp_path):
     loaded = gm.load(tmp_path / "mobilenet.pt", zoo.mobilenet_v2_imagenet()).eval()
     with torch.no_grad():
         assert torch.equal(loaded(heldout[0]), out.eval()(heldout[0]))
+
+
+def ridge_objective(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    ridge = DAMPING * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=gram.dtype)
+    r = weight - approx
+    return float(torch.trace(r @ (gram + ridge) @ r.T))
+
+
+def test_activation_aware_svd_is_the_weighted_optimum():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 20, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 20, dtype=torch.float64)
+    gram = x.T @ x / 500
+    a, b = low_rank_fit(weight, gram, 20)
+    torch.testing.assert_close(a @ b, weight, rtol=0, atol=1e-12)  # full rank: exact
+    a, b = low_rank_fit(weight, gram, 5)
+    assert a.shape == (30, 5) and b.shape == (5, 20)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    best = ridge_objective(weight, a @ b, gram)
+    assert best < 0.5 * ridge_objective(weight, (u[:, :5] * s[:5]) @ vh[:5], gram)  # the plain SVD ignores X
+    for _ in range(50):  # no nearby rank-5 pair does better
+        da, db = 1e-3 * torch.randn(a.shape, generator=g, dtype=a.dtype), 1e-3 * torch.randn(b.shape, generator=g)
+        assert ridge_objective(weight, (a + da) @ (b + db.double()), gram) >= best
+
+
+def test_low_rank_layers_compute_a_b_x_plus_bias():
+    g = torch.Generator().manual_seed(1)
+    conv, linear = torch.nn.Conv2d(6, 4, 1), torch.nn.Linear(6, 4)
+    a, b = torch.randn(4, 2, generator=g), torch.randn(2, 6, generator=g)
+    x = torch.randn(3, 6, 5, 5, generator=g)
+    with torch.no_grad():
+        expected = torch.einsum("ok,ki,bihw->bohw", a, b, x) + conv.bias.view(1, 4, 1, 1)
+        torch.testing.assert_close(LowRank(conv, a, b)(x), expected)
+        torch.testing.assert_close(LowRank(linear, a, b)(x[:, :, 0, 0]), x[:, :, 0, 0] @ (a @ b).T + linear.bias)
+    assert sum(p.numel() for p in LowRank(conv, a, b).parameters()) == 2 * (6 + 4) + 4
+
+
+def test_svd_baseline_fits_each_layer_on_the_replaced_prefix():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1)).eval()
+    batches = [torch.randn(4, 8, 3, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    out = svd_model(net, {"0": 2 * 16, "2": 3 * 16}, batches)  # ranks 2 and 3
+    assert [m[0].out_channels for m in (out[0], out[2])] == [2, 3]
+    prefix = torch.nn.Sequential(out[0], out[1])
+    with torch.no_grad():
+        rows = torch.cat([prefix(x).movedim(1, -1).reshape(-1, 8) for x in batches]).double()
+    torch.testing.assert_close(input_gram(out, out[2], batches), rows.T @ rows / len(rows))
+    a, b = low_rank_fit(net[2].weight.detach().flatten(1), rows.T @ rows / len(rows), 3)
+    torch.testing.assert_close(out[2][1].weight.flatten(1) @ out[2][0].weight.flatten(1), a @ b)

@@ -14,9 +14,10 @@ Rows:
 * uniform C4 and C8 rank 1 in every compressible layer (the 1x1 convolutions and the classifier; the
   depthwise convolutions and the 3-channel stem stay dense), without and with calibration;
 * activation-aware truncated SVD (:class:`LowRank`) at the same parameters per layer as each calibrated uniform
-  row: per layer ``W ~ A B`` of rank ``k = floor(gm params / (in + out))`` minimising ``||(W - A B) X^T||`` plus
-  the ridge gmcompress uses (``damping`` 0.1), fitted in call order on the inputs the already replaced layers
-  produce, as gmcompress's sequential calibration does;
+  row and as the ``Budget(params=2)`` plan (whose dense layers it keeps dense): per layer ``W ~ A B`` of rank
+  ``k = floor(gm params / (in + out))`` minimising ``||(W - A B) X^T||`` plus the ridge gmcompress uses
+  (``damping`` 0.1), fitted in call order on the inputs the already replaced layers produce, as gmcompress's
+  sequential calibration does;
 * budget plans: ``Budget(params=...)`` and ``Budget(max_error=...)`` at several targets. The options (every
   group C2-C64 at ranks 1-8 per layer) are measured once and re-allocated for each target.
 
@@ -56,6 +57,7 @@ LR = 5e-4
 DISTILL_STEPS = 300
 PARAMS_TARGETS = (1.3, 1.5, 2.0, 3.0)
 ERROR_TARGETS = (0.05, 0.1, 0.2)
+SVD_TWIN = "budget params=2 "  # the budget row that also gets an SVD row of the same per-layer sizes
 CALIBRATION_CROPS = 512  # the classifier sees one row per crop: 512 of its 1280 inputs
 QUICK_LAYERS = r"features\.18\.0|classifier\.1"  # --quick: the budget chooses for the last two layers only
 QUICK_BUDGET = gm.Budget(params=1.3, groups=("C8",), max_rank=1)
@@ -219,7 +221,8 @@ def svd_rows(teacher: nn.Module, data: Data, matched: list[Row]) -> list[Row]:
     out = []
     for row in matched:
         model, seconds = timed(lambda row=row: svd_model(teacher, compressed_sizes(row.model), data.calibration))
-        out.append(Row(f"activation-aware SVD, sizes of {row.label.split(',')[0]}", "svd", model, seconds))
+        twin = row.label.split(",")[0].split(" (")[0]
+        out.append(Row(f"activation-aware SVD, sizes of {twin}", "svd", model, seconds))
     return out
 
 
@@ -237,7 +240,8 @@ def budget_rows(teacher: nn.Module, data: Data, budgets: list[gm.Budget], includ
                 teacher, recipe=c.to_recipe(), calibration=data.calibration, heldout=data.heldout[0][:8], progress=False
             )
         )
-        rows.append(Row(f"budget {b} (plan: {chosen.params_ratio:.2f}x in its layers)", "budget", model, seconds))
+        label = f"budget {b} (planned {chosen.params_ratio:.2f}x in its layers, error {chosen.model_error:.3f})"
+        rows.append(Row(label, "budget", model, seconds))
     print(f"budget options measured in {plan_seconds / 60:.1f} min", flush=True)
     return rows
 
@@ -345,9 +349,10 @@ def main() -> None:
         rows += svd_rows(teacher, data, rows)
     else:
         rows = uniform_rows(teacher, data, ("C4", "C8"))
-        rows += svd_rows(teacher, data, [r for r in rows if r.kind == "uniform"])
         budgets = [gm.Budget(params=t) for t in PARAMS_TARGETS] + [gm.Budget(max_error=e) for e in ERROR_TARGETS]
-        rows += budget_rows(teacher, data, budgets, None)
+        planned = budget_rows(teacher, data, budgets, None)
+        matched = [r for r in rows if r.kind == "uniform"] + [r for r in planned if r.label.startswith(SVD_TWIN)]
+        rows += svd_rows(teacher, data, matched) + planned
     for row in rows:
         row.before = zoo.imagenet_agreement(row.model, teacher, data.heldout)
         if row.kind != "uniform, no calibration":

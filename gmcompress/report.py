@@ -297,7 +297,8 @@ def equivariance_error(layer: nn.Module, max_elements: int = 16) -> float | None
     group elements; None where it is not defined (padded layers, no group action)."""
     try:
         order = layer.group.order if getattr(layer, "group", None) is not None else max_elements
-        return layer.check_equivariance(elements=range(min(order, max_elements)), bias=False)
+        with torch.no_grad(), eval_mode(layer):  # the derived weights are built once, not on every probe call
+            return layer.check_equivariance(elements=range(min(order, max_elements)), bias=False)
     except NotApplicable:
         return None
 

@@ -43,7 +43,7 @@ from .calibration import capture_statistics
 from .groups import group as parse_group
 from .groups import square_group
 from .handlers import LayerPlan
-from .paths import capture_layer_inputs, time_paths
+from .paths import capture_layer_inputs, time_layers
 from .report import format_table, measure_latency
 from .settings import LayerSettings
 
@@ -404,11 +404,12 @@ def plan_budget(
     layers = [lo for lo in options if len(lo.options) > 1]
     if not layers:
         raise BudgetError(f"no layer can take any of the groups {', '.join(budget.groups)}: nothing to allocate")
+    root = measured_root(the_plan)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with eval_mode(model), torch.random.fork_rng(devices=cuda):
-        model_seconds = _time_options(model, layers, example_inputs) if budget.kind == "speedup" else None
+    with eval_mode(model), eval_mode(root), torch.random.fork_rng(devices=cuda):
+        model_seconds = _time_options(root, layers, example_inputs) if budget.kind == "speedup" else None
         _check_reachable(budget, layers, model_seconds)
-        probe, reference = _measure_errors(model, layers, batches, max_calibration_rows, progress)
+        probe, reference = _measure_errors(root, layers, batches, max_calibration_rows, progress)
     allocation = _allocate(budget, layers, model_seconds)
     outcome = BudgetOutcome(budget, layers, allocation, model_seconds, probe, reference)
     chosen = {lo.name: o.plan for lo, o in zip(layers, outcome.chosen)}
@@ -416,19 +417,29 @@ def plan_budget(
     return outcome
 
 
-def _time_options(model: nn.Module, layers: list[LayerOptions], example_inputs: object) -> float:
-    """Seconds of the model, and of each option's fastest path on its layer's example input (unfitted layers)."""
-    inputs = capture_layer_inputs(model, [lo.dense.plan for lo in layers], example_inputs)
+def measured_root(the_plan: CompressionPlan) -> nn.Module:
+    """The module whose run calls the planned layers: the traced graph when there is one (it calls the layers
+    lifted from ``F.linear``/``F.conv*d`` calls, and a bare ``nn.Linear`` model's own product, as modules; the
+    user's model calls neither as a module, so hooks there would never fire), else the model itself."""
+    return the_plan.graph_module if the_plan.graph_module is not None else the_plan.model
+
+
+def _time_options(root: nn.Module, layers: list[LayerOptions], example_inputs: object) -> float:
+    """Seconds of the model, and of each option's fastest path on its layer's example input (unfitted layers):
+    a layer's dense module and its options are timed in the same interleaved rounds (:func:`time_layers`)."""
+    inputs = capture_layer_inputs(root, [lo.dense.plan for lo in layers], example_inputs)
     for lo in layers:
         x = inputs.get(lo.name)
         if x is None:
             raise BudgetError(f"layer {lo.name!r} is not called on example_inputs: it cannot be timed")
         module = lo.dense.plan.module
-        lo.dense.seconds = time_paths(module, x)["dense"]
         device = next(module.parameters()).device
-        for o in lo.options[1:]:
-            o.seconds = min(time_paths(o.plan.shell(device).to(x.dtype), x).values())
-    return measure_latency(model, example_inputs) / 1e3
+        shells = {str(i): o.plan.shell(device).to(x.dtype) for i, o in enumerate(lo.options) if i > 0}
+        times = time_layers({"dense": module, **shells}, x)
+        lo.dense.seconds = times["dense"]["dense"]
+        for i, o in enumerate(lo.options[1:], start=1):
+            o.seconds = min(times[str(i)].values())
+    return measure_latency(root, example_inputs) / 1e3
 
 
 def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: float | None) -> None:
@@ -517,7 +528,9 @@ def _model_error(
     model: nn.Module, module: nn.Module, replacement: nn.Module, probe: object, reference: torch.Tensor
 ) -> float:
     """``||y - y_ref|| / ||y_ref||`` of the model's output on ``probe`` with ``module``'s output replaced."""
-    handle = module.register_forward_hook(lambda mod, args, out: replacement(*args))
+    handle = module.register_forward_hook(
+        lambda mod, args, kwargs, out: replacement(*args, **kwargs), with_kwargs=True
+    )  # called as the model calls the layer: self.fc(h) or self.fc(input=h)
     try:
         out = _output(model, probe)
     finally:

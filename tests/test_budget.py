@@ -381,3 +381,80 @@ def test_cli_contradicting_calibration_flags_are_one_line(capsys):
     argv = ["compress", "--model", "cli_models:mlp", "--group", "C8", "--calibration", "cli_models:example_inputs"]
     assert cli.main([*argv, "--no-calibration"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- layers the original does not call as modules
+class FunctionalNet(nn.Module):
+    """A product written as ``F.linear(x, self.w)``: the graph pass lifts it into the module ``w_linear``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(64, 32) / 32**0.5)
+        self.head = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(nn.functional.linear(x, self.w)))
+
+
+class KeywordNet(nn.Module):
+    """Layers called by keyword, as some model code does (``self.fc(input=h)``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.fc = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.fc(input=torch.relu(self.body(input=x)))
+
+
+def _single_layer_error(net, name, group, rank, cal):
+    """||y - y_ref|| / ||y_ref|| on the first batch with only layer ``name`` compressed by compress() itself (in
+    sequential mode: the prefix before the one layer is the original model's, as for the option)."""
+    single = gm.compress(net, group, rank, include=name, calibration=cal, progress=False)
+    with torch.no_grad():
+        ref = net(cal[0])
+        return float((single(cal[0]) - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("make, name", [(FunctionalNet, "w_linear"), (lambda: nn.Linear(32, 16), "weight_linear")])
+def test_model_error_of_a_layer_the_model_calls_as_a_function(make, name):
+    net, cal = make().eval(), calibration()
+    out = gm.plan(net, budget=Budget(params=2.0, groups=("C4",)), calibration=cal, progress=False).budget
+    option = next(o for lo in out.layers if lo.name == name for o in lo.options if o.label == "C4 r1")
+    expected = _single_layer_error(net, name, "C4", 1, cal)
+    assert expected > 0.1 and option.model_error == pytest.approx(expected, rel=1e-4)
+
+
+def test_speed_budget_times_a_layer_lifted_from_a_functional_call(monkeypatch):
+    _fake_clock(monkeypatch)
+    net, x = FunctionalNet().eval(), calibration()[0]
+    out = gm.plan(net, budget=Budget(speedup=1.0, groups=("C4",)), calibration=[x], example_inputs=x).budget
+    lifted = next(lo for lo in out.layers if lo.name == "w_linear")
+    assert lifted.dense.seconds == 1e-3 and all(o.seconds == 1e-3 / 8 for o in lifted.options[1:])
+
+
+def test_layers_called_by_keyword_are_measured():
+    net, cal = KeywordNet().eval(), calibration()
+    out = gm.plan(net, budget=Budget(params=2.0, groups=("C4",)), calibration=cal, progress=False).budget
+    option = next(o for o in out.layers[1].options if o.label == "C4 r2")
+    assert option.model_error == pytest.approx(_single_layer_error(net, "fc", "C4", 2, cal), rel=1e-4)
+
+
+def test_speed_budget_times_the_dense_layer_and_its_options_in_the_same_rounds(monkeypatch):
+    from gmcompress import paths
+
+    calls = []
+    monkeypatch.setattr(paths, "median_seconds", lambda call, model, t: calls.append(model) or 1e-3)
+    monkeypatch.setattr(gm.budget, "measure_latency", lambda model, inputs: 2.1)
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(64, 64)).eval(), torch.randn(8, 64)
+    out = gm.plan(net, budget=Budget(speedup=1.0, groups=("C4",)), calibration=[x], example_inputs=x).budget
+    dense, options = out.layers[0].dense.plan.module, [o for o in out.layers[0].options[1:]]
+    paths_per_round = len(calls) // paths.PATH_ROUNDS
+    rounds = [calls[i * paths_per_round : (i + 1) * paths_per_round] for i in range(paths.PATH_ROUNDS)]
+    assert len(options) == 2 and paths_per_round > 3  # C4 r1, r2, each with several paths
+    for timed in rounds:  # every round times the dense layer, then every path of every option
+        assert timed[0] is dense and dense not in timed[1:]
+        assert [m for m in timed[1:]] == rounds[0][1:]

@@ -458,3 +458,18 @@ def test_speed_budget_times_the_dense_layer_and_its_options_in_the_same_rounds(m
     for timed in rounds:  # every round times the dense layer, then every path of every option
         assert timed[0] is dense and dense not in timed[1:]
         assert [m for m in timed[1:]] == rounds[0][1:]
+
+
+def test_recipe_with_a_budget_takes_a_family_or_a_list_in_defaults_group():
+    cal = calibration()
+    recipe = {"version": 1, "defaults": {"group": "C"}, "budget": {"params": 2}}
+    out = gm.plan(mlp(), recipe=recipe, calibration=cal, progress=False).budget
+    assert out.budget.groups == Budget(params=2).groups  # C2 .. C64, as compress(group="C", budget=...)
+    recipe["defaults"]["group"] = ["C4", "C8"]
+    out = gm.plan(mlp(), recipe=recipe, calibration=cal, progress=False).budget
+    assert out.budget.groups == ("C4", "C8")
+    assert {o.plan.group for lo in out.layers for o in lo.options[1:]} == {"C4", "C8"}
+    with pytest.raises(ValueError, match=r"defaults.group: \['C4', 'C8'\] and budget.groups 'C2' both name"):
+        gm.plan(mlp(), recipe={**recipe, "budget": {"params": 2, "groups": "C2"}}, calibration=cal)
+    with pytest.raises(ValueError, match="defaults.group: expected str or null"):  # without a budget: one group
+        gm.plan(mlp(), recipe={"version": 1, "defaults": {"group": ["C4", "C8"]}})

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .aware import InputStats
 from .budget import Budget, BudgetOutcome, plan_budget
 from .calibration import MODES, calibrate
+from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
 from .fx import find_layers, module_aliases, swap
 from .groups import group as parse_group
 from .handlers import LayerPlan, handler_for
@@ -239,6 +240,7 @@ def compress(
     calibration_mode: str = "sequential",
     progress: bool = True,
     budget: Budget | str | dict | None = None,
+    heldout: Iterable[object] | torch.Tensor | None = None,
 ) -> nn.Module:
     """Replace the dense ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers of ``model`` by group-matrix layers.
 
@@ -255,6 +257,11 @@ def compress(
     chooses each layer's group and rank (or keeps it dense) from measured error, size and latency; ``group``
     then names the candidates (a family: "C", "D", a group or a list of groups). See :mod:`gmcompress.budget`.
 
+    Fidelity: the report compares the compressed model with the original on data the fits did not see
+    (:mod:`gmcompress.fidelity`): ``heldout`` batches if given, else ``example_inputs``, else the last quarter of
+    the calibration samples (kept out of the fits). When the model has lost its predictions (top-1 agreement
+    under 0.9 for a classifier, else output error over 0.5) ``compress`` warns, naming the layers that fit worst.
+
     The model is traced with torch.fx and the GM modules take the place of the originals in the
     returned ``GraphModule``; a model that does not trace gets one warning and its modules are swapped
     by name on a copy. The user's model is left untouched unless ``inplace=True`` (then it is modified
@@ -270,11 +277,13 @@ def compress(
     _check_mode(calibration_mode)
     if calibration is not None and not isinstance(calibration, torch.Tensor):
         calibration = list(calibration)  # a budget reads the batches before the fits do: a generator must not run dry
+    calibration, heldout, source = _fidelity_data(calibration, heldout, example_inputs)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         working = model if inplace else _copy(model)
         was_training = working.training
         working.eval()
+        reference = reference_outputs(working, heldout) if heldout is not None else None
         the_plan = plan(
             working, group, rank, recipe=loaded, include=include, exclude=exclude, **overrides, budget=budget,
             calibration=calibration, example_inputs=example_inputs, max_calibration_rows=max_calibration_rows,
@@ -291,8 +300,47 @@ def compress(
             the_plan, root, example_inputs, calibration, max_calibration_rows, progress, calibration_mode,
             original=None if inplace else model,
         )  # fmt: skip
+        if reference is not None:
+            root.gm_report.fidelity = compare_outputs(reference, reference_outputs(root, heldout), source)
+            _warn_if_lost(root.gm_report)
         root.train(was_training)
     return root
+
+
+def _fidelity_data(
+    calibration: list[object] | torch.Tensor | None, heldout: object, example_inputs: object
+) -> tuple[list[object] | torch.Tensor | None, list[object] | None, str]:
+    """``(calibration for the fits, held-out batches, what they are)``: ``heldout`` if given, else
+    ``example_inputs``, else the last quarter of the calibration samples, which the fits then do not see
+    (:func:`~gmcompress.fidelity.split_holdout`); no held-out batches when there is none of these."""
+    if heldout is not None:
+        return calibration, as_batches(heldout), "held-out"
+    if example_inputs is not None:
+        return calibration, [example_inputs], "example-input"
+    if calibration is None:
+        return None, None, ""
+    fit, held = split_holdout(calibration)
+    return fit, as_batches(held), "held-out calibration"
+
+
+def _warn_if_lost(report: CompressionReport) -> None:
+    """One warning when the compressed model no longer does what the original did (:attr:`Fidelity.lost`)."""
+    fidelity: Fidelity = report.fidelity
+    if not fidelity.lost:
+        return
+    worst = sorted(report.compressed, key=_layer_error, reverse=True)[:3]
+    names = ", ".join(f"{r.name} ({_layer_error(r):.2f})" for r in worst)
+    warnings.warn(
+        f"gmcompress: the compressed model has lost the original's predictions ({fidelity.summary()}); the layers "
+        f"that fit worst (output or weight error): {names}. Fix: compress under a fidelity budget "
+        "(budget=gm.Budget(max_error=0.1) with calibration data), a higher rank, or fewer layers (exclude=...)",
+        stacklevel=3,
+    )
+
+
+def _layer_error(row: LayerReport) -> float:
+    error = row.output_error if row.output_error is not None else row.fit_error
+    return -1.0 if error is None or error != error else error
 
 
 def _check_mode(mode: str) -> None:
@@ -339,7 +387,11 @@ def apply_plan(
     rows = {}
     bar = tqdm(total=len(todo), desc="gmcompress: fitting", disable=not progress or not todo, unit="layer")
 
+    few_rows: list[str] = []
+
     def install(p: LayerPlan, stats: InputStats | None) -> nn.Module:
+        if stats is not None and stats.rows < stats.gram.shape[0]:
+            few_rows.append(f"{p.name} ({stats.rows} rows for {stats.gram.shape[0]} inputs)")
         new = p.build(stats)
         _keep_frozen(p.module, new)
         timing = choose_path(new, p.module, layer_inputs[p.name]) if p.name in layer_inputs and new.impls() else None
@@ -351,6 +403,13 @@ def apply_plan(
 
     with bar:
         calibrate(model, the_plan.graph_module, todo, calibration, install, calibration_mode, max_calibration_rows)
+    if few_rows:
+        warnings.warn(
+            f"gmcompress: calibration reached {len(few_rows)} layer(s) with fewer rows than input features, so their "
+            f"activation-aware fits rest on the ridge term for the unseen directions: {', '.join(few_rows[:5])}"
+            f"{' ...' if len(few_rows) > 5 else ''}. Give more calibration samples",
+            stacklevel=3,
+        )
     report.layers = [rows.get(p.name, _report_row(p)) for p in the_plan.layers]
     if the_plan.budget is not None:
         report.budget = _budget_outcome(the_plan.budget, root)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from .batches import forward_hooks, run_model
+from .fidelity import Fidelity
 from .handlers import handler_for
 from .nn import GMLayer, NotApplicable
 
@@ -104,6 +105,7 @@ class CompressionReport:
     trace_failure: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     budget: str | None = None  # the budget asked and what the plan predicts (gmcompress.budget)
+    fidelity: Fidelity | None = None  # the whole model against the original on held-out data (gmcompress.fidelity)
 
     @property
     def compressed(self) -> list[LayerReport]:
@@ -210,6 +212,9 @@ class CompressionReport:
         eq = self.max_equivariance_error
         eq_note = f"; max equivariance error of the GM weights {eq:.1e}" if eq is not None else ""
         budget = f"\nPlanned under a {self.budget}." if self.budget else ""
+        if self.fidelity is not None:
+            lost = " LOST: the model no longer does what the original did." if self.fidelity.lost else ""
+            budget += f"\nWhole model, {self.fidelity.summary()}.{lost}"
         return (
             f"{len(self.compressed)} of {len(self.layers)} layers compressed via {route}{eq_note}. "
             "Fit err = ||W - W_gm|| / ||W||; calib out err = ||(W - W_gm) X^T|| / ||W X^T|| on the calibration "

@@ -93,12 +93,14 @@ def calibration(seed=1):
 
 
 GROUPS = ("C2", "C4", "C8")
+HELD = calibration(seed=2)[:1]  # held-out data given to compress, so that its fits use every calibration batch
 
 
 def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options():
     net = mlp()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    the_plan = gm.plan(net, budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), progress=False)
+    budget = Budget(params=3.0, groups=GROUPS)
+    the_plan = gm.plan(net, budget=budget, calibration=calibration(), heldout=HELD, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert not any(m._forward_hooks for m in net.modules())  # the probes' hooks are gone
     out = the_plan.budget
@@ -108,7 +110,9 @@ def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options
     best, choice = brute_force(costs, weights, dense / 3.0)
     assert out.allocation.choice == choice and out.allocation.cost == pytest.approx(best)
     assert len(set(choice)) > 1  # not a uniform answer: the layers' sensitivities differ
-    model = gm.compress(net, budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), progress=False)
+    model = gm.compress(  # held-out data given: compress fits on every calibration batch, as the plan did
+        net, budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), heldout=HELD, progress=False
+    )
     rows = model.gm_report.layers
     assert [f"{r.group} r{r.rank}" if r.form else "dense" for r in rows] == [o.label for o in out.chosen]
     after = sum(r.params_after for r in rows)
@@ -119,9 +123,9 @@ def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options
 def test_report_gives_the_measured_model_error_and_warns_over_max_error(monkeypatch):
     net, cal = mlp(), calibration()
     model = gm.compress(net, budget=Budget(max_error=0.6, groups=GROUPS), calibration=cal, progress=False)
-    with torch.no_grad():
-        ref = net(cal[0])
-        measured = float((model(cal[0]) - ref).norm() / ref.norm())
+    with torch.no_grad():  # on the held-out batch: the last of the two calibration batches
+        ref = net(cal[1])
+        measured = float((model(cal[1]) - ref).norm() / ref.norm())
     assert f"measured model error {measured:.4f}" in model.gm_report.budget
     import gmcompress.budget as budget_module
 
@@ -149,8 +153,8 @@ def test_the_model_error_of_an_option_is_the_output_change_with_only_that_layer_
     lo = out.layers[1]
     option = next(o for o in lo.options if o.label == "C4 r2")
     single = gm.compress(
-        net, "C4", 2, include=lo.name, calibration=cal, calibration_mode="original", progress=False
-    )  # an independent route: compress() with that one layer, then compare the outputs
+        net, "C4", 2, include=lo.name, calibration=cal, heldout=HELD, calibration_mode="original", progress=False
+    )  # an independent route: compress() with that one layer (fitted on every batch), then compare the outputs
     with torch.no_grad():
         ref = net(cal[0])
         measured = float((single(cal[0]) - ref).norm() / ref.norm())
@@ -412,7 +416,7 @@ class KeywordNet(nn.Module):
 def _single_layer_error(net, name, group, rank, cal):
     """||y - y_ref|| / ||y_ref|| on the first batch with only layer ``name`` compressed by compress() itself (in
     sequential mode: the prefix before the one layer is the original model's, as for the option)."""
-    single = gm.compress(net, group, rank, include=name, calibration=cal, progress=False)
+    single = gm.compress(net, group, rank, include=name, calibration=cal, heldout=HELD, progress=False)
     with torch.no_grad():
         ref = net(cal[0])
         return float((single(cal[0]) - ref).norm() / ref.norm())

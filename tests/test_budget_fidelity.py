@@ -89,3 +89,14 @@ def test_max_error_budget_holds_on_held_out_digits(mnist):
     assert error <= 0.32
     assert f"output error {error:.3g} (2 allocations checked" in model.gm_report.budget  # the first one missed
     assert model.gm_report.params_after < model.gm_report.params_before  # not the all-dense answer
+
+
+def test_agreement_budget_holds_on_held_out_digits(mnist):
+    net, cal = mnist[0], mnist_batches(mnist, size=128)
+    fit, held = cal[:6], cal[6:]
+    budget = Budget(agreement=0.935, **MNIST_OPTIONS)
+    model = gm.compress(net, budget=budget, calibration=fit, heldout=held, exclude="classifier.0", progress=False)
+    assert agreement(model, net, held) >= 0.935
+    assert "(2 allocations checked" in model.gm_report.budget  # the first one missed on new digits
+    assert f"top-1 agreement {agreement(model, net, held):.4f}" in model.gm_report.budget
+    assert model.gm_report.params_after < model.gm_report.params_before  # not the all-dense answer

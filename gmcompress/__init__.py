@@ -5,16 +5,33 @@ The workflow lives here; the layers are in :mod:`gmcompress.nn`, the group-matri
 :mod:`gmcompress.handlers`, the offline demo models in :mod:`gmcompress.zoo`.
 """
 
-from . import groups, nn, structure
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .api import CompressionPlan, compress, plan
-from .budget import Budget, BudgetError
-from .groups import group
-from .io import load, save
-from .nn.base import frozen
-from .recipe import Recipe
-from .report import CompressionReport
-from .training import FeatureTaps, FinetuneResult, NonFiniteError, finetune
+
+if TYPE_CHECKING:
+    from . import groups, nn, structure
+    from .api import CompressionPlan, compress, plan
+    from .budget import Budget, BudgetError
+    from .groups import group
+    from .io import load, save
+    from .nn.base import frozen
+    from .recipe import Recipe
+    from .report import CompressionReport
+    from .training import FeatureTaps, FinetuneResult, NonFiniteError, finetune
+
+# the module of each name of the workflow, imported on first use: ``import gmcompress`` (and the command line's
+# ``--help``, parsed before any work) does not import torch
+_EXPORTS = {
+    "compress": "api", "plan": "api", "CompressionPlan": "api", "Budget": "budget", "BudgetError": "budget",
+    "finetune": "training", "FeatureTaps": "training", "FinetuneResult": "training", "NonFiniteError": "training",
+    "frozen": "nn.base", "save": "io", "load": "io", "Recipe": "recipe", "group": "groups",
+    "CompressionReport": "report",
+}  # fmt: skip
 
 __all__ = [
     "__version__",
@@ -37,3 +54,19 @@ __all__ = [
     "nn",
     "structure",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A workflow name from its module, or a submodule (``gm.nn``, ``gm.report``), imported on first use."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,14 +18,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .aware import InputStats
+from .batches import calibration_batches, eval_mode
 from .budget import Budget, BudgetOutcome, plan_budget
 from .calibration import MODES, calibrate
+from .checks import check_flag
 from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
-from .fx import find_layers, module_aliases, swap
+from .fx import find_layers, is_lifted, module_aliases, source_name, swap, unfused_paths
+from .groups import FiniteGroup, spec_of
 from .groups import group as parse_group
 from .handlers import LayerPlan, handler_for
-from .paths import PathTiming, capture_layer_inputs, choose_path
-from .recipe import Recipe, load_recipe, name_matches
+from .paths import PATH_MAX_SAMPLES, PathTiming, capture_layer_inputs, choose_path
+from .recipe import Recipe, check_pattern, load_recipe, name_matches
 from .report import (
     CompressionReport,
     LayerReport,
@@ -97,7 +100,7 @@ def _rules(recipe: str | Path | dict | Recipe | None, **overrides: object) -> Re
 
 def plan(
     model: nn.Module,
-    group: str | None = None,
+    group: str | FiniteGroup | None = None,
     rank: int | None = None,
     *,
     recipe: str | Path | dict | Recipe | None = None,
@@ -105,15 +108,16 @@ def plan(
     exclude: str | None = None,
     on_mismatch: str | None = None,
     modulate: bool | None = None,
-    conv_group: str | None = None,
+    conv_group: str | FiniteGroup | None = None,
     min_features: int | None = None,
     damping: float | None = None,
     budget: Budget | str | dict | None = None,
-    calibration: Iterable[object] | torch.Tensor | None = None,
+    calibration: Iterable[object] | torch.Tensor | dict | None = None,
     example_inputs: object = None,
     max_calibration_rows: int | None = None,
     progress: bool = True,
     heldout: Iterable[object] | torch.Tensor | None = None,
+    inplace: bool = False,
     calibration_mode: str = "sequential",
 ) -> CompressionPlan:
     """What :func:`compress` would do to every dense layer of ``model``, without the final fits or changing it.
@@ -121,11 +125,13 @@ def plan(
     Without a budget nothing is fitted and models on the ``meta`` device work (no weights are read). With a
     ``budget``, every option of every layer is measured (timed on ``example_inputs``, fitted on
     ``calibration``: :mod:`gmcompress.budget`; a fidelity budget is checked on ``heldout``, default the last part
-    of ``calibration``) and the plan holds the allocation (``plan.budget``); ``model`` is not modified either way.
-    Arguments as in :func:`compress`.
+    of ``calibration``, with its allocations fitted in ``calibration_mode``) and the plan holds the allocation
+    (``plan.budget``); ``model`` is not modified either way. Arguments as in :func:`compress`; ``inplace`` is
+    checked and otherwise ignored (a plan never modifies the model), so the same arguments serve both functions.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
+    _check_arguments(model, include, exclude, inplace, progress, calibration_mode)
+    if calibration is not None:
+        calibration = calibration_batches(model, calibration)
     rules_recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe) if recipe is not None else None
     budget, group = _budget(budget, rules_recipe, group, rank)
     rules = _rules(
@@ -159,57 +165,95 @@ def plan(
         if layer_plan.form and id(module.weight) in tied:
             others = ", ".join(n for n in tied[id(module.weight)] if not n.startswith(f"{name}."))
             layer_plan.skip(f"weight tied to {others}: tied layers stay dense (untying them would change the model)")
-        reader = _weight_reader(model, name) if traced.graph_module is None else None
-        if layer_plan.form and reader is not None:
-            layer_plan.skip(
-                f"its parent ({type(reader).__name__}) reads its weight and bias directly instead of calling it, "
-                "so a GM layer there would save nothing"
-            )
+        if layer_plan.form and name in traced.kept_dense:
+            layer_plan.skip(traced.kept_dense[name])
         plans.append(layer_plan)
+    layer_names = [name for name, _ in traced.layers]
     if include is not None and matched == 0:
-        warnings.warn(
-            f"gmcompress: include={include!r} matches none of the {len(traced.layers)} dense layers (the pattern "
-            f"must match the whole name, e.g. {traced.layers[0][0] if traced.layers else 'fc'!r})",
-            stacklevel=3,
-        )
+        _warn_unmatched(f"include={include!r}", "the pattern must match the whole name", layer_names)
+    for name in rules.unmatched_names(layer_names):
+        _warn_unmatched(f"recipe rule name={name!r}", "a name rule gives the layer's whole name", layer_names)
     the_plan = CompressionPlan(model, plans, traced.failure is None, traced.failure, traced.graph_module)
     if budget is not None:
-        the_plan.budget = plan_budget(
-            the_plan, budget, calibration, example_inputs, max_calibration_rows, progress, heldout, calibration_mode
-        )
+        with unfused_paths(model):  # the measuring hooks see every Linear called, on plain tensors
+            the_plan.budget = plan_budget(
+                the_plan, budget, calibration, example_inputs, max_calibration_rows, progress, heldout,
+                calibration_mode,
+            )  # fmt: skip
     return the_plan
 
 
+def _check_arguments(
+    model: object, include: object, exclude: object, inplace: object, progress: object, calibration_mode: object
+) -> None:
+    """The arguments :func:`plan` and :func:`compress` share that no recipe carries, checked before any work."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
+    for what, pattern in (("include", include), ("exclude", exclude)):
+        if pattern is not None:
+            check_pattern(pattern, what)
+    check_flag(inplace, "inplace")
+    check_flag(progress, "progress")
+    _check_mode(calibration_mode)
+
+
+def _warn_unmatched(what: str, hint: str, layer_names: list[str]) -> None:
+    """One warning that ``what`` names no dense layer, with a few of the real names."""
+    shown = ", ".join(repr(n) for n in layer_names[:4]) + (", ..." if len(layer_names) > 4 else "")
+    warnings.warn(
+        f"gmcompress: {what} matches none of the {len(layer_names)} dense layers ({hint}; the layers are "
+        f"{shown or 'none'})",
+        stacklevel=4,
+    )
+
+
+_GROUP_FORMS = 'a group spec such as "C8" (or "D4", "C4xC4", "C2^3") or a gm.groups.FiniteGroup'
+
+
+def _check_group_argument(group: object) -> None:
+    """The ``group`` keyword without a budget: a spec string or a FiniteGroup (a list of groups needs a budget)."""
+    if group is None or isinstance(group, (str, FiniteGroup)):
+        return
+    if isinstance(group, (list, tuple)):
+        raise TypeError(f"group: a list of groups ({group!r}) needs a budget to choose among them")
+    if isinstance(group, bytes):
+        suggestion = group.decode(errors="replace")
+    elif isinstance(group, int) and not isinstance(group, bool) and group > 0:
+        suggestion = f"C{group}"
+    else:
+        suggestion = "C8"
+    raise TypeError(
+        f"group={group!r} ({type(group).__name__}): expected {_GROUP_FORMS}; did you mean group={suggestion!r}?"
+    )
+
+
 def _budget(
-    budget: Budget | str | dict | None, recipe: Recipe | None, group: str | list[str] | None, rank: int | None
-) -> tuple[Budget | None, str | None]:
+    budget: Budget | str | dict | None,
+    recipe: Recipe | None,
+    group: str | FiniteGroup | list[str] | None,
+    rank: int | None,
+) -> tuple[Budget | None, str | FiniteGroup | None]:
     """The budget (argument, else the recipe's ``budget:``) and the group the base rules use.
 
     With a budget, ``group`` names the candidate groups (a family such as "C", a group or a list) and the
     ranks are chosen, so ``rank`` must not be given."""
     budget = budget if budget is not None else recipe.budget if recipe is not None else None
     if budget is None:
-        if group is not None and not isinstance(group, str):
-            raise TypeError(f"group: a list of groups ({group!r}) needs a budget to choose among them")
+        _check_group_argument(group)
         return None, group
+    if isinstance(group, FiniteGroup):
+        if spec_of(group) is None:
+            raise TypeError(
+                f"group={group!r} with a budget: a budget's candidate groups are specs (a family such as 'C', a "
+                "spec or a list of specs), and no spec rebuilds this group; compress without a budget to use it"
+            )
+        group = spec_of(group)
     budget = Budget.parse(budget)
     if group is not None:
         budget = replace(budget, groups=group)
     if rank is not None:
         raise ValueError(f"rank={rank} with a budget: the budget chooses each layer's rank (leave rank out)")
     return budget, budget.groups[0]
-
-
-_WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-"""torch modules whose forward reads child Linears' ``weight``/``bias`` instead of calling them (MultiheadAttention
-its ``out_proj``; the encoder and decoder layers all of theirs on their fused inference path). A traced graph
-calls what it calls; in the module-tree fallback these children are left dense."""
-
-
-def _weight_reader(model: nn.Module, name: str) -> nn.Module | None:
-    """The parent of layer ``name`` when it is one of :data:`_WEIGHT_READERS`."""
-    parent = model.get_submodule(name.rpartition(".")[0])
-    return parent if isinstance(parent, _WEIGHT_READERS) else None
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
@@ -227,18 +271,18 @@ def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
 
 def compress(
     model: nn.Module,
-    group: str | None = None,
+    group: str | FiniteGroup | None = None,
     rank: int | None = None,
     *,
     recipe: str | Path | dict | Recipe | None = None,
     include: str | None = None,
     exclude: str | None = None,
     example_inputs: object = None,
-    calibration: Iterable[object] | torch.Tensor | None = None,
+    calibration: Iterable[object] | torch.Tensor | dict | None = None,
     inplace: bool = False,
     on_mismatch: str | None = None,
     modulate: bool | None = None,
-    conv_group: str | None = None,
+    conv_group: str | FiniteGroup | None = None,
     min_features: int | None = None,
     damping: float | None = None,
     max_calibration_rows: int | None = None,
@@ -252,12 +296,14 @@ def compress(
     Settings come from ``recipe`` (a YAML path, a dict or a :class:`~gmcompress.recipe.Recipe`) with the
     keyword arguments (``group``, ``rank``, ``on_mismatch`` = "skip" | "pad" | "error", ``modulate``,
     ``conv_group``, ``min_features``, ``damping``) overriding its defaults; ``include``/``exclude`` are
-    regexes that must match a whole module name. With ``calibration`` (a tensor or an iterable of
-    batches: tensors, tuples or dicts of model inputs) layers are fitted activation-aware from per-layer input
-    statistics (``max_calibration_rows`` caps the rows per layer; None: all of them). ``calibration_mode``
-    "sequential" fits the layers in call order, each on the inputs the already compressed layers before it
-    produce; "original" fits every layer on the original model's activations (see
-    :mod:`gmcompress.calibration`). ``example_inputs`` (same forms) lets the report measure MACs and latency.
+    regexes that must match a whole module name. With ``calibration`` (one batch: a tensor or a dict of keyword
+    inputs; or an iterable of batches such as a list or a DataLoader: tensors, tuples or dicts of model inputs, or
+    ``(inputs, labels)`` pairs read as ``finetune`` reads them, see :func:`~gmcompress.batches.calibration_batches`)
+    layers are fitted activation-aware from per-layer input statistics (``max_calibration_rows`` caps the rows
+    per layer; None: all of them). ``calibration_mode`` "sequential" fits the layers in call order, each on the
+    inputs the already compressed layers before it produce; "original" fits every layer on the original model's
+    activations (see :mod:`gmcompress.calibration`). ``example_inputs`` (one batch: a tensor, a tuple or a dict)
+    lets the report measure MACs and latency.
     ``budget`` (a :class:`~gmcompress.budget.Budget`, ``"params=4"`` or a mapping; or the recipe's ``budget:``)
     chooses each layer's group and rank (or keeps it dense) from measured error, size and latency; ``group``
     then names the candidates (a family: "C", "D", a group or a list of groups). See :mod:`gmcompress.budget`.
@@ -270,46 +316,66 @@ def compress(
     The model is traced with torch.fx and the GM modules take the place of the originals in the
     returned ``GraphModule``; a model that does not trace gets one warning and its modules are swapped
     by name on a copy. The user's model is left untouched unless ``inplace=True`` (then it is modified
-    and returned), and the global RNG state is left as it was. :func:`plan` shows the plan without fitting.
-    The result carries its :class:`~gmcompress.report.CompressionReport` as ``.gm_report``.
+    and returned; ``inplace`` and ``progress`` must be real bools), and the global RNG state is left as it was.
+    :func:`plan` shows the plan without fitting. The result carries its
+    :class:`~gmcompress.report.CompressionReport` as ``.gm_report``.
     """
     overrides = dict(on_mismatch=on_mismatch, modulate=modulate, conv_group=conv_group)
     overrides.update(min_features=min_features, damping=damping)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
+    _check_arguments(model, include, exclude, inplace, progress, calibration_mode)
     loaded = recipe if recipe is None or isinstance(recipe, Recipe) else load_recipe(recipe)
     _rules(loaded, group=_budget(budget, loaded, group, rank)[1], rank=rank, **overrides)  # fail before the copy
-    _check_mode(calibration_mode)
-    if calibration is not None and not isinstance(calibration, torch.Tensor):
-        calibration = list(calibration)  # a budget reads the batches before the fits do: a generator must not run dry
+    if calibration is not None:  # a list: a budget reads the batches before the fits do, a generator must not run dry
+        calibration = calibration_batches(model, calibration)
     calibration, heldout, source = _fidelity_data(calibration, heldout, example_inputs)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         working = model if inplace else _copy(model)
-        was_training = working.training
-        working.eval()
-        reference = reference_outputs(working, heldout) if heldout is not None else None
-        the_plan = plan(
-            working, group, rank, recipe=loaded, include=include, exclude=exclude, **overrides, budget=budget,
-            calibration=calibration, example_inputs=example_inputs, max_calibration_rows=max_calibration_rows,
-            progress=progress, heldout=heldout, calibration_mode=calibration_mode,
-        )  # fmt: skip
-        if the_plan.trace_failure is not None:
-            warnings.warn(
-                f"gmcompress: {type(model).__name__} does not trace with torch.fx ({the_plan.trace_failure}); "
-                "swapping its layers by name instead",
-                stacklevel=2,
-            )
-        root = working if inplace or the_plan.graph_module is None else the_plan.graph_module
-        apply_plan(
-            the_plan, root, example_inputs, calibration, max_calibration_rows, progress, calibration_mode,
-            original=None if inplace else model,
-        )  # fmt: skip
-        if reference is not None:
-            root.gm_report.fidelity = compare_outputs(reference, reference_outputs(root, heldout), source)
-            _warn_if_lost(root.gm_report)
-        root.train(was_training)
+        modes = {name: m.training for name, m in working.named_modules(remove_duplicate=False)}
+        with eval_mode(working):
+            reference = reference_outputs(working, heldout) if heldout is not None else None
+            the_plan = plan(
+                working, group, rank, recipe=loaded, include=include, exclude=exclude, **overrides, budget=budget,
+                calibration=calibration, example_inputs=example_inputs, max_calibration_rows=max_calibration_rows,
+                progress=progress, heldout=heldout, calibration_mode=calibration_mode,
+            )  # fmt: skip
+            if the_plan.trace_failure is not None:
+                warnings.warn(
+                    f"gmcompress: {type(model).__name__} does not trace with torch.fx ({the_plan.trace_failure}); "
+                    "swapping its layers by name instead",
+                    stacklevel=2,
+                )
+            root = working if inplace or the_plan.graph_module is None else the_plan.graph_module
+            if inplace:
+                _keep_lifted_dense(the_plan)
+            apply_plan(
+                the_plan, root, example_inputs, calibration, max_calibration_rows, progress, calibration_mode,
+                original=None if inplace else model,
+            )  # fmt: skip
+            if reference is not None:
+                root.gm_report.fidelity = compare_outputs(reference, reference_outputs(root, heldout), source)
+                _warn_if_lost(root.gm_report)
+        _restore_modes(root, modes)
     return root
+
+
+def _keep_lifted_dense(the_plan: CompressionPlan) -> None:
+    """In place, the model's own forward runs: a layer lifted from a functional call exists only in the GraphModule."""
+    for p in the_plan.layers:
+        if p.form and the_plan.graph_module is not None and is_lifted(the_plan.graph_module, p.name):
+            p.skip(
+                "lifted from a functional call (F.linear/F.conv1d/F.conv2d in a forward), which only the GraphModule "
+                "that compress returns without inplace=True calls as a layer; in place it stays dense"
+            )
+
+
+def _restore_modes(root: nn.Module, modes: dict[str, bool]) -> None:
+    """Each module of the result takes the training flag its counterpart in the model had (``modes``, by name):
+    the module itself, the dense layer a GM layer replaced, the module a GraphModule stands for or whose weight a
+    lifted functional layer holds (:func:`~gmcompress.fx.source_name`); a module with none, its parent's."""
+    for name, module in root.named_modules(remove_duplicate=False):
+        source = source_name(root, name)
+        module.training = modes[source] if source in modes else root.get_submodule(name.rpartition(".")[0]).training
 
 
 def _fidelity_data(
@@ -387,10 +453,12 @@ def apply_plan(
             report.latency_before_ms = measure_latency(model, example_inputs)
     todo = [p for p in the_plan.layers if p.form]
     measured = [p for p in todo if p.settings.impl == "auto"] if example_inputs is not None else []
-    layer_inputs = capture_layer_inputs(model, measured, example_inputs) if measured else {}
+    with unfused_paths(model):  # hooks on the Linears of a transformer see their calls, on plain tensors
+        layer_inputs = capture_layer_inputs(model, measured, example_inputs, PATH_MAX_SAMPLES) if measured else {}
     aliases = module_aliases(root)
     rows = {}
-    bar = tqdm(total=len(todo), desc="gmcompress: fitting", disable=not progress or not todo, unit="layer")
+    desc = "gmcompress: fitting and timing paths" if layer_inputs else "gmcompress: fitting"
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="layer")
 
     few_rows: list[str] = []
 
@@ -403,10 +471,11 @@ def apply_plan(
         for alias in aliases.get(id(p.module), [p.name]):
             swap(root, alias, new)
         rows[p.name] = _fitted_row(p, new, timing)
+        bar.set_postfix_str(p.name, refresh=False)
         bar.update()
         return new
 
-    with bar:
+    with bar, unfused_paths(model):
         calibrate(model, the_plan.graph_module, todo, calibration, install, calibration_mode, max_calibration_rows)
     if few_rows:
         warnings.warn(

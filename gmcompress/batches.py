@@ -3,27 +3,36 @@
 A batch of model inputs is a tensor (one positional input), a tuple or list (positional inputs) or a dict
 (keyword inputs, as Hugging Face models take). A model output is a tensor, a tuple, a dict or a
 ``ModelOutput``; :func:`first_tensor` picks the tensor that distillation and reports compare.
+
+Calibration data (:func:`calibration_batches`) is one batch (a tensor or a dict) or an iterable of batches; a
+batch of two elements that the model cannot take as two positional inputs is ``(inputs, labels)``, as
+:func:`split_batch` reads a training batch, so one DataLoader serves ``compress`` and ``finetune`` alike.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+import inspect
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checks import short_repr
+
 __all__ = [
     "run_model", "call_arguments", "layer_input", "forward_hooks", "first_inputs", "first_tensor", "output_tensors",
-    "to_device", "split_batch",
+    "to_device", "split_batch", "calibration_batches", "positional_inputs", "CALIBRATION_FORMS", "eval_mode",
 ]  # fmt: skip
 
 
 def call_arguments(inputs: object) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of a batch: a dict is keyword inputs, a tuple/list positional ones, else one input."""
-    if isinstance(inputs, dict):
+    """``(args, kwargs)`` of a batch: a dict (any mapping) is keyword inputs, a tuple/list positional ones, else
+    one input."""
+    if isinstance(inputs, Mapping):
         return (), inputs
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
@@ -129,3 +138,74 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
         if len(batch) == 2:
             return batch[0], batch[1]
     return batch, None
+
+
+CALIBRATION_FORMS = (
+    "a tensor or a dict of keyword inputs (one batch), or an iterable of batches (a list or DataLoader of tensors, "
+    "tuples/lists of positional inputs, (inputs, labels) pairs or dicts of keyword inputs)"
+)
+
+
+def calibration_batches(model: nn.Module, calibration: object) -> list[object]:
+    """The model inputs of each calibration batch, as a list (a generator or DataLoader is read once, here).
+
+    A tensor or a mapping is one batch; any other iterable but a string holds batches, each a tensor, a tuple/list
+    of positional inputs or a mapping of keyword inputs. A two-element tuple/list that ``model.forward`` cannot
+    take as two positional inputs is ``(inputs, labels)`` (:func:`split_batch`, finetune's rule): its labels are
+    dropped. Anything else is a ``TypeError`` naming ``calibration`` and the accepted forms."""
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        batches = [calibration]
+    elif isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration: expected {CALIBRATION_FORMS}; got {_described(calibration)}")
+    else:
+        batches = list(calibration)
+    takes = positional_inputs(model)
+    return [_batch_inputs(batch, i, takes, type(model).__name__) for i, batch in enumerate(batches)]
+
+
+def _batch_inputs(batch: object, index: int, takes: float, model_name: str) -> object:
+    """The model inputs of calibration batch ``index`` (its labels dropped), checked."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and takes < 2:
+        batch = split_batch(batch)[0]
+    if not isinstance(batch, (torch.Tensor, tuple, list, Mapping)):
+        raise TypeError(
+            f"calibration batch {index}: expected a tensor, a tuple/list of positional inputs, an (inputs, labels) "
+            f"pair or a dict of keyword inputs; got {_described(batch)}"
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) > takes:
+        raise TypeError(
+            f"calibration batch {index} holds {len(batch)} positional inputs, but {model_name}.forward takes "
+            f"{takes}; give each batch as the model's inputs (a tensor, a tuple of them or a dict), or as an "
+            "(inputs, labels) pair"
+        )
+    return batch
+
+
+def positional_inputs(model: nn.Module) -> float:
+    """How many positional inputs ``model.forward`` takes (``inf`` with ``*args`` or an unreadable signature)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return math.inf
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return math.inf
+    return sum(
+        p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in parameters
+    )
+
+
+def _described(value: object) -> str:
+    """A wrong value as its type and a short repr."""
+    return f"{type(value).__name__} {short_repr(value)}"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside; each module's own ``training`` flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -43,8 +43,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -55,7 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Allocation, Infeasible, allocate
-from .batches import first_tensor, output_tensors, run_model
+from .batches import eval_mode, first_tensor, output_tensors, run_model
 from .calibration import calibrate, capture_statistics
 from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
 from .groups import group as parse_group
@@ -801,18 +800,6 @@ def _output(model: nn.Module, batch: object) -> torch.Tensor:
     if not tensors:
         raise BudgetError(f"the output of {type(model).__name__} holds no floating-point tensor to measure errors on")
     return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode inside; each module's own ``training`` flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:

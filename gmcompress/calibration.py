@@ -25,17 +25,13 @@ import torch
 from torch import fx, nn
 
 from .aware import InputStats
-from .batches import call_arguments, forward_hooks, layer_input, run_model
+from .batches import calibration_batches, call_arguments, forward_hooks, layer_input, run_model
 from .handlers import LayerPlan
 
 __all__ = ["MODES", "capture_statistics", "calibrate"]
 
 MODES = ("sequential", "original")
 Install = Callable[[LayerPlan, "InputStats | None"], nn.Module]
-
-
-def _batches(calibration: Iterable[object] | torch.Tensor) -> list[object]:
-    return [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
 
 
 class _Accumulator:
@@ -73,11 +69,12 @@ class _Accumulator:
 def capture_statistics(
     model: nn.Module, plans: list[LayerPlan], calibration: Iterable[object] | torch.Tensor, max_rows: int | None = None
 ) -> dict[str, InputStats]:
-    """One pass of ``model`` over the calibration batches: the input statistics of every layer in ``plans``."""
+    """One pass of ``model`` over the calibration batches (forms: :func:`~gmcompress.batches.calibration_batches`):
+    the input statistics of every layer in ``plans``."""
     acc = _Accumulator(max_rows)
     hooks = [(p.module, lambda mod, x, p=p: acc.add(p, mod, x)) for p in plans]
     with forward_hooks(hooks, pre=True), torch.no_grad():
-        for batch in _batches(calibration):
+        for batch in calibration_batches(model, calibration):
             run_model(model, batch)
     return acc.stats
 
@@ -107,7 +104,8 @@ def calibrate(
                 install(p, stats.pop(p.name, None))
             return
         sequential = _graph_sequential if graph_module is not None else _hook_sequential
-        done = sequential(graph_module or model, plans, _batches(calibration), install, max_rows)
+        batches = calibration_batches(model, calibration)
+        done = sequential(graph_module or model, plans, batches, install, max_rows)
     for p in plans:
         if p.name not in done:
             install(p, None)
@@ -146,16 +144,24 @@ def _graph_sequential(
     gm: fx.GraphModule, plans: list[LayerPlan], batches: list[object], install: Install, max_rows: int | None
 ) -> set[str]:
     """Step the graph for all batches together; at a planned layer's first call, fit it on the inputs the
-    compressed prefix gives it, then run the fitted layer. Returns the names fitted."""
+    compressed prefix gives it, then run the fitted layer. The planned layers inside a module the graph calls whole
+    are fitted there by :func:`_hook_sequential` on that call's inputs. Returns the names fitted."""
     by_module = {id(p.module): p for p in plans}
     steppers = [_Stepper(gm, batch) for batch in batches]
     fitted: dict[int, nn.Module] = {}
     acc = _Accumulator(max_rows)
+    inside: set[str] = set()
     with torch.no_grad():
         for node in gm.graph.nodes:
             if node.op == "output":
                 break
             plan = by_module.get(id(gm.get_submodule(node.target))) if node.op == "call_module" else None
+            if node.op == "call_module" and plan is None:  # a container called whole (nn.TransformerEncoder)
+                inner = [p for p in plans if p.name.startswith(f"{node.target}.") and p.name not in inside]
+                if inner:
+                    container = gm.get_submodule(node.target)
+                    calls = [s.inputs(node) for s in steppers]
+                    inside |= _hook_sequential(lambda a, k, c=container: c(*a, **k), inner, calls, install, max_rows)
             if plan is not None and id(plan.module) not in fitted:
                 if plan.settings.activation_aware:
                     for s in steppers:
@@ -165,7 +171,7 @@ def _graph_sequential(
             module = fitted.get(id(plan.module)) if plan is not None else None
             for s in steppers:
                 s.step(node, module)
-    return {p.name for p in plans if id(p.module) in fitted}
+    return {p.name for p in plans if id(p.module) in fitted} | inside
 
 
 class _Stop(Exception):

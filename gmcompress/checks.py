@@ -12,7 +12,16 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["MAX_GROUP_ORDER", "check_finite", "check_rank", "check_group_order", "check_nonnegative"]
+__all__ = [
+    "MAX_GROUP_ORDER",
+    "check_finite",
+    "check_rank",
+    "check_group_order",
+    "group_order_error",
+    "check_nonnegative",
+    "check_flag",
+    "short_repr",
+]
 
 MAX_GROUP_ORDER = 4096
 """Largest group order accepted. A group is stored as its N x N Cayley table and its real block basis
@@ -48,12 +57,17 @@ def check_rank(rank: object, max_rank: int, modulate: bool, what: str) -> int:
 def check_group_order(order: int, spec: str) -> None:
     """Refuse groups larger than :data:`MAX_GROUP_ORDER` before anything of their size is allocated."""
     if order > MAX_GROUP_ORDER:
-        digits = len(str(order))
-        shown = f"{order:,}" if digits <= 15 else f"about 10^{digits - 1}"
-        raise ValueError(
-            f"group {spec!r} has order {shown}, more than the largest supported order {MAX_GROUP_ORDER:,} "
-            f"(its Cayley table alone would not fit in memory); use a smaller group such as 'C16'"
-        )
+        # the size from the bit length: str() of an int of thousands of digits is slow (and refused by Python)
+        shown = f"{order:,}" if order < 10**15 else f"about 10^{int((order.bit_length() - 1) * math.log10(2))}"
+        raise group_order_error(spec, shown)
+
+
+def group_order_error(spec: str, shown: str) -> ValueError:
+    """The error for a group of order ``shown`` (more than :data:`MAX_GROUP_ORDER`), named by its spec."""
+    return ValueError(
+        f"group {short_repr(spec)} has order {shown}, more than the largest supported order {MAX_GROUP_ORDER:,} "
+        f"(its Cayley table alone would not fit in memory); use a smaller group such as 'C16'"
+    )
 
 
 def check_nonnegative(value: object, what: str) -> float:
@@ -63,3 +77,16 @@ def check_nonnegative(value: object, what: str) -> float:
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value!r}")
     return float(value)
+
+
+def check_flag(value: object, what: str) -> bool:
+    """A real bool (``True``/``False``, numpy's included): ``"no"`` or ``0`` is refused, not read as truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so that a huge wrong value does not flood its error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -5,31 +5,37 @@
     gmcompress report   --model gmcompress.zoo:mnistnet --checkpoint out/mnistnet.pt
     gmcompress finetune --model gmcompress.zoo:mnistnet --recipe recipes/mnistnet.yaml --out out/mnistnet-ft.pt
 
-``--model package.module:NAME`` names a :class:`gmcompress.zoo.DemoModel` (a factory with hooks for
-example inputs, calibration batches, ``evaluate(model, reference) -> dict`` and fine-tuning data: the
-zoo's models are) or any function returning the pretrained model. ``--example-shape``,
-``--example-inputs``, ``--calibration``, ``--eval`` and ``--data`` override the hooks.
-Errors end with exit code 2 and a one-line message.
+``--model module:NAME`` names a :class:`gmcompress.zoo.DemoModel` (a factory with hooks for example inputs,
+calibration batches, ``evaluate(model, reference) -> dict`` and fine-tuning data: the zoo's models are) or
+any function returning the pretrained model; the module may be a file in the current directory
+(``--model mymodels:build``), as under ``python -m``. ``--example-shape``, ``--example-inputs``,
+``--calibration``, ``--eval`` and ``--data`` override the hooks. Each subcommand takes only the options it
+uses, spelled out in full (no abbreviations). The arguments are parsed before torch is imported, so
+``--help`` is quick. Errors end with exit code 2 and a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .api import compress, plan
-from .budget import Budget
-from .io import load, save
-from .report import CompressionReport, count_macs, format_table, measure_latencies, state_dict_bytes
-from .zoo import DemoModel
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .budget import Budget
+    from .report import CompressionReport
+    from .zoo import DemoModel
+
+# the options that shape a new compression: finetune --checkpoint (already compressed) refuses them
+COMPRESSION_OPTIONS = ("group", "rank", "conv_group", "budget", "calibration", "no_calibration", "calibration_mode")
 
 
 def _resolve(spec: str, what: str) -> Callable[..., Any]:
@@ -47,7 +53,17 @@ def _resolve(spec: str, what: str) -> Callable[..., Any]:
     return obj
 
 
+def _current_directory_importable() -> None:
+    """The current directory first on ``sys.path`` (as ``python -m`` puts it), so ``--model mymodels:build``
+    finds ``./mymodels.py`` also when run as the ``gmcompress`` script."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _demo_model(spec: str) -> DemoModel:
+    from .zoo import DemoModel
+
     obj = _resolve(spec, "--model")
     if isinstance(obj, DemoModel):
         return obj
@@ -56,83 +72,129 @@ def _demo_model(spec: str) -> DemoModel:
     return DemoModel(build=obj)
 
 
-def _build(demo: DemoModel, spec: str) -> torch.nn.Module:
+def _build(demo: DemoModel, spec: str) -> nn.Module:
+    from torch import nn
+
     try:
         model = demo.build()
     except Exception as err:
         raise ValueError(f"--model {spec}: building the model failed: {type(err).__name__}: {err}") from None
-    if not isinstance(model, torch.nn.Module):
+    if not isinstance(model, nn.Module):
         raise ValueError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
 
 
-def _hooks(args: argparse.Namespace, factory: DemoModel) -> tuple[Any, Any, Callable | None]:
-    example = None
+def _example(args: argparse.Namespace, factory: DemoModel) -> Any:
+    """The example inputs: ``--example-shape`` (random), ``--example-inputs``, or the model's hook."""
     if args.example_shape:
+        import torch
+
         try:
             shape = tuple(int(v) for v in args.example_shape.split(","))
         except ValueError:
             raise ValueError(f"--example-shape must be comma-separated integers, got {args.example_shape!r}") from None
-        example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    elif args.example_inputs:
-        example = _resolve(args.example_inputs, "--example-inputs")()
-    elif factory.example_inputs is not None:
-        example = factory.example_inputs()
-    calibration = None
-    if getattr(args, "calibration", None) and getattr(args, "no_calibration", False):
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    if args.example_inputs:
+        return _resolve(args.example_inputs, "--example-inputs")()
+    return factory.example_inputs() if factory.example_inputs is not None else None
+
+
+def _calibration(args: argparse.Namespace, factory: DemoModel) -> Any:
+    """The calibration batches: ``--calibration``, or the model's hook unless ``--no-calibration``."""
+    refused = getattr(args, "no_calibration", False)
+    if args.calibration and refused:
         raise ValueError("--calibration and --no-calibration contradict each other: give one of them")
-    if getattr(args, "calibration", None):
-        calibration = _resolve(args.calibration, "--calibration")()
-    elif factory.calibration is not None and not getattr(args, "no_calibration", False):
-        calibration = factory.calibration()
-    evaluate = _resolve(args.eval, "--eval") if args.eval else factory.evaluate
-    return example, calibration, evaluate
+    if args.calibration:
+        return _resolve(args.calibration, "--calibration")()
+    return factory.calibration() if factory.calibration is not None and not refused else None
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="package.module:factory returning the pretrained model")
+def _evaluate(args: argparse.Namespace, factory: DemoModel) -> Callable | None:
+    return _resolve(args.eval, "--eval") if args.eval else factory.evaluate
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="module:NAME, NAME a gmcompress.zoo.DemoModel or a function returning the pretrained nn.Module; the "
+        "module may be a file in the current directory (mymodels:build for ./mymodels.py)",
+    )
+
+
+def _add_compression(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="YAML recipe (see recipes/)")
     p.add_argument("--group", help="group for Linear / 1x1 layers, e.g. C8 (overrides the recipe)")
     p.add_argument("--rank", type=int, help="rank of the relaxed form (overrides the recipe)")
     p.add_argument("--conv-group", help="group of the square for k x k convolutions (C2, C4, D2, D4)")
     p.add_argument(
-        "--calibration-mode",
-        choices=("sequential", "original"),
-        default="sequential",
-        help="fit each layer on the compressed prefix's activations (sequential, default) or the original model's",
-    )
-    p.add_argument(
         "--budget",
         help="choose each layer's group and rank under a budget: params=4 (times fewer weights), speedup=2 "
         "(needs example inputs) or max_error=0.1; --group then names the candidates (C = cyclic orders 2-64)",
     )
-    p.add_argument("--example-shape", help="comma-separated shape of a random example input, e.g. 1,1,28,28")
-    p.add_argument("--example-inputs", help="package.module:function returning example inputs")
-    p.add_argument("--eval", help="package.module:function(model, reference) -> dict of metrics")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    """The fitting options of the commands that compress (compress, finetune)."""
+    p.add_argument("--calibration", help="module:function returning calibration batches (activation-aware fits)")
+    p.add_argument("--no-calibration", action="store_true", help="plain (not activation-aware) fits")
+    p.add_argument(
+        "--calibration-mode",
+        choices=("sequential", "original"),
+        help="fit each layer on the compressed prefix's activations (sequential, default) or the original model's",
+    )
+
+
+def _add_inputs(p: argparse.ArgumentParser, used_for: str) -> None:
+    shape_help = f"comma-separated shape of a random example input, e.g. 1,1,28,28 ({used_for})"
+    p.add_argument("--example-shape", help=shape_help)
+    p.add_argument("--example-inputs", help=f"module:function returning example inputs ({used_for})")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", help="module:function(model, reference) -> dict of metrics")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gmcompress", description="Compress PyTorch models with group matrices.")
+    """The parser of every subcommand, each with only the options it uses; imports nothing heavy."""
+    parser = argparse.ArgumentParser(
+        prog="gmcompress", description="Compress PyTorch models with group matrices.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"gmcompress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="show which layers would be compressed and how (no fitting but a budget's)")
-    _add_common(plan)
-    plan.add_argument("--calibration", help="package.module:function returning calibration batches (budgets)")
-    comp = sub.add_parser("compress", help="fit, swap and report; --out saves the result")
-    _add_common(comp)
-    comp.add_argument("--calibration", help="package.module:function returning calibration batches")
-    comp.add_argument("--no-calibration", action="store_true", help="plain (not activation-aware) fits")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, allow_abbrev=False)
+        _add_model(p)
+        return p
+
+    plan = command("plan", "show which layers would be compressed and how (no fitting but a budget's)")
+    _add_compression(plan)
+    _add_inputs(plan, "speedup budgets")
+    plan.add_argument("--calibration", help="module:function returning calibration batches (budgets)")
+    comp = command("compress", "fit, swap and report; --out saves the result")
+    _add_compression(comp)
+    _add_calibration(comp)
+    _add_inputs(comp, "MACs, latency and the paths' timing")
+    _add_eval(comp)
     comp.add_argument("--out", help="where to save the compressed model (gmcompress.save format)")
     comp.add_argument("--markdown", help="also write the report as markdown here")
     comp.add_argument("--plot", help="also save the per-layer figure (PNG) here")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
-    rep = sub.add_parser("report", help="report on a saved compressed model against the original")
-    _add_common(rep)
+    rep = command("report", "report on a saved compressed model against the original")
     rep.add_argument("--checkpoint", required=True, help="file written by 'gmcompress compress --out'")
-    tune = sub.add_parser("finetune", help="distil a compressed model from the original (recipe 'finetune')")
-    _add_common(tune)
-    tune.add_argument("--checkpoint", help="start from this compressed file instead of compressing now")
-    tune.add_argument("--data", help="package.module:function returning the training Dataset")
+    _add_inputs(rep, "MACs and latency")
+    _add_eval(rep)
+    tune = command("finetune", "distil a compressed model from the original (recipe 'finetune')")
+    _add_compression(tune)
+    _add_calibration(tune)
+    _add_inputs(tune, "MACs, latency and the paths' timing")
+    _add_eval(tune)
+    tune.add_argument(
+        "--checkpoint", help="start from this compressed file instead of compressing now (the recipe then gives "
+        "only the finetune section)",
+    )  # fmt: skip
+    tune.add_argument("--data", help="module:function returning the training Dataset")
     tune.add_argument("--epochs", type=int, help="override the recipe's epochs")
     tune.add_argument("--checkpoint-dir", help="resumable checkpoints (Ctrl-C saves; rerun to resume)")
     tune.add_argument(
@@ -145,17 +207,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _compress(args: argparse.Namespace, original: torch.nn.Module, **kwargs: Any) -> Any:
-    """:func:`compress` with the command line's group, rank, recipe and conv_group."""
+def _group_needed(err: ValueError, command: str) -> ValueError:
+    """The Python API's "needs a group (e.g. group='C8')" in the command line's words; other errors as they are."""
+    if "needs a group (e.g. group='C8')" not in str(err):
+        return err
+    return ValueError(f"{command} needs a group: give --group (e.g. --group C8) or --recipe FILE whose defaults or "
+                      "rules set one (see recipes/)")  # fmt: skip
+
+
+def _compress(args: argparse.Namespace, original: nn.Module, **kwargs: Any) -> nn.Module:
+    """:func:`compress` with the command line's group, rank, recipe, conv_group, budget and calibration mode."""
+    from .api import compress
+
     budget, group = _budget(args)
-    return compress(
-        original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget,
-        calibration_mode=args.calibration_mode, **kwargs,
-    )  # fmt: skip
+    if args.calibration_mode is not None:
+        kwargs["calibration_mode"] = args.calibration_mode
+    try:
+        return compress(
+            original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget, **kwargs
+        )
+    except ValueError as err:
+        raise _group_needed(err, args.command) from None
+
+
+def _plan(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:
+    from .api import plan
+
+    budget, group = _budget(args)
+    example, calibration = (_example(args, factory), _calibration(args, factory)) if budget else (None, None)
+    try:
+        the_plan = plan(
+            original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget,
+            calibration=calibration, example_inputs=example, progress=False,
+        )  # fmt: skip
+    except ValueError as err:
+        raise _group_needed(err, args.command) from None
+    print(the_plan)
+    return 0
 
 
 def _budget(args: argparse.Namespace) -> tuple[Budget | None, str | list[str] | None]:
     """``--budget`` parsed, and ``--group`` (with a budget, a comma-separated list names the candidates)."""
+    from .budget import Budget
+
     budget = Budget.parse(args.budget) if args.budget else None
     group = args.group
     if group and "," in group:
@@ -165,18 +259,28 @@ def _budget(args: argparse.Namespace) -> tuple[Budget | None, str | list[str] | 
     return budget, group
 
 
-def _add_metrics(
-    report: CompressionReport, evaluate: Callable | None, original: torch.nn.Module, model: torch.nn.Module
-) -> None:
+def _add_metrics(report: CompressionReport, evaluate: Callable | None, original: nn.Module, model: nn.Module) -> None:
     if evaluate is not None:
         before, after = evaluate(original, original), evaluate(model, original)
         for key in after:
             report.add_metric(key, before[key], after[key])
 
 
-def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.Module) -> int:
+def _refuse_compression_options(args: argparse.Namespace) -> None:
+    """``finetune --checkpoint`` starts from a compressed file: options that shape a compression would be ignored."""
+    given = [name for name in COMPRESSION_OPTIONS if getattr(args, name) not in (None, False)]
+    if given:
+        flags = ", ".join(
+            f"--{name.replace('_', '-')}" + ("" if getattr(args, name) is True else f" {getattr(args, name)}")
+            for name in given
+        )
+        raise ValueError(f"finetune --checkpoint {args.checkpoint} fine-tunes a model compressed already: {flags} "
+                         "would be ignored; drop it, or drop --checkpoint to compress now")  # fmt: skip
+
+
+def _finetune_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe's finetune section with the command line's overrides."""
     from .recipe import load_recipe
-    from .training import finetune
     from .training.settings import FEATURE_LOSSES
 
     settings = dict(load_recipe(args.recipe).finetune or {}) if args.recipe else {}
@@ -191,29 +295,42 @@ def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.M
             settings["loss"] = "mse"
     if "epochs" not in settings and "steps" not in settings:
         raise ValueError("no fine-tuning budget: give --epochs or a recipe with a finetune section")
+    return settings
+
+
+def _finetune(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:
+    from . import training
+    from .io import load, save
+    from .report import format_table
+
+    if args.checkpoint:
+        _refuse_compression_options(args)
+    settings = _finetune_settings(args)
     if args.data:
         data = _resolve(args.data, "--data")()
     elif factory.train_data is not None:
         data = factory.train_data()
     else:
         raise ValueError("no training data: give --data package.module:function")
-    example, calibration, evaluate = _hooks(args, factory)
+    example, evaluate = _example(args, factory), _evaluate(args, factory)
     if args.checkpoint:
         student = load(args.checkpoint, _build(factory, args.model))
         report = _totals(original, student, example)
     else:
+        calibration = _calibration(args, factory)
         student = _compress(args, original, example_inputs=example, calibration=calibration, progress=not args.quiet)
         report = student.gm_report
+    # what compression did, before the minutes of fine-tuning
+    print(report if report.layers else format_table(report.TOTAL_HEADER, report.total_rows()), flush=True)
     # a factory may name a richer distillation target than the model's output (MiniLM: token states)
     view = factory.distill_view
     trained, teacher = (view(student), view(original)) if view is not None else (student, original)
     eval_fn = (lambda _: evaluate(student, original)) if evaluate is not None else None
     before = eval_fn(student) if eval_fn else {}
-    result = finetune(trained, teacher, data, eval_fn=eval_fn, progress=not args.quiet, **settings)
+    result = training.finetune(trained, teacher, data, eval_fn=eval_fn, progress=not args.quiet, **settings)
     after = eval_fn(student) if eval_fn else {}
     reference = evaluate(original, original) if evaluate is not None else {}
     rows = [[k, f"{reference[k]:.4f}", f"{before[k]:.4f}", f"{after[k]:.4f}"] for k in after]
-    print(report if report.layers else format_table(report.TOTAL_HEADER, report.total_rows()))
     print()
     print(format_table(["metric", "original", "compressed", "fine-tuned"], rows))
     print(f"{result.steps} steps in {result.seconds / 60:.1f} min")
@@ -223,43 +340,49 @@ def _finetune(args: argparse.Namespace, factory: DemoModel, original: torch.nn.M
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    factory = _demo_model(args.model)
-    original = _build(factory, args.model)
-    if args.command == "finetune":
-        return _finetune(args, factory, original)
-    if args.command == "plan":
-        budget, group = _budget(args)
-        example, calibration, _ = _hooks(args, factory) if budget is not None else (None, None, None)
-        the_plan = plan(
-            original, group, args.rank, recipe=args.recipe, conv_group=args.conv_group, budget=budget,
-            calibration=calibration, example_inputs=example, progress=False,
-        )  # fmt: skip
-        print(the_plan)
-        return 0
-    example, calibration, evaluate = _hooks(args, factory)
-    if args.command == "compress":
-        model = _compress(args, original, example_inputs=example, calibration=calibration, progress=not args.quiet)
-        report: CompressionReport = model.gm_report
-        _add_metrics(report, evaluate, original, model)
-        print(report)
-        if args.out:
-            save(model, args.out)
-            print(f"saved {args.out}")
-        if args.markdown:
-            Path(args.markdown).write_text(report.to_markdown() + "\n")
-        if args.plot:
-            report.plot(args.plot)
-        return 0
-    model = load(args.checkpoint, _build(factory, args.model))
-    report = _totals(original, model, example)
+def _compress_command(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:
+    from .io import save
+
+    example, calibration, evaluate = _example(args, factory), _calibration(args, factory), _evaluate(args, factory)
+    model = _compress(args, original, example_inputs=example, calibration=calibration, progress=not args.quiet)
+    report: CompressionReport = model.gm_report
     _add_metrics(report, evaluate, original, model)
+    print(report)
+    if args.out:
+        save(model, args.out)
+        print(f"saved {args.out}")
+    if args.markdown:
+        Path(args.markdown).write_text(report.to_markdown() + "\n")
+    if args.plot:
+        report.plot(args.plot)
+    return 0
+
+
+def _report(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:
+    from .io import load
+    from .report import format_table
+
+    model = load(args.checkpoint, _build(factory, args.model))
+    report = _totals(original, model, _example(args, factory))
+    _add_metrics(report, _evaluate(args, factory), original, model)
     print(format_table(report.TOTAL_HEADER, report.total_rows()))
     return 0
 
 
-def _totals(original: torch.nn.Module, model: torch.nn.Module, example: Any) -> CompressionReport:
+COMMANDS = {"plan": _plan, "compress": _compress_command, "report": _report, "finetune": _finetune}
+
+
+def _run(args: argparse.Namespace) -> int:
+    _current_directory_importable()
+    factory = _demo_model(args.model)
+    original = _build(factory, args.model)
+    return COMMANDS[args.command](args, factory, original)
+
+
+def _totals(original: nn.Module, model: nn.Module, example: Any) -> CompressionReport:
     """Model totals (parameters, bytes, MACs and latency on ``example``) of a loaded compressed model."""
+    from .report import CompressionReport, count_macs, measure_latencies, state_dict_bytes
+
     report = CompressionReport(
         params_before=sum(p.numel() for p in original.parameters()),
         params_after=sum(p.numel() for p in model.parameters()),

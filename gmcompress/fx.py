@@ -1,43 +1,83 @@
 """The graph pass: find the dense layers a model really calls, and swap in replacements.
 
 ``find_layers`` traces the model with ``torch.fx`` (every module that has a handler in
-:mod:`gmcompress.handlers` is kept as a leaf, subclasses included) and lists the ``call_module`` nodes
-of those layers in execution order. Functional calls ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` on a
-module's own parameters become layers too: each is lifted into an ``nn.Linear`` / ``nn.Conv*d`` holding
-the same parameters (named ``<weight path with _>_<op>``, e.g. ``proj_w_linear``), when the weight is
-used by that call only. When the model does not trace (data-dependent control flow,
-Hugging Face models under transformers 5, TorchScript modules, ...) it says why and falls back to the
-module tree: every such module, by fully qualified name. ``swap`` replaces modules by name on a root
-module (a GraphModule shares its submodules with the traced model, so the graph's ``call_module`` nodes
-then run the replacement).
+:mod:`gmcompress.handlers` is kept as a leaf, subclasses included, unless its own ``forward`` reduces to one
+functional call on its weight) and lists the ``call_module`` nodes of those layers in execution order, with the
+dense layers inside the torch.nn containers the tracer keeps whole (``nn.TransformerEncoder``, ...). Functional
+calls ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` on a module's own parameters become layers too: each is lifted
+into an ``nn.Linear`` / ``nn.Conv*d`` holding the same parameters (named ``<weight path with _>_<op>``, e.g.
+``proj_w_linear``), when the weight is used by that call only. When the model does not trace (data-dependent
+control flow, Hugging Face models under transformers 5, TorchScript modules, ...) it says why and falls back to
+the module tree: every such module, by fully qualified name. Layers a parent reads by weight instead of calling
+(:data:`WEIGHT_READERS`) are listed with the reason they stay dense. ``swap`` replaces modules by name on a root
+module (a GraphModule shares its submodules with the traced model, so the graph's ``call_module`` nodes then run
+the replacement), and turns off torch's fused transformer paths above a GM layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, jit, nn
 
-from .handlers import handler_for
+from .handlers import handler_for, own_forward_base
+from .nn import GMLayer
 
-__all__ = ["TraceResult", "find_layers", "swap", "module_aliases"]
+__all__ = [
+    "TraceResult", "find_layers", "swap", "module_aliases", "source_name", "is_lifted", "unfused_paths",
+    "WEIGHT_READERS",
+]  # fmt: skip
 
 
 @dataclass
 class TraceResult:
-    """The layers found, the GraphModule (None when tracing failed) and why tracing failed."""
+    """The layers found, the GraphModule (None when tracing failed), why tracing failed, and why some layers must stay
+    dense whatever the settings (by name: a layer its parent reads by weight)."""
 
     layers: list[tuple[str, nn.Module]]
     graph_module: fx.GraphModule | None
     failure: str | None
+    kept_dense: dict[str, str] = field(default_factory=dict)
 
 
 class _LayerTracer(fx.Tracer):
-    """torch.fx's tracer, with every dense layer gmcompress knows kept as one ``call_module`` node."""
+    """torch.fx's tracer, with every dense layer gmcompress knows kept as one ``call_module`` node, except the
+    modules in ``trace_into`` (by id): subclasses with their own ``forward`` whose weight goes to one functional call
+    (:func:`_lifts_own_weight`). Their forward is traced, and the call lifted like any other."""
+
+    def __init__(self, trace_into: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.trace_into = trace_into
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return handler_for(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        if handler_for(m) is None:
+            return super().is_leaf_module(m, module_qualified_name)
+        return id(m) not in self.trace_into
+
+
+def _traced_into(model: nn.Module) -> frozenset[int]:
+    """The layers of ``model`` whose own forward the trace follows (checked one by one, before the trace)."""
+    return frozenset(
+        id(m) for m in model.modules() if m is not model and own_forward_base(m) is not None and _lifts_own_weight(m)
+    )
+
+
+def _lifts_own_weight(layer: nn.Module) -> bool:
+    """Whether ``layer``'s own forward traces and passes its weight to exactly one ``F.linear``/``F.conv*d``,
+    which the graph pass lifts into a module (a "same padding" Conv2d: ``F.pad`` then ``F.conv2d(x, self.weight,
+    ...)``)."""
+    try:
+        graph = _LayerTracer().trace(layer)
+        if _arguments_with_defaults(graph):
+            return False
+        gm = fx.GraphModule(layer, graph, type(layer).__name__)
+        _lift_functional_layers(gm)
+    except Exception:  # torch.fx raises many types for untraceable code
+        return False
+    return any(m.weight is layer.weight for name, m in gm.named_children() if name in gm.meta.get(_LIFTED, {}))
 
 
 def find_layers(model: nn.Module) -> TraceResult:
@@ -48,7 +88,7 @@ def find_layers(model: nn.Module) -> TraceResult:
             "swapped; compress the original nn.Module, then script or export the result"
         )
     try:
-        graph = _LayerTracer().trace(model)
+        graph = _LayerTracer(_traced_into(model)).trace(model)
         optional = _arguments_with_defaults(graph)
         if not optional:  # (no GraphModule for a trace that will not be used)
             gm = fx.GraphModule(model, graph, type(model).__name__)
@@ -61,21 +101,80 @@ def find_layers(model: nn.Module) -> TraceResult:
             f"forward argument(s) {', '.join(optional)} have defaults, so the trace would keep only the branches "
             "taken when they are given",
         )
-    seen: set[str] = set()
-    layers = []
+    layers: dict[str, nn.Module] = {}
+    kept: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in seen:
+        if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if handler_for(module) is not None:
-                seen.add(node.target)
-                layers.append((str(node.target), module))
-    return TraceResult(layers, gm, None)
+                layers.setdefault(str(node.target), module)
+            else:  # a torch.nn container the tracer keeps whole (nn.TransformerEncoder, nn.MultiheadAttention, ...)
+                inner, reasons = _dense_layers_inside(module, str(node.target))
+                for name, layer in inner:
+                    layers.setdefault(name, layer)
+                kept.update(reasons)
+    return TraceResult(list(layers.items()), gm, None, kept)
 
 
 def _module_tree(model: nn.Module, reason: str) -> TraceResult:
-    """The fallback: every module with a handler, in module order, and why the graph is not used."""
-    layers = [(name, m) for name, m in model.named_modules() if handler_for(m) is not None]
-    return TraceResult(layers, None, reason)
+    """The fallback: every dense layer in module order (:func:`_dense_layers_inside`), and why the graph is not
+    used."""
+    layers, kept = _dense_layers_inside(model)
+    return TraceResult(layers, None, reason, kept)
+
+
+def _dense_layers_inside(module: nn.Module, prefix: str = "") -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """Every dense layer inside ``module`` (named under ``prefix``), in module order, and why those that are read by
+    weight instead of called (:data:`WEIGHT_READERS`) stay dense. A ``MultiheadAttention``'s input projection
+    (``in_proj_weight``, or ``q/k/v_proj_weight``) is listed as a stand-in ``nn.Linear`` on ``meta`` holding those
+    parameters (``<attention>.in_proj``, ``.q_proj``, ...): it is never swapped."""
+    layers: list[tuple[str, nn.Module]] = []
+    kept: dict[str, str] = {}
+    for relative, m in module.named_modules():
+        name = ".".join(n for n in (prefix, relative) if n)
+        if handler_for(m) is not None:
+            layers.append((name, m))
+            parent_name, _, attr = relative.rpartition(".")
+            parent = module.get_submodule(parent_name)
+            if any(isinstance(parent, t) and attr in attrs for t, attrs in WEIGHT_READERS.items()):
+                kept[name] = _read_by_weight(parent, f"{attr}.weight and {attr}.bias")
+        if isinstance(m, nn.MultiheadAttention):
+            for proj, stand_in in _attention_projections(m):
+                biases = " and in_proj_bias" if stand_in.bias is not None else ""
+                layers.append((f"{name}.{proj}" if name else proj, stand_in))
+                kept[layers[-1][0]] = _read_by_weight(m, f"{proj}_weight{biases}")
+    return layers, kept
+
+
+WEIGHT_READERS: dict[type[nn.Module], tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
+"""torch modules whose forward reads a child Linear's ``weight``/``bias`` (``F.multi_head_attention_forward``)
+instead of calling it, by the child's attribute name: a GM layer there would never run, so it stays dense. (The
+fused inference paths of ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` read ``linear1``/``linear2`` too,
+but only when allowed: :func:`swap` turns them off above a GM layer, and the slow path calls the modules.)"""
+
+
+def _read_by_weight(reader: nn.Module, what: str) -> str:
+    return (
+        f"{type(reader).__name__} reads {what} directly instead of calling a layer, so a GM layer there would never "
+        "run; it stays dense"
+    )
+
+
+def _attention_projections(attention: nn.MultiheadAttention) -> list[tuple[str, nn.Linear]]:
+    """Stand-ins for the input projection(s) of ``attention``, which are parameters, not modules."""
+    if attention._qkv_same_embed_dim:
+        return [("in_proj", _linear_over(attention.in_proj_weight, attention.in_proj_bias))]
+    weights = (attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight)
+    return [(f"{k}_proj", _linear_over(w, None)) for k, w in zip("qkv", weights)]
+
+
+def _linear_over(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` and ``bias`` (shared, not copied)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = weight
+    if bias is not None:
+        linear.bias = bias
+    return linear
 
 
 def _arguments_with_defaults(graph: fx.Graph) -> list[str]:
@@ -90,6 +189,7 @@ def _arguments_with_defaults(graph: fx.Graph) -> list[str]:
     return [str(n.target) for n in graph.nodes if n.op == "placeholder" and n.args]
 
 
+_LIFTED = "gmcompress.lifted"  # GraphModule.meta key: lifted layer name -> the module whose parameters it holds
 _FUNCTIONAL = {torch._C._nn.linear: "linear", torch.conv1d: "conv1d", torch.conv2d: "conv2d"}
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 
@@ -116,6 +216,7 @@ def _lift_functional_layers(gm: fx.GraphModule) -> None:
             module.bias = gm.get_parameter(bias.target)
         name = f"{weight.target.replace('.', '_')}_{op}"
         gm.add_submodule(name, module)
+        gm.meta.setdefault(_LIFTED, {})[name] = weight.target.rpartition(".")[0]
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (args["input"],))
         node.replace_all_uses_with(new)
@@ -155,6 +256,63 @@ def swap(root: nn.Module, name: str, new: nn.Module) -> None:
     if not hasattr(parent, attr):
         raise KeyError(f"{type(root).__name__} has no submodule {name!r}")
     setattr(parent, attr, new)
+    if isinstance(new, GMLayer):
+        _use_unfused_paths(root, name)
+
+
+_FUSED_PATH_SWITCHES: dict[type[nn.Module], tuple[str, object]] = {
+    nn.TransformerEncoderLayer: ("activation_relu_or_gelu", 0),
+    nn.TransformerEncoder: ("use_nested_tensor", False),
+}
+"""torch modules with a fused inference path that reads their Linears' ``weight`` and ``bias`` instead of calling them,
+and the attribute (and value) that turns it off. In eval mode without grad ``nn.TransformerEncoderLayer`` runs
+``torch._transformer_encoder_layer_fwd`` unless ``activation_relu_or_gelu`` is 0, and ``nn.TransformerEncoder`` packs
+a padded batch into a nested tensor unless ``use_nested_tensor`` is False. With the path off, the same computation
+runs through the modules (in the unfused order of operations)."""
+
+
+def _use_unfused_paths(root: nn.Module, name: str) -> None:
+    """Turn off the fused paths (:data:`_FUSED_PATH_SWITCHES`) of every ancestor of layer ``name``: a GM layer there
+    would be bypassed (a dense product of its materialised weight; an error for a shared bias) or fed a nested
+    tensor."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        _switch_off(root.get_submodule(".".join(parts[:depth])))
+
+
+def _switch_off(module: nn.Module) -> tuple[str, object] | None:
+    """Turn ``module``'s fused path off; its switch and former value (None: it has no fused path)."""
+    switch = next((v for t, v in _FUSED_PATH_SWITCHES.items() if isinstance(module, t)), None)
+    if switch is None or not hasattr(module, switch[0]):
+        return None
+    former = getattr(module, switch[0])
+    setattr(module, switch[0], switch[1])
+    return switch[0], former
+
+
+@contextlib.contextmanager
+def unfused_paths(model: nn.Module) -> Iterator[None]:
+    """Every fused transformer path of ``model`` off inside, so that hooks on the Linears see their calls and plain
+    tensors (calibration statistics, captured inputs, budget measurements); back on after, except above a GM layer."""
+    turned_off = [(m, _switch_off(m)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, switch in turned_off:
+            if switch is not None and not any(isinstance(m, GMLayer) for m in module.modules()):
+                setattr(module, *switch)
+
+
+def is_lifted(root: nn.Module, name: str) -> bool:
+    """Whether layer ``name`` of ``root`` was lifted from a functional call (it exists in the GraphModule only)."""
+    return isinstance(root, fx.GraphModule) and name in root.meta.get(_LIFTED, {})
+
+
+def source_name(root: nn.Module, name: str) -> str:
+    """The name, in the traced model, of the module that module ``name`` of ``root`` stands for: itself, or for a
+    layer lifted from a functional call, the module whose parameters it holds."""
+    lifted = root.meta.get(_LIFTED, {}) if isinstance(root, fx.GraphModule) else {}
+    return lifted.get(name, name)
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:

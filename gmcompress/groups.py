@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import MAX_GROUP_ORDER, check_group_order
+from .checks import MAX_GROUP_ORDER, check_group_order, group_order_error, short_repr
 
 __all__ = [
     "FiniteGroup",
@@ -31,6 +31,7 @@ __all__ = [
     "from_table",
     "from_permutations",
     "group",
+    "spec_of",
     "subgroup",
     "left_cosets",
     "regular_basis",
@@ -300,7 +301,11 @@ def _positive(n: int, what: str) -> int:
 # ----------------------------------------------------------------------------------------------
 # parsing
 
-_FACTOR = re.compile(r"^([CDSZ])(\d+)(?:\^(\d+))?$")
+_FACTOR = re.compile(r"^([CDSZ])([0-9]+)(?:\^([0-9]+))?$")  # ASCII digits only: "C８" is no spec
+_MAX_POWER = 64
+_READ_DIGITS = 15
+"""A spec number with more significant digits is never read as an int (one of 10^8 digits takes minutes): it is
+refused by its length alone."""
 _ACCEPTED = (
     '"C8" (cyclic), "D4" (dihedral of the square, order 8), "S3" (symmetric, n <= 5), '
     'products with "x" such as "C4xC4" or "D4xC2", powers such as "C2^3", or a FiniteGroup'
@@ -311,34 +316,56 @@ def group(spec: str | FiniteGroup) -> FiniteGroup:
     """Parse a group spec (``"C8"``, ``"D4"``, ``"S3"``, ``"C4xC4"``, ``"D4xC2"``, ``"C2^3"``).
 
     A ``FiniteGroup`` passes through unchanged. Unknown specs raise ``ValueError`` listing the
-    accepted forms.
+    accepted forms; a spec whose order exceeds :data:`~gmcompress.checks.MAX_GROUP_ORDER` is refused before
+    anything of its size is computed.
     """
     if isinstance(spec, FiniteGroup):
         return spec
     if not isinstance(spec, str):
-        raise ValueError(f"unknown group {spec!r}: expected {_ACCEPTED}")
+        raise ValueError(f"unknown group {short_repr(spec)}: expected {_ACCEPTED}")
     return _parse(spec.replace(" ", ""))
 
 
+def spec_of(g: FiniteGroup) -> str | None:
+    """The spec that :func:`group` rebuilds ``g`` from (its name, when that parses to the same table), else None."""
+    try:
+        return g.name if group(g.name) == g else None
+    except ValueError:
+        return None
+
+
 def _factors(spec: str) -> list[tuple[str, int, int]]:
-    """``(kind, n, power)`` per factor of a spec, checked, with the whole order within the limit."""
-    factors, order = [], 1
+    """``(kind, n, power)`` per factor of a spec, checked, with the whole order within the limit.
+
+    Every number is bounded before any arithmetic on it, so the work does not grow with the numbers."""
+    factors, order, quoted = [], 1, short_repr(spec)
     for part in spec.split("x") if spec else [""]:
         m = _FACTOR.match(part)
         if not m:
-            raise ValueError(f"unknown group {spec!r}: expected {_ACCEPTED}")
-        kind, n, power = m.group(1), int(m.group(2)), int(m.group(3) or 1)
-        if n < 1 or power < 1:
-            raise ValueError(f"unknown group {spec!r}: orders and powers must be positive; expected {_ACCEPTED}")
-        if kind == "S" and n > 5:
-            raise ValueError(f"unknown group {spec!r}: symmetric groups need n <= 5; expected {_ACCEPTED}")
-        size = {"C": n, "Z": n, "D": 2 * n, "S": math.factorial(n)}[kind]
-        if power > 64:
-            raise ValueError(f"group {spec!r}: powers above 64 are not supported, got {power}")
+            raise ValueError(f"unknown group {quoted}: expected {_ACCEPTED}")
+        kind, digits, power_digits = m.group(1), m.group(2), m.group(3) or "1"
+        n, power = _spec_number(digits), _spec_number(power_digits)
+        if n == 0 or power == 0:
+            raise ValueError(f"unknown group {quoted}: orders and powers must be positive; expected {_ACCEPTED}")
+        if kind == "S" and (n is None or n > 5):
+            raise ValueError(f"unknown group {quoted}: symmetric groups need n <= 5; expected {_ACCEPTED}")
+        if power is None or power > _MAX_POWER:
+            shown = str(power) if power is not None else f"about 10^{len(power_digits.lstrip('0')) - 1}"
+            raise ValueError(f"group {quoted}: powers above {_MAX_POWER} are not supported, got {shown}")
+        if n is None:
+            raise group_order_error(spec, f"about 10^{len(digits.lstrip('0')) - 1}")
+        size = math.factorial(n) if kind == "S" else 2 * n if kind == "D" else n
+        check_group_order(size, spec)  # size <= MAX_GROUP_ORDER and power <= 64: size**power stays small
         order *= size**power
         check_group_order(order, spec)
         factors.append((kind, n, power))
     return factors
+
+
+def _spec_number(digits: str) -> int | None:
+    """The value of a spec's ASCII digits, or None when it has more than :data:`_READ_DIGITS` significant digits."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= _READ_DIGITS else None
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from .groups import square_group
 from .nn import GMChannelConv, GMConv2d, GMLayer, GMLinear
 from .settings import LayerSettings
 
-__all__ = ["LayerPlan", "LayerHandler", "register", "handler_for", "type_names", "HANDLERS"]
+__all__ = ["LayerPlan", "LayerHandler", "register", "handler_for", "own_forward_base", "type_names", "HANDLERS"]
 
 Build = Callable[[InputStats | torch.Tensor | None], GMLayer]  # calibration statistics (or rows) -> fitted layer
 
@@ -113,13 +113,24 @@ def _module_blocker(module: nn.Module, base_types: tuple[type[nn.Module], ...]) 
         )
     if any(type(h).__name__ == "WeightNorm" for h in module._forward_pre_hooks.values()):
         return "weight norm hook (torch.nn.utils.weight_norm): call torch.nn.utils.remove_weight_norm first"
-    base = next((t for t in type(module).__mro__ if t in base_types), None)
-    if base is not None and type(module) is not base and type(module).forward is not base.forward:
+    base = own_forward_base(module, base_types)
+    if base is not None:
         return (
-            f"{type(module).__name__} subclasses {base.__name__} with its own forward; replacing it would drop "
-            f"what that forward does"
+            f"{type(module).__name__} subclasses {base.__name__} with its own forward, which the graph pass could "
+            "not trace into down to one F.linear/F.conv1d/F.conv2d call on its weight (or the model does not trace); "
+            "replacing it would drop what that forward does"
         )
     return ""
+
+
+def own_forward_base(module: nn.Module, base_types: tuple[type[nn.Module], ...] | None = None) -> type | None:
+    """The handled type (of ``base_types``, default: every registered one) that ``module``'s class subclasses with
+    its own ``forward``; None when it runs its base's forward (or is no handled layer)."""
+    types = tuple(HANDLERS) if base_types is None else base_types
+    base = next((t for t in type(module).__mro__ if t in types), None)
+    if base is None or type(module) is base or type(module).forward is base.forward:
+        return None
+    return base
 
 
 def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings, layer_type: type) -> LayerPlan:
@@ -138,7 +149,7 @@ def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings,
         if s.on_mismatch == "skip":
             return plan.skip(msg)
         plan.padded = True
-    plan.form, plan.group = layer_type.__name__, s.group
+    plan.form, plan.group = layer_type.__name__, s.group if isinstance(s.group, str) else g.name
     bias_mode = ("shared" if s.bias == "shared" else True) if plan.module.bias is not None else False
     module, padded = plan.module, plan.padded
     plan.shell = lambda device: _shell(module, layer_type, g, s, bias_mode, padded, device)

@@ -9,6 +9,7 @@ GraphModule) and loads the weights bit for bit. Every GM layer kind is found by 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -44,9 +45,24 @@ def manifest(model: nn.Module) -> dict:
     }
 
 
+def _check_model(model: object, what: str) -> None:
+    """TypeError unless ``model`` (the argument of ``what``: "save" or "load") is an nn.Module."""
+    if isinstance(model, nn.Module):
+        return
+    hint = ""
+    if isinstance(model, (str, os.PathLike)):
+        hint = " (the arguments are model, path: the other way round?)"
+    elif isinstance(model, dict):
+        hint = " (a state_dict? pass the model itself: the file holds the structure of its GM layers too)"
+    raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model``'s manifest and state_dict to ``path`` atomically (temp file + rename)."""
+    _check_model(model, "save")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot save to {path}: it is a directory; give a file name, e.g. {path / 'model.pt'}")
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"cannot save to {path}: {path.parent} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,18 +73,35 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file beside ``path``, then rename: an interruption never leaves half a file.
 
     The file gets the permissions a plain ``open(path, "w")`` would give (the umask, or those of the file it
-    replaces), and a symlink at ``path`` keeps pointing where it did: its target is replaced.
+    replaces), and a symlink at ``path`` keeps pointing where it did: its target is replaced. A failed write (a
+    full disk: OSError with errno ENOSPC) raises OSError naming ``path``, with the temp file removed and the file
+    that was there kept as it was. The writes go through a Python file, so the OS error reaches us as it is
+    (``torch.save`` to a name reports a short write only as "unexpected pos").
     """
     target = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        try:
+            with open(tmp, "wb") as file:
+                torch.save(obj, file)
+        except OSError as err:
+            raise _write_error(err, Path(path)) from None
         os.chmod(tmp, _file_mode(target))
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
+        if os.path.exists(tmp) or os.path.islink(tmp):
             os.remove(tmp)
+
+
+def _write_error(err: OSError, path: Path) -> OSError:
+    """``err`` (from writing ``path``'s temp file) as an OSError of the same errno that names ``path``."""
+    kept = "; the file there before is kept unchanged" if path.exists() else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"the disk is full ({err.strerror}); free space on {path.parent} or write elsewhere"
+    else:
+        reason = err.strerror or str(err)
+    return OSError(err.errno, f"could not write {path}: {reason}{kept}", str(path))
 
 
 def _file_mode(path: Path) -> int:
@@ -87,6 +120,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip), UnicodeDecodeError ...
+        if _readable_on_meta(path):  # the file is fine: map_location is what failed
+            raise ValueError(
+                f"map_location={map_location!r} cannot place the weights of {path}: {str(err).splitlines()[0]}"
+            ) from None
         raise ValueError(
             f"{path}: not a readable gmcompress/torch file ({type(err).__name__}); it may be empty, truncated or "
             "of another format"
@@ -94,6 +131,15 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a gmcompress file (holds a {type(data).__name__}, expected a dict)")
     return data
+
+
+def _readable_on_meta(path: Path) -> bool:
+    """Whether ``path`` loads with ``map_location="meta"`` (structure only, no data read)."""
+    try:
+        torch.load(path, map_location="meta", weights_only=True)
+    except Exception:
+        return False
+    return True
 
 
 def load(
@@ -108,6 +154,8 @@ def load(
     ``compress``). ``model`` is required: the manifest holds the structure of the GM layers, not code.
     If anything fails, ``model`` is left as it was.
     """
+    if model is not None:
+        _check_model(model, "load")
     data = read_checkpoint(path, map_location)
     meta = _manifest_of(data, path)
     if model is None:
@@ -115,6 +163,7 @@ def load(
             f"{path}: pass model=<a fresh instance of the original architecture>; the file holds the "
             f"structure of the GM layers and the weights, not the model's code"
         )
+    _check_finite_weights(data["state_dict"], path)
     root = _load_root(model, meta, path)
     swapped: list[tuple[str, nn.Module]] = []
     try:
@@ -150,11 +199,41 @@ def _check_fits(root: nn.Module, state: dict, path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: the weights do not fit this model ({'; '.join(parts)})")
 
 
+def _check_finite_weights(state: dict, path: str | os.PathLike) -> None:
+    """ValueError naming the tensors of ``state`` that hold NaN or inf (a model saved after training diverged)."""
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        names = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        raise ValueError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or inf ({names}): the model was saved after its training "
+            "diverged and would give NaN outputs; load an earlier checkpoint, or fine-tune again"
+        )
+
+
+def _format_version(fmt: object) -> int | None:
+    """The number N of a ``"gmcompress/N"`` format string, else None."""
+    if isinstance(fmt, str) and fmt.startswith("gmcompress/") and fmt.removeprefix("gmcompress/").isdigit():
+        return int(fmt.removeprefix("gmcompress/"))
+    return None
+
+
 def _manifest_of(data: dict, path: str | os.PathLike) -> dict:
     meta = data.get("manifest")
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt in _OLD_FORMATS:
         return _upgrade_v1(data)
+    newer = _format_version(fmt)
+    if newer is not None and newer > _format_version(FORMAT):
+        written_by = meta.get("gmcompress_version")
+        by = f" (written by gmcompress {written_by})" if isinstance(written_by, str) else ""
+        raise ValueError(
+            f"{path}: a newer gmcompress format, {fmt!r}{by}; this gmcompress reads {FORMAT!r} and older. Upgrade "
+            "gmcompress to load it"
+        )
     if fmt != FORMAT or "state_dict" not in data:
         raise ValueError(f"{path}: not a gmcompress file (expected a manifest with format {FORMAT!r})")
     return meta
@@ -219,7 +298,13 @@ def _rebuild_layer(root: nn.Module, name: str, entry: dict, path: str | os.PathL
         config = dict(config, dims=dims, kernel_size=[1] * dims, stride=list(old.stride), dilation=[1] * dims)
         config.update(padding=old.padding if isinstance(old.padding, str) else list(old.padding))
         config.update(padding_mode=old.padding_mode)
-    new = kind.from_config(config, **factory)
+    try:
+        new = kind.from_config(config, **factory)
+    except TypeError as err:  # a key this version's layer does not take (a newer file), or one missing
+        raise ValueError(
+            f"{path}: layer {name!r} ({entry['kind']}) has a config this gmcompress cannot build ({err}); the file may "
+            "come from a newer gmcompress: upgrade it, or save the model again with this version"
+        ) from None
     for attr in ("in_features", "out_features", "in_channels", "out_channels"):
         if hasattr(old, attr) and hasattr(new, attr) and getattr(old, attr) != getattr(new, attr):
             raise ValueError(

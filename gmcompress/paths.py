@@ -2,8 +2,10 @@
 
 With ``example_inputs``, :func:`choose_paths` runs the original model once to capture every planned layer's
 input, then times the original dense layer and each path its GM replacement offers (``GMLayer.impls()``:
-materialised dense weight, block-diagonal GEMMs, FFT, grouped convolutions) on that input with
-``torch.utils.benchmark`` (eval, inference mode), and keeps the fastest. The dense path computes the same
+materialised dense weight, block-diagonal GEMMs, FFT, grouped convolutions) on that input
+(:func:`~gmcompress.report.block_seconds`: short blocks, eval, inference mode), and keeps the fastest. The
+captured input is cut to its first :data:`PATH_MAX_SAMPLES` samples, so timing costs a fraction of the fits
+however large the example batch is. The dense path computes the same
 product as the original layer, so a compressed layer is never slower than the original beyond noise.
 Without example inputs each layer's documented ``"auto"`` rule decides.
 """
@@ -19,12 +21,21 @@ from torch import nn
 
 from .batches import first_inputs
 from .handlers import LayerPlan
-from .report import interleaved_best, median_seconds
+from .report import block_seconds, interleaved_best
 
-__all__ = ["PATH_SECONDS", "PathTiming", "capture_layer_inputs", "time_paths", "time_layers", "choose_path"]
+__all__ = [
+    "PATH_SECONDS",
+    "PATH_MAX_SAMPLES",
+    "PathTiming",
+    "capture_layer_inputs",
+    "time_paths",
+    "time_layers",
+    "choose_path",
+]
 
-PATH_SECONDS = 0.05  # torch.utils.benchmark min_run_time per timed path and round
-PATH_ROUNDS = 2  # rounds over the original and every path, interleaved; each keeps its best median
+PATH_SECONDS = 0.005  # seconds of one timed block (block_seconds takes the best of three) per path and round
+PATH_ROUNDS = 2  # rounds over the original and every path, interleaved; each keeps its best
+PATH_MAX_SAMPLES = 16  # a captured input is timed on at most its first 16 samples
 
 
 @dataclass
@@ -43,15 +54,21 @@ class PathTiming:
         return self.original / self.paths[self.chosen]
 
 
-def capture_layer_inputs(model: nn.Module, plans: list[LayerPlan], example_inputs: object) -> dict[str, torch.Tensor]:
-    """The input of the first call of every planned layer on ``example_inputs``."""
-    return first_inputs(model, example_inputs, {p.name: p.module for p in plans})
+def capture_layer_inputs(
+    model: nn.Module, plans: list[LayerPlan], example_inputs: object, max_samples: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The input of the first call of every planned layer on ``example_inputs``; with ``max_samples``, cut to
+    its first ``max_samples`` samples (compress times paths on :data:`PATH_MAX_SAMPLES`)."""
+    seen = first_inputs(model, example_inputs, {p.name: p.module for p in plans})
+    if max_samples is None:
+        return seen
+    return {name: x[:max_samples] if x.dim() > 1 else x for name, x in seen.items()}
 
 
 def time_paths(
     layer: nn.Module, x: torch.Tensor, min_run_time: float = PATH_SECONDS, rounds: int = PATH_ROUNDS
 ) -> dict[str, float]:
-    """Best median seconds of ``layer(x)`` on each of its paths (``GMLayer.impls()``; a layer with none, or a
+    """Best seconds of ``layer(x)`` on each of its paths (``GMLayer.impls()``; a layer with none, or a
     dense module, is timed as it is, under the key "dense") over ``rounds`` interleaved rounds: a burst of
     load on a shared machine then slows one round of every path, not one path. ``layer.impl`` is left at the
     last path timed."""
@@ -84,7 +101,7 @@ def _path_timers(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> dict
         def run() -> float:
             if impl is not None:
                 layer.impl = impl
-            return median_seconds(partial(layer, x), layer, min_run_time)
+            return block_seconds(partial(layer, x), layer, min_run_time)
 
         return run
 

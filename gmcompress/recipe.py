@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from .budget import Budget
 from .handlers import type_names
 from .settings import SETTING_TYPES, LayerSettings, check_setting
 
-__all__ = ["Rule", "Recipe", "RecipeError", "load_recipe", "parse_recipe", "name_matches"]
+__all__ = ["Rule", "Recipe", "RecipeError", "load_recipe", "parse_recipe", "name_matches", "check_pattern"]
 
 
 class RecipeError(ValueError):
@@ -39,6 +39,23 @@ class RecipeError(ValueError):
 def name_matches(pattern: str, name: str) -> bool:
     """The one matching rule for module-name regexes: the pattern matches the whole name."""
     return re.fullmatch(pattern, name) is not None
+
+
+def check_pattern(pattern: object, what: str) -> str:
+    """A module-name regex (``include``, ``exclude``, a ``regex:`` rule) that compiles; else an error naming ``what``
+    and the pattern (``TypeError`` when it is no string)."""
+    if not isinstance(pattern, str):
+        raise TypeError(
+            f"{what}: expected a regular expression (str), got {pattern!r} of type {type(pattern).__name__}"
+        )
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(
+            f"{what}: invalid regular expression {pattern!r} ({err}); it must match whole module names, "
+            r"e.g. 'fc\d' or 'encoder\..*' (escape literal brackets, dots and parentheses with a backslash)"
+        ) from None
+    return pattern
 
 
 FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
@@ -60,6 +77,7 @@ FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
     "amp": (bool, str, type(None)),
     "seed": (int,),
     "features": (list,),
+    "batchnorm": (str,),
 }
 
 
@@ -79,6 +97,7 @@ FINETUNE_RANGES: dict[str, tuple[str, Any]] = {
     "nonfinite": ("one of raise, skip", lambda v: v in ("raise", "skip")),
     "amp": ("null, false, true, bf16 or fp16", lambda v: v in (None, False, True, "bf16", "fp16")),
     "features": ("a non-empty list of submodule names", lambda v: bool(v) and all(isinstance(n, str) and n for n in v)),
+    "batchnorm": ("one of frozen, adapt", lambda v: v in ("frozen", "adapt")),
 }
 
 
@@ -121,6 +140,10 @@ class Recipe:
                 skipped = rule.skip
                 settings = replace(settings, **rule.settings)
         return (None if skipped else settings), decided
+
+    def unmatched_names(self, layer_names: Collection[str]) -> list[str]:
+        """The names of the ``name:`` rules that match none of ``layer_names`` (a typo, or another model's layer)."""
+        return [r.pattern for r in self.rules if r.kind == "name" and r.pattern not in layer_names]
 
     def with_overrides(self, **overrides: Any) -> Recipe:
         """The recipe with keyword arguments of ``compress`` overriding its defaults (None = keep)."""
@@ -169,9 +192,9 @@ def _check_rule(raw: Any, source: str, path: str) -> Rule:
         raise _fail(source, f"{path}.{kind}", f"expected a string, got {pattern!r}")
     if kind == "regex":
         try:
-            re.compile(pattern)
-        except re.error as err:
-            raise _fail(source, f"{path}.regex", f"invalid regular expression: {err}") from None
+            check_pattern(pattern, f"{path}.regex")
+        except ValueError as err:
+            raise RecipeError(f"{source}: {err}") from None
     if kind == "type" and pattern not in type_names():
         raise _fail(source, f"{path}.type", f"expected one of {', '.join(type_names())}, got {pattern!r}")
     settings = _check_settings(raw, source, path, allow_skip=True)

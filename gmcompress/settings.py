@@ -11,6 +11,7 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .groups import FiniteGroup, spec_of
 from .groups import group as parse_group
 from .nn.linear import IMPLS
 
@@ -24,9 +25,10 @@ BIAS = ("keep", "shared")
 class LayerSettings:
     """How one layer is compressed.
 
-    ``group`` applies over the features of Linear layers and the channels of 1x1 convolutions; k x k
-    Conv2d layers use ``conv_group`` (a group of the square: C2, C4, D2, D4, tying the kernel's
-    rotations) and stay dense when it is None. ``support`` restricts kernels to those group elements.
+    ``group`` (a spec such as ``"C8"`` or a :class:`~gmcompress.groups.FiniteGroup`, of order >= 2) applies over
+    the features of Linear layers and the channels of 1x1 convolutions; k x k Conv2d layers use ``conv_group`` (a
+    group of the square: C2, C4, D2, D4, tying the kernel's rotations) and stay dense when it is None.
+    ``support`` restricts kernels to those group elements.
     ``on_mismatch`` says what happens when a size is not a multiple of the group order. ``activation_aware``
     uses the calibration batches when ``compress`` gets some; ``damping`` is the ridge of that fit.
     ``bias="shared"`` replaces the bias by its mean over each channel's group axis (exactly
@@ -38,14 +40,14 @@ class LayerSettings:
     each layer, or the fastest path measured on ``example_inputs`` when ``compress`` gets some).
     """
 
-    group: str | None = None
+    group: str | FiniteGroup | None = None
     rank: int = 1
     modulate: bool = True
     support: tuple[int, ...] | None = None
     min_features: int = 0
     on_mismatch: str = "skip"
     impl: str = "auto"
-    conv_group: str | None = None
+    conv_group: str | FiniteGroup | None = None
     lifting: bool | None = None
     activation_aware: bool = True
     damping: float = 0.1
@@ -53,14 +55,14 @@ class LayerSettings:
 
 
 SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    "group": (str, type(None)),
+    "group": (str, FiniteGroup, type(None)),
     "rank": (int,),
     "modulate": (bool,),
     "support": (list, tuple, type(None)),
     "min_features": (int,),
     "on_mismatch": (str,),
     "impl": (str,),
-    "conv_group": (str, type(None)),
+    "conv_group": (str, FiniteGroup, type(None)),
     "lifting": (bool, type(None)),
     "activation_aware": (bool,),
     "damping": (float, int),
@@ -73,6 +75,20 @@ def _type_names(types: tuple[type, ...]) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
+def _checked_group(key: str, value: str | FiniteGroup) -> str | FiniteGroup:
+    """A group setting: a spec, or a FiniteGroup (kept as its spec when one rebuilds it, so plans and reports name
+    it); a group of order 1 is refused, since its layers would only grow."""
+    g = parse_group(value)
+    if g.order == 1:
+        raise ValueError(
+            f"{key}: {value!r} has order 1, and a group of order 1 saves nothing (its layers keep every weight and "
+            f"gain modulations); use a group of order >= 2 such as 'C8', or {key}=None to keep the layers dense"
+        )
+    if isinstance(value, FiniteGroup):
+        return spec_of(value) or value
+    return value
+
+
 def check_setting(key: str, value: Any) -> Any:
     """The checked (normalised) value of one layer setting, or a ValueError that says what was expected."""
     if key not in SETTING_TYPES:
@@ -82,7 +98,7 @@ def check_setting(key: str, value: Any) -> Any:
     if not numeric and (isinstance(value, bool) and bool not in types or not isinstance(value, types)):
         raise ValueError(f"{key}: expected {_type_names(types)}, got {value!r}")
     if key in ("group", "conv_group") and value is not None:
-        parse_group(value)
+        return _checked_group(key, value)
     if key in ("rank", "min_features"):
         value = int(value)
         if value < (1 if key == "rank" else 0):

@@ -31,3 +31,10 @@ def broken() -> nn.Module:
 
 
 mlp = DemoModel(build=build_mlp, example_inputs=example_inputs, train_data=train_data, evaluate=neg_mse)
+
+
+def narrow_inputs() -> torch.Tensor:
+    """Calibration rows that vary in 3 of the 16 features only (an activation-aware fit ignores the other 13)."""
+    x = torch.zeros(256, 16)
+    x[:, :3] = torch.randn(256, 3, generator=torch.Generator().manual_seed(3))
+    return x

@@ -373,11 +373,16 @@ def test_minilm_compresses_through_the_fallback(tmp_path):
 
     model = zoo.minilm()
     enc = zoo.minilm_example_inputs()
+    calibration = zoo.minilm_calibration(batches=1)
     with pytest.warns(UserWarning, match="does not trace"):
-        out = gm.compress(
-            model, recipe="recipes/minilm.yaml", calibration=zoo.minilm_calibration(batches=1), progress=False
-        )
+        out = gm.compress(model, recipe="recipes/minilm.yaml", calibration=calibration, progress=False)
     rep = out.gm_report
+    # the fidelity line: embeddings (unit rows) get output error and cosine, measured on the held-out rows
+    held = {k: v[-rep.fidelity.samples :] for k, v in calibration[0].items()}
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(out.eval()(**held), model.eval()(**held), dim=-1).mean()
+    assert not rep.fidelity.classifier and rep.fidelity.cosine == pytest.approx(float(cosine), abs=1e-6)
+    assert "held-out calibration samples: output error" in str(rep)
     assert len(rep.compressed) == 12 and not rep.traced
     assert rep.params_after == sum(p.numel() for p in out.parameters())
     ffn = [r for r in rep.compressed]
@@ -473,16 +478,16 @@ def test_cli_finetune_features_distil_the_named_outputs(monkeypatch, capsys):
 
 @pytest.mark.parametrize("mode", ["original", "sequential"])
 def test_cli_calibration_mode_reaches_compress(mode, monkeypatch, capsys):
-    from gmcompress import cli
+    from gmcompress import api, cli
 
     seen = {}
-    real = cli.compress
+    real = api.compress
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "compress", spy)
+    monkeypatch.setattr(api, "compress", spy)
     args = ["compress", "--model", "cli_models:mlp", "--group", "C8", "--calibration", "cli_models:example_inputs"]
     rc = cli.main([*args, "--calibration-mode", mode, "--quiet"])
     assert rc == 0, capsys.readouterr().err
@@ -502,16 +507,18 @@ class Attention(nn.Module):
 
 
 def test_layers_whose_parent_reads_their_weights_stay_dense_in_the_fallback():
-    """MultiheadAttention reads out_proj.weight/.bias and the encoder layer's fused inference path reads all of its
-    Linears: swapped for GM layers they would save nothing, and a shared bias broke the call."""
+    """MultiheadAttention reads out_proj.weight/.bias and its input projection: they are listed and stay dense. The
+    encoder layer's fused inference path reads linear1/linear2 too; with GM layers there it is turned off (a shared
+    bias broke the call), so they are compressed."""
     torch.manual_seed(0)
     recipe = {"version": 1, "defaults": {"group": "C8", "rank": 2, "bias": "shared"}}
     with pytest.warns(UserWarning, match="have defaults"):
         out = gm.compress(Attention().eval(), recipe=recipe, progress=False)
     rows = {r.name: r for r in out.gm_report.layers}
-    readers = ["attn.out_proj", "block.self_attn.out_proj", "block.linear1", "block.linear2"]
-    assert all(rows[n].status == "skipped" and "reads its weight" in rows[n].reason for n in readers)
-    assert rows["head"].status == "compressed" and isinstance(out.head, GMLinear)
+    readers = ["attn.in_proj", "attn.out_proj", "block.self_attn.in_proj", "block.self_attn.out_proj"]
+    assert all(rows[n].status == "skipped" and "MultiheadAttention reads" in rows[n].reason for n in readers)
+    assert all(rows[n].status == "compressed" for n in ["head", "block.linear1", "block.linear2"])
+    assert isinstance(out.head, GMLinear) and isinstance(out.block.linear1, GMLinear)
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         torch.testing.assert_close(out(x), out.head(out.block(out.attn(x, x, x)[0])), rtol=0, atol=0)

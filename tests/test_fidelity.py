@@ -159,3 +159,12 @@ def test_no_held_out_data_means_no_fidelity_and_too_little_is_an_error():
     assert small.gm_report.fidelity is None and "Whole model" not in str(small.gm_report)
     with pytest.raises(ValueError, match="holds 2 samples"):
         _quiet_compress(net, group="C8", calibration=torch.randn(2, 32))
+
+
+def test_the_report_calls_out_a_slower_model():
+    from gmcompress.report import CompressionReport
+
+    slower = CompressionReport(latency_before_ms=2.0, latency_after_ms=2.5)
+    assert "SLOWER: the compressed model ran 0.80x the original's speed" in str(slower)
+    assert "SLOWER" not in str(CompressionReport(latency_before_ms=2.0, latency_after_ms=1.9))
+    assert "SLOWER" not in str(CompressionReport())

@@ -157,7 +157,9 @@ def test_sequential_calibration_feeds_the_compressed_prefix(cls, mode):
     model = cls().eval()
     batches = [torch.randn(40, 16) @ torch.diag(torch.linspace(0.1, 3, 16)) for _ in range(3)]
     with torch.no_grad(), pytest.warns() if cls is UntraceableBranchy else _nothing():
-        out = gm.compress(model, group="C8", calibration=batches, calibration_mode=mode, progress=False)
+        out = gm.compress(  # held-out data given, so the fits see all three batches
+            model, group="C8", calibration=batches, heldout=torch.randn(8, 16), calibration_mode=mode, progress=False
+        )
     x = torch.cat(batches)
     prefix = out if mode == "sequential" else model  # whose a and b produce c's calibration inputs
     with torch.no_grad():

@@ -24,7 +24,7 @@ def test_the_fastest_measured_path_is_kept(monkeypatch, fastest):
             call()
         return fake.get(getattr(model, "impl", "original"), fake["original"])
 
-    monkeypatch.setattr(paths, "median_seconds", median_seconds)
+    monkeypatch.setattr(paths, "block_seconds", median_seconds)
     out = gm.compress(net(), group="C8", example_inputs=torch.randn(2, 16, 6, 6), progress=False)
     rows = {r.name: r for r in out.gm_report.layers}
     conv_best = fastest if fastest in ("dense", "grouped") else "grouped"
@@ -36,7 +36,7 @@ def test_the_fastest_measured_path_is_kept(monkeypatch, fastest):
 
 
 def test_fixed_impl_or_no_example_inputs_measure_nothing(monkeypatch):
-    monkeypatch.setattr(paths, "median_seconds", lambda *a: pytest.fail("timed although it should not"))
+    monkeypatch.setattr(paths, "block_seconds", lambda *a: pytest.fail("timed although it should not"))
     out = gm.compress(net(), group="C8", progress=False)
     assert out.get_submodule("0").impl == "auto" and out.gm_report.layers[0].path_times_ms is None
     recipe = {"version": 1, "defaults": {"group": "C8", "impl": "dense"}}
@@ -46,7 +46,7 @@ def test_fixed_impl_or_no_example_inputs_measure_nothing(monkeypatch):
 
 def test_measured_choice_survives_save_and_load(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        paths, "median_seconds", lambda call, model, t: 0.5 if getattr(model, "impl", "") == "dense" else 1.0
+        paths, "block_seconds", lambda call, model, t: 0.5 if getattr(model, "impl", "") == "dense" else 1.0
     )
     out = gm.compress(net(), group="C8", example_inputs=torch.randn(2, 16, 6, 6), progress=False)
     gm.save(out, tmp_path / "m.pt")
@@ -72,7 +72,7 @@ def test_a_layer_keeps_the_fastest_path_of_each_batch_size_and_runs_it(monkeypat
     """Timed on the example batch and on one sample: when the winners differ, impl stays "auto" and the layer
     runs the path measured at the nearest batch size, checked by the cache entry each call fills; outputs stay
     the dense reference's; MACs follow the path; the choice survives save/load and shows in the report."""
-    monkeypatch.setattr(paths, "median_seconds", by_batch("dense", ("blocks", "grouped")))
+    monkeypatch.setattr(paths, "block_seconds", by_batch("dense", ("blocks", "grouped")))
     example = torch.randn(8, 16, 6, 6)
     out = gm.compress(net(), group="C8", example_inputs=example, progress=False).eval()
     linear, conv = out.get_submodule("3"), out.get_submodule("0")
@@ -114,7 +114,7 @@ def test_a_layer_keeps_the_fastest_path_of_each_batch_size_and_runs_it(monkeypat
 
 
 def test_one_winner_for_both_batch_sizes_is_a_plain_impl(monkeypatch):
-    monkeypatch.setattr(paths, "median_seconds", by_batch("blocks", ("blocks",)))
+    monkeypatch.setattr(paths, "block_seconds", by_batch("blocks", ("blocks",)))
     out = gm.compress(net(), group="C8", example_inputs=torch.randn(8, 16, 6, 6), progress=False)
     linear = out.get_submodule("3")
     assert linear.impl == "blocks" and linear.batch_paths == {}
@@ -178,7 +178,7 @@ def test_latency_before_and_after_are_measured_in_alternating_rounds(monkeypatch
         return next(times)
 
     monkeypatch.setattr(report, "measure_latency", fake)
-    monkeypatch.setattr(paths, "median_seconds", lambda call, model, t: 1.0)
+    monkeypatch.setattr(paths, "block_seconds", lambda call, model, t: 1.0)
     model = net().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = gm.compress(model, group="C8", example_inputs=torch.randn(2, 16, 6, 6), progress=False)

@@ -583,10 +583,10 @@ def test_every_dense_layer_is_listed_with_a_reason():
     )
     out = gm.compress(net, group="C8", progress=False)
     rows = {r.name: r for r in out.gm_report.layers}
-    assert set(rows) == {"0", "2", "3", "4", "6", "7"}
+    assert set(rows) == {"0", "2", "3_weight_conv2d", "4", "6", "7"}  # the graph pass traces into SamePadConv
     assert "Conv3d is not supported" in rows["0"].reason
     assert "transposed" in rows["2"].reason
-    assert "SamePadConv subclasses Conv2d with its own forward" in rows["3"].reason
+    assert rows["3_weight_conv2d"].status == "compressed"
     assert "depthwise" in rows["4"].reason
     assert rows["6"].status == "compressed"  # a subclass that only renames is compressed
     assert "parametrized" in rows["7"].reason

@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple
 
 from .. import aware
-from ..aware import InputStats
 from ..groups import FiniteGroup
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for
@@ -37,6 +36,7 @@ from .functional import (
 
 CONV_IMPLS = ("auto", "dense", "grouped", "packed")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+PROBE_SIZE = 7  # the spatial size of check_equivariance's default input, where the kernel fits in it
 
 
 class GMChannelConv(GMModule):
@@ -148,7 +148,7 @@ class GMChannelConv(GMModule):
         return layer._fit_dense(conv, inputs, damping, label)
 
     def _fit_dense(
-        self, conv: nn.Module, inputs: np.ndarray | torch.Tensor | InputStats | None, damping: float, label: str
+        self, conv: nn.Module, inputs: np.ndarray | torch.Tensor | aware.InputStats | None, damping: float, label: str
     ) -> GMChannelConv:
         """Fit the offset-folded weight matrix (input order (i, k, q)); calibration rows or statistics come in
         ``F.unfold`` order (channel ``i * N + q``, offset k) and are reordered the same way."""
@@ -158,9 +158,9 @@ class GMChannelConv(GMModule):
         matrix = w.view(self.out_padded, -1, n, k).permute(0, 1, 3, 2).reshape(self.out_padded, -1)
         stats = None
         if inputs is not None:
-            stats = InputStats.of(inputs, self.in_channels * k, w.device).padded(self.in_padded * k)
+            stats = aware.InputStats.of(inputs, self.in_channels * k, w.device).padded(self.in_padded * k)
             order = torch.arange(self.in_padded * k, device=w.device).view(-1, n, k).transpose(1, 2).reshape(-1)
-            stats = InputStats(stats.gram[order][:, order], stats.rows)
+            stats = aware.InputStats(stats.gram[order][:, order], stats.rows)
         classes = None if self._support is None else self._support.cpu().numpy()
         fit = aware.project_pattern(
             matrix, self.pattern, self.rank, self.modulate, classes, stats, damping=damping,
@@ -364,8 +364,7 @@ class GMChannelConv(GMModule):
         if self.in_padded != self.in_channels or self.out_padded != self.out_channels:
             raise NotApplicable(f"{self.extra_repr()}: the group does not act on zero-padded channels")
         if x is None:
-            shape = (2, self.in_channels, *([7] * self.dims))
-            x = torch.randn(shape, dtype=self.kernels.dtype, device=self.kernels.device)
+            x = torch.randn(self._probe_shape(), dtype=self.kernels.dtype, device=self.kernels.device)
         offset = expand_bias(self.bias, self.out_channels, self.pattern.n_out) if self.bias is not None else None
 
         def f(v: torch.Tensor) -> torch.Tensor:
@@ -381,6 +380,12 @@ class GMChannelConv(GMModule):
         for h in elements if elements is not None else range(self.group.order):
             worst = max(worst, float((f(act(x, h)) - act(y, h)).norm() / y.norm().clamp_min(1e-30)))
         return worst
+
+    def _probe_shape(self) -> tuple[int, ...]:
+        """A batch of 2 inputs the layer accepts, :data:`PROBE_SIZE` long on each spatial axis, or as long as the
+        dilated kernel where that is longer (a (512, 1) kernel over audio): valid without any padding."""
+        spans = (d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
+        return (2, self.in_channels, *(max(PROBE_SIZE, span) for span in spans))
 
     def extra_repr(self) -> str:
         return (

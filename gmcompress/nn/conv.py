@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .. import aware
-from ..aware import InputStats
 from ..checks import check_finite
 from ..groups import FiniteGroup, square_element, square_group
 from ..structure import conv_pattern
@@ -89,7 +88,7 @@ class GMConv2d(GMModule):
         rank: int = 1,
         modulate: bool = True,
         lifting: bool | None = None,
-        inputs: np.ndarray | torch.Tensor | InputStats | None = None,
+        inputs: np.ndarray | torch.Tensor | aware.InputStats | None = None,
         *,
         damping: float = 0.1,
         bias: BiasMode | None = None,
@@ -126,7 +125,7 @@ class GMConv2d(GMModule):
             dtype=conv.weight.dtype,
         )
         w = conv.weight.detach().reshape(conv.out_channels, -1)
-        stats = None if inputs is None else InputStats.of(inputs, w.shape[1], w.device)
+        stats = None if inputs is None else aware.InputStats.of(inputs, w.shape[1], w.device)
         fit = aware.project_pattern(w, layer.pattern, rank, modulate, None, stats, damping=damping, what=label)
         layer.load_fit(fit)
         layer._copy_dense_bias(conv.bias, conv.out_channels)

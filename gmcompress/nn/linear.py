@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import aware
-from ..aware import InputStats
 from ..groups import FiniteGroup, left_cosets
 from ..groups import group as _as_group
 from ..structure import channel_counts, pattern_for
@@ -116,7 +115,7 @@ class GMLinear(GMModule):
         rank: int = 1,
         modulate: bool = True,
         support: Iterable[int] | None = None,
-        inputs: np.ndarray | torch.Tensor | InputStats | None = None,
+        inputs: np.ndarray | torch.Tensor | aware.InputStats | None = None,
         *,
         impl: str = "auto",
         pad: bool = False,
@@ -156,7 +155,7 @@ class GMLinear(GMModule):
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        inputs: np.ndarray | torch.Tensor | InputStats | None,
+        inputs: np.ndarray | torch.Tensor | aware.InputStats | None,
         damping: float,
         label: str,
     ) -> GMLinear:
@@ -166,7 +165,9 @@ class GMLinear(GMModule):
         dense bias over each channel's group axis, the least-squares equivariant bias.
         """
         w = F.pad(weight.detach(), (0, self.in_padded - self.in_features, 0, self.out_padded - self.out_features))
-        stats = None if inputs is None else InputStats.of(inputs, self.in_features, w.device).padded(self.in_padded)
+        stats = None
+        if inputs is not None:
+            stats = aware.InputStats.of(inputs, self.in_features, w.device).padded(self.in_padded)
         classes = None if self._support is None else self._support.cpu().numpy()
         fit = aware.project_pattern(
             w, self.pattern, self.rank, self.modulate, classes, stats, damping=damping,
@@ -277,6 +278,7 @@ class GMLinear(GMModule):
             if inside:
                 return y.reshape(*lead, self.out_features)
         else:
+            self._check_fft_not_in_onnx_export()
             spectra = self._cached("fft", self._kernel_spectra)
             y = fft_forward(xg, spectra, self.group.cyclic_shape, self.rank)
             y = y[:, 0] if modulations is None else (y * modulations).sum(1)
@@ -286,6 +288,16 @@ class GMLinear(GMModule):
         if bias is not None:
             y = y + expand_bias(bias, self.out_features, n)
         return y.reshape(*lead, self.out_features)
+
+    def _check_fft_not_in_onnx_export(self) -> None:
+        """torch.onnx cannot export the fft path: one error naming this layer and its way out, not the exporter's.
+        Asked only while tracing or exporting (``torch.onnx.is_in_onnx_export`` takes microseconds)."""
+        if (torch.jit.is_tracing() or torch.compiler.is_exporting()) and _in_onnx_export():
+            raise RuntimeError(
+                f"GMLinear({self.extra_repr()}) runs its 'fft' path, which torch.onnx cannot export (neither its "
+                "rfftn nor its complex bmm): set this layer's impl to 'blocks' (the same outputs up to rounding) or "
+                "'dense' before exporting, e.g. layer.impl = 'blocks'"
+            )
 
     def _kernel_spectra(self) -> torch.Tensor:
         return kernel_spectra(full_kernels(self.kernels, self._support, self.pattern.n_out), self.group.cyclic_shape)
@@ -382,6 +394,19 @@ class GMLinear(GMModule):
             f"in_features={self.in_features}, out_features={self.out_features}, group={self.group.name}, "
             f"{self._structure_repr()}, impl={self._impl_repr()}, bias={self.bias is not None}{extra}"
         )
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, also inside the strict (dynamo) trace of ``torch.onnx.export(dynamo=True)``,
+    where dynamo reads that function as False: there the exporter's own flag says it (a private module of torch
+    2.x; without it, False)."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    try:
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:
+        return False
+    return bool(getattr(_flags, "_is_onnx_exporting", False))
 
 
 def group_config(g: FiniteGroup) -> dict:

@@ -138,11 +138,24 @@ def _write_checkpoint(t: _Trainer, rng: dict[str, Any] | None = None) -> None:
             "loss_count": t.loss_count,
         }
         last, trainer = (Path(os.path.realpath(t.checkpoint_dir / n)) for n in ("last.pt", "trainer.pt"))
-        save(t.student, last.with_name(last.name + ".next"))
-        atomic_torch_save(state, trainer.with_name(trainer.name + ".next"))
-        os.replace(last.with_name(last.name + ".next"), last)
-        os.replace(trainer.with_name(trainer.name + ".next"), trainer)
+        last_next, trainer_next = (p.with_name(p.name + ".next") for p in (last, trainer))
+        try:
+            save(t.student, last_next)
+            atomic_torch_save(state, trainer_next)
+        except BaseException as err:  # a full disk, Ctrl-C: no half-written pair is left beside the checkpoint
+            for path in (last_next, trainer_next):
+                path.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise OSError(err.errno, f"{err.strerror}. {_not_written(t)}", err.filename) from None
+            raise
+        os.replace(last_next, last)
+        os.replace(trainer_next, trainer)
     t.checkpoint_step = t.step
+
+
+def _not_written(t: _Trainer) -> str:
+    kept = "none was written before" if t.checkpoint_step is None else f"the one of step {t.checkpoint_step} is kept"
+    return f"The checkpoint of step {t.step} was not written to {t.checkpoint_dir}; {kept}"
 
 
 def _checkpoint_on_interrupt(t: _Trainer) -> None:

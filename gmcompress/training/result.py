@@ -14,7 +14,8 @@ class FinetuneResult:
 
     ``skipped`` counts the batches skipped for a non-finite loss or gradient (``nonfinite="skip"``), and
     ``skipped_batches`` names them: ``{"step": ..., "epoch": ..., "batch": ...}`` (step and epoch from 1, the
-    batch index in the epoch from 0). Both include the steps done before a resume.
+    batch index in the epoch from 0). Both include the steps done before a resume. ``initial_metrics``:
+    ``eval_fn``'s metrics on the student before training (finetune calls it once up front to check it), or None.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -25,6 +26,7 @@ class FinetuneResult:
     resumed_from_step: int | None = None
     skipped: int = 0
     skipped_batches: list[dict[str, int]] = field(default_factory=list)
+    initial_metrics: dict[str, float] | None = None
 
 
 class NonFiniteError(FloatingPointError):

@@ -15,6 +15,8 @@ LOSSES = ("kd", "mse", "cosine", "task", "mix")
 FEATURE_LOSSES = ("mse", "cosine")  # the losses that compare feature vectors, not logits or labels
 RESUME = ("auto", "never", "must")
 NONFINITE = ("raise", "skip")
+BATCHNORM = ("frozen", "adapt")  # running statistics of BatchNorm layers while training: kept, or updated
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; the epoch seeds stay below 2**63
 DEFAULT_BATCH_SIZE = 64
 _UNFINGERPRINTED = ("checkpoint_every", "nonfinite")  # they change when files are written / errors, not the weights
 
@@ -54,6 +56,7 @@ class _Settings:
     seed: int
     nonfinite: str = "raise"
     features: tuple[str, ...] | None = None  # submodules whose outputs join the distilled output (taps.py)
+    batchnorm: str = "frozen"  # BATCHNORM: BatchNorm layers in eval mode while training ("frozen"), or not
 
     def validate(self, teacher: nn.Module | None) -> None:
         """Raise ValueError for the first bad setting: wrong type, NaN/inf, or out of range."""
@@ -67,7 +70,8 @@ class _Settings:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if _whole("checkpoint_every", self.checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        _whole("seed", self.seed)
+        if not 0 <= _whole("seed", self.seed) <= MAX_SEED:
+            raise ValueError(f"seed must lie in 0..2**63 - 1 (torch seeds are 64-bit), got {self.seed}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if _finite("temperature", self.temperature) <= 0:
@@ -82,6 +86,8 @@ class _Settings:
             raise ValueError(f"clip must be > 0 or None, got {self.clip}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {self.nonfinite!r}")
+        if self.batchnorm not in BATCHNORM:
+            raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM)}, got {self.batchnorm!r}")
         if self.loss != "task" and teacher is None:
             raise ValueError(f"loss={self.loss!r} distils from a teacher: pass teacher=<the original model>")
         if self.features is not None:

@@ -10,11 +10,11 @@ import torch.distributed as dist
 
 from ..batches import split_batch, to_device
 from .checkpoint import _rng_state
-from .losses import _loss
+from .losses import _feature_loss, _loss
 from .result import NonFiniteError
-from .settings import _autocast
+from .settings import _autocast, _Settings
 from .state import _Trainer
-from .taps import distilled_output
+from .taps import distilled_parts
 
 
 def _nonfinite_loss(t: _Trainer, value: torch.Tensor) -> str | None:
@@ -60,9 +60,9 @@ def _train_step(t: _Trainer, batch: Any, epoch: int, index: int) -> float | None
         target = None
         if t.teacher is not None and s.loss != "task":
             with torch.no_grad():
-                target = distilled_output(t.teacher, inputs, t.teacher_taps, s.features or (), "teacher").float()
-        out = distilled_output(t.model, inputs, t.student_taps, s.features or (), "student").float()
-        value = _loss(s.loss, out, target, labels, s.temperature, s.alpha)
+                target = distilled_parts(t.teacher, inputs, t.teacher_taps, s.features or (), "teacher")
+        out = distilled_parts(t.model, inputs, t.student_taps, s.features or (), "student")
+        value = _step_loss(s, out, target, labels)
     t.optimizer.zero_grad(set_to_none=True)
     bad = _nonfinite_loss(t, value)
     if bad is None:
@@ -79,8 +79,28 @@ def _train_step(t: _Trainer, batch: Any, epoch: int, index: int) -> float | None
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         t.scheduler.step()
     t.step += 1
-    t.busy, t.rng_boundary = None, _rng_state(t)
+    if bad is None:
+        t.loss_sum, t.loss_count = t.loss_sum + float(value.detach()), t.loss_count + 1
+    if t.step % t.per_epoch == 0:  # the epoch's batches are all drawn: its loader's RNGs are where the next starts
+        t.epoch_generators = [g.get_state() for g in t.data.generators]
+    t.busy, t.rng_boundary = None, _rng_state(t)  # a step and its record are one: Ctrl-C saves both or neither
     return None if bad is not None else float(value.detach())
+
+
+def _step_loss(
+    s: _Settings, out: list[torch.Tensor], target: list[torch.Tensor] | None, labels: torch.Tensor | None
+) -> torch.Tensor:
+    """The loss of one batch: on the model's output, or part by part with ``features`` (losses._feature_loss)."""
+    out = [_as_float32(p) for p in out]
+    if s.features:
+        return _feature_loss(s.loss, out, [_as_float32(p) for p in target or []])
+    teacher_out = _as_float32(target[0]) if target is not None else None
+    return _loss(s.loss, out[0], teacher_out, labels, s.temperature, s.alpha)
+
+
+def _as_float32(x: torch.Tensor) -> torch.Tensor:
+    """Floating point outputs in float32 for the loss (under amp they may be half); others left for its checks."""
+    return x.float() if x.is_floating_point() else x
 
 
 def _on_nonfinite(t: _Trainer, what: str, epoch: int, index: int) -> None:

@@ -1,9 +1,10 @@
 """Feature distillation targets: a model's inner outputs made part of what it returns.
 
-:func:`tapped_output` runs a model with forward hooks on some of its submodules and returns their outputs and the
-model's own, each flattened per sample and concatenated: ``(B, sum of the sizes)``. ``finetune(...,
-features=names)`` distils on that (the student's taps against the teacher's); :class:`FeatureTaps` is the same as
-a module, for any other loop.
+:func:`tapped_parts` runs a model with forward hooks on some of its submodules and returns their outputs and the
+model's own, each flattened per sample. ``finetune(..., features=names)`` distils on those, part by part (the
+student's taps against the teacher's, each part's loss normalised: ``losses._feature_loss``);
+:class:`FeatureTaps` returns them concatenated (:func:`tapped_output`), ``(B, sum of the sizes)``, as a module
+for any other loop.
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
         ) from None
 
 
-def tapped_output(
+def tapped_parts(
     call: Callable[[], object], taps: Sequence[nn.Module], names: Sequence[str], what: str = "model"
-) -> torch.Tensor:
-    """``call()``'s first output tensor, after the first outputs of the modules ``taps`` during that call (copies:
-    a later in-place op, ``ReLU(inplace=True)``, must not change them): each flattened per sample, ``(B, size)``
-    (``(B,)`` counts as ``(B, 1)``), concatenated along dimension 1. The hooks are removed when it returns; a tap
-    that is not called raises RuntimeError naming it (``names``) and the side (``what``)."""
+) -> list[torch.Tensor]:
+    """The first outputs of the modules ``taps`` during ``call()`` (copies: a later in-place op,
+    ``ReLU(inplace=True)``, must not change them), then ``call()``'s first output tensor: each flattened per
+    sample, ``(B, size)`` (``(B,)`` counts as ``(B, 1)``). The hooks are removed when it returns; a tap that is
+    not called raises RuntimeError naming it (``names``) and the side (``what``)."""
     seen: dict[int, torch.Tensor] = {}
 
     def keep(i: int, out: object) -> None:
@@ -81,30 +82,39 @@ def tapped_output(
     if missing:
         raise RuntimeError(f"features: {', '.join(missing)} not called in the forward pass of the {what}")
     parts = [seen[i] for i in range(len(taps))] + [out]
-    return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+    return [p.reshape(p.shape[0], -1) for p in parts]
 
 
-def distilled_output(
-    model: nn.Module, inputs: object, taps: Sequence[nn.Module], names: Sequence[str], what: str = "model"
+def tapped_output(
+    call: Callable[[], object], taps: Sequence[nn.Module], names: Sequence[str], what: str = "model"
 ) -> torch.Tensor:
-    """What the fine-tuning loss compares: ``model``'s first output tensor on ``inputs``, or with ``taps``
-    (``finetune(features=names)``) :func:`tapped_output`."""
+    """:func:`tapped_parts` concatenated along dimension 1: ``(B, sum of the sizes)``."""
+    return torch.cat(tapped_parts(call, taps, names, what), dim=1)
+
+
+def distilled_parts(
+    model: nn.Module, inputs: object, taps: Sequence[nn.Module], names: Sequence[str], what: str = "model"
+) -> list[torch.Tensor]:
+    """What the fine-tuning loss compares: ``[model's first output tensor on inputs]``, or with ``taps``
+    (``finetune(features=names)``) :func:`tapped_parts`, one entry per tap and the output last."""
     if not taps:
-        return first_tensor(run_model(model, inputs))
-    return tapped_output(lambda: run_model(model, inputs), taps, names, what)
+        return [first_tensor(run_model(model, inputs))]
+    return tapped_parts(lambda: run_model(model, inputs), taps, names, what)
 
 
 class FeatureTaps(nn.Module):
     """``model`` (shared, not copied) returning :func:`tapped_output`: the outputs of its submodules ``names`` and
     its own output, each flattened per sample and concatenated, ``(B, sum of the sizes)``.
 
-    ``finetune(student, teacher, data, features=names, loss="mse")`` does the same inside the loop (checkpoints
-    and ``best.pt`` then hold the model itself); this wrapper is for other loops and losses. Measured on MNISTNet
-    (benchmarks/recovery.py, ``--feature-epochs 8 --distill-epochs 0``): eight epochs on ``features.5`` and
-    nothing else end the fully compressed net 0.33-0.40 points below the original over three seeds, where
-    distillation on the logits ends 0.6-0.9 below. The model itself is left as it was (hooks only during a
-    forward). ``reference``: the original model, for names of containers a compressed graph calls through
-    (:func:`resolve_taps`).
+    ``finetune(student, teacher, data, features=names, loss="mse")`` taps the same outputs inside the loop
+    (checkpoints and ``best.pt`` then hold the model itself) and averages each part's own relative error, so no
+    part drowns the others; this wrapper is for other loops and losses (an MSE on its concatenation weighs each
+    part by its size and scale). Measured on MNISTNet (benchmarks/recovery.py, ``--feature-epochs 8
+    --distill-epochs 0``, with the MSE of the concatenation that finetune used then): eight epochs on
+    ``features.5`` and nothing else end the fully compressed net 0.33-0.40 points below the original over three
+    seeds, where distillation on the logits ends 0.6-0.9 below. The model itself is left as it was (hooks only
+    during a forward). ``reference``: the original model, for names of containers a compressed graph calls
+    through (:func:`resolve_taps`).
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], reference: nn.Module | None = None) -> None:

@@ -116,6 +116,7 @@ def plan(
     example_inputs: object = None,
     max_calibration_rows: int | None = None,
     progress: bool = True,
+    heldout: Iterable[object] | torch.Tensor | None = None,
     inplace: bool = False,
     calibration_mode: str = "sequential",
 ) -> CompressionPlan:
@@ -123,10 +124,10 @@ def plan(
 
     Without a budget nothing is fitted and models on the ``meta`` device work (no weights are read). With a
     ``budget``, every option of every layer is measured (timed on ``example_inputs``, fitted on
-    ``calibration``: :mod:`gmcompress.budget`) and the plan holds the allocation (``plan.budget``); ``model``
-    is not modified either way. Arguments as in :func:`compress`; ``inplace`` and ``calibration_mode`` are
-    checked and otherwise ignored (a plan never modifies the model, and its budget's options are measured on the
-    original model's activations whatever the mode), so the same arguments serve both functions.
+    ``calibration``: :mod:`gmcompress.budget`; a fidelity budget is checked on ``heldout``, default the last part
+    of ``calibration``, with its allocations fitted in ``calibration_mode``) and the plan holds the allocation
+    (``plan.budget``); ``model`` is not modified either way. Arguments as in :func:`compress`; ``inplace`` is
+    checked and otherwise ignored (a plan never modifies the model), so the same arguments serve both functions.
     """
     _check_arguments(model, include, exclude, inplace, progress, calibration_mode)
     if calibration is not None:
@@ -175,7 +176,10 @@ def plan(
     the_plan = CompressionPlan(model, plans, traced.failure is None, traced.failure, traced.graph_module)
     if budget is not None:
         with unfused_paths(model):  # the measuring hooks see every Linear called, on plain tensors
-            the_plan.budget = plan_budget(the_plan, budget, calibration, example_inputs, max_calibration_rows, progress)
+            the_plan.budget = plan_budget(
+                the_plan, budget, calibration, example_inputs, max_calibration_rows, progress, heldout,
+                calibration_mode,
+            )  # fmt: skip
     return the_plan
 
 
@@ -333,7 +337,7 @@ def compress(
             the_plan = plan(
                 working, group, rank, recipe=loaded, include=include, exclude=exclude, **overrides, budget=budget,
                 calibration=calibration, example_inputs=example_inputs, max_calibration_rows=max_calibration_rows,
-                progress=progress,
+                progress=progress, heldout=heldout, calibration_mode=calibration_mode,
             )  # fmt: skip
             if the_plan.trace_failure is not None:
                 warnings.warn(
@@ -497,17 +501,11 @@ def apply_plan(
 
 
 def _budget_outcome(outcome: BudgetOutcome, root: nn.Module) -> str:
-    """The budget's summary with the model error measured on the compressed model (its final fits see the
-    compressed prefix, the plan's predictions did not); a ``max_error`` budget it exceeds gets a warning."""
-    measured = outcome.measured_error(root)
-    if outcome.budget.kind == "max_error" and measured > outcome.budget.target:
-        warnings.warn(
-            f"gmcompress: budget {outcome.budget}: the compressed model's output error on the probe batch is "
-            f"{measured:.4f} (predicted {outcome.model_error:.4f} from the layers' errors taken as independent); "
-            "ask for a smaller max_error to stay under it",
-            stacklevel=3,
-        )
-    return f"{outcome.summary()}; measured model error {measured:.4f}"
+    """The budget's summary with the compressed model's measured error; a fidelity budget it misses warns."""
+    summary, warning = outcome.check_compressed(root)
+    if warning is not None:
+        warnings.warn(warning, stacklevel=3)
+    return summary
 
 
 def _keep_frozen(dense: nn.Module, new: nn.Module) -> None:

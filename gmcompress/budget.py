@@ -5,30 +5,47 @@ plan alone). For every layer the plan would compress, the options are "keep dens
 ``Budget.groups`` whose order divides the layer's sizes at ranks ``1, 2, 4, ..., min(N/2, max_rank)`` (a
 ladder: each step halves the compression, and ``C_N`` rank r has the size of ``C_2N`` rank 2r, so the groups
 together cover every power-of-two ratio). Each option is measured, then one option per layer is allocated
-(:func:`gmcompress.allocation.allocate`, a multiple-choice knapsack):
+(:func:`gmcompress.allocation.allocate`, a multiple-choice knapsack). Everything is measured on the traced graph
+when there is one (it calls the layers lifted from functional calls as modules):
 
 * **size**: parameters from the planned layer (no fit);
 * **latency** (``speedup`` budgets): each option's fastest forward path, timed on the layer's real input
-  from ``example_inputs`` on an unfitted layer of its shape, as :mod:`gmcompress.paths` does; the model's
-  latency is predicted as ``T_model - sum_l t_dense_l + sum_l t_l`` (``T_model`` measured);
+  from ``example_inputs`` on an unfitted layer of its shape, in the same interleaved rounds as the dense layer
+  (:func:`gmcompress.paths.time_layers`); the model's latency is predicted as ``T_model - sum_l t_dense_l +
+  sum_l t_l`` (``T_model`` measured);
 * **sensitivity** (needs ``calibration``): each option fitted activation-aware on the original model's
-  calibration statistics; its *layer error* ``||(W - W_gm) X^T|| / ||W X^T||`` and its *model error*, the
-  relative change of the model's output tensors (all of them) on the first calibration batch when only this
-  layer is replaced (a forward hook swaps the output; the user's model, its modules' modes and the RNG are left
-  as they were). Model errors of different layers are treated as independent: the squared errors add.
+  statistics on the fit batches; its *layer error* ``||(W - W_gm) X^T|| / ||W X^T||`` and its *model error*, the
+  relative change of the model's output tensors (all of them) on the probe batch (the first held-out batch, else
+  the first calibration batch) when only this layer is replaced (a forward hook swaps the output; the user's
+  model, its modules' modes and the RNG are left as they were). Model errors of different layers are treated as
+  independent: the squared errors add.
 
 Allocation: ``params``: least summed squared model error with at most ``dense / params`` weights in the
-candidate layers; ``speedup``: least error with a predicted latency at most ``T_model / speedup``;
-``max_error``: fewest weights with ``sqrt(sum of squared model errors) <= max_error``. Budgets that no choice
-meets fail before any fit (size and latency are known first) with the closest achievable value.
+candidate layers; ``speedup``: least error with a predicted latency at most ``T_model / speedup``. Budgets
+that no choice meets fail before any fit (size and latency are known first) with the closest achievable value.
+
+Fidelity budgets, ``max_error`` (relative output error) and ``agreement`` (top-1 agreement with the original,
+classifier-shaped outputs only), are checked on held-out batches (``heldout``, else the last part of the
+calibration batches, :func:`gmcompress.fidelity.split_holdout`, which the fits then do not use): errors compound
+through the layers, so the independent sum under-predicts. The fewest weights with summed squared model errors
+under a cap (``max_error^2``; for ``agreement`` ``8 (1 - agreement)`` to start) are fitted as ``compress`` fits
+them (``calibrate`` on the fit batches) and the model is measured on the held-out batches; while it misses the
+target the cap becomes the failed allocation's summed error times ``(0.9 target / measured)^2`` (``agreement``:
+``(0.9 (1 - target) / (1 - measured))^2``) and the allocation is redone. Cost: at most :data:`VERIFY_ROUNDS`
+checks (one more with ``min_params``), each one set of final fits plus one forward pass over the held-out
+batches. With ``min_params`` an allocation smaller than that becomes the least-error one at ``min_params``;
+when that one fails its check, a ``BudgetError`` names its measured value, before the final fits. Without it,
+every layer dense is exact: when no check passes, that is the allocation, with a warning.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,12 +54,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Allocation, Infeasible, allocate
-from .batches import eval_mode, output_tensors, run_model
-from .calibration import capture_statistics
+from .batches import eval_mode, first_tensor, output_tensors, run_model
+from .calibration import calibrate, capture_statistics
+from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
 from .groups import group as parse_group
 from .groups import square_group
 from .handlers import LayerPlan
-from .paths import capture_layer_inputs, time_paths
+from .paths import capture_layer_inputs, time_layers
 from .report import format_table, measure_latency
 from .settings import LayerSettings
 
@@ -55,7 +73,12 @@ FAMILIES = {
     "C": tuple(f"C{2**k}" for k in range(1, 7)),  # cyclic orders 2 .. 64
     "D": tuple(f"D{2**k}" for k in range(1, 6)),  # dihedral orders 4 .. 64
 }
-KINDS = ("params", "speedup", "max_error")
+KINDS = ("params", "speedup", "max_error", "agreement")
+FIDELITY_KINDS = ("max_error", "agreement")  # verified on held-out batches after the allocation
+VERIFY_ROUNDS = 4  # allocations fitted and measured on the held-out batches at most (one more for min_params)
+TIGHTEN_MARGIN = 0.9  # a failed check shrinks the error cap a little further than the measured ratio asks
+AGREEMENT_START = 8.0  # an agreement budget's first error cap: output error^2 <= 8 (1 - agreement), a guess the
+# checks then tighten (MNISTNet on 256 held-out digits: output errors 0.18, 0.33 and 0.47 kept 99.6%, 98.4%, 97.7%)
 
 
 class BudgetError(ValueError):
@@ -86,33 +109,51 @@ def candidate_groups(spec: str | Sequence[str]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Budget:
     """One target: ``params`` (times fewer weights in the candidate layers), ``speedup`` (whole-model latency on
-    ``example_inputs``, before / after) or ``max_error`` (the largest relative change of the model's output on
-    calibration data). ``groups``: the candidate groups (see :func:`candidate_groups`); ``max_rank`` caps the
-    ranks tried (a fit's cost grows with rank squared, and C_N rank r has the size of C_N/2 rank r/2)."""
+    ``example_inputs``, before / after), ``max_error`` (the largest relative change of the model's output) or
+    ``agreement`` (the least top-1 agreement with the original, for classifiers). ``max_error`` and ``agreement``
+    are fidelity budgets, checked on held-out batches (module doc); ``min_params`` asks them for at least that many
+    times fewer weights too (else the all-dense model always meets them). ``groups``: the candidate groups (see
+    :func:`candidate_groups`); ``max_rank`` caps the ranks tried (a fit's cost grows with rank squared, and C_N rank
+    r has the size of C_N/2 rank r/2)."""
 
     params: float | None = None
     speedup: float | None = None
     max_error: float | None = None
+    agreement: float | None = None
     groups: str | tuple[str, ...] = "C"
     max_rank: int = 8
+    min_params: float | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"Budget takes exactly one of {', '.join(KINDS)}, got {given or 'none'}")
-        value = getattr(self, given[0])
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            object.__setattr__(self, given[0], float(value))  # numpy scalars too
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"Budget({given[0]}=...): expected a finite number, got {value!r}")
-        if given[0] != "max_error" and value < 1:
+        value = self._number(given[0])
+        if given[0] in ("params", "speedup") and value < 1:
             raise ValueError(f"Budget({given[0]}={value}): expected a factor >= 1 (e.g. {given[0]}=4.0)")
         if given[0] == "max_error" and value <= 0:
             raise ValueError(f"Budget(max_error={value}): expected a relative error > 0 (e.g. 0.1)")
+        if given[0] == "agreement" and not 0 < value <= 1:
+            raise ValueError(f"Budget(agreement={value}): expected a fraction of samples in (0, 1] (e.g. 0.95)")
+        if self.min_params is not None:
+            if given[0] not in FIDELITY_KINDS:
+                raise ValueError(
+                    f"Budget(min_params=...) goes with a fidelity budget ({', '.join(FIDELITY_KINDS)}); "
+                    f"Budget({given[0]}=...) sets the size or speed itself"
+                )
+            if self._number("min_params") < 1:
+                raise ValueError(f"Budget(min_params={self.min_params}): expected a factor >= 1 (e.g. 2.0)")
         object.__setattr__(self, "groups", candidate_groups(self.groups))
         if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
             raise ValueError(f"Budget(max_rank={self.max_rank!r}): expected a whole number >= 1")
+
+    def _number(self, key: str) -> float:
+        """The value of ``key`` as a finite float (numpy scalars too), else a ValueError naming it."""
+        value = getattr(self, key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"Budget({key}=...): expected a finite number, got {value!r}")
+        object.__setattr__(self, key, float(value))
+        return float(value)
 
     @property
     def kind(self) -> str:
@@ -122,32 +163,47 @@ class Budget:
     def target(self) -> float:
         return float(getattr(self, self.kind))
 
+    @property
+    def fidelity(self) -> bool:
+        """A budget on what the model computes, verified on held-out batches."""
+        return self.kind in FIDELITY_KINDS
+
     def __str__(self) -> str:
-        return f"{self.kind}={self.target:g}"
+        floor = f", min_params={self.min_params:g}" if self.min_params is not None else ""
+        return f"{self.kind}={self.target:g}{floor}"
 
     @classmethod
     def parse(cls, spec: str | Mapping[str, Any] | Budget) -> Budget:
-        """A Budget from ``"params=4"`` (CLI), a mapping (recipe ``budget:`` section) or a Budget."""
+        """A Budget from ``"params=4"`` or ``"agreement=0.95,min_params=2"`` (CLI), a mapping (recipe ``budget:``
+        section) or a Budget."""
         if isinstance(spec, Budget):
             return spec
         if isinstance(spec, str):
-            key, sep, value = spec.partition("=")
-            if not sep or key.strip() not in KINDS:
-                raise ValueError(f"budget {spec!r}: expected KIND=VALUE with KIND one of {', '.join(KINDS)}")
-            try:
-                number = float(value)
-            except ValueError:
-                raise ValueError(f"budget {spec!r}: {value.strip()!r} is not a number (e.g. {key.strip()}=4)") from None
-            return cls(**{key.strip(): number})
+            return cls(**dict(_parse_item(spec, item) for item in spec.split(",")))
         if not isinstance(spec, Mapping):
             raise TypeError(
                 f"budget: expected a gm.Budget, a 'KIND=VALUE' string or a mapping, got {spec!r} "
                 f"(e.g. gm.Budget(params=4.0))"
             )
-        unknown = set(spec) - {*KINDS, "groups", "max_rank"}
+        unknown = set(spec) - {*KINDS, "groups", "max_rank", "min_params"}
         if unknown:
-            raise ValueError(f"unknown budget keys {sorted(unknown)} (expected {', '.join(KINDS)}, groups, max_rank)")
+            raise ValueError(
+                f"unknown budget keys {sorted(unknown)} (expected {', '.join(KINDS)}, groups, max_rank, min_params)"
+            )
         return cls(**dict(spec))
+
+
+def _parse_item(spec: str, item: str) -> tuple[str, float]:
+    """One ``KEY=VALUE`` of a budget string: a kind or ``min_params``, and a number."""
+    key, sep, value = (part.strip() for part in item.partition("="))
+    if not sep or key not in (*KINDS, "min_params"):
+        raise ValueError(
+            f"budget {spec!r}: expected KIND=VALUE with KIND one of {', '.join(KINDS)} (and optionally ,min_params=N)"
+        )
+    try:
+        return key, float(value)
+    except ValueError:
+        raise ValueError(f"budget {spec!r}: {value!r} is not a number (e.g. {key}=4)") from None
 
 
 @dataclass
@@ -173,8 +229,24 @@ class LayerOptions:
 
 
 @dataclass
+class Verification:
+    """One allocation of a fidelity budget fitted as ``compress`` fits it and measured on the held-out batches."""
+
+    choice: tuple[int, ...]  # the option index per layer
+    params_ratio: float
+    predicted_error: float  # sqrt(sum of squared model errors) of its options
+    measured: Fidelity
+
+    def value(self, kind: str) -> float:
+        """The measured value of a fidelity budget's quantity (NaN reads as the worst)."""
+        value = self.measured.output_error if kind == "max_error" else self.measured.top1_agreement
+        return value if value == value else (math.inf if kind == "max_error" else 0.0)
+
+
+@dataclass
 class BudgetOutcome:
-    """The measured options of every candidate layer, the allocation and what it achieves (predicted)."""
+    """The measured options of every candidate layer, the allocation and what it achieves (predicted, and for
+    fidelity budgets measured on held-out batches)."""
 
     budget: Budget
     layers: list[LayerOptions]
@@ -182,10 +254,44 @@ class BudgetOutcome:
     model_seconds: float | None = None  # the original model on example_inputs
     probe: object = field(default=None, repr=False)  # the calibration batch the model errors are measured on
     reference: torch.Tensor | None = field(default=None, repr=False)  # the original model's output on it
+    fit_batches: list[object] = field(default_factory=list, repr=False)  # the calibration batches the fits use
+    heldout: list[object] | None = field(default=None, repr=False)  # the batches the fidelity is measured on
+    heldout_reference: list[object] | None = field(default=None, repr=False)  # the original's outputs on them
+    verified: list[Verification] = field(default_factory=list)  # every allocation checked, the chosen one last
 
     def measured_error(self, model: nn.Module) -> float:
-        """``||y - y_ref|| / ||y_ref||`` of ``model``'s output on the probe batch: what the plan predicted."""
-        return _relative_error(_output(model, self.probe), self.reference)
+        """``||y - y_ref|| / ||y_ref||`` of ``model``'s outputs on the held-out batches (on the probe batch when
+        there are none): what the plan predicted."""
+        if self.heldout is None:
+            return _relative_error(_output(model, self.probe), self.reference)
+        return self.measured_fidelity(model).output_error
+
+    def measured_fidelity(self, model: nn.Module) -> Fidelity:
+        """:class:`~gmcompress.fidelity.Fidelity` of ``model`` against the original on the held-out batches."""
+        with eval_mode(model):
+            return compare_outputs(self.heldout_reference, reference_outputs(model, self.heldout), "held-out")
+
+    def check_compressed(self, model: nn.Module) -> tuple[str, str | None]:
+        """The summary with the compressed ``model``'s measured error (its final fits see the compressed prefix,
+        the options did not), and a warning when it misses a fidelity budget (else None)."""
+        if self.budget.kind == "agreement":
+            agreement = self.measured_fidelity(model).top1_agreement
+            text = f"{self.summary()}; compressed model's top-1 agreement {agreement:.4f}"
+            if agreement < self.budget.target:
+                return text, (
+                    f"gmcompress: budget {self.budget}: the compressed model's top-1 agreement on the held-out "
+                    f"batches is {agreement:.4f}; ask for a higher agreement to stay above it"
+                )
+            return text, None
+        measured = self.measured_error(model)
+        text = f"{self.summary()}; measured model error {measured:.4f}"
+        if self.budget.kind == "max_error" and measured > self.budget.target:
+            where = "the held-out batches" if self.heldout is not None else "the probe batch"
+            return text, (
+                f"gmcompress: budget {self.budget}: the compressed model's output error on {where} is "
+                f"{measured:.4f} (predicted {self.model_error:.4f}); ask for a smaller max_error to stay under it"
+            )
+        return text, None
 
     @property
     def chosen(self) -> list[Option]:
@@ -208,10 +314,13 @@ class BudgetOutcome:
 
     @property
     def achieved(self) -> float:
-        """The planned value of the budgeted quantity."""
-        return {"params": self.params_ratio, "speedup": self.predicted_speedup, "max_error": self.model_error}[
-            self.budget.kind
-        ]
+        """The planned value of the budgeted quantity (for a fidelity budget, as measured on the held-out batches;
+        an all-dense allocation is exact)."""
+        kind = self.budget.kind
+        if kind in FIDELITY_KINDS:
+            exact = 0.0 if kind == "max_error" else 1.0
+            return self.chosen_check.value(kind) if self.chosen_check is not None else exact
+        return {"params": self.params_ratio, "speedup": self.predicted_speedup}[kind]
 
     def summary(self) -> str:
         method = "exact" if self.allocation.exact else f"Lagrangian, optimality gap {self.allocation.gap:.2e}"
@@ -222,7 +331,20 @@ class BudgetOutcome:
         ]
         if speed is not None:
             parts.append(f"predicted speed-up {speed:.2f}x")
+        if self.budget.fidelity:
+            parts.append(self._verified_summary())
         return ", ".join(parts) + f" ({method} allocation)"
+
+    @property
+    def chosen_check(self) -> Verification | None:
+        """The held-out check of the chosen allocation (None when it was not checked: every layer dense)."""
+        return next((c for c in self.verified if c.choice == self.allocation.choice), None)
+
+    def _verified_summary(self) -> str:
+        rounds = f"{len(self.verified)} allocation{'s' if len(self.verified) != 1 else ''} checked on held-out data"
+        if self.chosen_check is None:
+            return f"every layer dense (exact; {rounds})"
+        return f"measured {self.chosen_check.measured.summary().removeprefix('fidelity ')} ({rounds})"
 
     def table(self) -> str:
         rows = []
@@ -367,9 +489,14 @@ def plan_budget(
     example_inputs: object = None,
     max_calibration_rows: int | None = None,
     progress: bool = True,
+    heldout: Iterable[object] | torch.Tensor | None = None,
+    calibration_mode: str = "sequential",
 ) -> BudgetOutcome:
     """Measure every option of every candidate layer of ``the_plan`` and allocate them under ``budget``;
-    ``the_plan.layers`` are replaced by the chosen plans. See the module doc."""
+    ``the_plan.layers`` are replaced by the chosen plans. ``heldout``: the batches a fidelity budget is checked
+    on (default: the last part of ``calibration``, :func:`~gmcompress.fidelity.split_holdout`, which the fits then
+    do not use); ``calibration_mode``: how the checked allocations are fitted (as ``compress`` will). See the
+    module doc."""
     if calibration is None:
         raise BudgetError("a budget needs calibration batches (calibration=...) to measure each option's error")
     if budget.kind == "speedup" and example_inputs is None:
@@ -381,6 +508,7 @@ def plan_budget(
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     if not batches:
         raise BudgetError("the calibration batches are empty: a budget measures each option's error on them")
+    batches, heldout_batches = _holdout(budget, batches, heldout)
     if any(p.is_meta for p in model.parameters()):
         raise BudgetError(
             "a budget fits and runs every option, so it needs the model's weights: this model is on the meta "
@@ -403,43 +531,220 @@ def plan_budget(
     layers = [lo for lo in options if len(lo.options) > 1]
     if not layers:
         raise BudgetError(f"no layer can take any of the groups {', '.join(budget.groups)}: nothing to allocate")
+    root = measured_root(the_plan)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with eval_mode(model), torch.random.fork_rng(devices=cuda):
-        model_seconds = _time_options(model, layers, example_inputs) if budget.kind == "speedup" else None
+    with eval_mode(model), eval_mode(root), torch.random.fork_rng(devices=cuda):
+        model_seconds = _time_options(root, layers, example_inputs) if budget.kind == "speedup" else None
         _check_reachable(budget, layers, model_seconds)
-        probe, reference = _measure_errors(model, layers, batches, max_calibration_rows, progress)
-    allocation = _allocate(budget, layers, model_seconds)
-    outcome = BudgetOutcome(budget, layers, allocation, model_seconds, probe, reference)
+        heldout_reference = _heldout_reference(budget, root, heldout_batches)
+        probe, reference = _measure_errors(root, layers, batches, max_calibration_rows, progress, heldout_batches)
+        outcome = BudgetOutcome(budget, layers, None, model_seconds, probe, reference, batches, heldout_batches,
+                                heldout_reference)  # fmt: skip
+        if budget.fidelity:
+
+            def check(allocation: Allocation) -> Verification:
+                return _verify(outcome, the_plan, root, allocation, calibration_mode, max_calibration_rows)
+
+            outcome.allocation = _fidelity_allocation(budget, layers, check, outcome.verified)
+        else:
+            outcome.allocation = _allocate(budget, layers, model_seconds)
     chosen = {lo.name: o.plan for lo, o in zip(layers, outcome.chosen)}
     the_plan.layers = [chosen.get(p.name, p) for p in the_plan.layers]
     return outcome
 
 
-def _time_options(model: nn.Module, layers: list[LayerOptions], example_inputs: object) -> float:
-    """Seconds of the model, and of each option's fastest path on its layer's example input (unfitted layers)."""
-    inputs = capture_layer_inputs(model, [lo.dense.plan for lo in layers], example_inputs)
+def _holdout(
+    budget: Budget, batches: list[object], heldout: Iterable[object] | torch.Tensor | None
+) -> tuple[list[object], list[object] | None]:
+    """``(batches for the fits, held-out batches)``: ``heldout`` when given; else, for a fidelity budget, the
+    calibration batches split by :func:`~gmcompress.fidelity.split_holdout`; else no held-out batches."""
+    if heldout is not None:
+        return batches, as_batches(heldout)
+    if not budget.fidelity:
+        return batches, None
+    try:
+        return split_holdout(batches)
+    except ValueError as err:
+        raise BudgetError(f"Budget({budget}) is checked on held-out calibration samples: {err}") from None
+
+
+def _heldout_reference(budget: Budget, root: nn.Module, heldout: list[object] | None) -> list[object] | None:
+    """The original model's outputs on the held-out batches; an ``agreement`` budget needs them classifier-shaped."""
+    if heldout is None:
+        return None
+    reference = reference_outputs(root, heldout)
+    if budget.kind == "agreement" and not compare_outputs(reference, reference).classifier:
+        shape = tuple(first_tensor(reference[0]).shape)
+        raise ValueError(
+            f"Budget({budget}) measures top-1 agreement, which needs classifier-shaped outputs ((batch, classes) "
+            f"logits, at least 2 classes, rows not unit vectors); the first output of {type(root).__name__} has "
+            f"shape {shape}: use Budget(max_error=...) for it"
+        )
+    return reference
+
+
+def _verify(
+    outcome: BudgetOutcome,
+    the_plan: CompressionPlan,
+    root: nn.Module,
+    allocation: Allocation,
+    mode: str,
+    max_rows: int | None,
+) -> Verification:
+    """Fit ``allocation`` as ``compress`` will (``calibrate`` on the fit batches, in ``mode``) and measure the
+    model on the held-out batches. Nothing is swapped: a forward hook on each original layer returns its fitted
+    replacement's output while the fits and the measurement run, and is removed after."""
+    chosen = {lo.name: lo.options[j].plan for lo, j in zip(outcome.layers, allocation.choice)}
+    todo = [q for q in (chosen.get(p.name, p) for p in the_plan.layers) if q.form]
+    handles = []
+
+    def install(p: LayerPlan, stats: object) -> nn.Module:
+        fitted = p.build(stats)
+        handles.append(p.module.register_forward_hook(partial(_replace_output, fitted), with_kwargs=True))
+        return fitted
+
+    try:
+        calibrate(root, the_plan.graph_module, todo, outcome.fit_batches, install, mode, max_rows)
+        measured = outcome.measured_fidelity(root)
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors, params = _costs(outcome.layers)
+    dense = sum(lo.dense.params for lo in outcome.layers)
+    predicted = math.sqrt(_total(errors, allocation.choice))
+    return Verification(allocation.choice, dense / _total(params, allocation.choice), predicted, measured)
+
+
+def _replace_output(replacement: nn.Module, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+    """A forward hook (``with_kwargs=True``) that returns ``replacement``'s output, called as the model called the
+    layer: ``self.fc(h)`` or ``self.fc(input=h)``."""
+    return replacement(*args, **kwargs)
+
+
+def _costs(layers: list[LayerOptions]) -> tuple[list[list[float]], list[list[float]]]:
+    """Each option's squared model error (capped: an option that broke the model is never chosen for its size)
+    and its parameters."""
+    errors = [[min(o.model_error, 1e6) ** 2 for o in lo.options] for lo in layers]
+    return errors, [[float(o.params) for o in lo.options] for lo in layers]
+
+
+def _total(values: list[list[float]], choice: Sequence[int]) -> float:
+    return sum(v[j] for v, j in zip(values, choice))
+
+
+def _fidelity_allocation(
+    budget: Budget, layers: list[LayerOptions], check: Callable[[Allocation], Verification], checked: list[Verification]
+) -> Allocation:
+    """The allocation of a fidelity budget: fewest weights under a cap on the summed squared model errors, checked
+    on the held-out batches; while the check fails the cap shrinks (:func:`_tightened`), at most
+    :data:`VERIFY_ROUNDS` checks. With ``min_params`` an allocation larger than that is replaced by the least-error
+    one at ``min_params`` (checked at most once more), and that one failing is a :class:`BudgetError` naming its
+    measured value. Without ``min_params``, when no check passes, every layer stays dense (exact) with a warning.
+    Every check is appended to ``checked``."""
+    errors, params = _costs(layers)
+    floor = None
+    if budget.min_params is not None:
+        floor = allocate(errors, params, sum(lo.dense.params for lo in layers) / budget.min_params)
+    cap = budget.target**2 if budget.kind == "max_error" else AGREEMENT_START * (1.0 - budget.target)
+    for _ in range(VERIFY_ROUNDS):
+        allocation = allocate(params, errors, cap)
+        if floor is not None and _total(params, allocation.choice) > floor.weight:
+            allocation = floor
+        if not any(allocation.choice):
+            return allocation  # every layer dense: exact
+        if any(c.choice == allocation.choice for c in checked):
+            break  # the cap no longer changes the choice
+        checked.append(check(allocation))
+        if _meets(budget, checked[-1]):
+            return allocation
+        if allocation is floor:
+            raise _unreachable(budget, checked[-1])
+        cap = _total(errors, allocation.choice) * _tightened(budget, checked[-1])
+    if floor is None:
+        return _all_dense(budget, layers, checked)
+    checked.append(check(floor))
+    if _meets(budget, checked[-1]):
+        return floor
+    raise _unreachable(budget, checked[-1])
+
+
+def _meets(budget: Budget, check: Verification) -> bool:
+    value = check.value(budget.kind)
+    return value <= budget.target if budget.kind == "max_error" else value >= budget.target
+
+
+def _tightened(budget: Budget, check: Verification) -> float:
+    """The factor on the failed allocation's summed squared error that gives the next cap: ``(target /
+    measured)^2`` for ``max_error``; for ``agreement`` the disagreement taken as growing like the output error,
+    ``((1 - target) / (1 - measured))^2``; both times :data:`TIGHTEN_MARGIN` squared."""
+    value = check.value(budget.kind)
+    ratio = budget.target / value if budget.kind == "max_error" else (1 - budget.target) / (1 - value)
+    return (TIGHTEN_MARGIN * ratio) ** 2
+
+
+def _unreachable(budget: Budget, check: Verification) -> BudgetError:
+    value = check.value(budget.kind)
+    if budget.kind == "max_error":
+        quantity, ask, shown = "output error", "max_error >=", math.ceil(value * 1e4) / 1e4
+    else:
+        quantity, ask, shown = "top-1 agreement", "agreement <=", math.floor(value * 1e4) / 1e4
+    return BudgetError(
+        f"Budget({budget}) cannot be met: at {budget.min_params:g}x fewer weights the allocation with the least "
+        f"predicted error ({check.params_ratio:.2f}x) has a {quantity} of {value:.4f} on the "
+        f"{check.measured.samples} held-out samples; ask for {ask} {shown:g}, a smaller min_params or larger groups",
+        value,
+    )
+
+
+def _all_dense(budget: Budget, layers: list[LayerOptions], checked: list[Verification]) -> Allocation:
+    """Every layer dense (exact), with a warning naming the closest allocation checked."""
+    closest = min(checked, key=lambda c: c.value(budget.kind) * (1 if budget.kind == "max_error" else -1))
+    warnings.warn(
+        f"gmcompress: budget {budget}: none of the {len(checked)} allocations checked on the held-out batches met "
+        f"it (the closest: {closest.value(budget.kind):.4f} at {closest.params_ratio:.2f}x fewer weights), so every "
+        "candidate layer stays dense; allow a larger error (or lower agreement), higher ranks or other groups",
+        stacklevel=5,
+    )
+    dense = float(sum(lo.dense.params for lo in layers))
+    return Allocation(tuple(0 for _ in layers), dense, 0.0, dense, True)
+
+
+def measured_root(the_plan: CompressionPlan) -> nn.Module:
+    """The module whose run calls the planned layers: the traced graph when there is one (it calls the layers
+    lifted from ``F.linear``/``F.conv*d`` calls, and a bare ``nn.Linear`` model's own product, as modules; the
+    user's model calls neither as a module, so hooks there would never fire), else the model itself."""
+    return the_plan.graph_module if the_plan.graph_module is not None else the_plan.model
+
+
+def _time_options(root: nn.Module, layers: list[LayerOptions], example_inputs: object) -> float:
+    """Seconds of the model, and of each option's fastest path on its layer's example input (unfitted layers):
+    a layer's dense module and its options are timed in the same interleaved rounds (:func:`time_layers`)."""
+    inputs = capture_layer_inputs(root, [lo.dense.plan for lo in layers], example_inputs)
     for lo in layers:
         x = inputs.get(lo.name)
         if x is None:
             raise BudgetError(f"layer {lo.name!r} is not called on example_inputs: it cannot be timed")
         module = lo.dense.plan.module
-        lo.dense.seconds = time_paths(module, x)["dense"]
         device = next(module.parameters()).device
-        for o in lo.options[1:]:
-            o.seconds = min(time_paths(o.plan.shell(device).to(x.dtype), x).values())
-    return measure_latency(model, example_inputs) / 1e3
+        shells = {str(i): o.plan.shell(device).to(x.dtype) for i, o in enumerate(lo.options) if i > 0}
+        times = time_layers({"dense": module, **shells}, x)
+        lo.dense.seconds = times["dense"]["dense"]
+        for i, o in enumerate(lo.options[1:], start=1):
+            o.seconds = min(times[str(i)].values())
+    return measure_latency(root, example_inputs) / 1e3
 
 
 def _check_reachable(budget: Budget, layers: list[LayerOptions], model_seconds: float | None) -> None:
     """Fail before any fit when no choice meets a size or speed budget, naming the closest achievable value."""
     dense = sum(lo.dense.params for lo in layers)
-    if budget.kind == "params":
+    size = "params" if budget.kind == "params" else "min_params"
+    if getattr(budget, size) is not None:
         best = dense / sum(min(o.params for o in lo.options) for lo in layers)
-        if best < budget.target:
+        if best < getattr(budget, size):
             raise BudgetError(
-                f"Budget(params={budget.target:g}) cannot be met: the smallest choice of {', '.join(budget.groups)} "
-                f"gives {_floor2(best):.2f}x fewer weights in the {len(layers)} candidate layers; ask for at most "
-                f"params={_floor2(best):g} or allow larger groups",
+                f"Budget({budget}) cannot be met: the smallest choice of {', '.join(budget.groups)} gives "
+                f"{_floor2(best):.2f}x fewer weights in the {len(layers)} candidate layers; ask for at most "
+                f"{size}={_floor2(best):g} or allow larger groups",
                 best,
             )
     if budget.kind == "speedup":
@@ -466,14 +771,16 @@ def _measure_errors(
     batches: list[object],
     max_rows: int | None,
     progress: bool,
+    heldout: list[object] | None,
 ) -> tuple[object, torch.Tensor]:
-    """Fit every option on the original model's calibration statistics; its layer and model errors. Returns the
-    probe batch (the first calibration batch) and the original model's output on it."""
+    """Fit every option on the original model's statistics on ``batches``; its layer and model errors. Returns the
+    probe batch (the first held-out batch, else the first calibration batch: a layer with fewer calibration rows
+    than inputs fits the batches it saw far better than new ones) and the original model's output on it."""
     stats = capture_statistics(model, [lo.dense.plan for lo in layers], batches, max_rows)
-    probe = batches[0]
+    probe = batches[0] if heldout is None else heldout[0]
     reference = _output(model, probe)
     if not bool(torch.isfinite(reference).all()):
-        raise BudgetError("the model's output on the first calibration batch is not finite: errors cannot be measured")
+        raise BudgetError("the model's output on the probe batch is not finite: errors cannot be measured")
     total = sum(len(lo.options) - 1 for lo in layers)
     with tqdm(total=total, desc="gmcompress: budget options", disable=not progress, unit="fit") as bar:
         for lo in layers:
@@ -504,7 +811,7 @@ def _model_error(
     model: nn.Module, module: nn.Module, replacement: nn.Module, probe: object, reference: torch.Tensor
 ) -> float:
     """``||y - y_ref|| / ||y_ref||`` of the model's output on ``probe`` with ``module``'s output replaced."""
-    handle = module.register_forward_hook(lambda mod, args, out: replacement(*args))
+    handle = module.register_forward_hook(partial(_replace_output, replacement), with_kwargs=True)
     try:
         out = _output(model, probe)
     finally:
@@ -513,8 +820,7 @@ def _model_error(
 
 
 def _allocate(budget: Budget, layers: list[LayerOptions], model_seconds: float | None) -> Allocation:
-    errors = [[min(o.model_error, 1e6) ** 2 for o in lo.options] for lo in layers]
-    params = [[float(o.params) for o in lo.options] for lo in layers]
+    errors, params = _costs(layers)
     dense = sum(lo.dense.params for lo in layers)
     try:
         if budget.kind == "params":

@@ -12,7 +12,7 @@ Without example inputs each layer's documented ``"auto"`` rule decides.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,7 +23,15 @@ from .batches import first_inputs
 from .handlers import LayerPlan
 from .report import block_seconds, interleaved_best
 
-__all__ = ["PATH_SECONDS", "PATH_MAX_SAMPLES", "PathTiming", "capture_layer_inputs", "time_paths", "choose_path"]
+__all__ = [
+    "PATH_SECONDS",
+    "PATH_MAX_SAMPLES",
+    "PathTiming",
+    "capture_layer_inputs",
+    "time_paths",
+    "time_layers",
+    "choose_path",
+]
 
 PATH_SECONDS = 0.005  # seconds of one timed block (block_seconds takes the best of three) per path and round
 PATH_ROUNDS = 2  # rounds over the original and every path, interleaved; each keeps its best
@@ -65,6 +73,24 @@ def time_paths(
     load on a shared machine then slows one round of every path, not one path. ``layer.impl`` is left at the
     last path timed."""
     return interleaved_best(_path_timers(layer, x, min_run_time), rounds)
+
+
+def time_layers(
+    layers: Mapping[str, nn.Module], x: torch.Tensor, min_run_time: float = PATH_SECONDS, rounds: int = PATH_ROUNDS
+) -> dict[str, dict[str, float]]:
+    """:func:`time_paths` of several layers on one input (name -> path -> best median seconds), every path of
+    every layer in the same interleaved rounds, so the ratios between layers come from the same conditions
+    (timed one layer after another, one burst of load made a layer read 8x faster than the dense one it
+    replaces)."""
+    timers = {
+        (name, path): timer
+        for name, layer in layers.items()
+        for path, timer in _path_timers(layer, x, min_run_time).items()
+    }
+    times: dict[str, dict[str, float]] = {name: {} for name in layers}
+    for (name, path), seconds in interleaved_best(timers, rounds).items():
+        times[name][path] = seconds
+    return times
 
 
 def _path_timers(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> dict[str, Callable[[], float]]:

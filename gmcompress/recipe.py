@@ -234,6 +234,8 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     defaults_raw = data.get("defaults") or {}
     if not isinstance(defaults_raw, Mapping):
         raise _fail(source, "defaults", "expected a mapping of layer settings")
+    budget = _check_budget(data.get("budget"), source)
+    defaults_raw, budget = _budget_candidates(defaults_raw, budget, data.get("budget"), source)
     defaults = LayerSettings(**_check_settings(defaults_raw, source, "defaults", allow_skip=False))
     layers = data.get("layers") or []
     if not isinstance(layers, list):
@@ -241,7 +243,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     rules = tuple(_check_rule(raw, source, f"layers[{i}]") for i, raw in enumerate(layers))
     finetune = data.get("finetune")
     finetune = None if finetune is None else _check_finetune(finetune, source)
-    return Recipe(defaults, rules, finetune, source, _check_budget(data.get("budget"), source))
+    return Recipe(defaults, rules, finetune, source, budget)
 
 
 def _check_budget(raw: Any, source: str) -> Budget | None:
@@ -254,6 +256,27 @@ def _check_budget(raw: Any, source: str) -> Budget | None:
         return Budget.parse(raw)
     except (ValueError, TypeError) as err:
         raise _fail(source, "budget", str(err)) from None
+
+
+def _budget_candidates(
+    defaults: Mapping[str, Any], budget: Budget | None, budget_raw: Any, source: str
+) -> tuple[Mapping[str, Any], Budget | None]:
+    """With a ``budget:`` section, ``defaults.group`` names the candidate groups (a family such as ``C``, a group
+    or a list), as ``compress(group=..., budget=...)`` does; the base rules then take the first candidate."""
+    group = defaults.get("group")
+    if budget is None or group is None:
+        return defaults, budget
+    if "groups" in budget_raw:
+        raise _fail(
+            source,
+            "defaults.group",
+            f"{group!r} and budget.groups {budget_raw['groups']!r} both name the budget's candidate groups; keep one",
+        )
+    try:
+        budget = replace(budget, groups=group)
+    except ValueError as err:
+        raise _fail(source, "defaults.group", str(err)) from None
+    return {**defaults, "group": budget.groups[0]}, budget
 
 
 def load_recipe(recipe: str | Path | Mapping[str, Any]) -> Recipe:

@@ -93,12 +93,14 @@ def calibration(seed=1):
 
 
 GROUPS = ("C2", "C4", "C8")
+HELD = calibration(seed=2)[:1]  # held-out data given to compress, so that its fits use every calibration batch
 
 
 def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options():
     net = mlp()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    the_plan = gm.plan(net, budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), progress=False)
+    budget = Budget(params=3.0, groups=GROUPS)
+    the_plan = gm.plan(net, budget=budget, calibration=calibration(), heldout=HELD, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert not any(m._forward_hooks for m in net.modules())  # the probes' hooks are gone
     out = the_plan.budget
@@ -108,7 +110,9 @@ def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options
     best, choice = brute_force(costs, weights, dense / 3.0)
     assert out.allocation.choice == choice and out.allocation.cost == pytest.approx(best)
     assert len(set(choice)) > 1  # not a uniform answer: the layers' sensitivities differ
-    model = gm.compress(net, budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), progress=False)
+    model = gm.compress(  # held-out data given: compress fits on every calibration batch, as the plan did
+        net, budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), heldout=HELD, progress=False
+    )
     rows = model.gm_report.layers
     assert [f"{r.group} r{r.rank}" if r.form else "dense" for r in rows] == [o.label for o in out.chosen]
     after = sum(r.params_after for r in rows)
@@ -119,9 +123,9 @@ def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options
 def test_report_gives_the_measured_model_error_and_warns_over_max_error(monkeypatch):
     net, cal = mlp(), calibration()
     model = gm.compress(net, budget=Budget(max_error=0.6, groups=GROUPS), calibration=cal, progress=False)
-    with torch.no_grad():
-        ref = net(cal[0])
-        measured = float((model(cal[0]) - ref).norm() / ref.norm())
+    with torch.no_grad():  # on the held-out batch: the last of the two calibration batches
+        ref = net(cal[1])
+        measured = float((model(cal[1]) - ref).norm() / ref.norm())
     assert f"measured model error {measured:.4f}" in model.gm_report.budget
     import gmcompress.budget as budget_module
 
@@ -149,8 +153,8 @@ def test_the_model_error_of_an_option_is_the_output_change_with_only_that_layer_
     lo = out.layers[1]
     option = next(o for o in lo.options if o.label == "C4 r2")
     single = gm.compress(
-        net, "C4", 2, include=lo.name, calibration=cal, calibration_mode="original", progress=False
-    )  # an independent route: compress() with that one layer, then compare the outputs
+        net, "C4", 2, include=lo.name, calibration=cal, heldout=HELD, calibration_mode="original", progress=False
+    )  # an independent route: compress() with that one layer (fitted on every batch), then compare the outputs
     with torch.no_grad():
         ref = net(cal[0])
         measured = float((single(cal[0]) - ref).norm() / ref.norm())
@@ -381,3 +385,95 @@ def test_cli_contradicting_calibration_flags_are_one_line(capsys):
     argv = ["compress", "--model", "cli_models:mlp", "--group", "C8", "--calibration", "cli_models:example_inputs"]
     assert cli.main([*argv, "--no-calibration"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- layers the original does not call as modules
+class FunctionalNet(nn.Module):
+    """A product written as ``F.linear(x, self.w)``: the graph pass lifts it into the module ``w_linear``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(64, 32) / 32**0.5)
+        self.head = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(nn.functional.linear(x, self.w)))
+
+
+class KeywordNet(nn.Module):
+    """Layers called by keyword, as some model code does (``self.fc(input=h)``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.fc = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.fc(input=torch.relu(self.body(input=x)))
+
+
+def _single_layer_error(net, name, group, rank, cal):
+    """||y - y_ref|| / ||y_ref|| on the first batch with only layer ``name`` compressed by compress() itself (in
+    sequential mode: the prefix before the one layer is the original model's, as for the option)."""
+    single = gm.compress(net, group, rank, include=name, calibration=cal, heldout=HELD, progress=False)
+    with torch.no_grad():
+        ref = net(cal[0])
+        return float((single(cal[0]) - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("make, name", [(FunctionalNet, "w_linear"), (lambda: nn.Linear(32, 16), "weight_linear")])
+def test_model_error_of_a_layer_the_model_calls_as_a_function(make, name):
+    net, cal = make().eval(), calibration()
+    out = gm.plan(net, budget=Budget(params=2.0, groups=("C4",)), calibration=cal, progress=False).budget
+    option = next(o for lo in out.layers if lo.name == name for o in lo.options if o.label == "C4 r1")
+    expected = _single_layer_error(net, name, "C4", 1, cal)
+    assert expected > 0.1 and option.model_error == pytest.approx(expected, rel=1e-4)
+
+
+def test_speed_budget_times_a_layer_lifted_from_a_functional_call(monkeypatch):
+    _fake_clock(monkeypatch)
+    net, x = FunctionalNet().eval(), calibration()[0]
+    out = gm.plan(net, budget=Budget(speedup=1.0, groups=("C4",)), calibration=[x], example_inputs=x).budget
+    lifted = next(lo for lo in out.layers if lo.name == "w_linear")
+    assert lifted.dense.seconds == 1e-3 and all(o.seconds == 1e-3 / 8 for o in lifted.options[1:])
+
+
+def test_layers_called_by_keyword_are_measured():
+    net, cal = KeywordNet().eval(), calibration()
+    out = gm.plan(net, budget=Budget(params=2.0, groups=("C4",)), calibration=cal, progress=False).budget
+    option = next(o for o in out.layers[1].options if o.label == "C4 r2")
+    assert option.model_error == pytest.approx(_single_layer_error(net, "fc", "C4", 2, cal), rel=1e-4)
+
+
+def test_speed_budget_times_the_dense_layer_and_its_options_in_the_same_rounds(monkeypatch):
+    from gmcompress import paths
+
+    calls = []
+    monkeypatch.setattr(paths, "block_seconds", lambda call, model, t: calls.append(model) or 1e-3)
+    monkeypatch.setattr(gm.budget, "measure_latency", lambda model, inputs: 2.1)
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(64, 64)).eval(), torch.randn(8, 64)
+    out = gm.plan(net, budget=Budget(speedup=1.0, groups=("C4",)), calibration=[x], example_inputs=x).budget
+    dense, options = out.layers[0].dense.plan.module, [o for o in out.layers[0].options[1:]]
+    paths_per_round = len(calls) // paths.PATH_ROUNDS
+    rounds = [calls[i * paths_per_round : (i + 1) * paths_per_round] for i in range(paths.PATH_ROUNDS)]
+    assert len(options) == 2 and paths_per_round > 3  # C4 r1, r2, each with several paths
+    for timed in rounds:  # every round times the dense layer, then every path of every option
+        assert timed[0] is dense and dense not in timed[1:]
+        assert [m for m in timed[1:]] == rounds[0][1:]
+
+
+def test_recipe_with_a_budget_takes_a_family_or_a_list_in_defaults_group():
+    cal = calibration()
+    recipe = {"version": 1, "defaults": {"group": "C"}, "budget": {"params": 2}}
+    out = gm.plan(mlp(), recipe=recipe, calibration=cal, progress=False).budget
+    assert out.budget.groups == Budget(params=2).groups  # C2 .. C64, as compress(group="C", budget=...)
+    recipe["defaults"]["group"] = ["C4", "C8"]
+    out = gm.plan(mlp(), recipe=recipe, calibration=cal, progress=False).budget
+    assert out.budget.groups == ("C4", "C8")
+    assert {o.plan.group for lo in out.layers for o in lo.options[1:]} == {"C4", "C8"}
+    with pytest.raises(ValueError, match=r"defaults.group: \['C4', 'C8'\] and budget.groups 'C2' both name"):
+        gm.plan(mlp(), recipe={**recipe, "budget": {"params": 2, "groups": "C2"}}, calibration=cal)
+    with pytest.raises(ValueError, match=r"defaults.group: expected str or FiniteGroup or null, got \[.C4., .C8.\]"):
+        gm.plan(mlp(), recipe={"version": 1, "defaults": {"group": ["C4", "C8"]}})

@@ -99,7 +99,8 @@ def calibrate(
     if calibration is not None:
         aware = [p for p in plans if p.settings.activation_aware]
         if mode == "original":
-            stats = capture_statistics(model, aware, calibration, max_rows)
+            # on the graph, which calls the layers lifted from functional calls (the model itself never does)
+            stats = capture_statistics(graph_module or model, aware, calibration, max_rows)
             for p in plans:
                 install(p, stats.pop(p.name, None))
             return

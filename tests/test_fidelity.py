@@ -168,3 +168,31 @@ def test_the_report_calls_out_a_slower_model():
     assert "SLOWER: the compressed model ran 0.80x the original's speed" in str(slower)
     assert "SLOWER" not in str(CompressionReport(latency_before_ms=2.0, latency_after_ms=1.9))
     assert "SLOWER" not in str(CompressionReport())
+
+
+@pytest.mark.parametrize("mode", ["original", "sequential"])
+def test_a_layer_lifted_from_a_functional_call_is_fitted_on_its_calibration_inputs(mode):
+    import gmcompress as gm
+    from gmcompress.nn import GMLinear
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(64, 32) / 32**0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(x, self.w)
+
+    torch.manual_seed(0)
+    net = Functional()
+    x = torch.randn(80, 32) @ torch.diag(torch.linspace(0.1, 3, 32))
+    small = gm.compress(net, group="C8", calibration=x, heldout=x[:4], calibration_mode=mode, progress=False)
+    want = GMLinear.from_dense(_linear_of(net.w), "C8", inputs=x)
+    torch.testing.assert_close(small.w_linear.kernels, want.kernels, rtol=1e-5, atol=1e-6)
+
+
+def _linear_of(weight: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer

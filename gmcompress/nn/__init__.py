@@ -1,6 +1,6 @@
 """Torch layers built on group matrices; every one follows the :class:`GMLayer` protocol."""
 
-from .base import GM_LAYERS, GMLayer, GMModule, NotApplicable, frozen
+from .base import GM_LAYERS, GMLayer, GMModule, NotApplicable
 from .channel import GMChannelConv
 from .conv import GMConv2d, transform_feature_map
 from .linear import GMLinear
@@ -15,6 +15,5 @@ __all__ = [
     "GMConv2d",
     "GMLinear",
     "GMPool",
-    "frozen",
     "transform_feature_map",
 ]

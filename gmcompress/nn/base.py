@@ -9,18 +9,26 @@ by class name in :data:`GM_LAYERS` (what ``gmcompress.save`` writes as a layer's
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..checks import check_rank
+from ..groups import FiniteGroup
 from ..structure import GMFit, Pattern
-from .bytecmp import BitSnapshot
+from .functional import (
+    ProductPlan,
+    gauss_weights,
+    materialize,
+    packed_index,
+    packed_weights,
+    product_plan,
+    product_weights,
+    spectrum_map,
+)
 
 BiasMode = bool | str  # True: one bias per output feature (as nn.Linear); "shared": one per output channel
 
@@ -75,6 +83,13 @@ class GMLayer(nn.Module):
 class GMModule(GMLayer):
     """Base of the GM layers: kernels ``(r, c_out, c_in, |S|)`` and modulations ``(r, c_out, n_out)``.
 
+    The kernels are stored in one of two forms (docs/design.md, "Stored form"): as the parameter ``kernels``, or,
+    on a block path of a layer that has one, as the parameter ``spectrum`` ``(N, c_in, r c_out)``, their
+    coordinates in the real block basis, which the block products multiply. ``kernels`` is then derived on every
+    read (read-only). Setting ``impl`` converts between the forms (exactly, in float64); state_dicts of either form
+    load into either (:meth:`convert_state`). ``forward`` reads parameters and constant buffers only: nothing is
+    cached, so every change of a parameter is seen on the next call.
+
     Derived float constants (the block basis) are kept as non-persistent buffers re-derived from
     float64 masters after every ``.to()``/``.half()``/``.float()``, so a round trip through a low
     precision never degrades them; the state_dict holds only learnable parameters.
@@ -110,31 +125,24 @@ class GMModule(GMLayer):
             "_support", None if full else torch.tensor(np.asarray(support), device=device), persistent=False
         )
         self._constants: dict[str, np.ndarray] = {}
-        self._cache: dict[str, object] = {}
-        self._snapshot: BitSnapshot | None = None
-        self._cache_inference = False  # the cache holds inference tensors (filled under inference_mode)
+        self._spectral = False  # whether the spectrum form exists (set by _enable_spectrum)
         self._batch_paths: dict[int, str] = {}  # batch size -> path measured fastest there (see path_for)
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
         self.output_error: float | None = None  # relative output error on the calibration inputs, if any
 
-    # ------------------------------------------------------------------ constants and cache
+    # ------------------------------------------------------------------ constants
     def _register_constant(self, name: str, value: np.ndarray) -> None:
         self._constants[name] = np.asarray(value, dtype=np.float64)
         self.register_buffer(name, self._constant_tensor(name), persistent=False)
 
     def _constant_tensor(self, name: str) -> torch.Tensor:
-        return torch.tensor(self._constants[name], dtype=self.kernels.dtype, device=self.kernels.device)
+        free = self._free()
+        return torch.tensor(self._constants[name], dtype=free.dtype, device=free.device)
 
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
-        block = _FROZEN.get(id(self))
-        if block is not None and block.snapshot is not None:  # the conversion ends what the block vouched for
-            block.stale |= not _same_values(block.snapshot, self._structure_params())
-            block.snapshot = None
         out = super()._apply(fn, recurse)
         for name in self._constants:
             setattr(self, name, self._constant_tensor(name))
-        self._cache.clear()
-        self._snapshot = None
         return out
 
     def _explicit_path(self, unpacked: str) -> str:
@@ -202,19 +210,6 @@ class GMModule(GMLayer):
         self.batch_paths = dict(config.get("batch_paths") or [])
         return self
 
-    def _build(self, build: Callable[[], object]) -> object:
-        """Derived weights in the parameters' precision, also under autocast (the ops that consume them
-        autocast as usual; a cache filled under autocast would otherwise serve low-precision weights after it)."""
-        with torch.autocast(self.kernels.device.type, enabled=False):
-            return build()
-
-    def _cache_allowed(self) -> bool:
-        """No cache in training, under autograd, or while compiled or traced (``torch.jit.trace`` then records the
-        weights' derivation from the parameters, as ``torch.compile`` and ``torch.export`` do)."""
-        if self.training or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._structure_params()))
-
     def _param(self, name: str) -> torch.Tensor | None:
         """Parameter ``name`` read from ``_parameters`` directly (``nn.Module.__getattr__`` costs 0.4 us a name on
         every call); a parametrized one through its attribute."""
@@ -222,52 +217,171 @@ class GMModule(GMLayer):
         return own[name] if name in own else getattr(self, name)
 
     def _structure_params(self) -> list[torch.Tensor]:
-        """Kernels and modulations (if any)."""
-        return [p for p in (self._param("kernels"), self._param("modulations")) if p is not None]
+        """The stored kernels (``kernels`` or ``spectrum``) and the modulations (if any)."""
+        return [p for p in (self._free(), self._param("modulations")) if p is not None]
 
-    def _cached(self, name: str, build: Callable[[], object]) -> object:
-        """``build()``, memoised in eval mode without autograd while the parameters keep their values.
+    # ------------------------------------------------------------------ stored form
+    @property
+    def kernels(self) -> torch.Tensor:
+        """The kernels ``(r, c_out, c_in, |S|)``: the parameter itself, or derived from ``spectrum`` (read-only:
+        write through :meth:`set_kernels`, or set ``impl`` to a path stored as kernels first)."""
+        own = self._parameters
+        if "kernels" in own:
+            return own["kernels"]
+        if "spectrum" in own:
+            return self._spectrum_to_kernels(own["spectrum"])
+        raise AttributeError(f"{type(self).__name__} has no kernels yet")
 
-        The parameters are compared *by bits* (:func:`~gmcompress.nn.bytecmp.same_bytes`) with a snapshot taken
-        when the cache was filled, so every in-place update is seen, including those that bypass the version
-        counter (``p.data.mul_()``, EMA copies, weight syncs) or are made on inference tensors. The check reads
-        the structured parameters once (about r/N of the dense weight for rank r and a group of order N).
-        """
-        if not self._cache_allowed():
-            self._cache.clear()
-            self._snapshot = None
-            return self._build(build)
-        if self._cache_inference and not torch.is_inference_mode_enabled():
-            self._cache.clear()  # inference tensors cannot be saved for backward (e.g. gradients w.r.t. inputs)
-            self._snapshot = None
-        block = _FROZEN.get(id(self))
-        if block is not None and name in self._cache and self._snapshot is block.snapshot is not None:
-            return self._cache[name]  # inside frozen(), validated against the block's snapshot
-        params = self._structure_params()
-        if not _same_values(self._snapshot, params):
-            self._cache.clear()
-            self._snapshot = BitSnapshot(params)
-        if name not in self._cache:
-            self._cache[name] = self._build(build)
-            self._cache_inference = torch.is_inference_mode_enabled()
-        if block is not None and block.snapshot is None:
-            block.snapshot = self._snapshot  # what this block's later calls are served from
-        return self._cache[name]
+    def _free(self) -> torch.Tensor:
+        """The stored kernels: the ``spectrum`` parameter, or ``kernels`` (through a parametrization if any)."""
+        own = self._parameters
+        return own["spectrum"] if "spectrum" in own else self._param("kernels")
+
+    @property
+    def stored_form(self) -> str:
+        """How the kernels are stored: "spectrum" (block coordinates) or "kernels"."""
+        return "spectrum" if "spectrum" in self._parameters else "kernels"
+
+    _SPECTRUM_PATHS = ("blocks", "packed", "grouped")  # the paths whose products read the spectrum
+
+    def _form_for(self, impl: str) -> str:
+        """The form ``impl`` stores: "spectrum" for a block path of a layer with that form (full kernel support, an
+        abelian group, no parametrization of ``kernels``), else "kernels"."""
+        if not self._spectral or impl not in self._SPECTRUM_PATHS or "kernels" in getattr(self, "parametrizations", {}):
+            return "kernels"
+        return "spectrum"
+
+    def _enable_spectrum(self, g: FiniteGroup) -> None:
+        """Let the layer store its kernels as a spectrum when ``g``'s blocks have a Gauss form (abelian groups; see
+        :func:`~gmcompress.nn.functional.spectrum_map`): register the map, its inverse and the packed products' index
+        as constants. Call it only for full kernel support and plain group matrices."""
+        to_spectrum = spectrum_map(g)
+        if to_spectrum is None:
+            return
+        self._register_constant("_to_spectrum", to_spectrum)
+        self._register_constant("_from_spectrum", np.linalg.inv(to_spectrum))
+        self._n_pairs = sum(1 for _, _, role in product_plan(g).parts if role == 1)
+        if self._n_pairs:
+            index, sign = packed_index(g)
+            self.register_buffer("_packed_index", torch.as_tensor(index, device=self._free().device), persistent=False)
+            self._register_constant("_packed_sign", sign)
+        self._spectral = True
+
+    def _product_weights(self, plan: ProductPlan) -> torch.Tensor:
+        """The right-hand sides ``(groups, size c_in, size r c_out)`` of ``plan``'s block products, derived from the
+        stored form: the Gauss pieces or packed blocks of a spectrum, else from the kernels."""
+        own = self._parameters
+        if "spectrum" in own:
+            if plan.parts is not None:
+                return gauss_weights(own["spectrum"], self._n_pairs)
+            return packed_weights(own["spectrum"], self._buffers["_packed_index"], self._buffers["_packed_sign"])
+        rho = [self._buffers[f"_rho{i}"] for i in range(self._n_rho)]  # restricted to the kernel support
+        return product_weights(self._param("kernels"), rho, plan)
+
+    def _kernels_to_spectrum(self, kernels: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """``(r, c_out, c_in, N) -> (N, c_in, r c_out)``: ``spectrum[f, i, (k, o)] = sum_s T[f, s] kernels[k, o, i, s]``
+        (``T`` the ``_to_spectrum`` constant unless ``matrix`` is given)."""
+        r, c_out, c_in, n = kernels.shape
+        matrix = self._buffers["_to_spectrum"] if matrix is None else matrix
+        flat = kernels.permute(3, 2, 0, 1).reshape(n, c_in * r * c_out)
+        return torch.mm(matrix, flat).view(n, c_in, r * c_out)
+
+    def _spectrum_to_kernels(self, spectrum: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """The inverse of :meth:`_kernels_to_spectrum`."""
+        n, c_in, _ = spectrum.shape
+        matrix = self._buffers["_from_spectrum"] if matrix is None else matrix
+        flat = torch.mm(matrix, spectrum.reshape(n, -1))
+        return flat.view(n, c_in, self.rank, self.c_out).permute(2, 3, 1, 0)
+
+    def _converted(self, value: torch.Tensor, form: str) -> torch.Tensor:
+        """``value`` (kernels or spectrum, the other form) converted to ``form`` in float64, in ``value``'s dtype."""
+        name = "_to_spectrum" if form == "spectrum" else "_from_spectrum"
+        matrix = torch.tensor(self._constants[name], dtype=torch.float64, device=value.device)
+        convert = self._kernels_to_spectrum if form == "spectrum" else self._spectrum_to_kernels
+        return convert(value.detach().double(), matrix).to(value.dtype).contiguous()
+
+    def _store_as(self, form: str) -> None:
+        """Convert the stored kernels to ``form`` ("spectrum" or "kernels"); the parameter is replaced (an optimizer
+        made before holds the old one), keeping its place in the state_dict and its ``requires_grad``."""
+        if form == self.stored_form:
+            return
+        old_name = self.stored_form
+        old = self._parameters[old_name]
+        new = nn.Parameter(self._converted(old, form), requires_grad=old.requires_grad)
+        params = list(self._parameters.items())
+        self._parameters.clear()
+        for name, value in params:
+            if name == old_name:
+                name, value = form, new
+            self._parameters[name] = value
+
+    def set_kernels(self, kernels: torch.Tensor) -> None:
+        """Write ``kernels`` ``(r, c_out, c_in, |S|)`` into the stored form (converted in float64)."""
+        free = self._free()
+        with torch.no_grad():
+            if self.stored_form == "kernels":
+                free.copy_(kernels)
+            else:
+                free.copy_(self._converted(kernels.to(device=free.device, dtype=torch.float64), "spectrum"))
+
+    def _kernel_shape(self) -> tuple[int, ...]:
+        free = self._free()
+        if self.stored_form == "kernels":
+            return tuple(free.shape)
+        return (self.rank, self.c_out, free.shape[1], free.shape[0])
+
+    def convert_state(self, state: dict, prefix: str = "") -> None:
+        """Rewrite, in place, a state_dict entry of the other form (``prefix + "kernels"`` or ``"spectrum"``, from
+        a checkpoint saved before this form existed or while the layer took another path) into this layer's form.
+        Entries of another shape are left for the loader to report."""
+        have = self.stored_form
+        other = "kernels" if have == "spectrum" else "spectrum"
+        key = prefix + other
+        if not self._spectral or key not in state or prefix + have in state:
+            return
+        value = state[key]
+        shapes = {"kernels": self._kernel_shape(), "spectrum": None}
+        shapes["spectrum"] = (shapes["kernels"][3], shapes["kernels"][2], self.rank * self.c_out)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shapes[other]:
+            return
+        del state[key]
+        state[prefix + have] = self._converted(value, have)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        self.convert_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def impl(self) -> str:
+        """The forward path ("auto" or one of :meth:`impls`). Setting it stores the kernels in that path's form."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        valid = ("auto", *self.impls())
+        if "packed" not in valid and any(p in valid for p in ("blocks", "grouped")):
+            valid += ("packed",)  # the block path's products where the group has no Gauss form
+        if value not in valid:
+            raise ValueError(f"{type(self).__name__}({self.extra_repr()}): no path {value!r}; choose one of {valid}")
+        self._impl = value
+        self._store_as(self._form_for(value))
 
     # ------------------------------------------------------------------ parameters
     def reset_structure_parameters(self, fan_in: int) -> None:
         bound = 1.0 / math.sqrt(max(1, fan_in) * self.rank)
-        with torch.no_grad():
-            self.kernels.uniform_(-bound, bound)
-            if self.modulations is not None:
+        free = self._free()
+        kernels = torch.empty(self._kernel_shape(), dtype=free.dtype, device=free.device).uniform_(-bound, bound)
+        self.set_kernels(kernels)
+        if self.modulations is not None:
+            with torch.no_grad():
                 self.modulations.fill_(1.0)
 
     def load_fit(self, fit: GMFit) -> None:
-        """Copy kernels and modulations of a :class:`~gmcompress.structure.GMFit` into the layer."""
-        if tuple(fit.kernels.shape) != tuple(self.kernels.shape):
-            raise ValueError(f"fit kernels {fit.kernels.shape} do not match layer kernels {tuple(self.kernels.shape)}")
+        """Write kernels and modulations of a :class:`~gmcompress.structure.GMFit` into the layer's parameters."""
+        if tuple(fit.kernels.shape) != self._kernel_shape():
+            raise ValueError(f"fit kernels {fit.kernels.shape} do not match layer kernels {self._kernel_shape()}")
+        self.set_kernels(torch.from_numpy(np.ascontiguousarray(fit.kernels)))
         with torch.no_grad():
-            self.kernels.copy_(torch.from_numpy(np.ascontiguousarray(fit.kernels)))
             if self.modulations is not None:
                 self.modulations.copy_(torch.from_numpy(np.ascontiguousarray(fit.modulations)))
         self.fit_error = float(fit.relative_error)
@@ -295,8 +409,6 @@ class GMModule(GMLayer):
 
     def dense_weight(self) -> torch.Tensor:
         """The materialised ``(c_out n_out, c_in n_in)`` weight of the structured part."""
-        from .functional import materialize
-
         return materialize(self.kernels, self.modulations, self._support, self._index, self.pattern.n_classes)
 
     @property
@@ -307,68 +419,6 @@ class GMModule(GMLayer):
         dense = self.c_out * self.pattern.n_out * self.c_in * self.pattern.n_in
         ratio = dense / max(1, self.num_structured_parameters)
         return f"pattern={self.pattern.name}, rank={self.rank}, modulate={self.modulate}, compression={ratio:.1f}x"
-
-
-@dataclass
-class _FrozenBlock:
-    """A layer's state inside :func:`frozen`: nesting depth, the parameter snapshot its cache was validated
-    against on its first call in the block (None before), and whether a change was seen on the way."""
-
-    depth: int = 0
-    snapshot: BitSnapshot | None = None
-    stale: bool = False
-
-
-_FROZEN: dict[int, _FrozenBlock] = {}
-"""The GM layers inside a frozen() block, by ``id``: a copy of a layer (``deepcopy``, pickling) is not in it."""
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """``with gmcompress.frozen(model): ...``: serve the GM layers' cached weights without re-reading their
-    parameters on every call (for inference loops).
-
-    An eval-mode GM layer caches the weights its forward path needs (the dense weight, the block
-    weights, the spectra) and, by default, compares its kernels and modulations with the snapshot behind
-    that cache on *every* call, so that no in-place update is missed (``.data`` edits, ``copy_``,
-    ``load_state_dict``, optimizer steps). That costs one read of the structured parameters per call, up to
-    a third of a small-batch forward. Inside this block each layer makes the comparison on its first call
-    only, and later calls are served from what that call validated. On leaving the block, every layer
-    called inside is compared with that snapshot once more: if its parameters changed inside the block
-    (its later outputs came from the old weights), ``RuntimeError`` names it and its cache is dropped, so
-    nothing is silently wrong. Changes made before the block, or to layers not called in it, are not errors.
-    Blocks nest; training mode and autograd bypass the cache as always.
-    """
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GMModule)]
-    for _, m in layers:
-        _FROZEN.setdefault(id(m), _FrozenBlock()).depth += 1
-    failed = True
-    try:
-        yield model
-        failed = False
-    finally:
-        changed = []
-        for name, m in layers:
-            block = _FROZEN[id(m)]
-            block.depth -= 1
-            if block.depth > 0:
-                continue
-            del _FROZEN[id(m)]
-            if block.stale or (block.snapshot is not None and not _same_values(block.snapshot, m._structure_params())):
-                changed.append(name or type(m).__name__)
-                m._cache.clear()
-                m._snapshot = None
-        if changed and not failed:
-            raise RuntimeError(
-                f"parameters of {', '.join(changed)} changed inside gmcompress.frozen(): outputs computed after "
-                "the change used the previous weights; change parameters outside the block (or leave it first)"
-            )
-
-
-def _same_values(snapshot: BitSnapshot | None, params: list[torch.Tensor]) -> bool:
-    """Whether every parameter still holds its snapshot's bits (stricter than ``==``: -0.0 against 0.0 counts as
-    a change, a NaN left in place does not)."""
-    return snapshot is not None and snapshot.matches(params)
 
 
 def make_bias(mode: BiasMode, c_out: int, n_out: int, out_features: int, factory: dict) -> nn.Parameter | None:

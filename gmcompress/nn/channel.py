@@ -31,7 +31,6 @@ from .functional import (
     has_gauss_blocks,
     modulated_back,
     product_plan,
-    product_weights,
 )
 
 CONV_IMPLS = ("auto", "dense", "grouped", "packed")
@@ -43,8 +42,8 @@ class GMChannelConv(GMModule):
     """A ``groups=1`` Conv1d (``dims=1``) or Conv2d (``dims=2``) with GM channel mixing at every kernel offset.
 
     stride, padding (numbers, ``"same"``, ``"valid"``), dilation, ``padding_mode`` and bias behave as in
-    ``nn.Conv{dims}d``; inputs may be batched or unbatched. ``impl``: ``"dense"`` (materialised weight, one
-    convolution; cached in eval mode), ``"grouped"`` (transform the channel fibres to the real block basis,
+    ``nn.Conv{dims}d``; inputs may be batched or unbatched. ``impl``: ``"dense"`` (materialised weight on every call,
+    one convolution), ``"grouped"`` (transform the channel fibres to the real block basis,
     one grouped convolution over the block products, transform back; for abelian groups Gauss's three
     products per 2x2 block), ``"packed"`` (each 2x2 block one product of twice the width: more multiply-adds,
     faster when the channels per product are few; for groups without Gauss's form it is the grouped path) or
@@ -88,7 +87,7 @@ class GMChannelConv(GMModule):
         super().__init__(pattern, c_out, c_in * math.prod(ks), rank, modulate, classes, device, dtype)
         gauss = has_gauss_blocks(g)
         self._paths = ("dense", "grouped", "packed") if gauss else ("dense", "grouped")
-        self.group, self.impl, self.dims, self.kernel_size = g, impl, dims, ks
+        self.group, self._impl, self.dims, self.kernel_size = g, impl, dims, ks
         self.in_channels, self.out_channels, self.in_padded, self.out_padded = (
             in_channels, out_channels, in_padded, out_padded,
         )  # fmt: skip
@@ -108,6 +107,9 @@ class GMChannelConv(GMModule):
         self._n_rho = len(plan.rho)
         for i, r in enumerate(plan.rho):
             self._register_constant(f"_rho{i}", r if classes is None else r[classes])
+        if classes is None:  # a stencil's kernels have fewer values than the blocks: no spectrum form
+            self._enable_spectrum(g)
+        self._store_as(self._form_for(impl))
         fan_in = in_padded * math.prod(ks)
         self.reset_structure_parameters(fan_in)
         if self.bias is not None:
@@ -213,8 +215,8 @@ class GMChannelConv(GMModule):
         conv_type = nn.Conv1d if self.dims == 1 else nn.Conv2d
         out = conv_type(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            bias=self.bias is not None, padding_mode=self.padding_mode, device=self.kernels.device,
-            dtype=self.kernels.dtype,
+            bias=self.bias is not None, padding_mode=self.padding_mode, device=self._free().device,
+            dtype=self._free().dtype,
         )  # fmt: skip
         return self._export(out, self.weight, self.out_channels)
 
@@ -228,7 +230,7 @@ class GMChannelConv(GMModule):
         Gauss form: grouped, the same products. On a CUDA device, dense (docs/design.md, "auto")."""
         if self.impl != "auto":
             return self._explicit_path("grouped")
-        if self.kernels.device.type == "cuda":
+        if self._free().device.type == "cuda":
             return "dense"
         dense = self.in_padded * self.out_padded * math.prod(self.kernel_size)
         return "grouped" if 2 * self._grouped_macs_per_position() <= dense else "dense"
@@ -301,10 +303,9 @@ class GMChannelConv(GMModule):
         bias = self._padded_bias()
         impl = self.path_for(x.shape[0])
         if impl == "dense":
-            weight = self._cached("dense", self.weight_padded)
-            y = self._conv(x, weight, 1, bias)
+            y = self._conv(x, self.weight_padded(), 1, bias)
         else:
-            weight, back = self._cached(impl, lambda: self._grouped_weights(impl))
+            weight, back = self._grouped_weights(impl)
             plan = self._plan(impl)
             q_in, q_out = (self._q_packed, self._q_packed) if plan is self._packed else (self._q_in, self._q_out)
             x4 = x if self.dims == 2 else x.contiguous().unsqueeze(2)  # a Conv1d runs as a height-1 Conv2d
@@ -350,11 +351,10 @@ class GMChannelConv(GMModule):
     def _grouped_weights(self, impl: str = "grouped") -> tuple[torch.Tensor, torch.Tensor]:
         """The grouped convolution's weight ``(groups size r c_out, size c_in, *kernel_size)`` (2-D) and the
         modulated way back (:func:`~gmcompress.nn.functional.modulated_back`) of path ``impl``."""
-        rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
-        w = product_weights(self.kernels, rho, self._plan(impl))  # (G, size c_in K, size r c_out), rows (y, i, k)
+        w = self._product_weights(self._plan(impl))  # (G, size c_in K, size r c_out), rows (y, i, k)
         w = w.transpose(1, 2).reshape(w.shape[0] * w.shape[2], -1, *(1,) * (2 - self.dims), *self.kernel_size)
         q_out = self._q_packed if impl == "packed" else self._q_out
-        return w.contiguous(), modulated_back(self.modulations, q_out, self.c_out)
+        return w.contiguous(), modulated_back(self._param("modulations"), q_out, self.c_out)
 
     # ------------------------------------------------------------------ equivariance
     @torch.no_grad()
@@ -364,7 +364,7 @@ class GMChannelConv(GMModule):
         if self.in_padded != self.in_channels or self.out_padded != self.out_channels:
             raise NotApplicable(f"{self.extra_repr()}: the group does not act on zero-padded channels")
         if x is None:
-            x = torch.randn(self._probe_shape(), dtype=self.kernels.dtype, device=self.kernels.device)
+            x = torch.randn(self._probe_shape(), dtype=self._free().dtype, device=self._free().device)
         offset = expand_bias(self.bias, self.out_channels, self.pattern.n_out) if self.bias is not None else None
 
         def f(v: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,7 @@ class GMConv2d(GMModule):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's and nn.Conv2d's name for it
         x = input
-        weight = self._cached("dense", lambda: self.weight)
+        weight = self.weight
         bias = None if self.bias is None else expand_bias(self.bias, self.out_channels, self.group.order)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 

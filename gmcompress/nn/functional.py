@@ -145,8 +145,9 @@ class ProductPlan:
     sums into the way back (columns ``q0 + q1, q1, -q0`` of ``q_out``), so every product has width one:
     ``M = n_1 + 3 n_2`` products of ``c_in x r c_out`` (11 instead of 16 for C8, 23 instead of 32 for C16),
     and the weights are about 0.7 of the packed form's (11/16, 23/32). ``parts[j] = (class, block, role)``:
-    role 0 a 1x1 block, 1, 2, 3 the P, Q - P, P + Q of a 2x2 block. *Packed* (``packing`` set):
-    :func:`grouped_plan`.
+    role 0 a 1x1 block, 1, 2, 3 the P, Q - P, P + Q of a 2x2 block, ordered by role (all 1x1 blocks, all P, all
+    Q - P, all P + Q), so that :func:`gauss_weights` derives them from a spectrum with one ``cat``. *Packed*
+    (``packing`` set): :func:`grouped_plan`.
     """
 
     q_in: np.ndarray
@@ -170,17 +171,17 @@ def product_plan(g: FiniteGroup, gauss: bool = True) -> ProductPlan:
     faster when there are few output channels (``paths`` times both)."""
     plan = block_plan(g)
     if gauss and all(d == 1 or (d == 2 and _complex_type(rho)) for (d, _, _), rho in zip(plan.classes, plan.rho)):
-        q_in, q_out, parts = [], [], []
+        columns = {}  # (class, block, role) -> (q_in column, q_out column)
         for c, (d, nb, offset) in enumerate(plan.classes):
             for b in range(nb):
                 q0 = plan.q[:, offset + b]
                 if d == 1:
-                    q_in.append(q0), q_out.append(q0), parts.append((c, b, 0))
+                    columns[c, b, 0] = (q0, q0)
                     continue
                 q1 = plan.q[:, offset + nb + b]  # columns are (coordinate-in-block, block)
-                q_in += [q0 + q1, q0, q1]
-                q_out += [q0 + q1, q1, -q0]
-                parts += [(c, b, 1), (c, b, 2), (c, b, 3)]
+                columns.update({(c, b, 1): (q0 + q1, q0 + q1), (c, b, 2): (q0, q1), (c, b, 3): (q1, -q0)})
+        parts = sorted(columns, key=lambda part: (part[2], part[0], part[1]))  # role-major (see spectrum_plan)
+        q_in, q_out = zip(*(columns[part] for part in parts))
         return ProductPlan(np.stack(q_in, 1), np.stack(q_out, 1), len(parts), 1, tuple(parts))
     packed = grouped_plan(g)
     return ProductPlan(packed.q, packed.q, packed.groups, packed.size, packing=packed)
@@ -215,6 +216,67 @@ def product_weights(kernels: torch.Tensor, rho: list[torch.Tensor], plan: Produc
             p = q - p if role == 2 else p + q
         pieces.append(p)
     return torch.stack(pieces)
+
+
+def spectrum_map(g: FiniteGroup) -> np.ndarray | None:
+    """The ``(N, N)`` map ``T`` with ``spectrum[f] = sum_s T[f, s] kernels[..., s]`` for groups whose blocks have a
+    Gauss form (1x1 blocks and complex-type 2x2 blocks ``[[P, Q], [-Q, P]]``: every abelian group), else None.
+
+    The spectrum's rows are the free block coordinates: the 1x1 blocks' values, then every 2x2 block's P, then
+    every 2x2 block's Q (each block in :func:`block_plan` order). ``T`` is invertible: the real block basis is a
+    change of basis of the group algebra, and these are its coordinates without repetition.
+    """
+    plan = product_plan(g)
+    if plan.parts is None:
+        return None
+    rho = block_plan(g).rho
+    rows = [rho[c][:, 0, 0, b] for c, b, role in plan.parts if role in (0, 1)]  # the 1x1 values, then every P
+    rows += [rho[c][:, 0, 1, b] for c, b, role in plan.parts if role == 1]  # every Q
+    return np.stack(rows)
+
+
+def gauss_weights(spectrum: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """The right-hand sides ``(M, c_in, r c_out)`` of the Gauss products (:func:`product_plan`, role-major) from a
+    spectrum ``(N, c_in, r c_out)`` (:func:`spectrum_map`) with ``n_pairs`` 2x2 blocks: the 1x1 values and every P
+    as they are stored, then ``Q - P`` and ``P + Q`` (one read of the spectrum's 2x2 part)."""
+    if n_pairs == 0:
+        return spectrum
+    singles = spectrum.shape[0] - 2 * n_pairs
+    p, q = spectrum[singles : singles + n_pairs], spectrum[singles + n_pairs :]
+    return torch.cat([spectrum[: singles + n_pairs], q - p, p + q])
+
+
+def packed_index(g: FiniteGroup) -> tuple[np.ndarray, np.ndarray]:
+    """Where the packed block weights (:func:`grouped_plan`, ``(groups, size y, size x)`` entries of ``c_in x r
+    c_out``) take their values from a spectrum: entry ``e`` is ``sign[e] * spectrum[index[e]]`` (sign 0: zero)."""
+    packing, plan = grouped_plan(g), product_plan(g)
+    singles = sum(1 for _, _, role in plan.parts if role == 0)
+    pairs = sum(1 for _, _, role in plan.parts if role == 1)
+    index = np.zeros((packing.groups, packing.size, packing.size), dtype=np.int64)
+    sign = np.zeros(index.shape)
+    d_of = [d for d, _, _ in block_plan(g).classes]
+    block_rank = {}  # (class, block) -> its place among blocks of its size, as spectrum_map orders them
+    for c, b, role in plan.parts:
+        if role in (0, 1):
+            block_rank[c, b] = len([k for k in block_rank if d_of[k[0]] == d_of[c]])
+    for slot, offset, c, b in packing.members:
+        k = block_rank[c, b]
+        if d_of[c] == 1:
+            index[slot, offset, offset], sign[slot, offset, offset] = k, 1.0
+            continue
+        p, q = singles + k, singles + pairs + k
+        for y, x, f, s in ((0, 0, p, 1.0), (0, 1, q, 1.0), (1, 0, q, -1.0), (1, 1, p, 1.0)):
+            index[slot, offset + y, offset + x], sign[slot, offset + y, offset + x] = f, s
+    return index, sign
+
+
+def packed_weights(spectrum: torch.Tensor, index: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """The packed products' right-hand sides ``(groups, size c_in, size r c_out)`` (rows ``(y, i)``, columns ``(x, k,
+    o)``) from a spectrum, with ``index`` and ``sign`` from :func:`packed_index`."""
+    groups, size, _ = index.shape
+    _, c_in, rco = spectrum.shape
+    w = spectrum[index.reshape(-1)] * sign.reshape(-1, 1, 1)  # (groups size size, c_in, r c_out)
+    return w.view(groups, size, size, c_in, rco).transpose(2, 3).reshape(groups, size * c_in, size * rco)
 
 
 def blocks_forward(

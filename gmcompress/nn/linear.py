@@ -23,7 +23,6 @@ from .functional import (
     has_gauss_blocks,
     kernel_spectra,
     product_plan,
-    product_weights,
 )
 
 IMPLS = ("auto", "dense", "blocks", "packed", "fft")
@@ -43,7 +42,7 @@ class GMLinear(GMModule):
         support: group elements the kernels may use (e.g. a stencil); all of G when None.
         bias: True (one per output feature, like nn.Linear), "shared" (one per output channel: keeps
             exact equivariance) or False.
-        impl: "dense" (materialise W; cached in eval mode), "blocks" (real block-diagonal basis,
+        impl: "dense" (materialise W on every call), "blocks" (real block-diagonal basis,
             batched GEMMs; for abelian groups Gauss's three products per 2x2 block), "packed" (the same
             without Gauss's trick: fewer, wider products; where there is no Gauss form, the blocks path),
             "fft" (abelian groups), "auto" (blocks when that at least halves the multiply-adds of the dense
@@ -81,7 +80,7 @@ class GMLinear(GMModule):
             raise ValueError(f"impl={impl!r} needs a plain group matrix (no in_subgroup/out_subgroup); use 'dense'")
         if impl == "fft" and (not regular or g.cyclic_shape is None):
             raise ValueError(f"impl='fft' needs a product of cyclic groups, got {g.name}; use 'blocks' or 'dense'")
-        self.group, self.impl, self.regular = g, impl, regular
+        self.group, self._impl, self.regular = g, impl, regular
         self._paths = self._path_names()
         self.support_elements = None if support is None else [int(v) for v in support]
         self.bias_mode: BiasMode = bias
@@ -101,6 +100,9 @@ class GMLinear(GMModule):
             self._n_rho = len(rho)
             for i, r in enumerate(rho):
                 self._register_constant(f"_rho{i}", r)
+            if classes is None:  # a stencil's kernels have fewer values than the blocks: no spectrum form
+                self._enable_spectrum(g)
+        self._store_as(self._form_for(impl))
         self.reset_structure_parameters(in_padded)
         if self.bias is not None:
             bound = 1.0 / np.sqrt(in_padded)
@@ -207,8 +209,8 @@ class GMLinear(GMModule):
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
-            device=self.kernels.device,
-            dtype=self.kernels.dtype,
+            device=self._free().device,
+            dtype=self._free().dtype,
         )
         return self._export(out, self.weight, self.out_features)
 
@@ -234,7 +236,7 @@ class GMLinear(GMModule):
         for the extra kernel launches), else dense; on a CUDA device, dense (docs/design.md, "auto")."""
         if self.impl != "auto":
             return self._explicit_path("blocks")
-        if self.kernels.device.type == "cuda":
+        if self._free().device.type == "cuda":
             return "dense"
         if self.regular and 2 * self._blocks_macs_per_row() <= self.in_padded * self.out_padded:
             return "blocks"
@@ -257,7 +259,7 @@ class GMLinear(GMModule):
         n, bias = self.pattern.n_out, self._param("bias")
         if impl == "dense":  # one GEMM with the weight trimmed to the real features, the bias inside (nn.Linear's op)
             bias = None if bias is None else expand_bias(bias, self.out_features, n)
-            return F.linear(x, self._cached("dense", lambda: self.weight.contiguous()), bias)
+            return F.linear(x, self.weight, bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.in_padded != self.in_features:
@@ -265,7 +267,7 @@ class GMLinear(GMModule):
         xg = x2.view(-1, self.c_in, n)
         modulations = self._param("modulations")
         if impl in ("blocks", "packed"):
-            weight_t = self._cached(impl, lambda: self._block_weights(impl))
+            weight_t = self._block_weights(impl)
             buffers = self._buffers
             q_in, q_out = (
                 (buffers["_q_packed"], buffers["_q_packed"])
@@ -279,7 +281,7 @@ class GMLinear(GMModule):
                 return y.reshape(*lead, self.out_features)
         else:
             self._check_fft_not_in_onnx_export()
-            spectra = self._cached("fft", self._kernel_spectra)
+            spectra = self._kernel_spectra()
             y = fft_forward(xg, spectra, self.group.cyclic_shape, self.rank)
             y = y[:, 0] if modulations is None else (y * modulations).sum(1)
             y = y.reshape(-1, self.out_padded)
@@ -307,8 +309,7 @@ class GMLinear(GMModule):
 
     def _block_weights(self, impl: str = "blocks") -> torch.Tensor:
         """The right-hand sides of the block products of path ``impl``, laid out for ``bmm``."""
-        rho = [getattr(self, f"_rho{i}") for i in range(self._n_rho)]  # restricted to the kernel support
-        return product_weights(self.kernels, rho, self._plan(impl)).contiguous()
+        return self._product_weights(self._plan(impl)).contiguous()
 
     batch_unit = "rows"
 
@@ -367,7 +368,7 @@ class GMLinear(GMModule):
         if self.in_padded != self.in_features or self.out_padded != self.out_features:
             raise NotApplicable(f"{self.extra_repr()}: the group does not act on zero-padded features")
         if x is None:
-            x = torch.randn(8, self.in_features, dtype=self.kernels.dtype, device=self.kernels.device)
+            x = torch.randn(8, self.in_features, dtype=self._free().dtype, device=self._free().device)
         offset = expand_bias(self.bias, self.out_features, self.pattern.n_out) if self.bias is not None else 0.0
 
         def f(v: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,14 @@ import torch
 from torch import fx, nn
 
 from .fx import find_layers, module_aliases, swap
-from .nn import GM_LAYERS, GMLayer
+from .nn import GM_LAYERS, GMLayer, GMModule
 
 __all__ = ["save", "load", "manifest", "atomic_torch_save", "read_checkpoint", "FORMAT"]
 
-FORMAT = "gmcompress/2"
-_OLD_FORMATS = ("gmcompress/1",)  # 1: 1x1 convs were GMPointwiseConv, a GMLinear wrapped at ".linear"
+FORMAT = "gmcompress/3"
+_OLD_FORMATS = ("gmcompress/1", "gmcompress/2")
+# 1: 1x1 convs were GMPointwiseConv, a GMLinear wrapped at ".linear"; 1 and 2: every GM layer stored "kernels", where a
+# layer on a block path now stores "spectrum" (converted on load, GMModule.convert_state)
 
 
 def manifest(model: nn.Module) -> dict:
@@ -172,6 +174,7 @@ def load(
             for alias in entry.get("aliases", [name]):
                 swapped.append((alias, root.get_submodule(alias)))
                 swap(root, alias, new)
+        _convert_states(root, data["state_dict"])
         _check_fits(root, data["state_dict"], path)  # before any weight is copied
         root.load_state_dict(data["state_dict"], strict=True)
     except Exception:
@@ -179,6 +182,14 @@ def load(
             swap(root, alias, old)
         raise
     return root
+
+
+def _convert_states(root: nn.Module, state: dict) -> None:
+    """Every GM layer's kernels in ``state`` in the form the rebuilt layer stores (a file from before the spectrum
+    form, or saved while a layer took another path; see :meth:`gmcompress.nn.GMModule.convert_state`)."""
+    for name, module in root.named_modules(remove_duplicate=False):
+        if isinstance(module, GMModule):
+            module.convert_state(state, f"{name}." if name else "")
 
 
 def _check_fits(root: nn.Module, state: dict, path: str | os.PathLike) -> None:
@@ -224,8 +235,10 @@ def _format_version(fmt: object) -> int | None:
 def _manifest_of(data: dict, path: str | os.PathLike) -> dict:
     meta = data.get("manifest")
     fmt = meta.get("format") if isinstance(meta, dict) else None
-    if fmt in _OLD_FORMATS:
+    if fmt == "gmcompress/1":
         return _upgrade_v1(data)
+    if fmt in _OLD_FORMATS:
+        return meta  # the kernels are converted once the layers are built (_convert_states)
     newer = _format_version(fmt)
     if newer is not None and newer > _format_version(FORMAT):
         written_by = meta.get("gmcompress_version")

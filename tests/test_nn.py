@@ -489,3 +489,239 @@ def test_an_empty_batch_gives_an_empty_output_on_every_path(impl):
         assert y.shape == (*shape[:-1], 37)
         y.sum().backward()
         assert x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------- no cache: forward reads the live parameters
+def layer_cases():
+    """(id, builder, input) for every path of GMLinear (abelian and not, a stencil), GMChannelConv and GMConv2d."""
+    cases = []
+    for spec, support in (("C8", None), ("D4", None), ("C8", [0, 1, 7])):
+        for impl in paths(spec):
+            tag = f"linear-{spec}{'-stencil' if support else ''}-{impl}"
+            cases.append((tag, lambda s=spec, i=impl, k=support: make_linear(s, 2, i, k), (4, 24)))
+    for impl in ("dense", "grouped", "packed"):
+        for k, shape in ((3, (2, 16, 6, 6)), (1, (2, 16, 5, 5))):
+            build = lambda i=impl, k=k: GMChannelConv(16, 24, k, "C8", rank=2, impl=i)  # noqa: E731
+            cases.append((f"channel{k}x{k}-C8-{impl}", build, shape))
+    cases.append(("conv-C4", lambda: GMConv2d(8, 8, 3, "C4", rank=2, padding=1), (2, 8, 6, 6)))
+    return cases
+
+
+CASES = layer_cases()
+
+
+def case_ids():
+    return [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids())
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_change_undone_in_an_evaluation_loop_is_seen(case, mode):
+    """The careless user's inference loop: a parameter scaled in place between calls, then scaled back; every call
+    gives the live weights' output (a cache validated once per block served the old weights)."""
+    _, build, shape = case
+    torch.manual_seed(0)
+    layer = build().eval()
+    x = torch.randn(shape)
+    structure = layer._free()
+    with mode():
+        y0 = layer(x)
+        structure.mul_(2)
+        y1 = layer(x)
+        structure.div_(2)
+        y2 = layer(x)
+    bias = 0 if layer.bias is None else layer(torch.zeros(shape)).detach()  # the bias alone (zero input)
+    torch.testing.assert_close(y1 - bias, 2 * (y0 - bias), atol=1e-5, rtol=1e-5)
+    assert torch.equal(y2, y0)  # x2 then /2 is exact in binary
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids())
+def test_the_ema_swap_pattern_evaluates_the_ema_weights(case):
+    """Load an EMA state_dict, evaluate, load the saved weights back: the evaluation used the EMA weights and the
+    next one the saved weights, exactly as a fresh layer holding each gives."""
+    _, build, shape = case
+    torch.manual_seed(0)
+    layer, ema = build().eval(), build().eval()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(shape)
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.inference_mode():
+        before = layer(x)
+        layer.load_state_dict(ema.state_dict())
+        during = layer(x)
+        layer.load_state_dict(saved)
+        after = layer(x)
+        assert torch.equal(during, ema(x))
+        assert torch.equal(after, before)
+
+
+def stacked_call(layer, x, copies=3):
+    """``vmap`` of ``functional_call`` over ``copies`` perturbed copies of the parameters, and the loop of single
+    calls it must equal."""
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    torch.manual_seed(1)
+    stacked = {k: torch.stack([v + 0.05 * i * torch.randn_like(v) for i in range(copies)]) for k, v in params.items()}
+
+    def one(p, inp):
+        return torch.func.functional_call(layer, p, (inp,))
+
+    batched = torch.vmap(one, in_dims=(0, None))(stacked, x)
+    loop = torch.stack([one({k: v[i] for k, v in stacked.items()}, x) for i in range(copies)])
+    return batched, loop
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids())
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.enable_grad])
+def test_vmap_over_stacked_parameters_equals_the_loop(case, mode):
+    _, build, shape = case
+    torch.manual_seed(0)
+    layer = build().eval()
+    x = torch.randn(shape)
+    with mode():
+        batched, loop = stacked_call(layer, x)
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "stencil" not in c[0]], ids=lambda c: c[0])
+@pytest.mark.parametrize("training", [False, True])
+def test_compiles_to_one_graph_and_never_recompiles(case, training):
+    """``torch.compile(fullgraph=True)`` (a graph break would raise) and two more calls with changed parameters:
+    one compilation (the counter of frames compiled stays at one), the live weights' output every time."""
+    from torch._dynamo.testing import CompileCounter
+
+    _, build, shape = case
+    torch.manual_seed(0)
+    layer = build().train(training)
+    x = torch.randn(shape)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        for scale in (1.0, 2.0, 0.5):
+            with torch.no_grad():
+                layer._free().mul_(scale)
+            torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+
+
+SPECTRAL = [("linear", "C8", ("blocks", "packed")), ("linear", "C4xC4", ("blocks", "packed")),
+            ("channel", "C8", ("grouped", "packed"))]  # fmt: skip
+
+
+def spectral_layer(kind, spec, impl, **kwargs):
+    n = gm.group(spec).order
+    if kind == "linear":
+        return GMLinear(2 * n, 3 * n, spec, impl=impl, **kwargs), torch.randn(5, 2 * n, dtype=torch.float64)
+    return GMChannelConv(2 * n, 3 * n, 3, spec, impl=impl, padding=1, **kwargs), torch.randn(2, 2 * n, 5, 5)
+
+
+@pytest.mark.parametrize("kind,spec,block_paths", SPECTRAL)
+def test_a_path_change_converts_the_stored_kernels_and_back(kind, spec, block_paths):
+    """dense -> block path -> other paths -> dense: the kernels are stored as their block coordinates on a block
+    path (the state_dict says so), every conversion keeps the function (same to_dense up to float rounding), and
+    the round trip gives back the kernels within float rounding."""
+    torch.manual_seed(0)
+    layer, x = spectral_layer(kind, spec, "dense", rank=2)
+    x = x.float()
+    with torch.no_grad():
+        layer.modulations.normal_()
+    kernels, dense, y = layer.kernels.detach().clone(), layer.to_dense().weight.detach(), layer(x).detach()
+    for impl in (*block_paths, *[p for p in layer.impls() if p not in block_paths], *block_paths[::-1], "dense"):
+        layer.impl = impl
+        form = "spectrum" if impl in block_paths else "kernels"
+        assert layer.stored_form == form and f"{form}" in layer.state_dict()
+        assert ({"kernels", "spectrum"} - {form}).isdisjoint(layer.state_dict())
+        assert layer.num_structured_parameters == kernels.numel() + layer.modulations.numel()
+        torch.testing.assert_close(layer.to_dense().weight, dense, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.kernels, kernels, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind,spec,block_paths", SPECTRAL)
+def test_exact_layers_stay_equivariant_on_the_stored_spectrum(kind, spec, block_paths):
+    """An exact GM (rank 1, no modulation, shared bias) stored as a spectrum is equivariant to rounding on its block
+    paths, measured on transformed real inputs, after a conversion from the kernels form."""
+    torch.manual_seed(0)
+    layer, _ = spectral_layer(kind, spec, "dense", rank=1, modulate=False, bias="shared", dtype=torch.float64)
+    for impl in block_paths:
+        layer.impl = impl
+        assert layer.stored_form == "spectrum"
+        assert layer.check_equivariance() < 1e-12
+
+
+def test_the_spectrum_trains_in_its_own_coordinates_and_is_written_by_fits():
+    """The spectrum is the parameter an optimizer steps (the kernels follow), set_kernels and load_fit write it, and
+    a reset draws the same function as the kernels form does."""
+    torch.manual_seed(0)
+    layer = GMLinear(24, 16, "C8", rank=2, impl="blocks")
+    assert [name for name, _ in layer.named_parameters()] == ["spectrum", "modulations", "bias"]
+    before = layer.kernels.detach().clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(4, 24)).square().sum().backward()
+    opt.step()
+    assert not torch.allclose(layer.kernels, before)
+    dense = GMLinear.from_dense(nn.Linear(24, 16), "C8", rank=2, impl="dense")
+    blocks = GMLinear.from_dense(dense.to_dense(), "C8", rank=2, impl="blocks")
+    assert blocks.stored_form == "spectrum"
+    torch.testing.assert_close(blocks.kernels, dense.kernels, atol=1e-6, rtol=1e-5)
+    with pytest.raises(KeyError, match="kernels"):
+        blocks.kernels = nn.Parameter(dense.kernels.detach().clone())  # derived: not a parameter to assign
+
+
+@pytest.mark.parametrize("kind,spec,block_paths", SPECTRAL)
+def test_state_dicts_of_either_form_load_into_either(kind, spec, block_paths):
+    """A kernels state_dict (an old checkpoint, a layer on another path) loads into a spectrum-form layer and back,
+    strictly, giving the same outputs; a training checkpoint's optimizer-free state round-trips bit for bit."""
+    torch.manual_seed(0)
+    source, x = spectral_layer(kind, spec, "dense", rank=2)
+    x = x.float()
+    with torch.no_grad():
+        source.modulations.normal_()
+    target, _ = spectral_layer(kind, spec, block_paths[0], rank=2)
+    target.load_state_dict(source.state_dict())
+    assert target.stored_form == "spectrum"
+    torch.testing.assert_close(target(x), source(x), atol=1e-5, rtol=1e-5)
+    back, _ = spectral_layer(kind, spec, "dense", rank=2)
+    back.load_state_dict(target.state_dict())
+    torch.testing.assert_close(back.kernels, source.kernels, atol=1e-7, rtol=1e-6)
+    again, _ = spectral_layer(kind, spec, block_paths[0], rank=2)
+    again.load_state_dict(target.state_dict())
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+def format2_architecture():
+    """The architecture of tests/data/model_format2.pt (saved by gmcompress in format 2, every layer's kernels
+    stored as "kernels"): GMChannelConv C8 grouped, GMConv2d C4, GMLinear C8 blocks and a GMLinear C4 stencil."""
+    return nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 16),
+    )  # fmt: skip
+
+
+def test_a_format2_file_loads_to_the_same_outputs(tmp_path):
+    """The committed format-2 file loads: the block-path layers now store spectra (converted), the outputs equal
+    those saved with it to float rounding, the layers stored as kernels load bit for bit; saved again (format 3),
+    it loads bit for bit."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    saved = torch.load(data / "model_format2.pt", weights_only=True)
+    assert saved["manifest"]["format"] == "gmcompress/2"
+    model = gm.load(data / "model_format2.pt", format2_architecture()).eval()
+    assert [model[i].stored_form for i in (0, 2, 5, 7)] == ["spectrum", "kernels", "spectrum", "kernels"]
+    assert torch.equal(model[7].kernels, saved["state_dict"]["7.kernels"])
+    assert torch.equal(model[2].kernels, saved["state_dict"]["2.kernels"])
+    io_pair = torch.load(data / "model_format2_io.pt", weights_only=True)
+    with torch.no_grad():
+        y = model(io_pair["input"])
+    torch.testing.assert_close(y, io_pair["output"], atol=1e-5, rtol=1e-5)
+    gm.save(model, tmp_path / "again.pt")
+    assert torch.load(tmp_path / "again.pt", weights_only=True)["manifest"]["format"] == gm.io.FORMAT
+    again = gm.load(tmp_path / "again.pt", format2_architecture()).eval()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(again(io_pair["input"]), y)

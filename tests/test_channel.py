@@ -194,8 +194,10 @@ def test_grouped_path_in_both_memory_formats(group, rank, modulate, bias, layout
 
 
 @pytest.mark.parametrize("kernel", [3, 1])
-def test_switching_paths_on_one_layer_serves_each_paths_own_cached_weights(kernel):
-    """Path timing (paths.choose_path) switches ``impl`` on one eval layer: each path keeps its own cache."""
+def test_switching_paths_on_one_layer_converts_its_stored_kernels(kernel):
+    """Path timing switches ``impl`` on one eval layer, also under inference_mode: each switch converts the stored
+    kernels (spectrum on the block paths) and keeps the function; the parameters stay ordinary tensors, so the
+    layer trains afterwards."""
     torch.manual_seed(0)
     layer = GMChannelConv(16, 24, kernel, "C8", rank=2, padding=kernel // 2).eval()
     x = torch.randn(2, 16, 6, 6)
@@ -204,7 +206,11 @@ def test_switching_paths_on_one_layer_serves_each_paths_own_cached_weights(kerne
         want = layer(x)
         for impl in ("grouped", "packed", "dense", "packed", "grouped"):
             layer.impl = impl
+            assert layer.stored_form == ("kernels" if impl == "dense" else "spectrum")
             torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-4)
+    assert not any(p.is_inference() for p in layer.parameters())
+    layer.train()(x).sum().backward()
+    assert layer.spectrum.grad is not None
 
 
 @pytest.mark.parametrize("impl", ["grouped", "packed"])

@@ -585,8 +585,8 @@ def test_vmap_over_stacked_parameters_equals_the_loop(case, mode):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "stencil" not in c[0]], ids=lambda c: c[0])
-@pytest.mark.parametrize("training", [False, True])
-def test_compiles_to_one_graph_and_never_recompiles(case, training):
+@pytest.mark.parametrize("training,grad", [(False, False), (False, True), (True, True)])
+def test_compiles_to_one_graph_and_never_recompiles(case, training, grad):
     """``torch.compile(fullgraph=True)`` (a graph break would raise) and two more calls with changed parameters:
     one compilation (the counter of frames compiled stays at one), the live weights' output every time."""
     from torch._dynamo.testing import CompileCounter
@@ -602,7 +602,8 @@ def test_compiles_to_one_graph_and_never_recompiles(case, training):
         for scale in (1.0, 2.0, 0.5):
             with torch.no_grad():
                 layer._free().mul_(scale)
-            torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+            with torch.set_grad_enabled(grad):
+                torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
     finally:
         torch._dynamo.reset()
     assert counter.frame_count == 1

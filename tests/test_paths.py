@@ -85,27 +85,22 @@ def test_a_layer_keeps_the_fastest_path_of_each_batch_size_and_runs_it(monkeypat
     macs = {}
     for batch, path in [(1, "dense"), (2, "dense"), (3, "blocks"), (8, "blocks"), (64, "blocks")]:
         x = torch.randn(batch, 32 * 6 * 6)
-        linear._cache.clear()
         with torch.no_grad():
             y = linear(x)
-        assert list(linear._cache) == [path], batch  # sqrt(8) = 2.8: batches 1-2 nearer 1, 3 on nearer 8
+        assert linear.path_for(batch) == path, batch  # sqrt(8) = 2.8: batches 1-2 nearer 1, 3 on nearer 8
         torch.testing.assert_close(y, F.linear(x, linear.weight, linear.bias), atol=1e-4, rtol=1e-4)
         macs[batch] = linear.macs(x, y) // batch
     assert macs[1] == macs[2] == 32 * 6 * 6 * 64 and macs[3] == macs[64] == linear.macs_per_row("blocks") < macs[1]
     for batch, path in [(1, "dense"), (8, "grouped")]:
         x = torch.randn(batch, 16, 6, 6)
-        conv._cache.clear()
         with torch.no_grad():
             y = conv(x)
-        assert list(conv._cache) == [path], batch
+        assert conv.path_for(batch) == path, batch
         torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
         assert conv.macs(x, y) == (batch * 32 * 36 * 16 * 9 if path == "dense" else conv.macs(x, y))
     assert conv.macs(torch.randn(8, 16, 6, 6), y) < 8 * conv.macs(torch.randn(1, 16, 6, 6), y[:1])
     linear.impl = "blocks"  # an explicit path wins over the measured ones
-    with torch.no_grad():
-        linear._cache.clear()
-        linear(torch.randn(1, 32 * 6 * 6))
-    assert list(linear._cache) == ["blocks"]
+    assert linear.path_for(1) == "blocks"
     linear.impl = "auto"
     gm.save(out, tmp_path / "m.pt")
     again = gm.load(tmp_path / "m.pt", net())
@@ -192,15 +187,15 @@ def test_the_rule_takes_the_dense_path_on_cuda():
     an H200); the same layer on the CPU takes its fast path. No GPU here: the kernels' device is stood in for."""
     from types import SimpleNamespace
 
-    for layer, fast in [
-        (gm.nn.GMLinear(256, 256, "C16"), "blocks"),
-        (gm.nn.GMChannelConv(64, 64, 3, group="C8", padding=1), "grouped"),
+    for build, fast in [
+        (lambda impl: gm.nn.GMLinear(256, 256, "C16", impl=impl), "blocks"),
+        (lambda impl: gm.nn.GMChannelConv(64, 64, 3, group="C8", padding=1, impl=impl), "grouped"),
     ]:
-        assert layer.resolved_impl() == fast
-        layer._parameters["kernels"] = SimpleNamespace(device=torch.device("cuda"))
-        assert layer.resolved_impl() == "dense"
-        layer.impl = fast  # an explicit path is kept on any device
-        assert layer.resolved_impl() == fast
+        for impl, path in [("auto", "dense"), (fast, fast)]:  # an explicit path is kept on any device
+            layer = build(impl)
+            assert layer.resolved_impl() == fast
+            layer._parameters[layer.stored_form] = SimpleNamespace(device=torch.device("cuda"))
+            assert layer.resolved_impl() == path
 
 
 def test_capturing_inputs_never_changes_what_the_layers_compute():

@@ -22,130 +22,36 @@ def mlp():
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
 
 
-# 1. stale weights -------------------------------------------------------------------------------
+# 1. stale weights (forward reads the live parameters) ---------------------------------------------------
 @pytest.mark.parametrize("impl", ["dense", "blocks", "fft", "auto"])
 @pytest.mark.parametrize(
     "update",
     [
-        lambda layer: layer.kernels.data.mul_(0.5),
-        lambda layer: layer.kernels.copy_(layer.kernels * 0.5),
+        lambda layer: layer._free().data.mul_(0.5),
+        lambda layer: layer._free().copy_(layer._free() * 0.5),
+        lambda layer: layer.set_kernels(layer.kernels * 0.5),
         lambda layer: layer.load_state_dict({k: v * 0.5 for k, v in layer.state_dict().items()}),
         lambda layer: torch.optim.SGD(layer.parameters(), lr=0.1).step(),
     ],
-    ids=["data", "copy_", "load_state_dict", "optimizer"],
+    ids=["data", "copy_", "set_kernels", "load_state_dict", "optimizer"],
 )
-def test_in_place_updates_are_seen_by_the_eval_cache(impl, update):
+def test_in_place_updates_are_seen_by_the_next_call(impl, update):
     torch.manual_seed(0)
     layer = GMLinear(64, 64, "C8", rank=2, impl=impl).eval()
     for p in layer.parameters():
         p.grad = torch.ones_like(p)
     x = torch.randn(4, 64)
     with torch.no_grad():
-        layer(x)  # fills the cache
+        layer(x)
         update(layer)
         got = layer(x)
     expected = F.linear(x, layer.weight.detach(), layer.bias.detach())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3, -1])
-@pytest.mark.parametrize("change", ["next float", "sign of zero"])
-@pytest.mark.parametrize("features,group", [(64, "C8"), (9, "C3")])  # 27 kernel numbers: not 8-byte pairs
-def test_the_eval_cache_sees_a_one_element_change_in_any_position(index, change, features, group):
-    """The check compares bits (every byte, the last one included): a change to any single element, even the
-    smallest one, must drop the cache. The next float up changes one bit pattern; -0.0 for 0.0 changes only
-    the sign bit."""
-    torch.manual_seed(0)
-    layer = GMLinear(features, features, group, impl="dense").eval()
-    flat = layer.kernels.data.view(-1)
-    if change == "sign of zero":
-        flat[index] = 0.0
-    x = torch.randn(4, features)
-    with torch.no_grad():
-        layer(x)  # fills the cache
-        value = flat[index].clone()
-        flat[index] = -value if change == "sign of zero" else torch.nextafter(value, torch.tensor(float("inf")))
-        got = layer(x)
-        assert layer._snapshot[0].view(-1)[index].item() == flat[index].item()  # the check took the new values
-        if change == "sign of zero":
-            assert torch.signbit(layer._snapshot[0].view(-1)[index])
-    torch.testing.assert_close(got, F.linear(x, layer.weight.detach(), layer.bias.detach()), atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "offset view"])
-def test_same_bytes_sees_every_bit_in_every_layout(dtype, layout):
-    """same_bytes (the eval cache's check): memcmp on contiguous CPU tensors, integer views otherwise. Against an
-    independent count: flipping any one bit of any one element, the first and the last included, is a change;
-    -0.0 for 0.0 is a change; a NaN in place and equal copies are not."""
-    from gmcompress.nn.bytecmp import same_bytes
-
-    torch.manual_seed(0)
-    base = torch.randn(6, 10, dtype=dtype)
-    base[2, 3] = 0.0
-    base[4, 5] = float("nan")
-
-    def arrange(t):
-        if layout == "transposed":
-            return t.t().contiguous().t()  # same values, column-major memory
-        if layout == "offset view":
-            return torch.cat([t.new_zeros(1, 10), t])[1:]  # contiguous, at a storage offset
-        return t.clone()
-
-    a = arrange(base)
-    assert same_bytes(a, arrange(base)) and same_bytes(a, a)
-    assert a.is_contiguous() == (layout != "transposed")
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    real = torch.view_as_real(a) if dtype.is_complex else a
-    bits = real.view(ints[real.element_size()])
-    for index in [(0, 0), (2, 3), (5, 9)]:
-        for bit in range(bits.element_size() * 8):
-            b = arrange(base)
-            b_bits = (torch.view_as_real(b) if dtype.is_complex else b).view(bits.dtype)
-            b_bits[index] ^= 1 << bit if bit < bits.element_size() * 8 - 1 else -(1 << bit)
-            assert not torch.equal(bits, b_bits)  # the independent count: the bits differ
-            assert not same_bytes(a, b), (index, bit)
-    other_layout = base.t().contiguous().t() if layout != "transposed" else base.clone()
-    assert a.is_contiguous() != other_layout.is_contiguous() and same_bytes(a, other_layout)
-    other_layout[5, 9] = other_layout[5, 9] + 1
-    assert not same_bytes(a, other_layout)
-    zero = arrange(base)
-    zero[2, 3] = -0.0
-    assert zero[2, 3] == a[2, 3] and not same_bytes(a, zero)
-    other = {torch.float64: torch.float32, torch.complex64: torch.complex128}.get(dtype, torch.float64)
-    assert not same_bytes(a, a.to(other))
-    assert not same_bytes(a, a.reshape(10, 6)) and same_bytes(a[:0], a[:0].clone())
-
-
-def test_a_tensor_subclass_parameter_is_compared_by_value_not_by_memory():
-    """Wrapper subclasses (DTensor, FakeTensor, TwoTensor) report contiguous CPU storage at data_ptr 0: the memcmp
-    path must not read it (it crashed the process), the cache must still see their changes. In a subprocess,
-    so that a crash fails this test and not the session."""
-    script = """
-import torch, torch.nn.functional as F
-from torch.testing._internal.two_tensor import TwoTensor
-from gmcompress.nn import GMLinear
-torch.manual_seed(0)
-layer = GMLinear(64, 64, "C8", impl="dense").eval()
-k = layer.kernels.detach()
-layer.kernels = torch.nn.Parameter(TwoTensor(k.clone(), k.clone()))
-x = torch.randn(2, 64)
-with torch.no_grad():
-    layer(x)
-    layer(x)
-    layer.kernels.mul_(0.5)
-    got = layer(x)
-    want = F.linear(x, layer.weight, layer.bias)
-assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, F.linear(x, 2 * layer.weight, layer.bias))
-print("same values")
-"""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "same values" in out.stdout, (out.returncode, out.stderr[-2000:])
-
-
 def test_a_parametrized_kernel_is_read_through_its_parametrization():
-    """The cache check reads kernels and modulations from the module's own parameters, and a parametrized one
-    (torch.nn.utils.parametrize) through its attribute: a change of the underlying tensor is seen."""
+    """A parametrized kernel (torch.nn.utils.parametrize) is read through its attribute: a change of the underlying
+    tensor is seen. The layer then keeps its kernels as they are on a block path too (no spectrum to convert to)."""
     from torch.nn.utils import parametrize
 
     class Scale(nn.Module):
@@ -153,8 +59,10 @@ def test_a_parametrized_kernel_is_read_through_its_parametrization():
             return 2.0 * k
 
     torch.manual_seed(0)
-    layer = GMLinear(64, 64, "C8", impl="blocks").eval()
+    layer = GMLinear(64, 64, "C8", impl="dense").eval()
     parametrize.register_parametrization(layer, "kernels", Scale())
+    layer.impl = "blocks"
+    assert layer.stored_form == "kernels"
     x = torch.randn(3, 64)
     with torch.no_grad():
         first = layer(x)
@@ -174,109 +82,11 @@ def test_in_place_update_under_inference_mode_is_seen():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_frozen_checks_once_and_refuses_a_change_made_inside():
-    """gm.frozen: served from the cache without the per-call check; a change inside is an error on exit."""
-    torch.manual_seed(0)
-    model = nn.Sequential(GMLinear(64, 64, "C8", rank=2, impl="blocks"), nn.ReLU()).eval()
-    layer = model[0]
-    x = torch.randn(4, 64)
-    with torch.no_grad():
-        layer(x)  # filled before the block
-        layer.kernels.data.mul_(0.5)  # changed before the block: the block's first call sees it
-        with gm.frozen(model):
-            first = layer(x)
-            torch.testing.assert_close(first, F.linear(x, layer.weight, layer.bias))
-            with gm.frozen(model):  # nested blocks
-                torch.testing.assert_close(layer(x), first)
-            torch.testing.assert_close(layer(x), first)
-        with pytest.raises(RuntimeError, match=r"parameters of 0 changed inside gmcompress\.frozen\(\)"):
-            with gm.frozen(model):
-                layer(x)
-                layer.kernels.data.mul_(0.5)
-                stale = layer(x)  # documented: no per-call check inside the block
-                torch.testing.assert_close(stale, first)
-        fresh = layer(x)  # after the error the cache is rebuilt from the new values
-    torch.testing.assert_close(fresh, F.linear(x, layer.weight, layer.bias))
-    assert not torch.allclose(fresh, first)
-
-
-def test_frozen_does_not_serve_an_inference_mode_cache_to_autograd():
-    """A weight cached under inference_mode cannot be saved for backward: inside frozen() too, a call outside
-    inference mode rebuilds it, so gradients with respect to the input work (and are right)."""
-    torch.manual_seed(0)
-    layer = GMLinear(64, 64, "C8", impl="dense").eval().requires_grad_(False)
-    with gm.frozen(layer):
-        with torch.inference_mode():
-            layer(torch.randn(2, 64))
-        x = torch.randn(2, 64, requires_grad=True)
-        layer(x).sum().backward()
-    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 64))
-
-
-def test_frozen_lets_an_exception_through_and_leaves_the_layers_checking():
-    torch.manual_seed(0)
-    layer = GMLinear(32, 32, "C8", impl="dense").eval()
-    x = torch.randn(2, 32)
-    with torch.no_grad():
-        with pytest.raises(KeyError), gm.frozen(layer):
-            layer(x)
-            raise KeyError("user error")
-        layer.kernels.data.mul_(2.0)
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # checking again
-
-
-def test_frozen_ignores_changes_made_outside_it_and_layers_it_did_not_call():
-    torch.manual_seed(0)
-    m = nn.ModuleDict(dict(enc=GMLinear(64, 64, "C8", impl="blocks"), head=GMLinear(64, 64, "C8", impl="blocks")))
-    m.eval()
-    x = torch.randn(2, 64)
-    with torch.no_grad():
-        m.head(x)
-        m.head.kernels.mul_(0.5)  # outside any block
-        with gm.frozen(m):
-            m.enc(x)  # head is not called: nothing stale can come from it
-        m.load_state_dict({k: v * 2 for k, v in m.state_dict().items()})
-        with gm.frozen(m):
-            pass
-        with gm.frozen(m):
-            torch.testing.assert_close(m.head(x), F.linear(x, m.head.weight, m.head.bias))
-
-
-def test_frozen_catches_a_stale_output_even_after_the_cache_was_dropped():
-    """A stale output served inside the block is an error on exit, also when a later grad-enabled call (or a
-    dtype change) dropped the cache; a copy made inside the block checks its values on every call."""
-    import copy
-
-    torch.manual_seed(0)
-    layer = GMLinear(64, 64, "C8", rank=2, impl="blocks").eval()
-    x = torch.randn(2, 64)
-    with pytest.raises(RuntimeError, match="changed inside"), gm.frozen(layer):
-        with torch.no_grad():
-            layer(x)
-        layer.kernels.data.mul_(2)
-        with torch.no_grad():
-            layer(x)  # stale (documented)
-        layer(x)  # autograd on: the cache and its snapshot are dropped
-    with pytest.raises(RuntimeError, match="changed inside"), gm.frozen(layer):
-        with torch.no_grad():
-            layer(x)
-            layer.kernels.data.mul_(2)
-            layer(x)  # stale
-        layer.double()  # a dtype change drops the cache too
-    layer.float()
-    with torch.no_grad(), gm.frozen(layer):
-        layer(x)
-        twin = copy.deepcopy(layer)
-    with torch.no_grad():
-        twin.kernels.mul_(3)
-        torch.testing.assert_close(twin(x), F.linear(x, twin.weight, twin.bias))
-
-
 @pytest.mark.parametrize("make", [
     lambda: GMLinear(64, 64, "C8", rank=2, impl="blocks"),
     lambda: GMChannelConv(16, 16, 3, "C8", rank=2, padding=1, impl="grouped"),
 ])  # fmt: skip
-def test_cache_filled_in_inference_mode_still_gives_input_gradients(make):
+def test_a_call_in_inference_mode_leaves_input_gradients_working(make):
     torch.manual_seed(0)
     layer = make().eval()
     for p in layer.parameters():
@@ -303,7 +113,7 @@ def test_grouped_conv_under_bias_only_training_autocast_and_vmap(layout):
     dense.load_state_dict(grouped.state_dict())
     x = torch.randn(2, 16, 5, 5).contiguous(memory_format=fmt)
     for layer in (grouped, dense):
-        layer.kernels.requires_grad_(False)
+        layer._free().requires_grad_(False)  # the stored kernels (a spectrum on the grouped path)
         layer.modulations.requires_grad_(False)
         layer(x).square().sum().backward()
     torch.testing.assert_close(grouped.bias.grad, dense.bias.grad, atol=1e-4, rtol=1e-4)
@@ -617,51 +427,3 @@ def test_cli_in_a_subprocess_prints_no_traceback(tmp_path):
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr and "empty.pt" in run.stderr
-
-
-def test_bit_snapshot_decides_as_same_bytes_does():
-    """BitSnapshot (the eval cache's per-call check) takes a shortcut for plain contiguous CPU tensors; on every
-    kind of difference it must answer as same_bytes, tensor by tensor, and a different count is a difference."""
-    from gmcompress.nn.bytecmp import BitSnapshot, same_bytes
-
-    torch.manual_seed(0)
-    base = torch.randn(6, 10)
-    one_bit = base.clone()
-    one_bit.view(torch.int32)[5, 9] ^= 1
-    variants = {
-        "equal copy": base.clone(),
-        "the last bit of the last element": one_bit,
-        "same bytes, other shape": base.clone().reshape(10, 6),
-        "same bytes, other dtype": base.clone().view(torch.int32),
-        "same values, column-major": base.t().contiguous().t(),
-        "same values, lazily negated": torch._neg_view(-base),
-        "float64": base.double(),
-        "empty": base[:0].clone(),
-        "a Parameter": torch.nn.Parameter(base.clone()),
-    }
-    for snapshot_of in (base, base.t().contiguous().t(), base[:0]):
-        snapshot = BitSnapshot([snapshot_of])
-        assert snapshot[0] is not snapshot_of and len(snapshot) == 1
-        for name, tensor in variants.items():
-            assert snapshot.matches([tensor]) == same_bytes(snapshot_of, tensor), name
-    assert not BitSnapshot([base]).matches([base, base]) and not BitSnapshot([base]).matches([])
-    assert BitSnapshot([base, base[4:]]).matches([base.clone(), base[4:].clone()])
-    assert not BitSnapshot([base, base[4:]]).matches([base.clone(), one_bit[4:]])
-
-
-def test_a_copied_layer_checks_its_own_snapshot():
-    """deepcopy and pickling copy a layer's cache snapshot; the copy's check must read its own copies, not the
-    memory of the original's (which may be freed and reused: here it is overwritten on purpose)."""
-    import copy
-    import pickle
-
-    torch.manual_seed(0)
-    layer = GMLinear(64, 64, "C8", impl="dense").eval()
-    x = torch.randn(3, 64)
-    with torch.no_grad():
-        layer(x)  # fills the cache and its snapshot
-        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-            layer._snapshot[0].view(-1)[0] += 1.0  # the original's snapshot memory changes
-            assert twin._snapshot.matches(twin._structure_params())
-            twin.kernels.data.view(-1)[0] += 1.0  # now equal to the original's snapshot, not to the twin's
-            torch.testing.assert_close(twin(x), F.linear(x, twin.weight, twin.bias), rtol=0, atol=0)

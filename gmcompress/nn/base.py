@@ -302,12 +302,14 @@ class GMModule(GMLayer):
 
     def _store_as(self, form: str) -> None:
         """Convert the stored kernels to ``form`` ("spectrum" or "kernels"); the parameter is replaced (an optimizer
-        made before holds the old one), keeping its place in the state_dict and its ``requires_grad``."""
+        made before holds the old one, so set the path before making it), keeping its place in the state_dict and its
+        ``requires_grad``."""
         if form == self.stored_form:
             return
         old_name = self.stored_form
         old = self._parameters[old_name]
-        new = nn.Parameter(self._converted(old, form), requires_grad=old.requires_grad)
+        with torch.inference_mode(False), torch.no_grad():  # an ordinary parameter, also when set in inference mode
+            new = nn.Parameter(self._converted(old, form), requires_grad=old.requires_grad)
         params = list(self._parameters.items())
         self._parameters.clear()
         for name, value in params:

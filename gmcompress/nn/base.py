@@ -195,6 +195,7 @@ class GMModule(GMLayer):
             raise ValueError(f"{type(self).__name__}({self.extra_repr()}): batch paths {bad} need whole batch "
                              f"sizes >= 1 and paths among {self.impls()}")  # fmt: skip
         self._batch_paths = dict(sorted(paths.items()))
+        self._store_as(self._form_for(self.impl))
 
     def _impl_repr(self) -> str:
         if self.impl != "auto" or not self._batch_paths:
@@ -245,11 +246,14 @@ class GMModule(GMLayer):
     _SPECTRUM_PATHS = ("blocks", "packed", "grouped")  # the paths whose products read the spectrum
 
     def _form_for(self, impl: str) -> str:
-        """The form ``impl`` stores: "spectrum" for a block path of a layer with that form (full kernel support, an
-        abelian group, no parametrization of ``kernels``), else "kernels"."""
-        if not self._spectral or impl not in self._SPECTRUM_PATHS or "kernels" in getattr(self, "parametrizations", {}):
+        """The form path ``impl`` stores: "spectrum" for a block path of a layer with that form (full kernel support,
+        an abelian group, no parametrization of ``kernels``), else "kernels". "auto" stores the form of the path it
+        takes now (with measured batch paths, the one of the largest batch)."""
+        if not self._spectral or "kernels" in getattr(self, "parametrizations", {}):
             return "kernels"
-        return "spectrum"
+        if impl == "auto":
+            impl = self._batch_paths[max(self._batch_paths)] if self._batch_paths else self.resolved_impl()
+        return "spectrum" if impl in self._SPECTRUM_PATHS else "kernels"
 
     def _enable_spectrum(self, g: FiniteGroup) -> None:
         """Let the layer store its kernels as a spectrum when ``g``'s blocks have a Gauss form (abelian groups; see

@@ -726,3 +726,19 @@ def test_a_format2_file_loads_to_the_same_outputs(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
     with torch.no_grad():
         assert torch.equal(again(io_pair["input"]), y)
+
+
+def test_a_layer_pickled_whole_before_the_stored_form_loads_and_converts():
+    """A GMLinear pickled by gmcompress before the stored form (``impl`` a plain attribute, kernels a parameter)
+    unpickles, gives the saved output, and converts to the spectrum when its path is set again."""
+    from pathlib import Path
+
+    data = torch.load(Path(__file__).parent / "data" / "gmlinear_pickled_format2.pt", weights_only=False)
+    layer, x = data["layer"], data["input"]
+    assert layer.impl == "blocks" and layer.stored_form == "kernels"
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), data["output"], atol=1e-6, rtol=1e-6)  # products reordered: rounding
+    layer.impl = "blocks"
+    assert layer.stored_form == "spectrum"
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), data["output"], atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ from ..structure import GMFit, Pattern
 from .functional import (
     ProductPlan,
     gauss_weights,
+    has_gauss_blocks,
     materialize,
     packed_index,
     packed_weights,
@@ -129,6 +130,20 @@ class GMModule(GMLayer):
         self._batch_paths: dict[int, str] = {}  # batch size -> path measured fastest there (see path_for)
         self.fit_error: float | None = None  # relative Frobenius error of from_dense, for reports
         self.output_error: float | None = None  # relative output error on the calibration inputs, if any
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, also a layer pickled whole before the stored form existed (``impl`` a plain attribute, an eval
+        cache): it keeps its kernels form, and its first ``impl`` assignment converts as usual."""
+        if "impl" in state:
+            state["_impl"] = state.pop("impl")
+        for stale in ("_cache", "_snapshot", "_cache_inference"):
+            state.pop(stale, None)
+        super().__setstate__(state)
+        if "_spectral" not in state:
+            self._spectral = False
+            if self._spectrum_group() is not None:  # the products as this version orders them (role-major)
+                self._register_products(self._spectrum_group())
+            self._enable_spectrum()
 
     # ------------------------------------------------------------------ constants
     def _register_constant(self, name: str, value: np.ndarray) -> None:
@@ -255,11 +270,28 @@ class GMModule(GMLayer):
             impl = self._batch_paths[max(self._batch_paths)] if self._batch_paths else self.resolved_impl()
         return "spectrum" if impl in self._SPECTRUM_PATHS else "kernels"
 
-    def _enable_spectrum(self, g: FiniteGroup) -> None:
-        """Let the layer store its kernels as a spectrum when ``g``'s blocks have a Gauss form (abelian groups; see
-        :func:`~gmcompress.nn.functional.spectrum_map`): register the map, its inverse and the packed products' index
-        as constants. Call it only for full kernel support and plain group matrices."""
-        to_spectrum = spectrum_map(g)
+    def _register_products(self, g: FiniteGroup) -> None:
+        """The block products of ``g`` (:func:`~gmcompress.nn.functional.product_plan`): the Gauss (or packed) plan
+        and its basis changes ``_q_in``, ``_q_out``; the packed plan, and ``_q_packed`` where it is a path of its own
+        (the group has Gauss's 2x2 blocks)."""
+        self._products = product_plan(g)
+        self._register_constant("_q_in", self._products.q_in)
+        self._register_constant("_q_out", self._products.q_out)
+        self._packed = product_plan(g, gauss=False)
+        if has_gauss_blocks(g):
+            self._register_constant("_q_packed", self._packed.q_in)
+
+    def _spectrum_group(self) -> FiniteGroup | None:
+        """The group whose block coordinates may store the kernels: None unless the layer is a plain group matrix with
+        full kernel support (a stencil has fewer values than the blocks)."""
+        return None
+
+    def _enable_spectrum(self) -> None:
+        """Let the layer store its kernels as a spectrum when :meth:`_spectrum_group`'s blocks have a Gauss form
+        (abelian groups; :func:`~gmcompress.nn.functional.spectrum_map`): register the map, its inverse and the
+        packed products' index as constants."""
+        g = self._spectrum_group()
+        to_spectrum = None if g is None else spectrum_map(g)
         if to_spectrum is None:
             return
         self._register_constant("_to_spectrum", to_spectrum)

@@ -30,7 +30,6 @@ from .functional import (
     grouped_conv_forward,
     has_gauss_blocks,
     modulated_back,
-    product_plan,
 )
 
 CONV_IMPLS = ("auto", "dense", "grouped", "packed")
@@ -98,17 +97,11 @@ class GMChannelConv(GMModule):
         self.support_elements = None if support is None else [int(v) for v in support]
         self.bias = make_bias(bias, c_out, n, out_channels, {"device": device, "dtype": dtype})
         plan = block_plan(g)
-        self._products = product_plan(g)
-        self._register_constant("_q_in", self._products.q_in)
-        self._register_constant("_q_out", self._products.q_out)
-        self._packed = product_plan(g, gauss=False)
-        if gauss:  # the packed products are a path of their own
-            self._register_constant("_q_packed", self._packed.q_in)
+        self._register_products(g)
         self._n_rho = len(plan.rho)
         for i, r in enumerate(plan.rho):
             self._register_constant(f"_rho{i}", r if classes is None else r[classes])
-        if classes is None:  # a stencil's kernels have fewer values than the blocks: no spectrum form
-            self._enable_spectrum(g)
+        self._enable_spectrum()
         self._store_as(self._form_for(impl))
         fan_in = in_padded * math.prod(ks)
         self.reset_structure_parameters(fan_in)
@@ -343,6 +336,9 @@ class GMChannelConv(GMModule):
         n, k = self.pattern.n_out, math.prod(self.kernel_size)
         w = self.dense_weight().view(self.out_padded, self.channels_in, k, n).transpose(2, 3)
         return w.reshape(self.out_padded, self.in_padded, *self.kernel_size)
+
+    def _spectrum_group(self) -> FiniteGroup | None:
+        return self.group if self._support is None else None
 
     def _plan(self, impl: str) -> ProductPlan:
         """The block products of path ``impl`` (the packed form, or Gauss's where the group has one)."""

@@ -22,7 +22,6 @@ from .functional import (
     full_kernels,
     has_gauss_blocks,
     kernel_spectra,
-    product_plan,
 )
 
 IMPLS = ("auto", "dense", "blocks", "packed", "fft")
@@ -90,18 +89,12 @@ class GMLinear(GMModule):
         self.bias = make_bias(bias, c_out, pattern.n_out, out_features, {"device": device, "dtype": dtype})
         if regular:
             plan = block_plan(g)
-            self._products = product_plan(g)
-            self._register_constant("_q_in", self._products.q_in)
-            self._register_constant("_q_out", self._products.q_out)
-            self._packed = product_plan(g, gauss=False)
-            if has_gauss_blocks(g):  # Gauss's 2x2 blocks exist: the packed form is a path of its own
-                self._register_constant("_q_packed", self._packed.q_in)
+            self._register_products(g)
             rho = [r if classes is None else r[classes] for r in plan.rho]
             self._n_rho = len(rho)
             for i, r in enumerate(rho):
                 self._register_constant(f"_rho{i}", r)
-            if classes is None:  # a stencil's kernels have fewer values than the blocks: no spectrum form
-                self._enable_spectrum(g)
+        self._enable_spectrum()
         self._store_as(self._form_for(impl))
         self.reset_structure_parameters(in_padded)
         if self.bias is not None:
@@ -303,6 +296,9 @@ class GMLinear(GMModule):
 
     def _kernel_spectra(self) -> torch.Tensor:
         return kernel_spectra(full_kernels(self.kernels, self._support, self.pattern.n_out), self.group.cyclic_shape)
+
+    def _spectrum_group(self) -> FiniteGroup | None:
+        return self.group if self.regular and self._support is None else None
 
     def _plan(self, impl: str) -> ProductPlan:
         return self._packed if impl == "packed" else self._products

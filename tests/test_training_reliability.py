@@ -249,8 +249,8 @@ def saved(tmp_path, edit=None):
 
 
 def test_a_newer_format_says_to_upgrade(tmp_path):
-    path = saved(tmp_path, lambda d: d["manifest"].update(format="gmcompress/3", gmcompress_version="9.0"))
-    with pytest.raises(ValueError, match=re.escape(f"{path}: a newer gmcompress format, 'gmcompress/3' (written by "
+    path = saved(tmp_path, lambda d: d["manifest"].update(format="gmcompress/4", gmcompress_version="9.0"))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: a newer gmcompress format, 'gmcompress/4' (written by "
                                                    "gmcompress 9.0); this gmcompress reads 'gmcompress/3' and older. "
                                                    "Upgrade gmcompress")):  # fmt: skip
         gm.load(path, architecture())

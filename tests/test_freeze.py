@@ -261,12 +261,12 @@ def test_a_slower_report_points_to_freeze():
 
 
 def test_a_saved_frozen_copy_loads_with_every_layer_in_its_chosen_form(monkeypatch, tmp_path):
-    monkeypatch.setattr(paths, "block_seconds", time_by_form({"packed": 1.0, "torch": 1.5, "grouped": 3.0}))
+    monkeypatch.setattr(paths, "block_seconds", time_by_form({"blocks": 1.0, "torch": 1.5}))
     model, x = compressed("conv")
     frozen = gm.freeze(model, x, progress=False)
-    assert type(frozen.get_submodule("0")) is nn.Conv2d and frozen.get_submodule("3").impl == "packed"
+    assert type(frozen.get_submodule("0")) is nn.Conv2d and frozen.get_submodule("3").impl == "blocks"
     gm.save(frozen, tmp_path / "frozen.pt")
     again = gm.load(tmp_path / "frozen.pt", conv_net()).eval()
-    assert type(again.get_submodule("0")) is nn.Conv2d and again.get_submodule("3").impl == "packed"
+    assert type(again.get_submodule("0")) is nn.Conv2d and again.get_submodule("3").impl == "blocks"
     with torch.no_grad():
         torch.testing.assert_close(again(x), frozen(x), rtol=0, atol=0)

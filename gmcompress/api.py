@@ -542,7 +542,8 @@ def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, p
     and a backward through it reaches no parameter; train the compressed model and freeze it again. Freezing a
     frozen model is an error (its plain layers can no longer take a GM path): freeze the model it came from. A
     model without GM layers is returned as it is (a copy, eval, no gradients) with a warning. The user's model is
-    left untouched unless ``inplace=True`` (then it is modified and returned).
+    left untouched unless ``inplace=True`` (then it is modified and returned); ``progress`` shows a bar over the
+    layers.
     """
     _check_freeze_arguments(model, example_inputs, inplace, progress)
     frozen = model if inplace else _copy(model, "freeze")

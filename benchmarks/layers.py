@@ -32,24 +32,15 @@ from common import ROUNDS, interleaved, measured_on, steady_allocator
 from readme import refresh
 from torch.utils import benchmark
 
-import gmcompress as gm
 from gmcompress.nn import GMLinear
 from gmcompress.report import settle_allocator
 
 
 def time_path(layer: torch.nn.Module, impl: str, x: torch.Tensor, min_run_time: float, sync: str = "") -> float:
-    """``layer(x)`` on path ``impl``; ``"frozen"``: the grouped path inside ``gm.frozen(layer)``."""
-    layer.impl = "grouped" if impl == "frozen" else impl
+    """``layer(x)`` on path ``impl``."""
+    layer.impl = impl
     layer(x)
-    if impl == "frozen":
-        return frozen_timed(layer, x, min_run_time, sync)
     return timed("f(x)" + sync, min_run_time, f=layer, x=x, torch=torch)
-
-
-def frozen_timed(layer: torch.nn.Module, x: torch.Tensor, min_run_time: float, sync: str = "") -> float:
-    """``layer(x)`` timed inside ``gm.frozen(layer)`` (no per-call parameter check)."""
-    with gm.frozen(layer):
-        return timed("f(x)" + sync, min_run_time, f=layer, x=x, torch=torch)
 
 
 def timed(stmt: str, min_run_time: float, **env) -> float:
@@ -74,8 +65,8 @@ def conv_lines(quick: bool, min_run_time: float, device: str = "cpu", dtype: tor
     sync = "; torch.cuda.synchronize()" if device == "cuda" else ""
     lines = [
         "| layer | input | layout | group | dtype | dense us | GM dense-path us | GM grouped us | GM packed us "
-        "| GM grouped frozen us | speed-up | MAC limit | param ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speed-up | MAC limit | param ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, build, shape, spec in CONV_CASES[:1] if quick else CONV_CASES:
         torch.manual_seed(0)
@@ -88,20 +79,20 @@ def conv_lines(quick: bool, min_run_time: float, device: str = "cpu", dtype: tor
 
             with torch.inference_mode():
                 timers = {"original": partial(timed, "f(x)" + sync, min_run_time, f=conv, x=x, torch=torch)}
-                for impl in (*layer.impls(), "frozen"):
+                for impl in layer.impls():
                     timers[impl] = partial(time_path, layer, impl, x, min_run_time, sync)
                 times = interleaved(timers)
-                t_dense, t_frozen = times.pop("original"), times.pop("frozen")
+                t_dense = times.pop("original")
                 out = conv(x)
             layer.impl = "grouped"  # the MAC limit of the grouped path
             limit = conv.weight.numel() / (layer.macs(x, out) / (out.numel() // out.shape[1]))
             params = conv.weight.numel() / layer.num_structured_parameters
-            best = min(*times.values(), t_frozen)
+            best = min(times.values())
             packed = f"{times['packed'] * 1e6:.0f}" if "packed" in times else "-"  # groups with a Gauss form
             lines.append(
                 f"| {label} | {tuple(shape)} | {layout} | {spec} | {str(dtype).removeprefix('torch.')} | "
                 f"{t_dense * 1e6:.0f} | {times['dense'] * 1e6:.0f} | {times['grouped'] * 1e6:.0f} | {packed} | "
-                f"{t_frozen * 1e6:.0f} | {t_dense / best:.2f}x | {limit:.1f}x | {params:.1f}x |"
+                f"{t_dense / best:.2f}x | {limit:.1f}x | {params:.1f}x |"
             )
     return lines
 
@@ -144,7 +135,6 @@ def read_time_line(min_run_time: float) -> str:
     with torch.inference_mode():
         layer(x)
         t_gm = timed("f(x)", min_run_time, f=layer, x=x)
-        t_frozen = frozen_timed(layer, x, min_run_time)
         params = torch.cat([p.reshape(-1) for p in layer.parameters()])
         t_read = timed("p.sum()", min_run_time, p=params)
         # the floor of any path made of the library's products: one matrix-vector product over the same bytes
@@ -152,10 +142,9 @@ def read_time_line(min_run_time: float) -> str:
         t_mv = timed("torch.mv(a, v)", min_run_time, torch=torch, a=matrix, v=vector)
         weights = layer._cache["blocks"].numel()
     return (
-        f"GMLinear 4096 -> 4096, C16 rank 1, batch 1: {t_gm * 1e6:.0f} us ({t_frozen * 1e6:.0f} us in `gm.frozen`, "
-        f"which skips the per-call parameter check); reading its {params.numel():,} parameters once "
-        f"({params.numel() * 4 / 2**20:.1f} MiB, `sum`): {t_read * 1e6:.0f} us; ratio {t_gm / t_read:.1f}x "
-        f"({t_frozen / t_read:.1f}x frozen; target: within 2x). The block products read {weights:,} weights "
+        f"GMLinear 4096 -> 4096, C16 rank 1, batch 1: {t_gm * 1e6:.0f} us; reading its {params.numel():,} parameters "
+        f"once ({params.numel() * 4 / 2**20:.1f} MiB, `sum`): {t_read * 1e6:.0f} us; ratio {t_gm / t_read:.1f}x "
+        f"(target: within 2x). The block products read {weights:,} weights "
         f"({weights / params.numel():.2f}x the parameters: the Gauss form of the 2x2 blocks). A dense "
         f"matrix-vector product (`torch.mv`) over the same {params.numel():,} floats takes {t_mv * 1e6:.0f} us, "
         f"{t_mv / t_read:.1f}x the read: the floor of a path built on the library's products."
@@ -236,8 +225,8 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
 
     shapes = SHAPES[:2] if quick else SHAPES
     head = (
-        "| layer | rows | group | dense us | GM us | GM frozen us | low rank us (equal params) | speed-up | "
-        "frozen speed-up | MAC limit | share of limit | frozen share | GM frozen / low rank |"
+        "| layer | rows | group | dense us | GM us | low rank us (equal params) | speed-up | "
+        "MAC limit | share of limit | GM / low rank |"
         + (" compiled GM us | compiled speed-up | compiled share |" if compiled else "")
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -257,16 +246,14 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
                         {
                             "dense": partial(timed, "f(x)", min_run_time, f=dense, x=x),
                             "gm": partial(timed, "f(x)", min_run_time, f=layer, x=x),
-                            "frozen": partial(frozen_timed, layer, x, min_run_time),
                             "low": partial(timed, "F.linear(F.linear(x, a), b)", min_run_time, F=F, x=x, a=a, b=b),
                         }
                     )
-                    t_dense, t_gm, t_frozen, t_low = best["dense"], best["gm"], best["frozen"], best["low"]
-                speed, frozen = t_dense / t_gm, t_dense / t_frozen
+                    t_dense, t_gm, t_low = best["dense"], best["gm"], best["low"]
+                speed = t_dense / t_gm
                 lines.append(
                     f"| {fin} -> {fout} | {rows} | {group} | {t_dense * 1e6:.0f} | {t_gm * 1e6:.0f} | "
-                    f"{t_frozen * 1e6:.0f} | {t_low * 1e6:.0f} | {speed:.2f}x | {frozen:.2f}x | {limit:.1f}x | "
-                    f"{speed / limit:.0%} | {frozen / limit:.0%} | {t_frozen / t_low:.1f}x |"
+                    f"{t_low * 1e6:.0f} | {speed:.2f}x | {limit:.1f}x | {speed / limit:.0%} | {t_gm / t_low:.1f}x |"
                 )
                 if compiled:  # the block path's function under torch.compile (inductor), on the layer's tensors
                     from gmcompress.nn.functional import blocks_forward

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = command("compress", "fit, swap and report; --out saves the result")
     _add_compression(comp)
     _add_calibration(comp)
-    _add_inputs(comp, "MACs, latency and the paths' timing")
+    _add_inputs(comp, "MACs, latency and fidelity")
     _add_eval(comp)
     comp.add_argument("--out", help="where to save the compressed model (gmcompress.save format)")
     comp.add_argument("--markdown", help="also write the report as markdown here")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = command("finetune", "distil a compressed model from the original (recipe 'finetune')")
     _add_compression(tune)
     _add_calibration(tune)
-    _add_inputs(tune, "MACs, latency and the paths' timing")
+    _add_inputs(tune, "MACs, latency and fidelity")
     _add_eval(tune)
     tune.add_argument(
         "--checkpoint", help="start from this compressed file instead of compressing now (the recipe then gives "

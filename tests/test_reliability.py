@@ -13,7 +13,7 @@ from torch import nn
 
 import gmcompress as gm
 from gmcompress.cli import main as cli_main
-from gmcompress.nn import GMChannelConv, GMLinear
+from gmcompress.nn import GMChannelConv, GMLinear, frozen
 from gmcompress.recipe import RecipeError, load_recipe, parse_recipe
 
 
@@ -175,7 +175,7 @@ def test_in_place_update_under_inference_mode_is_seen():
 
 
 def test_frozen_checks_once_and_refuses_a_change_made_inside():
-    """gm.frozen: served from the cache without the per-call check; a change inside is an error on exit."""
+    """frozen(): served from the cache without the per-call check; a change inside is an error on exit."""
     torch.manual_seed(0)
     model = nn.Sequential(GMLinear(64, 64, "C8", rank=2, impl="blocks"), nn.ReLU()).eval()
     layer = model[0]
@@ -183,14 +183,14 @@ def test_frozen_checks_once_and_refuses_a_change_made_inside():
     with torch.no_grad():
         layer(x)  # filled before the block
         layer.kernels.data.mul_(0.5)  # changed before the block: the block's first call sees it
-        with gm.frozen(model):
+        with frozen(model):
             first = layer(x)
             torch.testing.assert_close(first, F.linear(x, layer.weight, layer.bias))
-            with gm.frozen(model):  # nested blocks
+            with frozen(model):  # nested blocks
                 torch.testing.assert_close(layer(x), first)
             torch.testing.assert_close(layer(x), first)
         with pytest.raises(RuntimeError, match=r"parameters of 0 changed inside gmcompress\.frozen\(\)"):
-            with gm.frozen(model):
+            with frozen(model):
                 layer(x)
                 layer.kernels.data.mul_(0.5)
                 stale = layer(x)  # documented: no per-call check inside the block
@@ -205,7 +205,7 @@ def test_frozen_does_not_serve_an_inference_mode_cache_to_autograd():
     inference mode rebuilds it, so gradients with respect to the input work (and are right)."""
     torch.manual_seed(0)
     layer = GMLinear(64, 64, "C8", impl="dense").eval().requires_grad_(False)
-    with gm.frozen(layer):
+    with frozen(layer):
         with torch.inference_mode():
             layer(torch.randn(2, 64))
         x = torch.randn(2, 64, requires_grad=True)
@@ -218,7 +218,7 @@ def test_frozen_lets_an_exception_through_and_leaves_the_layers_checking():
     layer = GMLinear(32, 32, "C8", impl="dense").eval()
     x = torch.randn(2, 32)
     with torch.no_grad():
-        with pytest.raises(KeyError), gm.frozen(layer):
+        with pytest.raises(KeyError), frozen(layer):
             layer(x)
             raise KeyError("user error")
         layer.kernels.data.mul_(2.0)
@@ -233,12 +233,12 @@ def test_frozen_ignores_changes_made_outside_it_and_layers_it_did_not_call():
     with torch.no_grad():
         m.head(x)
         m.head.kernels.mul_(0.5)  # outside any block
-        with gm.frozen(m):
+        with frozen(m):
             m.enc(x)  # head is not called: nothing stale can come from it
         m.load_state_dict({k: v * 2 for k, v in m.state_dict().items()})
-        with gm.frozen(m):
+        with frozen(m):
             pass
-        with gm.frozen(m):
+        with frozen(m):
             torch.testing.assert_close(m.head(x), F.linear(x, m.head.weight, m.head.bias))
 
 
@@ -250,21 +250,21 @@ def test_frozen_catches_a_stale_output_even_after_the_cache_was_dropped():
     torch.manual_seed(0)
     layer = GMLinear(64, 64, "C8", rank=2, impl="blocks").eval()
     x = torch.randn(2, 64)
-    with pytest.raises(RuntimeError, match="changed inside"), gm.frozen(layer):
+    with pytest.raises(RuntimeError, match="changed inside"), frozen(layer):
         with torch.no_grad():
             layer(x)
         layer.kernels.data.mul_(2)
         with torch.no_grad():
             layer(x)  # stale (documented)
         layer(x)  # autograd on: the cache and its snapshot are dropped
-    with pytest.raises(RuntimeError, match="changed inside"), gm.frozen(layer):
+    with pytest.raises(RuntimeError, match="changed inside"), frozen(layer):
         with torch.no_grad():
             layer(x)
             layer.kernels.data.mul_(2)
             layer(x)  # stale
         layer.double()  # a dtype change drops the cache too
     layer.float()
-    with torch.no_grad(), gm.frozen(layer):
+    with torch.no_grad(), frozen(layer):
         layer(x)
         twin = copy.deepcopy(layer)
     with torch.no_grad():

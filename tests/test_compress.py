@@ -449,6 +449,11 @@ def test_cli_plan_compress_report_finetune(tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert "fine-tuned" in text and "8 steps" in text and tuned.exists()
+    served = [line for line in text.splitlines() if line.startswith("served (gm.freeze on the example batch; ")]
+    assert len(served) == 1 and "against the original's" in served[0]  # the model as it would serve, timed
+    from cli_models import build_mlp
+
+    assert all(p.requires_grad for p in gm.load(tuned, build_mlp()).parameters())  # saved trainable
     assert main(["finetune", "--model", "cli_models:mlp", "--group", "C8"]) == 2
     assert "no fine-tuning budget" in capsys.readouterr().err
 

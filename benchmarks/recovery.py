@@ -47,12 +47,16 @@ FEATURE_TAP = "features.5"  # MNISTNet's last feature map (after the second conv
 
 
 def mnist(
-    quick: bool, recipe: str = "recipes/mnistnet.yaml", feature_epochs: int = 0, distill_epochs: int | None = None
+    quick: bool,
+    recipe: str = "recipes/mnistnet.yaml",
+    feature_epochs: int = 0,
+    distill_epochs: int | None = None,
+    seed: int = 0,
 ) -> list[str]:
     """Compress with ``recipe``, distil, report. ``feature_epochs``: first that many epochs of MSE on the
     feature map and the logits together (``finetune(features=...)``), then the recipe's fine-tuning
-    (``distill_epochs`` replaces its epochs; 0 skips it)."""
-    torch.manual_seed(0)
+    (``distill_epochs`` replaces its epochs; 0 skips it). ``seed``: torch's seed (data order, dropout)."""
+    torch.manual_seed(seed)
     net = zoo.mnistnet()
     start = time.perf_counter()
     student = gm.compress(
@@ -68,6 +72,8 @@ def mnist(
     settings = dict(load_recipe(recipe).finetune)
     if distill_epochs is not None:
         settings.update(epochs=distill_epochs)
+    if seed:
+        settings.update(seed=seed)
     if quick:
         settings.update(epochs=min(1, settings["epochs"]))
         data = torch.utils.data.TensorDataset(*data[:2048])
@@ -76,7 +82,8 @@ def mnist(
         inputs = torch.utils.data.TensorDataset(data.tensors[0])
         feature_epochs = 1 if quick else feature_epochs
         steps = gm.finetune(student, net, inputs, features=[FEATURE_TAP], epochs=feature_epochs, lr=settings["lr"],
-                            batch_size=settings.get("batch_size"), loss="mse", progress=not quick).steps  # fmt: skip
+                            batch_size=settings.get("batch_size"), loss="mse", progress=not quick,
+                            seed=seed).steps  # fmt: skip
         acc_features = zoo.mnist_accuracy(student)["accuracy"]
         features_line = [
             f"Feature distillation first: {steps} steps of MSE on `{FEATURE_TAP}`'s output and the logits "
@@ -180,11 +187,13 @@ def main() -> None:
     parser.add_argument("--minilm-epochs", type=int, help="replace the recipe's epochs")
     parser.add_argument("--feature-epochs", type=int, default=0, help="MNISTNet: feature distillation epochs first")
     parser.add_argument("--distill-epochs", type=int, help="MNISTNet: replace the recipe's epochs (0: features only)")
+    parser.add_argument("--seed", type=int, default=0, help="MNISTNet: torch's and fine-tuning's seed (default 0)")
     args = parser.parse_args()
     if args.out is None:
         variant = [args.only, Path(args.mnist_recipe).stem if args.mnist_recipe != "recipes/mnistnet.yaml" else None]
         variant += [f"features{args.feature_epochs}" if args.feature_epochs else None]
         variant += [None if args.distill_epochs is None else f"distill{args.distill_epochs}"]
+        variant += [f"seed{args.seed}" if args.seed else None]
         variant += [args.minilm_group, None if args.minilm_text == "lee" else "wiki"]
         variant += [f"{args.minilm_epochs}ep" if args.minilm_epochs else None]
         suffix = "_".join(v for v in variant if v)
@@ -194,7 +203,7 @@ def main() -> None:
         "",
     ]
     if args.only in (None, "mnist"):
-        lines += mnist(args.quick, args.mnist_recipe, args.feature_epochs, args.distill_epochs) + [""]
+        lines += mnist(args.quick, args.mnist_recipe, args.feature_epochs, args.distill_epochs, args.seed) + [""]
     if args.only in (None, "minilm"):
         lines += minilm(args.quick, args.minilm_group, args.minilm_text, args.minilm_epochs) + [""]
     text = "\n".join(lines)

@@ -1,14 +1,16 @@
-"""Whole-model latency and throughput, original vs compressed, with MACs next to the measured time.
+"""Whole-model latency and throughput, original vs compressed and vs frozen, with MACs next to the measured time.
 
     python benchmarks/speed.py [--quick] [--device cuda]
 
 Models: MobileNetV2 and ResNet-18 at 224 x 224 (``benchmarks/cnns.py``, random weights) compressed with
-``group="C8"`` and defaults (every dense layer, paths chosen by measurement on the batch-8 input),
-ccexam MNISTNet (``group="C8"`` defaults, and ``recipes/mnistnet.yaml``), all-MiniLM-L6-v2
-(``recipes/minilm.yaml``; token batches of 32 tokens) and a wide MLP (4096-wide, 4 Linear layers, C16
-rank 1). For every batch size: median latency of both models (same run, eval, inference mode, all the
-process's threads), throughput, MACs of both, and every compressed layer that did not get faster (timed
-alone, with the reason).
+``group="C8"`` and defaults (every dense layer), ccexam MNISTNet (``group="C8"`` defaults, and
+``recipes/mnistnet.yaml``), all-MiniLM-L6-v2 (``recipes/minilm.yaml``; token batches of 32 tokens) and a wide MLP
+(4096-wide, 4 Linear layers, C16 rank 1). For every batch size the compressed model is frozen on that batch
+(``gm.freeze(compressed, inputs)``: each GM layer on its fastest path, or its plain torch layer, measured there,
+as for serving), and the original, the compressed (each layer on its "auto" rule) and the frozen model are timed
+in the same interleaved rounds (median latency, eval, inference mode, all the process's threads): throughput,
+MACs of the original and the frozen model, the form gm.freeze chose for each layer, and every frozen layer that
+did not get faster (timed alone, with the reason).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.utils import benchmark
 import gmcompress as gm
 from gmcompress import zoo
 from gmcompress.batches import first_inputs, run_model
-from gmcompress.nn import GMChannelConv, GMConv2d, GMLinear
+from gmcompress.paths import AS_IS, TORCH_LAYER, FreezeReport
 from gmcompress.report import settle_allocator
 
 
@@ -45,12 +47,6 @@ def median_ms(model: nn.Module, inputs: object, device: str, min_run_time: float
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def frozen_ms(model: nn.Module, inputs: object, device: str, min_run_time: float) -> float:
-    """:func:`median_ms` inside ``gm.frozen(model)`` (the GM layers skip their per-call parameter check)."""
-    with gm.frozen(model):
-        return median_ms(model, inputs, device, min_run_time)
-
-
 def wide_mlp() -> nn.Module:
     torch.manual_seed(0)
     layers = []
@@ -60,41 +56,41 @@ def wide_mlp() -> nn.Module:
 
 
 def layer_times(
-    original: nn.Module, compressed: nn.Module, inputs: object, device: str, min_run_time: float
+    original: nn.Module, frozen: nn.Module, inputs: object, device: str, min_run_time: float
 ) -> list[tuple[str, float, float, str]]:
-    """Every compressed layer timed alone on its real input, against its original: ``(name, original ms,
-    compressed ms, path and why it is not faster)``."""
-    dense = {n: m for n, m in original.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
+    """Every layer gm.freeze measured, timed alone on its real input against its original: ``(name, original ms,
+    frozen ms, its form and why it is not faster)``."""
+    report: FreezeReport = frozen.freeze_report
+    dense = {c.name: original.get_submodule(c.name) for c in report.layers}
     captured = first_inputs(original, inputs, dense)
     out = []
-    for name, module in compressed.named_modules():
-        if not isinstance(module, (GMLinear, GMConv2d, GMChannelConv)) or name not in captured:
+    for choice in report.layers:
+        if choice.name not in captured:
             continue
-        x = captured[name]
+        x = captured[choice.name]
         best = interleaved(
             {
-                "before": partial(median_ms, original.get_submodule(name), x, device, min_run_time),
-                "after": partial(median_ms, module, x, device, min_run_time),
+                "before": partial(median_ms, dense[choice.name], x, device, min_run_time),
+                "after": partial(median_ms, frozen.get_submodule(choice.name), x, device, min_run_time),
             }
         )
-        if isinstance(module, GMConv2d):
-            why = "GMConv2d runs the materialised (tied) weight through the same dense convolution"
-        else:
-            impl = module.path_for(module.batch_of(x))
-            why = f"path '{impl}': " + (
-                "the original's product on the materialised weight, plus the per-call parameter check"
-                if impl == "dense"
-                else "transform and launch overhead outweigh the saved multiply-adds"
-            )
-        out.append((name, best["before"], best["after"], why))
+        why = WHY.get(choice.chosen, f"path '{choice.chosen}': transform and launch overhead outweigh the saved MACs")
+        out.append((choice.name, best["before"], best["after"], why))
     return out
 
 
-CURVES: dict[str, list[tuple[int, float]]] = {}  # model -> (batch, speed-up), filled by measure() for the plot
+WHY = {
+    TORCH_LAYER: "the plain torch layer (the original's product on the compressed weight) was fastest",
+    "dense": "path 'dense': the original's product on the materialised weight",
+    AS_IS: "one path: GMConv2d runs the materialised (tied) weight through the same dense convolution",
+}
+
+
+CURVES: dict[str, list[tuple[int, float]]] = {}  # model -> (batch, frozen speed-up), filled by measure() for the plot
 
 
 def plot(path: str, title: str) -> None:
-    """Speed-up (original / compressed latency) against batch size, one line per model."""
+    """Speed-up (original / frozen latency) against batch size, one line per model."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in CURVES.items():
@@ -102,7 +98,7 @@ def plot(path: str, title: str) -> None:
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("speed-up (original / compressed latency)")
+    ax.set_ylabel("speed-up (original / frozen latency)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -111,70 +107,69 @@ def plot(path: str, title: str) -> None:
 def measure(
     label: str, original: nn.Module, compressed: nn.Module, batches: dict[int, object], device: str, min_run_time: float
 ) -> list[str]:
-    """Whole-model latency, original against compressed (and inside ``gm.frozen``), with the MAC ratio and the
-    limit set by the layers that were not compressed: with the compressed layers' original times (each timed
-    alone on its real input) summing to ``L`` of the original's ``T``, no speed-up of those layers gives more
-    than ``T / (T - L)`` (the "free layers" limit)."""
+    """Whole-model latency, original against compressed and against ``gm.freeze(compressed, inputs)`` (frozen on
+    each batch, as for serving), with the MAC ratio and the limit set by the layers that were not compressed: with
+    the compressed layers' original times (each timed alone on its real input) summing to ``L`` of the original's
+    ``T``, no speed-up of those layers gives more than ``T / (T - L)`` (the "free layers" limit)."""
     lines = [
         f"### {label}",
         "",
-        "| batch | original ms | compressed ms | speed-up | frozen ms | frozen speed-up | compressed layers ms, "
-        "before -> after | limit if they were free | original samples/s | compressed samples/s | "
-        "original MACs | compressed MACs | MAC ratio |",
+        "| batch | original ms | compressed ms | speed-up | frozen ms | frozen speed-up | frozen layers ms, "
+        "before -> after | limit if they were free | original samples/s | frozen samples/s | "
+        "original MACs | frozen MACs | MAC ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     slow: list[str] = []
+    forms: list[str] = []
     curve = CURVES.setdefault(label, [])
     for batch, inputs in batches.items():
+        frozen = gm.freeze(compressed, inputs, progress=False)
         best = interleaved(
             {
                 "original": partial(median_ms, original, inputs, device, min_run_time),
                 "compressed": partial(median_ms, compressed, inputs, device, min_run_time),
-                "frozen": partial(frozen_ms, compressed, inputs, device, min_run_time),
+                "frozen": partial(median_ms, frozen, inputs, device, min_run_time),
             }
         )
         t0, t1, t2 = best["original"], best["compressed"], best["frozen"]
-        curve.append((batch, t0 / t1))
+        curve.append((batch, t0 / t2))
         m0 = gm.report.count_macs(original, inputs)[0]
-        m1 = gm.report.count_macs(compressed, inputs)[0]
-        layers = layer_times(original, compressed, inputs, device, min_run_time)
+        m2 = gm.report.count_macs(frozen, inputs)[0]
+        layers = layer_times(original, frozen, inputs, device, min_run_time)
         before, after = sum(r[1] for r in layers), sum(r[2] for r in layers)
         limit = f"{t0 / (t0 - before):.2f}x" if before < t0 else "-"
         lines.append(
             f"| {batch} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x | {t2:.3f} | {t0 / t2:.2f}x | {before:.3f} -> "
             f"{after:.3f} ({before / t0:.0%} of the original) | {limit} | {batch / t0 * 1e3:,.0f} | "
-            f"{batch / t1 * 1e3:,.0f} | {m0:,} | {m1:,} | {m0 / m1:.2f}x |"
+            f"{batch / t2 * 1e3:,.0f} | {m0:,} | {m2:,} | {m0 / m2:.2f}x |"
         )
         slow += [
             f"| {batch} | {name} | {b:.3f} | {a:.3f} | {b / a:.2f}x | {why} |"
             for name, b, a, why in layers
             if a >= 0.95 * b
         ]
+        forms += form_rows(batch, frozen.freeze_report)
     if slow:
         lines += [
             "",
-            "Compressed layers that did not get faster (timed alone on their real inputs):",
+            "Frozen layers that did not get faster (timed alone on their real inputs):",
             "",
-            "| batch | layer | original ms | compressed ms | speed-up | why |",
+            "| batch | layer | original ms | frozen ms | speed-up | why |",
             "|---|---|---|---|---|---|",
         ] + slow
-    return lines
+    return lines + ["", "Forms gm.freeze chose (each form timed on the layer's input at that batch):", "",
+                    "| batch | layer | input | form | ms per form | vs torch layer |", "|---|---|---|---|---|---|",
+                    *forms]  # fmt: skip
 
 
-def path_table(report: gm.CompressionReport) -> list[str]:
-    """Per compressed layer: the path chosen on the example input (and on one sample, where it differs) and the
-    times of every path on the example input."""
-    lines = [
-        "| layer | shape | form | path | original ms | paths ms | layer speed-up |",
-        "|---|---|---|---|---|---|---|",
+def form_rows(batch: int, report: FreezeReport) -> list[str]:
+    """One markdown row per layer gm.freeze measured: its input, the form kept and every form's time."""
+    return [
+        f"| {batch} | {c.name} | {'x'.join(map(str, c.input_shape))} | {c.chosen} | "
+        + ", ".join(f"{form} {ms:.3f}" for form, ms in c.times_ms.items())
+        + f" | {'-' if c.speedup is None else f'{c.speedup:.2f}x'} |"
+        for c in report.layers
     ]
-    for r in report.compressed:
-        times = r.path_times_ms or {}
-        paths = ", ".join(f"{k} {v:.3f}" for k, v in times.items() if k != "original")
-        original = f"{times['original']:.3f}" if "original" in times else "-"
-        lines.append(f"| {r.name} | {r.shape} | {r.form} {r.group} | {r.path_cell()} | {original} | {paths} | "
-                     f"{r.speedup_cell()} |")  # fmt: skip
-    return lines
 
 
 def main() -> None:
@@ -212,9 +207,8 @@ def main() -> None:
     for build in (cnns.mobilenet_v2, cnns.resnet18):
         cnn = build().to(dev)
         images = {b: torch.randn(b, 3, resolution, resolution, device=dev) for b in (1, 8)}
-        cnn_gm = gm.compress(cnn, group="C8", example_inputs=images[8], progress=False).to(dev).eval()
+        cnn_gm = gm.compress(cnn, group="C8", progress=False).to(dev).eval()
         add([""] + measure(f"{build.__name__} {resolution}x{resolution}, C8", cnn, cnn_gm, images, dev, mrt))
-        add([""] + path_table(cnn_gm.gm_report))
 
     net = zoo.mnistnet().to(dev)
     digits = zoo.mnist_split()[2].to(dev)
@@ -223,7 +217,7 @@ def main() -> None:
         ("C8 defaults", dict(group="C8")),
         ("recipes/mnistnet.yaml", dict(recipe="recipes/mnistnet.yaml")),
     ]:
-        net_gm = gm.compress(net, example_inputs=digits[:64], progress=False, **kwargs).to(dev).eval()
+        net_gm = gm.compress(net, progress=False, **kwargs).to(dev).eval()
         add([""] + measure(f"MNISTNet ({label})", net, net_gm, {b: digits[:b] for b in sizes}, dev, mrt))
 
     try:

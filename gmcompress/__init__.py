@@ -15,11 +15,11 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from . import groups, nn, structure
-    from .api import CompressionPlan, compress, plan
+    from .api import CompressionPlan, compress, freeze, plan
     from .budget import Budget, BudgetError
     from .groups import group
     from .io import load, save
-    from .nn.base import frozen
+    from .paths import FreezeReport
     from .recipe import Recipe
     from .report import CompressionReport
     from .training import FeatureTaps, FinetuneResult, NonFiniteError, finetune
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "compress": "api", "plan": "api", "CompressionPlan": "api", "Budget": "budget", "BudgetError": "budget",
     "finetune": "training", "FeatureTaps": "training", "FinetuneResult": "training", "NonFiniteError": "training",
-    "frozen": "nn.base", "save": "io", "load": "io", "Recipe": "recipe", "group": "groups",
-    "CompressionReport": "report",
+    "freeze": "api", "save": "io", "load": "io", "Recipe": "recipe", "group": "groups",
+    "CompressionReport": "report", "FreezeReport": "paths",
 }  # fmt: skip
 
 __all__ = [
@@ -41,13 +41,14 @@ __all__ = [
     "BudgetError",
     "finetune",
     "FeatureTaps",
-    "frozen",
+    "freeze",
     "save",
     "load",
     "Recipe",
     "group",
     "CompressionPlan",
     "CompressionReport",
+    "FreezeReport",
     "FinetuneResult",
     "NonFiniteError",
     "groups",

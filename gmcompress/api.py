@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .aware import InputStats
-from .batches import calibration_batches, eval_mode
+from .batches import calibration_batches, eval_mode, first_inputs
 from .budget import Budget, BudgetOutcome, plan_budget
 from .calibration import MODES, calibrate
 from .checks import check_flag
@@ -27,7 +27,8 @@ from .fx import find_layers, is_lifted, module_aliases, source_name, swap, unfus
 from .groups import FiniteGroup, spec_of
 from .groups import group as parse_group
 from .handlers import LayerPlan, handler_for
-from .paths import PATH_MAX_SAMPLES, PathTiming, capture_layer_inputs, choose_path
+from .nn import GMLayer
+from .paths import AS_IS, FROZEN_ATTRIBUTE, TORCH_LAYER, FormChoice, FreezeReport, is_frozen, plain_layer, time_forms
 from .recipe import Recipe, check_pattern, load_recipe, name_matches
 from .report import (
     CompressionReport,
@@ -40,7 +41,7 @@ from .report import (
     state_dict_bytes,
 )
 
-__all__ = ["compress", "plan", "apply_plan", "CompressionPlan"]
+__all__ = ["compress", "plan", "apply_plan", "freeze", "CompressionPlan"]
 
 
 @dataclass
@@ -303,7 +304,9 @@ def compress(
     per layer; None: all of them). ``calibration_mode`` "sequential" fits the layers in call order, each on the
     inputs the already compressed layers before it produce; "original" fits every layer on the original model's
     activations (see :mod:`gmcompress.calibration`). ``example_inputs`` (one batch: a tensor, a tuple or a dict)
-    lets the report measure MACs and latency.
+    lets the report measure MACs and latency. No forward path is timed here: each GM layer takes its documented
+    ``"auto"`` rule, and the report's latency is the model's as compressed; :func:`freeze` measures every
+    layer's forms for serving, on the serving device and batch.
     ``budget`` (a :class:`~gmcompress.budget.Budget`, ``"params=4"`` or a mapping; or the recipe's ``budget:``)
     chooses each layer's group and rank (or keeps it dense) from measured error, size and latency; ``group``
     then names the candidates (a family: "C", "D", a group or a list of groups). See :mod:`gmcompress.budget`.
@@ -420,13 +423,13 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"calibration_mode must be one of {MODES}, got {mode!r}")
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def _copy(model: nn.Module, caller: str = "compress") -> nn.Module:
     try:
         return copy.deepcopy(model)
     except Exception as err:  # locks, open files, generators ... in the user's module
         raise TypeError(
-            f"compress(inplace=False) copies the model first, and {type(model).__name__} cannot be deep-copied "
-            f"({type(err).__name__}: {err}); pass inplace=True to compress it in place"
+            f"{caller}(inplace=False) copies the model first, and {type(model).__name__} cannot be deep-copied "
+            f"({type(err).__name__}: {err}); pass inplace=True to {caller} it in place"
         ) from None
 
 
@@ -453,13 +456,9 @@ def apply_plan(
         if original is None:
             report.latency_before_ms = measure_latency(model, example_inputs)
     todo = [p for p in the_plan.layers if p.form]
-    measured = [p for p in todo if p.settings.impl == "auto"] if example_inputs is not None else []
-    with unfused_paths(model):  # hooks on the Linears of a transformer see their calls, on plain tensors
-        layer_inputs = capture_layer_inputs(model, measured, example_inputs, PATH_MAX_SAMPLES) if measured else {}
     aliases = module_aliases(root)
     rows = {}
-    desc = "gmcompress: fitting and timing paths" if layer_inputs else "gmcompress: fitting"
-    bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, unit="layer")
+    bar = tqdm(total=len(todo), desc="gmcompress: fitting", disable=not progress or not todo, unit="layer")
 
     few_rows: list[str] = []
 
@@ -468,10 +467,9 @@ def apply_plan(
             few_rows.append(f"{p.name} ({stats.rows} rows for {stats.gram.shape[0]} inputs)")
         new = p.build(stats)
         _keep_frozen(p.module, new)
-        timing = choose_path(new, p.module, layer_inputs[p.name]) if p.name in layer_inputs and new.impls() else None
         for alias in aliases.get(id(p.module), [p.name]):
             swap(root, alias, new)
-        rows[p.name] = _fitted_row(p, new, timing)
+        rows[p.name] = _fitted_row(p, new)
         bar.set_postfix_str(p.name, refresh=False)
         bar.update()
         return new
@@ -516,24 +514,98 @@ def _keep_frozen(dense: nn.Module, new: nn.Module) -> None:
         q.requires_grad_(source.requires_grad)
 
 
-def _fitted_row(p: LayerPlan, new: nn.Module, timing: PathTiming | None) -> LayerReport:
+def _fitted_row(p: LayerPlan, new: nn.Module) -> LayerReport:
     row = _report_row(p)
     row.status = "compressed"
     row.path = new.resolved_impl() if hasattr(new, "resolved_impl") else "dense"
-    if timing is not None:
-        row.path, row.path_times_ms = timing.chosen, _times_ms(timing)
-        if timing.small is not None:
-            row.small_batch, row.small_times_ms = timing.small.batch, _times_ms(timing.small)
-            row.small_path = timing.small.chosen if timing.small.chosen != timing.chosen else ""
     row.params_after = _count_params(new)
     row.fit_error, row.output_error = new.fit_error, new.output_error
     row.equivariance_error = equivariance_error(new)
     return row
 
 
-def _times_ms(timing: PathTiming) -> dict[str, float]:
-    return {"original": timing.original * 1e3, **{k: v * 1e3 for k, v in timing.paths.items()}}
-
-
 def _count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, progress: bool = True) -> nn.Module:
+    """An inference copy of compressed ``model`` in which every GM layer takes its fastest form, measured.
+
+    Each GM layer's input is captured on ``example_inputs`` (one batch as it will be served: a tensor, a tuple or a
+    dict, on the model's device), and the layer is timed there in each of its forward paths (``impls()``) and as
+    its plain torch layer (``to_dense()``), in interleaved rounds (:func:`~gmcompress.paths.time_forms`). The
+    fastest is kept: a path (``layer.impl``), or the plain ``nn.Linear``/``nn.Conv*`` swapped in at every name the
+    layer has. Use it after ``compress`` (and ``finetune``), before serving, on the serving device and batch.
+
+    The result is in eval mode with ``requires_grad`` False on every parameter, and carries a
+    :class:`~gmcompress.paths.FreezeReport` as ``.freeze_report``. It is for inference: ``finetune`` refuses it
+    and a backward through it reaches no parameter; train the compressed model and freeze it again. Freezing a
+    frozen model is an error (its plain layers can no longer take a GM path): freeze the model it came from. A
+    model without GM layers is returned as it is (a copy, eval, no gradients) with a warning. The user's model is
+    left untouched unless ``inplace=True`` (then it is modified and returned); ``progress`` shows a bar over the
+    layers.
+    """
+    _check_freeze_arguments(model, example_inputs, inplace, progress)
+    frozen = model if inplace else _copy(model, "freeze")
+    frozen.eval()
+    report = FreezeReport(device=_device_of(frozen))
+    layers = {name: m for name, m in frozen.named_modules() if isinstance(m, GMLayer)}
+    if not layers:
+        warnings.warn(
+            f"gmcompress.freeze: {type(model).__name__} has no GM layer (compress it first); returned it unchanged, "
+            "in eval mode without gradients",
+            stacklevel=2,
+        )
+    inputs = first_inputs(frozen, example_inputs, layers) if layers else {}
+    aliases = module_aliases(frozen)
+    for name, layer in tqdm(layers.items(), desc="gmcompress: timing forms", disable=not progress, unit="layer"):
+        if name not in inputs:
+            report.not_called.append(name)
+            continue
+        choice = _freeze_layer(frozen, name, layer, inputs[name], aliases.get(id(layer), [name]))
+        if choice is not None:
+            report.layers.append(choice)
+    frozen.requires_grad_(False)
+    setattr(frozen, FROZEN_ATTRIBUTE, report)
+    return frozen
+
+
+def _check_freeze_arguments(model: object, example_inputs: object, inplace: object, progress: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"freeze expects an nn.Module (a compressed model), got {type(model).__name__}")
+    if is_frozen(model):
+        raise ValueError(
+            f"freeze: {type(model).__name__} is already frozen (it has .{FROZEN_ATTRIBUTE}; its layers that became "
+            "plain torch layers can no longer take a GM path): freeze the compressed model it came from, "
+            "gm.freeze(compressed, example_inputs), on the serving device and batch"
+        )
+    if example_inputs is None:
+        raise TypeError(
+            "freeze needs example_inputs: one batch as it will be served (a tensor, a tuple or a dict of inputs, on "
+            "the model's device); every GM layer is timed on its input from that batch"
+        )
+    check_flag(inplace, "inplace")
+    check_flag(progress, "progress")
+
+
+def _device_of(model: nn.Module) -> str:
+    devices = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
+    return ", ".join(devices) or "cpu"
+
+
+def _freeze_layer(root: nn.Module, name: str, layer: GMLayer, x: torch.Tensor, names: list[str]) -> FormChoice | None:
+    """Time every form of ``layer`` on ``x`` and keep the fastest: its path, or its plain torch layer at ``names``
+    (None, and nothing timed, for a layer with one form: one path and no plain torch layer, such as ``GMPool``)."""
+    torch_layer = plain_layer(layer)
+    if torch_layer is None and len(layer.impls()) <= 1:
+        return None
+    times = time_forms(layer, x, torch_layer)
+    chosen = min(times, key=times.get)
+    if chosen == TORCH_LAYER:
+        torch_layer.train(False)
+        for alias in names:
+            swap(root, alias, torch_layer)
+    elif chosen != AS_IS:
+        layer.impl = chosen
+    ms = {form: seconds * 1e3 for form, seconds in times.items()}
+    return FormChoice(name, type(layer).__name__, tuple(x.shape), ms, chosen)

@@ -29,13 +29,15 @@ classifier-shaped outputs only), are checked on held-out batches (``heldout``, e
 calibration batches, :func:`gmcompress.fidelity.split_holdout`, which the fits then do not use): errors compound
 through the layers, so the independent sum under-predicts. The fewest weights with summed squared model errors
 under a cap (``max_error^2``; for ``agreement`` ``8 (1 - agreement)`` to start) are fitted as ``compress`` fits
-them (``calibrate`` on the fit batches) and the model is measured on the held-out batches; while it misses the
-target the cap becomes the failed allocation's summed error times ``(0.9 target / measured)^2`` (``agreement``:
-``(0.9 (1 - target) / (1 - measured))^2``) and the allocation is redone. Cost: at most :data:`VERIFY_ROUNDS`
-checks (one more with ``min_params``), each one set of final fits plus one forward pass over the held-out
-batches. With ``min_params`` an allocation smaller than that becomes the least-error one at ``min_params``;
-when that one fails its check, a ``BudgetError`` names its measured value, before the final fits. Without it,
-every layer dense is exact: when no check passes, that is the allocation, with a warning.
+them (``calibrate`` on the fit batches) and the model is measured on the held-out batches. While nothing has
+passed, a miss shrinks the cap to the failed allocation's summed error times ``(0.9 target / measured)^2``
+(``agreement``: ``(0.9 (1 - target) / (1 - measured))^2``), but by at most :data:`MAX_TIGHTEN`; once one cap has
+passed and a larger one failed, the next cap is their geometric middle, and the lightest allocation that passed
+is kept. A first cap that passes ends the search. Cost: at most :data:`VERIFY_ROUNDS` checks (one more with
+``min_params``), each one set of final fits plus one forward pass over the held-out batches. With ``min_params`` an
+allocation smaller than that becomes the least-error one at ``min_params``; when that one fails its check, a
+``BudgetError`` names its measured value, before the final fits. Without it, every layer dense is exact: when no check
+passes, that is the allocation, with a warning.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ FAMILIES = {
 }
 KINDS = ("params", "speedup", "max_error", "agreement")
 FIDELITY_KINDS = ("max_error", "agreement")  # verified on held-out batches after the allocation
-VERIFY_ROUNDS = 4  # allocations fitted and measured on the held-out batches at most (one more for min_params)
+VERIFY_ROUNDS = 5  # allocations fitted and measured on the held-out batches at most (one more for min_params)
 TIGHTEN_MARGIN = 0.9  # a failed check shrinks the error cap a little further than the measured ratio asks
+MAX_TIGHTEN = 16.0  # ... but by at most this factor (an agreement far below target asked for 300x: all dense)
+CAP_RESOLUTION = 1.1  # a passed and a failed cap closer than this ratio end the search
 AGREEMENT_START = 8.0  # an agreement budget's first error cap: output error^2 <= 8 (1 - agreement), a guess the
 # checks then tighten (MNISTNet on 256 held-out digits: output errors 0.18, 0.33 and 0.47 kept 99.6%, 98.4%, 97.7%)
 
@@ -257,7 +261,7 @@ class BudgetOutcome:
     fit_batches: list[object] = field(default_factory=list, repr=False)  # the calibration batches the fits use
     heldout: list[object] | None = field(default=None, repr=False)  # the batches the fidelity is measured on
     heldout_reference: list[object] | None = field(default=None, repr=False)  # the original's outputs on them
-    verified: list[Verification] = field(default_factory=list)  # every allocation checked, the chosen one last
+    verified: list[Verification] = field(default_factory=list)  # every allocation checked, in order
 
     def measured_error(self, model: nn.Module) -> float:
         """``||y - y_ref|| / ||y_ref||`` of ``model``'s outputs on the held-out batches (on the probe batch when
@@ -635,37 +639,76 @@ def _total(values: list[list[float]], choice: Sequence[int]) -> float:
 def _fidelity_allocation(
     budget: Budget, layers: list[LayerOptions], check: Callable[[Allocation], Verification], checked: list[Verification]
 ) -> Allocation:
-    """The allocation of a fidelity budget: fewest weights under a cap on the summed squared model errors, checked
-    on the held-out batches; while the check fails the cap shrinks (:func:`_tightened`), at most
-    :data:`VERIFY_ROUNDS` checks. With ``min_params`` an allocation larger than that is replaced by the least-error
-    one at ``min_params`` (checked at most once more), and that one failing is a :class:`BudgetError` naming its
-    measured value. Without ``min_params``, when no check passes, every layer stays dense (exact) with a warning.
-    Every check is appended to ``checked``."""
+    """The allocation of a fidelity budget: the fewest weights whose measured fidelity on the held-out batches meets
+    the target, searched over the cap on the summed squared model errors (:func:`_next_cap`): while no check has
+    failed, the first cap; after a failure, a smaller cap (:func:`_tightened`, at most :data:`MAX_TIGHTEN` smaller);
+    once one cap passes and a larger one fails, the geometric middle of the two, so the search closes in on the
+    largest cap that passes. At most :data:`VERIFY_ROUNDS` checks; the lightest allocation that passed is kept. With
+    ``min_params`` an allocation heavier than that is replaced by the least-error one at ``min_params``, and that one
+    failing is a :class:`BudgetError` naming its measured value. Without ``min_params``, when no check passes, every
+    layer stays dense (exact) with a warning. Every check is appended to ``checked``."""
     errors, params = _costs(layers)
     floor = None
     if budget.min_params is not None:
         floor = allocate(errors, params, sum(lo.dense.params for lo in layers) / budget.min_params)
     cap = budget.target**2 if budget.kind == "max_error" else AGREEMENT_START * (1.0 - budget.target)
-    for _ in range(VERIFY_ROUNDS):
+    passed_cap = failed_cap = None
+    best: Allocation | None = None
+    seen: dict[tuple[int, ...], Verification] = {}
+    for _ in range(4 * VERIFY_ROUNDS):  # a cap whose allocation was checked already costs no check
         allocation = allocate(params, errors, cap)
         if floor is not None and _total(params, allocation.choice) > floor.weight:
             allocation = floor
         if not any(allocation.choice):
-            return allocation  # every layer dense: exact
-        if any(c.choice == allocation.choice for c in checked):
-            break  # the cap no longer changes the choice
-        checked.append(check(allocation))
-        if _meets(budget, checked[-1]):
-            return allocation
-        if allocation is floor:
-            raise _unreachable(budget, checked[-1])
-        cap = _total(errors, allocation.choice) * _tightened(budget, checked[-1])
+            met = True  # every layer dense: exact
+        elif allocation.choice in seen:
+            met = _meets(budget, seen[allocation.choice])
+        elif len(checked) >= VERIFY_ROUNDS:
+            break
+        else:
+            checked.append(check(allocation))
+            seen[allocation.choice] = checked[-1]
+            met = _meets(budget, checked[-1])
+        if not met and allocation is floor:
+            raise _unreachable(budget, seen[floor.choice])
+        if met:
+            passed_cap = cap if passed_cap is None else max(passed_cap, cap)
+            if any(allocation.choice) and (best is None or allocation.weight < best.weight):
+                best = allocation
+        else:  # caps at or above this allocation's summed error choose it or something lighter: taken to fail too
+            spent = _total(errors, allocation.choice)
+            failed_cap = spent if failed_cap is None else min(failed_cap, spent)
+        if failed_cap is None:
+            break  # the first cap passed: nothing suggests that a larger one would
+        cap = _next_cap(budget, seen[allocation.choice] if allocation.choice in seen else None, passed_cap, failed_cap)
+        if cap is None:
+            break
+    if best is not None:
+        return best
     if floor is None:
         return _all_dense(budget, layers, checked)
     checked.append(check(floor))
     if _meets(budget, checked[-1]):
         return floor
     raise _unreachable(budget, checked[-1])
+
+
+def _next_cap(
+    budget: Budget,
+    last: Verification | None,
+    passed_cap: float | None,
+    failed_cap: float,
+) -> float | None:
+    """The next cap to try: below the smallest failed cap by the measured shortfall (:func:`_tightened`, at most
+    :data:`MAX_TIGHTEN` smaller) while nothing has passed; between the largest passed and the smallest failed
+    cap (their geometric middle) once something has; None when the two are so close (:data:`CAP_RESOLUTION`)
+    that no choice lies between them."""
+    if passed_cap is None:
+        shrink = _tightened(budget, last) if last is not None else 1.0 / MAX_TIGHTEN
+        return failed_cap * max(min(shrink, TIGHTEN_MARGIN**2), 1.0 / MAX_TIGHTEN)
+    if failed_cap <= passed_cap * CAP_RESOLUTION:
+        return None
+    return math.sqrt(passed_cap * failed_cap)
 
 
 def _meets(budget: Budget, check: Verification) -> bool:

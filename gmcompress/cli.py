@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = command("compress", "fit, swap and report; --out saves the result")
     _add_compression(comp)
     _add_calibration(comp)
-    _add_inputs(comp, "MACs, latency and the paths' timing")
+    _add_inputs(comp, "MACs, latency and fidelity")
     _add_eval(comp)
     comp.add_argument("--out", help="where to save the compressed model (gmcompress.save format)")
     comp.add_argument("--markdown", help="also write the report as markdown here")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = command("finetune", "distil a compressed model from the original (recipe 'finetune')")
     _add_compression(tune)
     _add_calibration(tune)
-    _add_inputs(tune, "MACs, latency and the paths' timing")
+    _add_inputs(tune, "MACs, latency and fidelity")
     _add_eval(tune)
     tune.add_argument(
         "--checkpoint", help="start from this compressed file instead of compressing now (the recipe then gives "
@@ -334,10 +334,25 @@ def _finetune(args: argparse.Namespace, factory: DemoModel, original: nn.Module)
     print()
     print(format_table(["metric", "original", "compressed", "fine-tuned"], rows))
     print(f"{result.steps} steps in {result.seconds / 60:.1f} min")
+    if example is not None:
+        _print_served(original, student, example, args.quiet)
     if args.out:
         save(student, args.out)
         print(f"saved {args.out}")
     return 0
+
+
+def _print_served(original: nn.Module, student: nn.Module, example: Any, quiet: bool) -> None:
+    """The fine-tuned model as it would serve: ``gm.freeze`` on the example batch (each layer's fastest form,
+    measured), its latency against the original's in the same rounds. The saved model stays trainable."""
+    from .api import freeze
+    from .report import measure_latencies
+
+    served = freeze(student, example, progress=not quiet)
+    before, after = measure_latencies(original, served, example)
+    forms = ", ".join(f"{c.name}: {c.chosen}" for c in served.freeze_report.layers)
+    print(f"served (gm.freeze on the example batch; {forms}): latency {after:.3f} ms against the original's "
+          f"{before:.3f} ms, {before / after:.2f}x" + (" (SLOWER)" if after > before else ""))  # fmt: skip
 
 
 def _compress_command(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:

@@ -1,19 +1,18 @@
-"""Paths chosen by measurement: each compressed layer keeps the forward path that is fastest on its real input.
+"""Forms chosen by measurement: the timers behind :func:`gmcompress.freeze` and the budget's latency.
 
-With ``example_inputs``, :func:`choose_paths` runs the original model once to capture every planned layer's
-input, then times the original dense layer and each path its GM replacement offers (``GMLayer.impls()``:
-materialised dense weight, block-diagonal GEMMs, FFT, grouped convolutions) on that input
-(:func:`~gmcompress.report.block_seconds`: short blocks, eval, inference mode), and keeps the fastest. The
-captured input is cut to its first :data:`PATH_MAX_SAMPLES` samples, so timing costs a fraction of the fits
-however large the example batch is. The dense path computes the same
-product as the original layer, so a compressed layer is never slower than the original beyond noise.
-Without example inputs each layer's documented ``"auto"`` rule decides.
+:func:`time_forms` times every form a GM layer can take on its real input: each forward path it offers
+(``GMLayer.impls()``: materialised dense weight, block-diagonal GEMMs, FFT, grouped convolutions) and the plain
+torch layer it exports (``GMLayer.to_dense()``), in interleaved rounds of short blocks
+(:func:`~gmcompress.report.block_seconds`: eval, inference mode; on a CUDA device each call is synchronised).
+:func:`gmcompress.freeze` keeps the fastest form of each layer; :class:`FreezeReport` says which and by how much.
+``compress`` times no path: its layers take their documented ``"auto"`` rule. :func:`time_layers` serves budgets
+(:mod:`gmcompress.budget`), which time every candidate option of every layer in the same rounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -21,48 +20,92 @@ from torch import nn
 
 from .batches import first_inputs
 from .handlers import LayerPlan
-from .report import block_seconds, interleaved_best
+from .nn import GMLayer, NotApplicable
+from .report import block_seconds, format_table, interleaved_best
 
 __all__ = [
     "PATH_SECONDS",
-    "PATH_MAX_SAMPLES",
-    "PathTiming",
+    "TORCH_LAYER",
+    "AS_IS",
+    "FormChoice",
+    "FreezeReport",
+    "FROZEN_ATTRIBUTE",
+    "is_frozen",
     "capture_layer_inputs",
     "time_paths",
     "time_layers",
-    "choose_path",
+    "time_forms",
+    "plain_layer",
 ]
 
 PATH_SECONDS = 0.005  # seconds of one timed block (block_seconds takes the best of three) per path and round
-PATH_ROUNDS = 2  # rounds over the original and every path, interleaved; each keeps its best
-PATH_MAX_SAMPLES = 16  # a captured input is timed on at most its first 16 samples
+PATH_ROUNDS = 2  # rounds over every candidate, interleaved; each keeps its best
+TORCH_LAYER = "torch"  # the form "the plain torch layer of GMLayer.to_dense()" among the forms time_forms measures
+AS_IS = "as is"  # the form of a GM layer with one forward path (no impls()): the layer as it runs
 
 
 @dataclass
-class PathTiming:
-    """Median seconds of the original layer and of every path tried at batch size ``batch`` (a Linear's rows);
-    ``chosen`` is the fastest path. ``small``: the same on one sample of the input (``None`` when it had one)."""
+class FormChoice:
+    """One GM layer of a frozen model: the milliseconds of every form timed on its input (each path, or
+    :data:`AS_IS`; :data:`TORCH_LAYER` for its plain torch layer) and the fastest, which it now takes."""
 
-    original: float
-    paths: dict[str, float]
+    name: str
+    kind: str  # the GM layer's class name
+    input_shape: tuple[int, ...]
+    times_ms: dict[str, float]
     chosen: str
-    batch: int
-    small: PathTiming | None = None
 
     @property
-    def speedup(self) -> float:
-        return self.original / self.paths[self.chosen]
+    def speedup(self) -> float | None:
+        """The plain torch layer's time over the chosen form's (1.0 when the torch layer was chosen)."""
+        return self.times_ms[TORCH_LAYER] / self.times_ms[self.chosen] if TORCH_LAYER in self.times_ms else None
 
 
-def capture_layer_inputs(
-    model: nn.Module, plans: list[LayerPlan], example_inputs: object, max_samples: int | None = None
-) -> dict[str, torch.Tensor]:
-    """The input of the first call of every planned layer on ``example_inputs``; with ``max_samples``, cut to
-    its first ``max_samples`` samples (compress times paths on :data:`PATH_MAX_SAMPLES`)."""
-    seen = first_inputs(model, example_inputs, {p.name: p.module for p in plans})
-    if max_samples is None:
-        return seen
-    return {name: x[:max_samples] if x.dim() > 1 else x for name, x in seen.items()}
+@dataclass
+class FreezeReport:
+    """What :func:`gmcompress.freeze` chose, layer by layer (``frozen.freeze_report``; print it)."""
+
+    device: str
+    layers: list[FormChoice] = field(default_factory=list)
+    not_called: list[str] = field(default_factory=list)  # GM layers example_inputs did not reach: left as they were
+
+    @property
+    def to_torch(self) -> list[str]:
+        """The layers that became their plain torch layer."""
+        return [c.name for c in self.layers if c.chosen == TORCH_LAYER]
+
+    def __str__(self) -> str:
+        rows = [
+            [
+                c.name,
+                c.kind,
+                "x".join(map(str, c.input_shape)),
+                c.chosen,
+                ", ".join(f"{form} {ms:.3f}" for form, ms in c.times_ms.items()),
+                "-" if c.speedup is None else f"{c.speedup:.2f}x",
+            ]
+            for c in self.layers
+        ]
+        table = format_table(["layer", "kind", "input", "form", "ms per form", "vs torch layer"], rows)
+        kept = len(self.layers) - len(self.to_torch)
+        notes = [f"{kept} GM layer(s) kept a GM path, {len(self.to_torch)} became plain torch layers (measured on "
+                 f"{self.device}, on the example inputs' batch)."]  # fmt: skip
+        if self.not_called:
+            notes.append(f"Not called on example_inputs, left as they were: {', '.join(self.not_called)}.")
+        return "\n".join([table, *notes])
+
+
+FROZEN_ATTRIBUTE = "freeze_report"  # where gmcompress.freeze leaves its FreezeReport on the model it returns
+
+
+def is_frozen(model: nn.Module) -> bool:
+    """Whether ``model`` was returned by :func:`gmcompress.freeze` (an inference copy)."""
+    return isinstance(getattr(model, FROZEN_ATTRIBUTE, None), FreezeReport)
+
+
+def capture_layer_inputs(model: nn.Module, plans: list[LayerPlan], example_inputs: object) -> dict[str, torch.Tensor]:
+    """The input of the first call of every planned layer on ``example_inputs`` (a layer not called is left out)."""
+    return first_inputs(model, example_inputs, {p.name: p.module for p in plans})
 
 
 def time_paths(
@@ -93,43 +136,55 @@ def time_layers(
     return times
 
 
+def plain_layer(layer: nn.Module) -> nn.Module | None:
+    """The plain torch layer computing what GM ``layer`` computes (``to_dense()``), or None where it has none."""
+    try:
+        return layer.to_dense()
+    except NotApplicable:
+        return None
+
+
+def time_forms(
+    layer: GMLayer,
+    x: torch.Tensor,
+    torch_layer: nn.Module | None,
+    min_run_time: float = PATH_SECONDS,
+    rounds: int = PATH_ROUNDS,
+) -> dict[str, float]:
+    """Best seconds of every form of GM ``layer`` on input ``x``: ``torch_layer`` (its plain torch layer, under
+    :data:`TORCH_LAYER`, first, so it wins an exact tie) and each of its paths (:data:`AS_IS` for a layer with
+    one), all in the same :data:`PATH_ROUNDS` interleaved rounds. ``layer.impl`` is left at the last path
+    timed."""
+    timers = {TORCH_LAYER: _path_timers(torch_layer, x, min_run_time)["dense"]} if torch_layer is not None else {}
+    paths = _path_timers(layer, x, min_run_time)
+    timers.update(paths if layer.impls() else {AS_IS: paths["dense"]})
+    return interleaved_best(timers, rounds)
+
+
 def _path_timers(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> dict[str, Callable[[], float]]:
     """One timing function per path of ``layer`` (each sets ``layer.impl`` first), or ``{"dense": ...}``."""
     impls = layer.impls() if hasattr(layer, "impls") else ()
+    call = _synchronised(layer, x)
 
     def timer(impl: str | None) -> Callable[[], float]:
         def run() -> float:
             if impl is not None:
                 layer.impl = impl
-            return block_seconds(partial(layer, x), layer, min_run_time)
+            return block_seconds(call, layer, min_run_time)
 
         return run
 
     return {impl: timer(impl) for impl in impls} if impls else {"dense": timer(None)}
 
 
-def choose_path(
-    layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float = PATH_SECONDS
-) -> PathTiming:
-    """Time ``original`` and every path of ``layer`` on ``x`` (interleaved rounds) and on its first sample
-    ``x[:1]``, and keep the fastest: as ``layer.impl`` when both agree, else as ``layer.batch_paths`` (batch
-    size -> path; ``impl="auto"`` then takes the path measured at the nearest batch size, see
-    ``GMModule.path_for``). A path that wins on a batch of 64 can lose 3x on one sample (launch and transform
-    overhead), and a model calibrated on a batch is often served one input at a time."""
-    timing = _fastest(layer, original, x, min_run_time)
-    if x.dim() > 1 and x.shape[0] > 1 and layer.batch_of(x[:1]) < layer.batch_of(x):
-        timing.small = _fastest(layer, original, x[:1], min_run_time)
-    if timing.small is None or timing.small.chosen == timing.chosen:
-        layer.impl = timing.chosen
-    else:
-        layer.impl = "auto"
-        layer.batch_paths = {timing.small.batch: timing.small.chosen, timing.batch: timing.chosen}
-    return timing
+def _synchronised(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """``layer(x)``, waiting for the device on CUDA (a launch returns before the work is done)."""
+    if x.device.type != "cuda":
+        return partial(layer, x)
 
+    def call() -> object:
+        out = layer(x)
+        torch.cuda.synchronize(x.device)
+        return out
 
-def _fastest(layer: nn.Module, original: nn.Module, x: torch.Tensor, min_run_time: float) -> PathTiming:
-    """The original and every path of ``layer`` on ``x``, in :data:`PATH_ROUNDS` interleaved rounds."""
-    original_timer = _path_timers(original, x, min_run_time)["dense"]
-    times = interleaved_best({"": original_timer, **_path_timers(layer, x, min_run_time)}, PATH_ROUNDS)
-    before = times.pop("")
-    return PathTiming(before, times, min(times, key=times.get), layer.batch_of(x))
+    return call

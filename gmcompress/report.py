@@ -58,36 +58,7 @@ class LayerReport:
     equivariance_error: float | None = None
     padded: bool = False
     reason: str = ""
-    path: str = ""  # the forward path the GM layer takes ("dense", "blocks", "packed", "fft", "grouped")
-    path_times_ms: dict[str, float] | None = None  # measured on the layer's example input: "original" and each path
-    small_batch: int | None = None  # one example sample's batch size (a Linear's rows), when it was measured too
-    small_path: str = ""  # the path kept for small batches, when it differs from ``path``
-    small_times_ms: dict[str, float] | None = None  # the times on one example sample, as ``path_times_ms``
-
-    @property
-    def layer_speedup(self) -> float | None:
-        """Original layer time / time of the chosen path, when the paths were measured."""
-        t = self.path_times_ms
-        return t["original"] / t[self.path] if t and self.path in t else None
-
-    @property
-    def small_speedup(self) -> float | None:
-        """The same on one example sample, for the path that batch size takes."""
-        t, path = self.small_times_ms, self.small_path or self.path
-        return t["original"] / t[path] if t and path in t else None
-
-    def path_cell(self) -> str:
-        """The path column: the example batch's path, and one sample's when it differs."""
-        if not self.path:
-            return "-"
-        return f"{self.path} (one sample: {self.small_path})" if self.small_path else self.path
-
-    def speedup_cell(self) -> str:
-        """The layer speed-up column: on the example batch, and on one sample when it was measured."""
-        if self.layer_speedup is None:
-            return "-"
-        small = f" (one sample: {self.small_speedup:.2f}x)" if self.small_speedup else ""
-        return f"{self.layer_speedup:.2f}x{small}"
+    path: str = ""  # the forward path the GM layer takes by its "auto" rule ("dense", "blocks", "grouped", ...)
 
 
 @dataclass
@@ -139,8 +110,7 @@ class CompressionReport:
                     _fmt(r.macs_before, "{:,}"),
                     _fmt(r.macs_after, "{:,}"),
                     _fmt(r.equivariance_error, "{:.1e}"),
-                    r.path_cell(),
-                    r.speedup_cell(),
+                    r.path or "-",
                 ]
             )
         return rows
@@ -190,7 +160,6 @@ class CompressionReport:
         "MACs after",
         "equiv err",
         "path",
-        "layer speed-up",
     ]
     TOTAL_HEADER = ["total", "original", "compressed", "ratio"]
 
@@ -218,7 +187,9 @@ class CompressionReport:
         if before and after and after > before:
             budget += (
                 f"\nSLOWER: the compressed model ran {before / after:.2f}x the original's speed on example_inputs "
-                "(each layer keeps its fastest measured path; the rest of the model is unchanged)."
+                '(each layer on the path of its impl setting, "auto" by rule). Before serving, gm.freeze(model, '
+                "example_inputs) times every layer's paths and its plain torch layer on your device and batch and "
+                "keeps the fastest."
             )
         if self.fidelity is not None:
             lost = " LOST: the model no longer does what the original did." if self.fidelity.lost else ""

@@ -37,7 +37,7 @@ class LayerSettings:
     ``"packed"`` (abelian groups: the block path without Gauss's three-product trick, fewer and wider
     products; elsewhere the block path),
     ``"fft"`` (Linear over abelian groups; convs take the block path) or ``"auto"`` (the documented rule of
-    each layer, or the fastest path measured on ``example_inputs`` when ``compress`` gets some).
+    each layer; ``gmcompress.freeze`` later measures every path for serving).
     """
 
     group: str | FiniteGroup | None = None

@@ -100,3 +100,30 @@ def test_agreement_budget_holds_on_held_out_digits(mnist):
     assert "(2 allocations checked" in model.gm_report.budget  # the first one missed on new digits
     assert f"top-1 agreement {agreement(model, net, held):.4f}" in model.gm_report.budget
     assert model.gm_report.params_after < model.gm_report.params_before  # not the all-dense answer
+
+
+def test_agreement_search_keeps_compressing_when_the_first_allocation_misses_far():
+    """Disagreement grows much faster than the summed layer errors predict (a threshold, as on an ImageNet CNN):
+    the search must not jump from a far miss straight to every layer dense, but close in on the lightest
+    allocation that meets the target, within VERIFY_ROUNDS checks."""
+    from gmcompress.budget import VERIFY_ROUNDS, LayerOptions, Option, Verification, _fidelity_allocation
+    from gmcompress.fidelity import Fidelity
+
+    squared = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32]  # each layer's squared model error when compressed (2x fewer)
+    layers = [
+        LayerOptions(f"l{i}", [Option("dense", None, 100), Option("C2 r1", None, 50, model_error=e**0.5)])
+        for i, e in enumerate(squared)
+    ]
+
+    def check(allocation):  # the "real" model: agreement 1 - 2 sum(e^2); >= 0.95 only for sums <= 0.025
+        total = sum(e for e, c in zip(squared, allocation.choice) if c)
+        fidelity = Fidelity(samples=100, output_error=total**0.5, top1_agreement=max(0.0, 1 - 2 * total))
+        return Verification(allocation.choice, 600 / allocation.weight, total**0.5, fidelity)
+
+    checked = []
+    allocation = _fidelity_allocation(Budget(agreement=0.95), layers, check, checked)
+    assert sum(allocation.choice) == 1  # one layer compressed: the most any passing allocation can
+    assert 1 - 2 * sum(e for e, c in zip(squared, allocation.choice) if c) >= 0.95
+    assert 2 <= len(checked) <= VERIFY_ROUNDS
+    assert checked[0].measured.top1_agreement < 0.5  # the first guess missed far
+    assert any(c.choice == allocation.choice for c in checked)

@@ -196,3 +196,19 @@ def _linear_of(weight: torch.Tensor) -> nn.Linear:
     with torch.no_grad():
         layer.weight.copy_(weight)
     return layer
+
+
+def test_mnistnet_compressed_everywhere_at_d4_is_reported_lost(mnist):
+    """MNISTNet, every compressible layer exact D4 rank 1, no calibration: the report's fidelity line gives the
+    agreement counted here on held-out digits, and compress warns that the model lost its predictions."""
+    net, (_, _, x_test, _) = mnist
+    digits = x_test[:256]
+    small, messages = _quiet_compress(net, group="D4", modulate=False, example_inputs=digits)
+    with torch.no_grad():
+        same = (small.eval()(digits).argmax(1) == net.eval()(digits).argmax(1)).float().mean().item()
+    f = small.gm_report.fidelity
+    assert f.samples == 256 and f.top1_agreement == pytest.approx(same, abs=1e-9)
+    assert f.lost and same < 0.9
+    assert f"top-1 agreement {same:.3f}" in str(small.gm_report)
+    lost = [m for m in messages if "lost the original's predictions" in m]
+    assert len(lost) == 1 and "features." in lost[0] and "Fix: compress under a fidelity budget" in lost[0]

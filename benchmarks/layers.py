@@ -13,8 +13,8 @@ with the MAC-limited speed-up (dense MACs / GM MACs) beside the measured one. Ev
 GPU setting instead: n = 8192, C16, batch 16384, bf16 and fp32 (TF32 off), against ``x @ W.T``.
 Prints markdown tables; ``--out`` also writes them to a file.
 
-``--shapes``: issue 16's table instead: GMLinear (rank 1, blocks path) on the MiniLM / BERT / LLaMA feed-forward
-shapes at 32 and 512 rows with C8, C16 and D8, against ``nn.Linear`` and against a truncated-SVD pair of Linears
+``--shapes``: the feed-forward table instead: GMLinear (rank 1, blocks path) on the MiniLM / BERT / LLaMA feed-forward
+shapes at 1, 32 and 512 rows with C8, C16 and D8, against ``nn.Linear`` and against a truncated-SVD pair of Linears
 with the same number of parameters, with the MAC-limited speed-up (dense MACs / GM MACs) beside the measured one,
 and the path's function called directly on the layer's tensors (the layer's forward should be within about 1 us
 of it).
@@ -256,7 +256,7 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
             k = max(1, sum(p.numel() for p in layer.parameters()) // (fin + fout))
             a, b = torch.randn(k, fin) / fin**0.5, torch.randn(fout, k) / k**0.5
             limit = fin * fout / layer.macs_per_row()
-            for rows in (32, 512):
+            for rows in (1, 32, 512):
                 x = torch.randn(rows, fin)
                 with torch.inference_mode():
                     layer(x)

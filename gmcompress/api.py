@@ -28,7 +28,19 @@ from .groups import FiniteGroup, spec_of
 from .groups import group as parse_group
 from .handlers import LayerPlan, handler_for
 from .nn import GMLayer
-from .paths import AS_IS, FROZEN_ATTRIBUTE, TORCH_LAYER, FormChoice, FreezeReport, is_frozen, plain_layer, time_forms
+from .paths import (
+    AS_IS,
+    FREEZE_ROUNDS,
+    FREEZE_SECONDS,
+    FROZEN_ATTRIBUTE,
+    TORCH_LAYER,
+    FormChoice,
+    FreezeReport,
+    is_frozen,
+    plain_layer,
+    serving_form,
+    time_forms,
+)
 from .recipe import Recipe, check_pattern, load_recipe, name_matches
 from .report import (
     CompressionReport,
@@ -532,10 +544,11 @@ def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, p
     """An inference copy of compressed ``model`` in which every GM layer takes its fastest form, measured.
 
     Each GM layer's input is captured on ``example_inputs`` (one batch as it will be served: a tensor, a tuple or a
-    dict, on the model's device), and the layer is timed there in each of its forward paths (``impls()``) and as
-    its plain torch layer (``to_dense()``), in interleaved rounds (:func:`~gmcompress.paths.time_forms`). The
-    fastest is kept: a path (``layer.impl``), or the plain ``nn.Linear``/``nn.Conv*`` swapped in at every name the
-    layer has. Use it after ``compress`` (and ``finetune``), before serving, on the serving device and batch.
+    dict, on the model's device), and the layer is timed there in each of its forward paths (``impls()``) and as its
+    plain torch layer (``to_dense()``), in interleaved rounds (:func:`~gmcompress.paths.time_forms`). The fastest is
+    kept (a GM form only when at least 5% faster than the plain layer, :func:`~gmcompress.paths.serving_form`): a
+    path (``layer.impl``), or the plain ``nn.Linear``/``nn.Conv*`` swapped in at every name the layer has. Use it
+    after ``compress`` (and ``finetune``), before serving, on the serving device and batch.
 
     The result is in eval mode with ``requires_grad`` False on every parameter, and carries a
     :class:`~gmcompress.paths.FreezeReport` as ``.freeze_report``. It is for inference: ``finetune`` refuses it
@@ -599,8 +612,8 @@ def _freeze_layer(root: nn.Module, name: str, layer: GMLayer, x: torch.Tensor, n
     torch_layer = plain_layer(layer)
     if torch_layer is None and len(layer.impls()) <= 1:
         return None
-    times = time_forms(layer, x, torch_layer)
-    chosen = min(times, key=times.get)
+    times = time_forms(layer, x, torch_layer, FREEZE_SECONDS, FREEZE_ROUNDS)
+    chosen = serving_form(times)
     if chosen == TORCH_LAYER:
         torch_layer.train(False)
         for alias in names:

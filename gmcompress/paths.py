@@ -34,6 +34,7 @@ __all__ = [
     "capture_layer_inputs",
     "time_paths",
     "time_layers",
+    "serving_form",
     "time_forms",
     "plain_layer",
 ]
@@ -41,6 +42,10 @@ __all__ = [
 PATH_SECONDS = 0.005  # seconds of one timed block (block_seconds takes the best of three) per path and round
 PATH_ROUNDS = 2  # rounds over every candidate, interleaved; each keeps its best
 TORCH_LAYER = "torch"  # the form "the plain torch layer of GMLayer.to_dense()" among the forms time_forms measures
+FREEZE_SECONDS = 0.02  # gm.freeze times each form in longer blocks than a budget does: it decides what serves
+FREEZE_ROUNDS = 3
+FREEZE_MARGIN = 1.05  # a GM form serves only if measured at least 5% faster than the plain torch layer: on this
+# project's shared 2-core VM one form timed twice differed by 10-25%, and a 10% "win" served 0.88x in the model
 AS_IS = "as is"  # the form of a GM layer with one forward path (no impls()): the layer as it runs
 
 
@@ -159,6 +164,16 @@ def time_forms(
     paths = _path_timers(layer, x, min_run_time)
     timers.update(paths if layer.impls() else {AS_IS: paths["dense"]})
     return interleaved_best(timers, rounds)
+
+
+def serving_form(times: dict[str, float]) -> str:
+    """The form :func:`gmcompress.freeze` keeps from :func:`time_forms`' ``times``: the fastest, except that a GM
+    form must beat the plain torch layer (when there is one) by :data:`FREEZE_MARGIN`, else the torch layer
+    serves (it computes the same product, so a choice inside timing noise could only make the model slower)."""
+    fastest = min(times, key=times.get)
+    if TORCH_LAYER in times and fastest != TORCH_LAYER and times[fastest] * FREEZE_MARGIN > times[TORCH_LAYER]:
+        return TORCH_LAYER
+    return fastest
 
 
 def _path_timers(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> dict[str, Callable[[], float]]:

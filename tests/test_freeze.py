@@ -270,3 +270,16 @@ def test_a_saved_frozen_copy_loads_with_every_layer_in_its_chosen_form(monkeypat
     assert type(again.get_submodule("0")) is nn.Conv2d and again.get_submodule("3").impl == "blocks"
     with torch.no_grad():
         torch.testing.assert_close(again(x), frozen(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("gm_seconds", "kept"), [(0.97, "torch"), (0.90, "blocks")])
+def test_a_gm_form_serves_only_when_clearly_faster_than_the_torch_layer(monkeypatch, gm_seconds, kept):
+    """Within timing noise (a GM form 3% faster) the plain torch layer serves: it computes the same product, so a
+    choice inside the noise could only make the model slower; 10% faster, the GM form serves."""
+    times = {"torch": 1.0, "dense": 2.0, "blocks": gm_seconds, "packed": 2.0, "fft": 2.0}
+    monkeypatch.setattr(paths, "block_seconds", time_by_form(times))
+    torch.manual_seed(0)
+    model = quiet_compress(nn.Sequential(nn.Linear(64, 64)), group="C8")
+    frozen = gm.freeze(model, torch.randn(4, 64), progress=False)
+    assert [c.chosen for c in frozen.freeze_report.layers] == [kept]
+    assert isinstance(frozen.get_submodule("0"), nn.Linear if kept == "torch" else GMLinear)

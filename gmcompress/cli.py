@@ -346,13 +346,13 @@ def _print_served(original: nn.Module, student: nn.Module, example: Any, quiet: 
     """The fine-tuned model as it would serve: ``gm.freeze`` on the example batch (each layer's fastest form,
     measured), its latency against the original's in the same rounds. The saved model stays trainable."""
     from .api import freeze
-    from .report import measure_latencies
+    from .report import is_slower, measure_latencies
 
     served = freeze(student, example, progress=not quiet)
     before, after = measure_latencies(original, served, example)
     forms = ", ".join(f"{c.name}: {c.chosen}" for c in served.freeze_report.layers)
     print(f"served (gm.freeze on the example batch; {forms}): latency {after:.3f} ms against the original's "
-          f"{before:.3f} ms, {before / after:.2f}x" + (" (SLOWER)" if after > before else ""))  # fmt: skip
+          f"{before:.3f} ms, {before / after:.2f}x" + (" (SLOWER)" if is_slower(before, after) else ""))  # fmt: skip
 
 
 def _compress_command(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:

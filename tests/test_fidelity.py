@@ -167,6 +167,8 @@ def test_the_report_calls_out_a_slower_model():
     slower = CompressionReport(latency_before_ms=2.0, latency_after_ms=2.5)
     assert "SLOWER: the compressed model ran 0.80x the original's speed" in str(slower)
     assert "SLOWER" not in str(CompressionReport(latency_before_ms=2.0, latency_after_ms=1.9))
+    assert "SLOWER" not in str(CompressionReport(latency_before_ms=7.396, latency_after_ms=7.419))  # 1.00x: noise
+    assert "SLOWER" in str(CompressionReport(latency_before_ms=2.0, latency_after_ms=2.1))  # 0.95x
     assert "SLOWER" not in str(CompressionReport())
 
 

@@ -1,7 +1,7 @@
 """An ImageNet CNN on real photographs: MobileNetV2 (torchvision's weights) compressed by uniform group matrices,
 by activation-aware truncated SVD at equal size and by budget plans, before and after a short distillation.
 
-    python benchmarks/imagenet.py [--quick] [--steps N] [--lr LR] [--threads N]
+    python benchmarks/imagenet.py [--quick] [--steps N] [--lr LR] [--threads N] [--frontier | --drift]
 
 Data (``gmcompress.zoo``, docs/data.md): random-resized 224x224 crops of the colour photographs that scikit-image,
 scikit-learn and matplotlib ship, split by photo. Calibration (512 crops) and distillation crops come from the 8
@@ -27,6 +27,11 @@ Each calibrated row is then distilled from the original for ``--steps`` steps (K
 ``benchmarks/results/imagenet.md`` and ``imagenet.png`` (agreement against parameter ratio). ``--quick``: 2
 training photos, 32 calibration and 32 held-out crops, one budget plan (C8 rank 1 or dense) over the last two
 layers and its SVD twin, 2 steps, one timing round; nothing is written.
+
+``--frontier``: only the budget plans before distillation (``results/imagenet_frontier.md``). ``--drift``: what
+distillation does to layers it should leave alone (``results/imagenet_drift.md``): the unchanged original
+distilled from itself (zero loss, so its gradients are rounding noise), and the classifier alone compressed,
+distilled with ``trainable="all"`` and ``"compressed"``.
 """
 
 from __future__ import annotations
@@ -370,6 +375,48 @@ def frontier(teacher: nn.Module, data: Data) -> list[str]:
     return lines
 
 
+DRIFT_STEPS = 10  # --drift: steps of the original distilled from itself
+DRIFT_LRS = (LR, LR / 10)
+DRIFT_STUDENT = (r"classifier\.1", "C8", 4)  # --drift: the classifier alone at 2x (include, group, rank)
+DRIFT_STUDENT_STEPS = 20
+
+
+def drift(teacher: nn.Module, data: Data, quick: bool) -> list[str]:
+    """Top-1 agreement on the held-out crops after distillation of (a) the original from itself with every
+    parameter trainable, at each of :data:`DRIFT_LRS`, and (b) the classifier alone compressed, with
+    ``trainable="all"`` and ``"compressed"``."""
+    lines = [
+        "| student | distillation | held-out top-1 agreement / top-5 overlap / KL |",
+        "|---|---|---|",
+    ]
+
+    def distilled(student: nn.Module, steps: int, lr: float, trainable: str) -> dict[str, float]:
+        gm.finetune(student, teacher, data.train, loss="kd", steps=steps, lr=lr, batch_size=BATCH, progress=False,
+                    device="cpu", trainable=trainable)  # fmt: skip
+        return zoo.imagenet_agreement(student, teacher, data.heldout)
+
+    steps = 1 if quick else DRIFT_STEPS
+    for lr in DRIFT_LRS:
+        after = distilled(copy.deepcopy(teacher), steps, lr, "all")
+        lines.append(f"| the original | {steps} steps, lr {lr:g}, trainable all | {metrics_cell(after)} |")
+        print(lines[-1], flush=True)
+    include, group, rank = DRIFT_STUDENT
+    student = gm.compress(teacher, group, rank, include=include, calibration=data.calibration, progress=False)
+    ratio = sum(p.numel() for p in teacher.parameters()) / sum(p.numel() for p in student.parameters())
+    name = f"{include.replace(chr(92), '')} at {group} rank {rank} ({ratio:.2f}x fewer in the model)"
+    lines.append(f"| {name} | none | {metrics_cell(zoo.imagenet_agreement(student, teacher, data.heldout))} |")
+    steps = 1 if quick else DRIFT_STUDENT_STEPS
+    for trainable in ("all", "compressed"):
+        after = distilled(copy.deepcopy(student), steps, LR, trainable)
+        lines.append(f"| {name} | {steps} steps, lr {LR:g}, trainable {trainable} | {metrics_cell(after)} |")
+        print(lines[-1], flush=True)
+    return lines + [
+        "",
+        f'`gm.finetune(loss="kd")`, batches of {BATCH} training-photo crops, AdamW (warm-up then cosine), dropout '
+        "active, BatchNorm frozen (the default). Metrics on the held-out crops against the original.",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few photos and crops, one budget plan (CI smoke run)")
@@ -377,6 +424,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=LR, help=f"distillation learning rate (default {LR:g})")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--frontier", action="store_true", help="only the budget frontier before distillation")
+    parser.add_argument("--drift", action="store_true", help="only distillation of layers it should leave alone")
     args = parser.parse_args()
     steady_allocator()
     if args.threads:
@@ -385,7 +433,12 @@ def main() -> None:
     steps = args.steps or (2 if args.quick else DISTILL_STEPS)
     start = time.perf_counter()
     teacher = zoo.mobilenet_v2_imagenet()
-    data = load_data(args.quick, steps)
+    data = load_data(args.quick, max(steps, DRIFT_STUDENT_STEPS) if args.drift else steps)
+    if args.drift:
+        lines = [f"{measured_on()}; {{minutes}} min.", "", *drift(teacher, data, args.quick)]
+        text = "\n".join(lines).replace("{minutes}", f"{(time.perf_counter() - start) / 60:.1f}")
+        publish(text, RESULTS / "imagenet_drift.md", args.quick)
+        return
     if args.frontier:
         lines = [f"{measured_on()}; {{minutes}} min.", "", *frontier(teacher, data)]
         text = "\n".join(lines).replace("{minutes}", f"{(time.perf_counter() - start) / 60:.1f}")

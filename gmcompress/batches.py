@@ -209,3 +209,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices ``model``'s parameters are on (for ``torch.random.fork_rng(devices=...)``)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})

@@ -49,25 +49,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Allocation, Infeasible, allocate
-from .batches import eval_mode, first_tensor, output_tensors, run_model
+from .batches import cuda_devices, eval_mode, first_tensor, output_tensors, run_model
 from .calibration import calibrate, capture_statistics
 from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
 from .groups import group as parse_group
-from .groups import square_group
 from .handlers import LayerPlan
 from .paths import capture_layer_inputs, time_layers
 from .report import format_table, measure_latency
 from .settings import LayerSettings
-
-if TYPE_CHECKING:
-    from .api import CompressionPlan
 
 __all__ = ["Budget", "BudgetError", "Option", "LayerOptions", "BudgetOutcome", "candidate_groups", "plan_budget"]
 
@@ -301,6 +297,11 @@ class BudgetOutcome:
     def chosen(self) -> list[Option]:
         return [lo.options[j] for lo, j in zip(self.layers, self.allocation.choice)]
 
+    def allocated(self, plans: list[LayerPlan]) -> list[LayerPlan]:
+        """``plans`` with each candidate layer's plan replaced by its chosen option's (the others as they are)."""
+        chosen = {lo.name: o.plan for lo, o in zip(self.layers, self.chosen)}
+        return [chosen.get(p.name, p) for p in plans]
+
     @property
     def params_ratio(self) -> float:
         return sum(lo.dense.params for lo in self.layers) / sum(o.params for o in self.chosen)
@@ -455,7 +456,7 @@ def _is_candidate(p: LayerPlan) -> bool:
     conv_group) whose weight is not tied."""
     if p.settings is None or p.reason.startswith("weight tied"):
         return False
-    return p.settings.group is not None or p.form == "GMConv2d"
+    return p.settings.group is not None or bool(p.form)  # without a group, only conv_group plans a layer
 
 
 def _options(p: LayerPlan, groups: tuple[str, ...], max_rank: int) -> LayerOptions:
@@ -467,9 +468,7 @@ def _options(p: LayerPlan, groups: tuple[str, ...], max_rank: int) -> LayerOptio
         first = p.handler.plan(p.name, p.module, replace(base, group=g, rank=1), "budget")
         if not first.form:
             continue
-        tied = first.form == "GMConv2d"  # a k x k conv tied by conv_group: its ranks are bounded by that group
-        order = square_group(base.conv_group).order if tied else parse_group(g).order
-        for r in rank_ladder(order, max_rank):
+        for r in rank_ladder(first.gm_group.order, max_rank):  # a conv tied by conv_group: that group's order
             candidate = first if r == 1 else p.handler.plan(p.name, p.module, replace(base, group=g, rank=r), "budget")
             options.append(Option(f"{candidate.group} r{r}", candidate, candidate.params_after))
     return LayerOptions(p.name, _unique(options))
@@ -487,7 +486,9 @@ def _unique(options: list[Option]) -> list[Option]:
 
 
 def plan_budget(
-    the_plan: CompressionPlan,
+    plans: list[LayerPlan],
+    model: nn.Module,
+    graph_module: torch.fx.GraphModule | None,
     budget: Budget,
     calibration: Iterable[object] | torch.Tensor | None,
     example_inputs: object = None,
@@ -496,11 +497,12 @@ def plan_budget(
     heldout: Iterable[object] | torch.Tensor | None = None,
     calibration_mode: str = "sequential",
 ) -> BudgetOutcome:
-    """Measure every option of every candidate layer of ``the_plan`` and allocate them under ``budget``;
-    ``the_plan.layers`` are replaced by the chosen plans. ``heldout``: the batches a fidelity budget is checked
-    on (default: the last part of ``calibration``, :func:`~gmcompress.fidelity.split_holdout`, which the fits then
-    do not use); ``calibration_mode``: how the checked allocations are fitted (as ``compress`` will). See the
-    module doc."""
+    """Measure every option of every candidate layer of ``plans`` (the layers of ``model``, traced as
+    ``graph_module`` when it traces) and allocate them under ``budget``: the outcome, whose
+    :meth:`~BudgetOutcome.allocated` gives the plans with the chosen options. ``heldout``: the batches a fidelity
+    budget is checked on (default: the last part of ``calibration``, :func:`~gmcompress.fidelity.split_holdout`,
+    which the fits then do not use); ``calibration_mode``: how the checked allocations are fitted (as ``compress``
+    will). See the module doc."""
     if calibration is None:
         raise BudgetError("a budget needs calibration batches (calibration=...) to measure each option's error")
     if budget.kind == "speedup" and example_inputs is None:
@@ -508,7 +510,6 @@ def plan_budget(
             "Budget(speedup=...) needs example inputs to time the model and each option (example_inputs=..., or "
             "--example-shape / --example-inputs on the command line)"
         )
-    model = the_plan.model
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     if not batches:
         raise BudgetError("the calibration batches are empty: a budget measures each option's error on them")
@@ -518,7 +519,7 @@ def plan_budget(
             "a budget fits and runs every option, so it needs the model's weights: this model is on the meta "
             "device (gm.plan without a budget shows the plan of a meta model)"
         )
-    candidates = [p for p in the_plan.layers if _is_candidate(p)]
+    candidates = [p for p in plans if _is_candidate(p)]
     if not candidates:
         raise BudgetError(
             "no layer is left for the budget to choose for: include/exclude, recipe rules (skip, group: null), "
@@ -535,9 +536,8 @@ def plan_budget(
     layers = [lo for lo in options if len(lo.options) > 1]
     if not layers:
         raise BudgetError(f"no layer can take any of the groups {', '.join(budget.groups)}: nothing to allocate")
-    root = measured_root(the_plan)
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with eval_mode(model), eval_mode(root), torch.random.fork_rng(devices=cuda):
+    root = measured_root(model, graph_module)
+    with eval_mode(model), eval_mode(root), torch.random.fork_rng(devices=cuda_devices(model)):
         model_seconds = _time_options(root, layers, example_inputs) if budget.kind == "speedup" else None
         _check_reachable(budget, layers, model_seconds)
         heldout_reference = _heldout_reference(budget, root, heldout_batches)
@@ -547,13 +547,11 @@ def plan_budget(
         if budget.fidelity:
 
             def check(allocation: Allocation) -> Verification:
-                return _verify(outcome, the_plan, root, allocation, calibration_mode, max_calibration_rows)
+                return _verify(outcome, plans, graph_module, root, allocation, calibration_mode, max_calibration_rows)
 
             outcome.allocation = _fidelity_allocation(budget, layers, check, outcome.verified)
         else:
             outcome.allocation = _allocate(budget, layers, model_seconds)
-    chosen = {lo.name: o.plan for lo, o in zip(layers, outcome.chosen)}
-    the_plan.layers = [chosen.get(p.name, p) for p in the_plan.layers]
     return outcome
 
 
@@ -589,7 +587,8 @@ def _heldout_reference(budget: Budget, root: nn.Module, heldout: list[object] | 
 
 def _verify(
     outcome: BudgetOutcome,
-    the_plan: CompressionPlan,
+    plans: list[LayerPlan],
+    graph_module: torch.fx.GraphModule | None,
     root: nn.Module,
     allocation: Allocation,
     mode: str,
@@ -599,7 +598,7 @@ def _verify(
     model on the held-out batches. Nothing is swapped: a forward hook on each original layer returns its fitted
     replacement's output while the fits and the measurement run, and is removed after."""
     chosen = {lo.name: lo.options[j].plan for lo, j in zip(outcome.layers, allocation.choice)}
-    todo = [q for q in (chosen.get(p.name, p) for p in the_plan.layers) if q.form]
+    todo = [q for q in (chosen.get(p.name, p) for p in plans) if q.form]
     handles = []
 
     def install(p: LayerPlan, stats: object) -> nn.Module:
@@ -608,7 +607,7 @@ def _verify(
         return fitted
 
     try:
-        calibrate(root, the_plan.graph_module, todo, outcome.fit_batches, install, mode, max_rows)
+        calibrate(root, graph_module, todo, outcome.fit_batches, install, mode, max_rows)
         measured = outcome.measured_fidelity(root)
     finally:
         for handle in handles:
@@ -746,17 +745,17 @@ def _all_dense(budget: Budget, layers: list[LayerOptions], checked: list[Verific
         f"gmcompress: budget {budget}: none of the {len(checked)} allocations checked on the held-out batches met "
         f"it (the closest: {closest.value(budget.kind):.4f} at {closest.params_ratio:.2f}x fewer weights), so every "
         "candidate layer stays dense; allow a larger error (or lower agreement), higher ranks or other groups",
-        stacklevel=5,
+        stacklevel=6,
     )
     dense = float(sum(lo.dense.params for lo in layers))
     return Allocation(tuple(0 for _ in layers), dense, 0.0, dense, True)
 
 
-def measured_root(the_plan: CompressionPlan) -> nn.Module:
+def measured_root(model: nn.Module, graph_module: torch.fx.GraphModule | None) -> nn.Module:
     """The module whose run calls the planned layers: the traced graph when there is one (it calls the layers
     lifted from ``F.linear``/``F.conv*d`` calls, and a bare ``nn.Linear`` model's own product, as modules; the
     user's model calls neither as a module, so hooks there would never fire), else the model itself."""
-    return the_plan.graph_module if the_plan.graph_module is not None else the_plan.model
+    return graph_module if graph_module is not None else model
 
 
 def _time_options(root: nn.Module, layers: list[LayerOptions], example_inputs: object) -> float:

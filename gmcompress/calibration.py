@@ -28,10 +28,16 @@ from .aware import InputStats
 from .batches import calibration_batches, call_arguments, forward_hooks, layer_input, run_model
 from .handlers import LayerPlan
 
-__all__ = ["MODES", "capture_statistics", "calibrate"]
+__all__ = ["MODES", "check_mode", "capture_statistics", "calibrate"]
 
 MODES = ("sequential", "original")
 Install = Callable[[LayerPlan, "InputStats | None"], nn.Module]
+
+
+def check_mode(mode: object) -> None:
+    """ValueError unless ``mode`` is one of :data:`MODES` (``compress(calibration_mode=...)``)."""
+    if mode not in MODES:
+        raise ValueError(f"calibration_mode must be one of {MODES}, got {mode!r}")
 
 
 class _Accumulator:
@@ -93,8 +99,7 @@ def calibrate(
     Plans that are not activation-aware get ``None`` (a plain fit), as does every plan without calibration or
     whose layer the calibration never reaches. ``mode`` is one of :data:`MODES`.
     """
-    if mode not in MODES:
-        raise ValueError(f"calibration_mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     done: set[str] = set()
     if calibration is not None:
         aware = [p for p in plans if p.settings.activation_aware]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gmcompress.report import interleaved_best
+from gmcompress.measure.timing import interleaved_best
 
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 """glibc settings of a long-running server: large blocks are reused, not mapped and faulted in afresh."""

@@ -32,7 +32,8 @@ from common import PeakMemory, measured_on, table_head
 from readme import refresh
 
 import gmcompress as gm
-from gmcompress import aware, zoo
+from gmcompress import zoo
+from gmcompress.fit import aware
 
 POINTS = [
     ("C2", 1),

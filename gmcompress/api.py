@@ -18,18 +18,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .aware import InputStats
-from .batches import calibration_batches, cuda_devices, eval_mode, first_inputs
-from .budget import Budget, BudgetOutcome, plan_budget
-from .calibration import calibrate, check_mode
-from .checks import check_flag
-from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
-from .fx import TraceResult, find_layers, is_lifted, module_aliases, source_name, swap, unfused_paths
-from .groups import FiniteGroup, spec_of
-from .groups import group as parse_group
-from .handlers import LayerPlan, handler_for
-from .nn import GMLayer
-from .paths import (
+from .budget import BudgetOutcome, plan_budget
+from .core.checks import check_flag
+from .core.groups import FiniteGroup, spec_of
+from .core.groups import group as parse_group
+from .core.tables import format_table
+from .fit.aware import InputStats
+from .graph.batches import calibration_batches, cuda_devices, eval_mode, first_inputs
+from .graph.calibration import calibrate, check_mode
+from .graph.fx import TraceResult, find_layers, is_lifted, module_aliases, source_name, swap, unfused_paths
+from .measure.counts import count_macs, equivariance_error, state_dict_bytes
+from .measure.fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
+from .measure.paths import (
     AS_IS,
     FREEZE_ROUNDS,
     FREEZE_SECONDS,
@@ -42,17 +42,12 @@ from .paths import (
     serving_form,
     time_forms,
 )
-from .recipe import Recipe, check_pattern, load_recipe, name_matches
-from .report import (
-    CompressionReport,
-    LayerReport,
-    count_macs,
-    equivariance_error,
-    format_table,
-    measure_latencies,
-    measure_latency,
-    state_dict_bytes,
-)
+from .measure.timing import measure_latencies, measure_latency
+from .nn import GMLayer
+from .planning.budget_spec import Budget
+from .planning.handlers import LayerPlan, handler_for
+from .planning.recipe import Recipe, check_pattern, load_recipe, name_matches
+from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "plan", "apply_plan", "freeze", "CompressionPlan"]
 

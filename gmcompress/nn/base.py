@@ -17,14 +17,14 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..checks import check_rank
-from ..groups import FiniteGroup
-from ..structure import GMFit, Pattern
+from ..core.checks import check_rank
+from ..core.groups import FiniteGroup
+from ..core.kernels import materialize
+from ..core.patterns import GMFit, Pattern
 from .functional import (
     ProductPlan,
     gauss_weights,
     has_gauss_blocks,
-    materialize,
     packed_index,
     packed_weights,
     product_plan,

@@ -19,18 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
-from .. import aware
-from ..groups import FiniteGroup
-from ..groups import group as _as_group
-from ..structure import channel_counts, pattern_for
+from ..core.groups import FiniteGroup
+from ..core.groups import group as _as_group
+from ..core.kernels import block_plan
+from ..core.patterns import channel_counts, pattern_for
+from ..fit import aware
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import (
-    ProductPlan,
-    block_plan,
-    grouped_conv_forward,
-    has_gauss_blocks,
-    modulated_back,
-)
+from .functional import ProductPlan, grouped_conv_forward, has_gauss_blocks, modulated_back
 
 CONV_IMPLS = ("auto", "dense", "grouped", "packed")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")

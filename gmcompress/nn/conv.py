@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .. import aware
-from ..checks import check_finite
-from ..groups import FiniteGroup, square_element, square_group
-from ..structure import conv_pattern
+from ..core.checks import check_finite
+from ..core.groups import FiniteGroup, square_element, square_group
+from ..core.patterns import conv_pattern
+from ..fit import aware
 from .base import BiasMode, GMModule, expand_bias, make_bias
 
 

@@ -9,20 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import aware
-from ..groups import FiniteGroup, left_cosets
-from ..groups import group as _as_group
-from ..structure import channel_counts, pattern_for
+from ..core.groups import FiniteGroup, left_cosets
+from ..core.groups import group as _as_group
+from ..core.kernels import block_plan, full_kernels
+from ..core.patterns import channel_counts, pattern_for
+from ..fit import aware
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import (
-    ProductPlan,
-    block_plan,
-    blocks_forward,
-    fft_forward,
-    full_kernels,
-    has_gauss_blocks,
-    kernel_spectra,
-)
+from .functional import ProductPlan, blocks_forward, fft_forward, has_gauss_blocks, kernel_spectra
 
 IMPLS = ("auto", "dense", "blocks", "packed", "fft")
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, jit, nn
 
-from .handlers import handler_for, own_forward_base
-from .nn import GMLayer
+from ..nn import GMLayer
+from ..planning.handlers import handler_for, own_forward_base
 
 __all__ = [
     "TraceResult", "find_layers", "swap", "module_aliases", "source_name", "is_lifted", "unfused_paths",

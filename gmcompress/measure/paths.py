@@ -18,10 +18,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from .batches import first_inputs
-from .handlers import LayerPlan
-from .nn import GMLayer, NotApplicable
-from .report import block_seconds, format_table, interleaved_best
+from ..core.tables import format_table
+from ..graph.batches import first_inputs
+from ..nn import GMLayer, NotApplicable
+from ..planning.handlers import LayerPlan
+from .timing import block_seconds, interleaved_best
 
 __all__ = [
     "PATH_SECONDS",

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import short_repr
+from ..core.checks import short_repr
 
 __all__ = [
     "run_model", "call_arguments", "layer_input", "forward_hooks", "first_inputs", "first_tensor", "output_tensors",

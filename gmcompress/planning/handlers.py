@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aware import InputStats
-from .checks import check_finite, check_rank
-from .groups import FiniteGroup, square_group
-from .groups import group as parse_group
-from .nn import GMChannelConv, GMConv2d, GMLayer, GMLinear
+from ..core.checks import check_finite, check_rank
+from ..core.groups import FiniteGroup, square_group
+from ..core.groups import group as parse_group
+from ..fit.aware import InputStats
+from ..nn import GMChannelConv, GMConv2d, GMLayer, GMLinear
 from .settings import LayerSettings
 
 __all__ = ["LayerPlan", "LayerHandler", "register", "handler_for", "own_forward_base", "type_names", "HANDLERS"]

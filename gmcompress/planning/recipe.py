@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .budget import Budget
+from .budget_spec import Budget
 from .handlers import type_names
 from .settings import SETTING_TYPES, LayerSettings, check_setting
 

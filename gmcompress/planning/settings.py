@@ -11,9 +11,9 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .groups import FiniteGroup, spec_of
-from .groups import group as parse_group
-from .nn.linear import IMPLS
+from ..core.groups import FiniteGroup, spec_of
+from ..core.groups import group as parse_group
+from ..nn.linear import IMPLS
 
 __all__ = ["LayerSettings", "ON_MISMATCH", "BIAS", "SETTING_TYPES", "check_setting"]
 

@@ -36,12 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import structure
-from .checks import check_nonnegative
-from .groups import FiniteGroup
-from .groups import group as as_group
-from .nn.functional import block_plan, materialize
-from .structure import GMFit, Pattern, pattern_for, regular_pattern
+from ..core.checks import check_nonnegative
+from ..core.groups import FiniteGroup
+from ..core.groups import group as as_group
+from ..core.kernels import block_plan, materialize
+from ..core.patterns import GMFit, Pattern, pattern_for, regular_pattern
+from .plain import plain_fit, plain_project
 
 __all__ = ["InputStats", "stats_dtype", "project", "project_pattern", "fit_kernels", "solve"]
 
@@ -444,8 +444,8 @@ def project_pattern(
     w = torch.as_tensor(w)
     w64 = w.detach().to("cpu", torch.float64).numpy()
     if inputs is None:
-        return structure.project_pattern(w64, pattern, rank, modulate, support, what=what)
-    kernels, modulations, sup = structure.plain_fit(w64, pattern, rank, modulate, support, what)
+        return plain_project(w64, pattern, rank, modulate, support, what=what)
+    kernels, modulations, sup = plain_fit(w64, pattern, rank, modulate, support, what)
     fit = GMFit(pattern, kernels, modulations, sup, 0.0, modulate)
     stats = InputStats.of(inputs, w.shape[1], w.device)
     fit.kernels, fit.output_error, fit.relative_error, _ = fit_kernels(

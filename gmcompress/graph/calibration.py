@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import fx, nn
 
-from .aware import InputStats
+from ..fit.aware import InputStats
+from ..planning.handlers import LayerPlan
 from .batches import calibration_batches, call_arguments, forward_hooks, layer_input, run_model
-from .handlers import LayerPlan
 
 __all__ = ["MODES", "check_mode", "capture_statistics", "calibrate"]
 

@@ -48,7 +48,7 @@ ROUNDS = {"rounds": 3}  # interleaved timing rounds; the --quick smoke runs set 
 
 def interleaved(timers: dict, rounds: int | None = None) -> dict:
     """Best of ``rounds`` (default ``ROUNDS["rounds"]``) interleaved rounds of every timing function in
-    ``timers`` (each returns seconds): :func:`gmcompress.report.interleaved_best`."""
+    ``timers`` (each returns seconds): :func:`gmcompress.measure.timing.interleaved_best`."""
     return interleaved_best(timers, rounds or ROUNDS["rounds"])
 
 

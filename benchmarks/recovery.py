@@ -35,7 +35,7 @@ from readme import refresh
 
 import gmcompress as gm
 from gmcompress import zoo
-from gmcompress.planning.recipe import load_recipe, parse_recipe
+from gmcompress.recipe import load_recipe, parse_recipe
 
 
 def _layer_ratio(report: gm.CompressionReport) -> tuple[int, int]:

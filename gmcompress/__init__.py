@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .io import load, save
     from .measure.paths import FreezeReport
     from .planning.budget_spec import Budget, BudgetError
-    from .planning.recipe import Recipe
+    from .recipe import Recipe
     from .report import CompressionReport
     from .training import FinetuneResult, NonFiniteError, finetune
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # homes are gm.groups.group and gm.training.FeatureTaps
 _EXPORTS = {
     "compress": "api", "plan": "api", "CompressionPlan": "api", "freeze": "api",
-    "Budget": "planning.budget_spec", "BudgetError": "planning.budget_spec", "Recipe": "planning.recipe",
+    "Budget": "planning.budget_spec", "BudgetError": "planning.budget_spec", "Recipe": "recipe",
     "finetune": "training", "FinetuneResult": "training", "NonFiniteError": "training", "FeatureTaps": "training",
     "save": "io", "load": "io", "group": "groups", "CompressionReport": "report", "FreezeReport": "measure.paths",
 }  # fmt: skip

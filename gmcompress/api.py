@@ -46,7 +46,7 @@ from .measure.timing import measure_latencies, measure_latency
 from .nn import GMLayer
 from .planning.budget_spec import Budget
 from .planning.handlers import LayerPlan, handler_for
-from .planning.recipe import Recipe, check_pattern, load_recipe, name_matches
+from .recipe import Recipe, check_pattern, load_recipe, name_matches
 from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "plan", "apply_plan", "freeze", "CompressionPlan"]
@@ -54,7 +54,7 @@ __all__ = ["compress", "plan", "apply_plan", "freeze", "CompressionPlan"]
 
 @dataclass
 class CompressionPlan:
-    """One :class:`~gmcompress.handlers.LayerPlan` per dense layer of the model (nothing fitted yet)."""
+    """One :class:`~gmcompress.planning.handlers.LayerPlan` per dense layer of the model (nothing fitted yet)."""
 
     model: nn.Module
     layers: list[LayerPlan]
@@ -351,20 +351,22 @@ def compress(
     ``conv_group``, ``min_features``, ``damping``) overriding its defaults; ``include``/``exclude`` are
     regexes that must match a whole module name. With ``calibration`` (one batch: a tensor or a dict of keyword
     inputs; or an iterable of batches such as a list or a DataLoader: tensors, tuples or dicts of model inputs, or
-    ``(inputs, labels)`` pairs read as ``finetune`` reads them, see :func:`~gmcompress.batches.calibration_batches`)
-    layers are fitted activation-aware from per-layer input statistics (``max_calibration_rows`` caps the rows
-    per layer; None: all of them). ``calibration_mode`` "sequential" fits the layers in call order, each on the
+    ``(inputs, labels)`` pairs read as ``finetune`` reads them, see
+    :func:`~gmcompress.graph.batches.calibration_batches`) layers are fitted activation-aware from per-layer input
+    statistics (``max_calibration_rows`` caps the rows per layer; None: all of them). ``calibration_mode``
+    "sequential" fits the layers in call order, each on the
     inputs the already compressed layers before it produce; "original" fits every layer on the original model's
-    activations (see :mod:`gmcompress.calibration`). ``example_inputs`` (one batch: a tensor, a tuple or a dict)
+    activations (see :mod:`gmcompress.graph.calibration`). ``example_inputs`` (one batch: a tensor, a tuple or a dict)
     lets the report measure MACs and latency. No forward path is timed here: each GM layer takes its documented
     ``"auto"`` rule, and the report's latency is the model's as compressed; :func:`freeze` measures every
     layer's forms for serving, on the serving device and batch.
-    ``budget`` (a :class:`~gmcompress.budget.Budget`, ``"params=4"`` or a mapping; or the recipe's ``budget:``)
+    ``budget`` (a :class:`~gmcompress.Budget`, ``"params=4"`` or a mapping; or the recipe's ``budget:``)
     chooses each layer's group and rank (or keeps it dense) from measured error, size and latency; ``group``
     then names the candidates (a family: "C", "D", a group or a list of groups). See :mod:`gmcompress.budget`.
 
     Fidelity: the report compares the compressed model with the original on data the fits did not see
-    (:mod:`gmcompress.fidelity`): ``heldout`` batches if given, else ``example_inputs``, else the last quarter of
+    (:mod:`gmcompress.measure.fidelity`): ``heldout`` batches if given, else ``example_inputs``, else the last
+    quarter of
     the calibration samples (kept out of the fits). When the model has lost its predictions (top-1 agreement
     under 0.9 for a classifier, else output error over 0.5) ``compress`` warns, naming the layers that fit worst.
 
@@ -421,7 +423,7 @@ def _keep_lifted_dense(the_plan: CompressionPlan) -> None:
 def _restore_modes(root: nn.Module, modes: dict[str, bool]) -> None:
     """Each module of the result takes the training flag its counterpart in the model had (``modes``, by name):
     the module itself, the dense layer a GM layer replaced, the module a GraphModule stands for or whose weight a
-    lifted functional layer holds (:func:`~gmcompress.fx.source_name`); a module with none, its parent's."""
+    lifted functional layer holds (:func:`~gmcompress.graph.fx.source_name`); a module with none, its parent's."""
     for name, module in root.named_modules(remove_duplicate=False):
         source = source_name(root, name)
         module.training = modes[source] if source in modes else root.get_submodule(name.rpartition(".")[0]).training
@@ -432,7 +434,7 @@ def _fidelity_data(
 ) -> tuple[list[object] | torch.Tensor | None, list[object] | None, str]:
     """``(calibration for the fits, held-out batches, what they are)``: ``heldout`` if given, else
     ``example_inputs``, else the last quarter of the calibration samples, which the fits then do not see
-    (:func:`~gmcompress.fidelity.split_holdout`); no held-out batches when there is none of these."""
+    (:func:`~gmcompress.measure.fidelity.split_holdout`); no held-out batches when there is none of these."""
     if heldout is not None:
         return calibration, as_batches(heldout), "held-out"
     if example_inputs is not None:
@@ -487,7 +489,7 @@ def apply_plan(
     """Fit every planned layer, swap it into ``root`` at all its names, and attach the report as ``root.gm_report``.
 
     ``original``: an untouched dense copy of the model; with it the latencies before and after are measured at
-    the end in alternating rounds (:func:`~gmcompress.report.measure_latencies`), else one after the other."""
+    the end in alternating rounds (:func:`~gmcompress.measure.timing.measure_latencies`), else one after the other."""
     model = the_plan.model
     report = CompressionReport(traced=the_plan.traced, trace_failure=the_plan.trace_failure)
     report.params_before, report.bytes_before = _count_params(model), state_dict_bytes(model)
@@ -534,7 +536,7 @@ class _Swaps:
 
 def install(swaps: _Swaps, p: LayerPlan, stats: InputStats | None) -> nn.Module:
     """Build the planned layer ``p`` from ``stats``, swap it in at every name its dense layer has and record its
-    report row (the ``install`` step :func:`~gmcompress.calibration.calibrate` calls per layer)."""
+    report row (the ``install`` step :func:`~gmcompress.graph.calibration.calibrate` calls per layer)."""
     if stats is not None and stats.rows < stats.gram.shape[0]:
         swaps.few_rows.append(f"{p.name} ({stats.rows} rows for {stats.gram.shape[0]} inputs)")
     new = p.build(stats)
@@ -591,13 +593,14 @@ def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, p
 
     Each GM layer's input is captured on ``example_inputs`` (one batch as it will be served: a tensor, a tuple or a
     dict, on the model's device), and the layer is timed there in each of its forward paths (``impls()``) and as its
-    plain torch layer (``to_dense()``), in interleaved rounds (:func:`~gmcompress.paths.time_forms`). The fastest is
-    kept (a GM form only when at least 5% faster than the plain layer, :func:`~gmcompress.paths.serving_form`): a
+    plain torch layer (``to_dense()``), in interleaved rounds (:func:`~gmcompress.measure.paths.time_forms`). The
+    fastest is kept (a GM form only when at least 5% faster than the plain layer,
+    :func:`~gmcompress.measure.paths.serving_form`): a
     path (``layer.impl``), or the plain ``nn.Linear``/``nn.Conv*`` swapped in at every name the layer has. Use it
     after ``compress`` (and ``finetune``), before serving, on the serving device and batch.
 
     The result is in eval mode with ``requires_grad`` False on every parameter, and carries a
-    :class:`~gmcompress.paths.FreezeReport` as ``.freeze_report``. It is for inference: ``finetune`` refuses it
+    :class:`~gmcompress.measure.paths.FreezeReport` as ``.freeze_report``. It is for inference: ``finetune`` refuses it
     and a backward through it reaches no parameter; train the compressed model and freeze it again. Freezing a
     frozen model is an error (its plain layers can no longer take a GM path): freeze the model it came from. A
     model without GM layers is returned as it is (a copy, eval, no gradients) with a warning. The user's model is

@@ -5,13 +5,14 @@ plan alone). For every layer the plan would compress, the options are "keep dens
 ``Budget.groups`` whose order divides the layer's sizes at ranks ``1, 2, 4, ..., min(N/2, max_rank)`` (a
 ladder: each step halves the compression, and ``C_N`` rank r has the size of ``C_2N`` rank 2r, so the groups
 together cover every power-of-two ratio). Each option is measured, then one option per layer is allocated
-(:func:`gmcompress.allocation.allocate`, a multiple-choice knapsack). Everything is measured on the traced graph
+(:func:`gmcompress.planning.allocation.allocate`, a multiple-choice knapsack). Everything is measured on the traced
+graph
 when there is one (it calls the layers lifted from functional calls as modules):
 
 * **size**: parameters from the planned layer (no fit);
 * **latency** (``speedup`` budgets): each option's fastest forward path, timed on the layer's real input
   from ``example_inputs`` on an unfitted layer of its shape, in the same interleaved rounds as the dense layer
-  (:func:`gmcompress.paths.time_layers`); the model's latency is predicted as ``T_model - sum_l t_dense_l +
+  (:func:`gmcompress.measure.paths.time_layers`); the model's latency is predicted as ``T_model - sum_l t_dense_l +
   sum_l t_l`` (``T_model`` measured);
 * **sensitivity** (needs ``calibration``): each option fitted activation-aware on the original model's
   statistics on the fit batches; its *layer error* ``||(W - W_gm) X^T|| / ||W X^T||`` and its *model error*, the
@@ -26,7 +27,7 @@ that no choice meets fail before any fit (size and latency are known first) with
 
 Fidelity budgets, ``max_error`` (relative output error) and ``agreement`` (top-1 agreement with the original,
 classifier-shaped outputs only), are checked on held-out batches (``heldout``, else the last part of the
-calibration batches, :func:`gmcompress.fidelity.split_holdout`, which the fits then do not use): errors compound
+calibration batches, :func:`gmcompress.measure.fidelity.split_holdout`, which the fits then do not use): errors compound
 through the layers, so the independent sum under-predicts. The fewest weights with summed squared model errors
 under a cap (``max_error^2``; for ``agreement`` ``8 (1 - agreement)`` to start) are fitted as ``compress`` fits
 them (``calibrate`` on the fit batches) and the model is measured on the held-out batches. While nothing has
@@ -136,7 +137,7 @@ class BudgetOutcome:
         return self.measured_fidelity(model).output_error
 
     def measured_fidelity(self, model: nn.Module) -> Fidelity:
-        """:class:`~gmcompress.fidelity.Fidelity` of ``model`` against the original on the held-out batches."""
+        """:class:`~gmcompress.measure.fidelity.Fidelity` of ``model`` against the original on the held-out batches."""
         with eval_mode(model):
             return compare_outputs(self.heldout_reference, reference_outputs(model, self.heldout), "held-out")
 
@@ -359,7 +360,7 @@ def plan_budget(
     model: nn.Module,
     graph_module: torch.fx.GraphModule | None,
     budget: Budget,
-    calibration: Iterable[object] | torch.Tensor | None,
+    calibration: list[object] | None,
     example_inputs: object = None,
     max_calibration_rows: int | None = None,
     progress: bool = True,
@@ -369,7 +370,7 @@ def plan_budget(
     """Measure every option of every candidate layer of ``plans`` (the layers of ``model``, traced as
     ``graph_module`` when it traces) and allocate them under ``budget``: the outcome, whose
     :meth:`~BudgetOutcome.allocated` gives the plans with the chosen options. ``heldout``: the batches a fidelity
-    budget is checked on (default: the last part of ``calibration``, :func:`~gmcompress.fidelity.split_holdout`,
+    budget is checked on (default: the last part of ``calibration``, :func:`~gmcompress.measure.fidelity.split_holdout`,
     which the fits then do not use); ``calibration_mode``: how the checked allocations are fitted (as ``compress``
     will). See the module doc."""
     if calibration is None:
@@ -379,7 +380,7 @@ def plan_budget(
             "Budget(speedup=...) needs example inputs to time the model and each option (example_inputs=..., or "
             "--example-shape / --example-inputs on the command line)"
         )
-    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    batches = list(calibration)  # the list of batches.calibration_batches
     if not batches:
         raise BudgetError("the calibration batches are empty: a budget measures each option's error on them")
     batches, heldout_batches = _holdout(budget, batches, heldout)
@@ -428,7 +429,7 @@ def _holdout(
     budget: Budget, batches: list[object], heldout: Iterable[object] | torch.Tensor | None
 ) -> tuple[list[object], list[object] | None]:
     """``(batches for the fits, held-out batches)``: ``heldout`` when given; else, for a fidelity budget, the
-    calibration batches split by :func:`~gmcompress.fidelity.split_holdout`; else no held-out batches."""
+    calibration batches split by :func:`~gmcompress.measure.fidelity.split_holdout`; else no held-out batches."""
     if heldout is not None:
         return batches, as_batches(heldout)
     if not budget.fidelity:
@@ -468,15 +469,9 @@ def _verify(
     replacement's output while the fits and the measurement run, and is removed after."""
     chosen = {lo.name: lo.options[j].plan for lo, j in zip(outcome.layers, allocation.choice)}
     todo = [q for q in (chosen.get(p.name, p) for p in plans) if q.form]
-    handles = []
-
-    def install(p: LayerPlan, stats: object) -> nn.Module:
-        fitted = p.build(stats)
-        handles.append(p.module.register_forward_hook(partial(_replace_output, fitted), with_kwargs=True))
-        return fitted
-
+    handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        calibrate(root, graph_module, todo, outcome.fit_batches, install, mode, max_rows)
+        calibrate(root, graph_module, todo, outcome.fit_batches, partial(install_by_hook, handles), mode, max_rows)
         measured = outcome.measured_fidelity(root)
     finally:
         for handle in handles:
@@ -485,6 +480,15 @@ def _verify(
     dense = sum(lo.dense.params for lo in outcome.layers)
     predicted = math.sqrt(_total(errors, allocation.choice))
     return Verification(allocation.choice, dense / _total(params, allocation.choice), predicted, measured)
+
+
+def install_by_hook(handles: list[torch.utils.hooks.RemovableHandle], p: LayerPlan, stats: object) -> nn.Module:
+    """Build the planned layer ``p`` from ``stats`` and make its dense layer return the fitted layer's output (a
+    forward hook, appended to ``handles`` for removal): the ``install`` step of a checked allocation, which swaps
+    nothing."""
+    fitted = p.build(stats)
+    handles.append(p.module.register_forward_hook(partial(_replace_output, fitted), with_kwargs=True))
+    return fitted
 
 
 def _replace_output(replacement: nn.Module, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:

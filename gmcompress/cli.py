@@ -280,7 +280,7 @@ def _refuse_compression_options(args: argparse.Namespace) -> None:
 
 def _finetune_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's finetune section with the command line's overrides."""
-    from .planning.recipe import load_recipe
+    from .recipe import load_recipe
     from .training.settings import FEATURE_LOSSES
 
     settings = dict(load_recipe(args.recipe).finetune or {}) if args.recipe else {}

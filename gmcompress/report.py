@@ -59,7 +59,7 @@ class CompressionReport:
     trace_failure: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     budget: str | None = None  # the budget asked and what the plan predicts (gmcompress.budget)
-    fidelity: Fidelity | None = None  # the whole model against the original on held-out data (gmcompress.fidelity)
+    fidelity: Fidelity | None = None  # the whole model against the original on held-out data (measure.fidelity)
 
     @property
     def compressed(self) -> list[LayerReport]:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gmcompress as gm
 from gmcompress.nn import GMLinear
-from gmcompress.planning.recipe import RecipeError, parse_recipe
+from gmcompress.recipe import RecipeError, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:gmcompress. the compressed model has lost:UserWarning")  # C8 on noise

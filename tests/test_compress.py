@@ -14,7 +14,7 @@ import gmcompress as gm
 from gmcompress.core.patterns import conv_pattern
 from gmcompress.fit.reference import project_pattern
 from gmcompress.nn import GMConv2d, GMLinear
-from gmcompress.planning.recipe import RecipeError, load_recipe, parse_recipe
+from gmcompress.recipe import RecipeError, load_recipe, parse_recipe
 
 
 class Small(nn.Module):

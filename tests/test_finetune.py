@@ -401,7 +401,7 @@ def test_bad_config_fails_before_any_work(kwargs, match, tmp_path):
     ],
 )
 def test_recipe_checks_the_resume_and_nonfinite_settings(finetune_section, match):
-    from gmcompress.planning.recipe import RecipeError, parse_recipe
+    from gmcompress.recipe import RecipeError, parse_recipe
 
     with pytest.raises(RecipeError, match=match):
         parse_recipe({"version": 1, "finetune": finetune_section})

@@ -14,7 +14,7 @@ from torch import nn
 import gmcompress as gm
 from gmcompress.cli import main as cli_main
 from gmcompress.nn import GMChannelConv, GMLinear
-from gmcompress.planning.recipe import RecipeError, load_recipe, parse_recipe
+from gmcompress.recipe import RecipeError, load_recipe, parse_recipe
 
 
 def mlp():

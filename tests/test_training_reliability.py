@@ -339,7 +339,7 @@ def test_batchnorm_statistics_are_kept_unless_adapt_is_asked(batchnorm):
 
 
 def test_recipes_take_the_batchnorm_setting():
-    from gmcompress.planning.recipe import RecipeError, parse_recipe
+    from gmcompress.recipe import RecipeError, parse_recipe
 
     assert parse_recipe({"version": 1, "finetune": {"batchnorm": "adapt"}}).finetune == {"batchnorm": "adapt"}
     with pytest.raises(RecipeError, match=r"finetune.batchnorm: expected one of frozen, adapt, got 'train'"):

@@ -316,7 +316,7 @@ def group(spec: str | FiniteGroup) -> FiniteGroup:
     """Parse a group spec (``"C8"``, ``"D4"``, ``"S3"``, ``"C4xC4"``, ``"D4xC2"``, ``"C2^3"``).
 
     A ``FiniteGroup`` passes through unchanged. Unknown specs raise ``ValueError`` listing the
-    accepted forms; a spec whose order exceeds :data:`~gmcompress.checks.MAX_GROUP_ORDER` is refused before
+    accepted forms; a spec whose order exceeds :data:`~gmcompress.core.checks.MAX_GROUP_ORDER` is refused before
     anything of its size is computed.
     """
     if isinstance(spec, FiniteGroup):
@@ -434,7 +434,7 @@ class RegularBasis:
     """A real orthogonal ``Q`` with ``Q^T GM(f) Q`` block-diagonal for every group matrix of G.
 
     ``blocks`` lists the block sizes in column order; blocks are sorted by size. The block of every group
-    diagonal ``B_g`` is computed where it is needed (``gmcompress.nn.functional.block_plan``).
+    diagonal ``B_g`` is computed where it is needed (``gmcompress.core.kernels.block_plan``).
     """
 
     q: np.ndarray

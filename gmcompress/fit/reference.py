@@ -13,6 +13,7 @@ import scipy.sparse.linalg
 from ..core.checks import check_finite, check_nonnegative
 from ..core.groups import FiniteGroup, group
 from ..core.patterns import GMFit, Pattern, class_sums, pattern_for, relaxed_dense
+from .aware import DAMPING
 from .plain import plain_fit, plain_project, relative_error
 
 __all__ = ["project", "project_pattern"]
@@ -28,7 +29,7 @@ def project(
     *,
     in_subgroup: Iterable[int] | None = None,
     out_subgroup: Iterable[int] | None = None,
-    damping: float = 0.1,
+    damping: float = DAMPING,
     max_iter: int = 100,
 ) -> GMFit:
     """Nearest (relaxed) group-matrix form of ``w`` (shape ``(c_out N, c_in N)``) in least squares.
@@ -58,7 +59,7 @@ def project_pattern(
     support: Iterable[int] | None = None,
     inputs: np.ndarray | None = None,
     *,
-    damping: float = 0.1,
+    damping: float = DAMPING,
     max_iter: int = 100,
     what: str = "weight",
 ) -> GMFit:

@@ -1,7 +1,7 @@
 """The graph pass: find the dense layers a model really calls, and swap in replacements.
 
 ``find_layers`` traces the model with ``torch.fx`` (every module that has a handler in
-:mod:`gmcompress.handlers` is kept as a leaf, subclasses included, unless its own ``forward`` reduces to one
+:mod:`gmcompress.planning.handlers` is kept as a leaf, subclasses included, unless its own ``forward`` reduces to one
 functional call on its weight) and lists the ``call_module`` nodes of those layers in execution order, with the
 dense layers inside the torch.nn containers the tracer keeps whole (``nn.TransformerEncoder``, ...). Functional
 calls ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` on a module's own parameters become layers too: each is lifted

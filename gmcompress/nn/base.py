@@ -521,7 +521,7 @@ class GMModule(GMLayer):
                 self.modulations.fill_(1.0)
 
     def load_fit(self, fit: GMFit) -> None:
-        """Write kernels and modulations of a :class:`~gmcompress.structure.GMFit` into the layer's parameters."""
+        """Write kernels and modulations of a :class:`~gmcompress.core.patterns.GMFit` into the layer's parameters."""
         if tuple(fit.kernels.shape) != self._kernel_shape():
             raise ValueError(f"fit kernels {fit.kernels.shape} do not match layer kernels {self._kernel_shape()}")
         self.set_kernels(torch.from_numpy(np.ascontiguousarray(fit.kernels)))

@@ -116,14 +116,14 @@ class GMChannelConv(GMModule):
         *,
         impl: str = "auto",
         pad: bool = False,
-        damping: float = 0.1,
+        damping: float = aware.DAMPING,
         bias: BiasMode | None = None,
         name: str = "",
     ) -> GMChannelConv:
         """Least-squares fit of a ``groups=1`` Conv1d/Conv2d (activation-aware with ``inputs``).
 
         The weight is viewed as the matrix ``W.reshape(C_out, c_in, N, K).permute(0, 1, 3, 2)`` (input index
-        (i, k, q)) and projected (:func:`gmcompress.structure.project_pattern`). ``inputs`` are unfolded
+        (i, k, q)) and projected (:func:`gmcompress.fit.aware.project_pattern`). ``inputs`` are unfolded
         patches ``(samples, C_in * K)`` in ``F.unfold`` order (channel, offset).
         """
         label = f"{name or type(conv).__name__}({conv.in_channels}, {conv.out_channels}, {tuple(conv.kernel_size)})"

@@ -90,7 +90,7 @@ class GMConv2d(GMModule):
         lifting: bool | None = None,
         inputs: np.ndarray | torch.Tensor | aware.InputStats | None = None,
         *,
-        damping: float = 0.1,
+        damping: float = aware.DAMPING,
         bias: BiasMode | None = None,
         name: str = "",
     ) -> GMConv2d:

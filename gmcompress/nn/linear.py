@@ -109,11 +109,11 @@ class GMLinear(GMModule):
         pad: bool = False,
         in_subgroup: Sequence[int] | None = None,
         out_subgroup: Sequence[int] | None = None,
-        damping: float = 0.1,
+        damping: float = aware.DAMPING,
         bias: BiasMode | None = None,
         name: str = "",
     ) -> GMLinear:
-        """Fit ``linear`` by :func:`gmcompress.structure.project` (activation-aware when ``inputs`` is given).
+        """Fit ``linear`` by :func:`gmcompress.fit.aware.project_pattern` (activation-aware when ``inputs`` is given).
 
         The bias is kept per output feature (``bias=None``, exact copy) or, with ``bias="shared"``,
         replaced by its mean over each output channel's group axis (the least-squares equivariant bias).

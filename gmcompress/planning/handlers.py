@@ -46,12 +46,17 @@ class LayerPlan:
     def build(self, stats: InputStats | torch.Tensor | None) -> GMLayer:
         """The fitted GM layer, from calibration statistics (or rows, or None for a plain fit):
         :meth:`LayerHandler.build`."""
-        return self.handler.build(self, stats)
+        return self.handler.build(self._planned(), stats)
 
     def shell(self, device: torch.device) -> GMLayer:
         """The GM layer unfitted (freshly initialised) on ``device``: its size on ``meta``, its speed on the model's
         device (:meth:`LayerHandler.shell`)."""
-        return self.handler.shell(self, device)
+        return self.handler.shell(self._planned(), device)
+
+    def _planned(self) -> LayerPlan:
+        if not self.form:
+            raise ValueError(f"layer {self.name!r} ({self.type}) stays dense: {self.reason or 'nothing planned'}")
+        return self
 
     @property
     def type(self) -> str:
@@ -123,11 +128,11 @@ class LayerHandler:
 
     def build(self, plan: LayerPlan, stats: InputStats | torch.Tensor | None) -> GMLayer:
         """The fitted GM layer of a planned layer (see :meth:`LayerPlan.build`)."""
-        raise ValueError(f"layer {plan.name!r} ({plan.type}) stays dense: {plan.reason or 'nothing planned'}")
+        raise NotImplementedError
 
     def shell(self, plan: LayerPlan, device: torch.device) -> GMLayer:
         """The unfitted GM layer of a planned layer (see :meth:`LayerPlan.shell`)."""
-        raise ValueError(f"layer {plan.name!r} ({plan.type}) stays dense: {plan.reason or 'nothing planned'}")
+        raise NotImplementedError
 
 
 def _module_blocker(module: nn.Module, base_types: tuple[type[nn.Module], ...]) -> str:

@@ -18,6 +18,16 @@ from gmcompress.planning.budget_spec import Budget, BudgetError
 from gmcompress.planning.handlers import LayerPlan
 
 
+def matplotlib_image():
+    """``matplotlib.image`` on the Agg backend (the tests never open a window)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+
+    return matplotlib.image
+
+
 def brute_force(costs, weights, capacity):
     """The optimum by enumerating every choice (independent of the DP and the Lagrangian)."""
     feasible = [
@@ -294,16 +304,35 @@ def test_cli_budget_flag(tmp_path, capsys):
     assert "choice" in out.out and "budget params=2: planned" in out.out
 
 
-def test_frontier_runs_from_the_smallest_model_to_dense_and_the_plot_is_written(tmp_path):
+def test_frontier_points_are_the_best_allocations_of_their_caps_and_the_plot_draws_them(tmp_path):
     out = gm.plan(mlp(), budget=Budget(params=3.0, groups=GROUPS), calibration=calibration(), progress=False).budget
-    pts = out.frontier(points=8)
+    points = 8
+    pts = out.frontier(points=points)
     ratios, errors = [p[0] for p in pts], [p[1] for p in pts]
-    smallest = sum(lo.dense.params for lo in out.layers) / sum(min(o.params for o in lo.options) for lo in out.layers)
-    assert ratios[0] == pytest.approx(smallest) and ratios[-1] == pytest.approx(1.0) and errors[-1] == 0.0
+    costs = [[o.model_error**2 for o in lo.options] for lo in out.layers]
+    weights = [[o.params for o in lo.options] for lo in out.layers]
+    dense, smallest = sum(lo.dense.params for lo in out.layers), sum(min(w) for w in weights)
+    for i, (ratio, error, speedup) in enumerate(pts):  # caps spaced geometrically from the smallest model to dense
+        best, choice = brute_force(costs, weights, smallest * (dense / smallest) ** (i / (points - 1)))
+        assert error == pytest.approx(math.sqrt(best), rel=1e-9, abs=1e-12)
+        assert ratio == pytest.approx(dense / sum(w[j] for w, j in zip(weights, choice)))
+        assert math.isnan(speedup)  # nothing was timed: no example inputs
+    assert ratios[0] == pytest.approx(dense / smallest) and ratios[-1] == pytest.approx(1.0) and errors[-1] == 0.0
     assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:]))  # more weights never cost error
-    assert min(abs(r - out.params_ratio) for r in ratios) >= 0 and out.params_ratio >= 3.0
-    out.plot(tmp_path / "frontier.png")
-    assert (tmp_path / "frontier.png").stat().st_size > 1000
+    assert out.params_ratio >= 3.0 and any(r > out.params_ratio for r in ratios)
+    # the chosen plan is the best at its size: no point of the frontier is both smaller and more accurate
+    assert all(e >= out.model_error - 1e-12 for r, e in zip(ratios, errors) if r >= out.params_ratio)
+
+    fig = out.plot(tmp_path / "frontier.png")
+    frontier_line, chosen = fig.axes[0].lines[:2]
+    drawn = out.frontier()
+    assert list(frontier_line.get_xdata()) == [p[0] for p in drawn]
+    assert list(frontier_line.get_ydata()) == [p[1] for p in drawn]
+    assert (list(chosen.get_xdata()), list(chosen.get_ydata())) == ([out.params_ratio], [out.model_error])
+    image = matplotlib_image().imread(tmp_path / "frontier.png")
+    assert image.shape == (480, 720, 4)  # 6 x 4 inches at 120 dpi
+    red = (image[..., 0] > 0.9) & (image[..., 1] < 0.1) & (image[..., 2] < 0.1)
+    assert red.sum() > 20  # the chosen plan's red star (and its legend entry) is in the file
 
 
 # ---------------------------------------------------------------- what a careless-user probe found (each one failed)

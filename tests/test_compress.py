@@ -1,9 +1,13 @@
+import io
 import json
 import subprocess
 import sys
 import textwrap
 import warnings
 
+import matplotlib
+import matplotlib.colors
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -15,6 +19,7 @@ from gmcompress.core.patterns import conv_pattern
 from gmcompress.fit.reference import project_pattern
 from gmcompress.nn import GMConv2d, GMLinear
 from gmcompress.recipe import RecipeError, load_recipe, parse_recipe
+from gmcompress.report import CompressionReport
 
 
 class Small(nn.Module):
@@ -283,18 +288,72 @@ def test_shipped_recipes_parse():
         assert recipe.finetune is not None
 
 
-def test_report_outputs(tmp_path):
-    x = torch.randn(3, 4, 4, 4)
-    out = gm.compress(Small(), group="C8", rank=2, conv_group="C4", example_inputs=x, progress=False)
+def saved_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def markdown_rows(table: str) -> dict[str, list[str]]:
+    """The cells of every row of the Markdown tables in ``table``, by their first cell."""
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_report_counts_equal_the_models_and_every_output_shows_them(tmp_path):
+    """Parameters, bytes and MACs against counts made here (a sum over parameters(), torch.save into memory, torch's
+    FlopCounterMode per layer), in the report's fields, its JSON, Markdown and text, and its plot (bar heights, and
+    the PNG's pixels)."""
+    torch.manual_seed(0)
+    x, model = torch.randn(3, 4, 4, 4), Small().eval()
+    out = gm.compress(model, group="C8", rank=2, conv_group="C4", example_inputs=x, progress=False)
     rep = out.gm_report
+    names = ["conv", "point", "fc1", "fc2"]
+    before = {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
+    after = {n: sum(p.numel() for p in out.get_submodule(n).parameters()) for n in names}
+    assert rep.params_before == sum(p.numel() for p in model.parameters())
+    assert rep.params_after == sum(p.numel() for p in out.parameters())
+    assert (rep.bytes_before, rep.bytes_after) == (saved_bytes(model), saved_bytes(out))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    flops = counter.get_flop_counts()
+    macs = {n: sum(flops[f"Small.{n}"].values()) // 2 for n in names}  # a multiply-add is 2 flops
+    assert rep.macs_before == sum(macs.values())
+    assert [(r.name, r.status, r.params_before, r.params_after, r.macs_before) for r in rep.layers] == [
+        (n, "skipped" if n == "fc2" else "compressed", before[n], after[n], macs[n]) for n in names
+    ]
+    assert all(r.macs_after == r.macs_before for r in rep.layers if r.path in ("dense", ""))  # the dense product
+    assert rep.latency_after_ms > 0
+
     data = json.loads(rep.to_json())
-    assert data["params_after"] == rep.params_after and len(data["layers"]) == 4
-    assert "| fc1 |" in rep.to_markdown()
-    assert rep.macs_after == gm.report.count_macs(out, x)[0] and rep.latency_after_ms > 0
-    rep.plot(tmp_path / "layers.png")
-    assert (tmp_path / "layers.png").stat().st_size > 1000
-    text = str(rep)
-    assert "parameters" in text and "torch.fx" in text
+    assert [(r["name"], r["params_before"], r["params_after"]) for r in data["layers"]] == [
+        (n, before[n], after[n]) for n in names
+    ]
+    assert (data["params_before"], data["params_after"], data["bytes_after"]) == (
+        rep.params_before, rep.params_after, saved_bytes(out),
+    )  # fmt: skip
+    rows = markdown_rows(rep.to_markdown())
+    header = CompressionReport.LAYER_HEADER
+    for n in names[:3]:  # fc2's row holds its skip reason, whose "|C8|" splits the cells
+        cells = dict(zip(header[1:], rows[n]))
+        assert (cells["params before"], cells["params after"]) == (f"{before[n]:,}", f"{after[n]:,}")
+    ratio = rep.params_before / rep.params_after
+    assert rows["parameters"] == [f"{rep.params_before:,}", f"{rep.params_after:,}", f"{ratio:.2f}x"]
+    assert rows["bytes (state_dict)"][:2] == [f"{saved_bytes(model):,}", f"{saved_bytes(out):,}"]
+    assert "3 of 4 layers compressed via torch.fx graph pass" in str(rep)
+
+    fig = rep.plot(tmp_path / "layers.png")
+    params_axis, error_axis = fig.axes
+    assert [bar.get_height() for bar in params_axis.patches] == [before[n] for n in names] + [after[n] for n in names]
+    assert [bar.get_height() for bar in error_axis.patches] == [r.fit_error or 0.0 for r in rep.layers]
+    assert [label.get_text() for label in error_axis.get_xticklabels()] == names
+    image = matplotlib.image.imread(tmp_path / "layers.png")[..., :3]
+    assert image.shape == (720, 720, 3)  # 6 x 6 inches at 120 dpi
+
+    def has_colour(name: str) -> bool:
+        return bool((np.abs(image - np.array(matplotlib.colors.to_rgb(name))).max(axis=-1) < 0.01).any())
+
+    assert all(has_colour(c) for c in ("tab:blue", "tab:orange", "tab:red"))  # original, compressed, fit error
 
 
 def test_save_load_round_trip_bit_exact(tmp_path):

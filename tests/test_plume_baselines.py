@@ -26,10 +26,43 @@ def relative_turn_error(layer: torch.nn.Module, x: torch.Tensor) -> float:
     return float((layer(turn(x)) - turn(layer(x))).norm() / layer(x).norm())
 
 
-@pytest.mark.parametrize("layer", [RPPConv2d(8, 12), RGroupConv2d(8, 12, banks=3)])
-def test_output_shapes(layer):
-    x = torch.randn(2, 8, 11, 9)
-    assert layer(x).shape == (2, 12, 11, 9)
+def exact_weight(kernels: torch.Tensor, modulate: bool = False) -> torch.Tensor:
+    """The dense 3x3 weight of an exact p4 GMConv2d (8 -> 12 channels) with these kernels."""
+    exact = GMConv2d(8, 12, 3, "C4", kernels.shape[0], modulate, padding=1, bias=False, dtype=kernels.dtype)
+    with torch.no_grad():
+        exact.kernels.copy_(kernels)
+    return exact.to_dense().weight
+
+
+def dense_twin(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of the one plain 3x3 convolution each baseline layer is, built from its parts: RPP the
+    exact path's dense weight plus the residual's; RGroup each bank's exact weight scaled by w_l(g) on output
+    channel c * 4 + g, summed."""
+    if isinstance(layer, RPPConv2d):
+        exact = layer.exact.to_dense()
+        return exact.weight + layer.residual.weight, exact.bias
+    weight = 0
+    for bank, w in enumerate(layer.relaxed_weights):
+        weight = weight + w.repeat(3)[:, None, None, None] * exact_weight(layer.tied.kernels[bank : bank + 1])
+    return weight, layer.tied.bias.repeat_interleave(4)
+
+
+@pytest.mark.parametrize("layer", [RPPConv2d(8, 12), RGroupConv2d(8, 12, banks=3)], ids=["rpp", "rgroup"])
+def test_outputs_equal_the_plain_convolution_of_the_layers_parts(layer):
+    """On a non-square map (11 x 9, zero padding keeps the size) with a non-zero bias and, for RGroup, relaxed
+    weights away from 1: the layer's output is the dense convolution its parts add up to."""
+    torch.manual_seed(0)
+    layer = layer.double()
+    with torch.no_grad():
+        (layer.exact.bias if isinstance(layer, RPPConv2d) else layer.tied.bias).normal_()
+        if isinstance(layer, RGroupConv2d):
+            layer.relaxed_weights.normal_()
+    x = torch.randn(2, 8, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+        weight, bias = dense_twin(layer)
+        assert y.shape == (2, 12, 11, 9)
+        torch.testing.assert_close(y, torch.nn.functional.conv2d(x, weight, bias, padding=1))
 
 
 def test_rpp_exact_path_is_equivariant_and_the_residual_is_not():

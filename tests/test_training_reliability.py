@@ -197,6 +197,12 @@ def report_best(model):
         (lambda a: a.update(student={"0.weight": 1}), TypeError, "finetune: student must be a torch.nn.Module"),
         (lambda a: a.update(teacher="resnet18"), TypeError, "finetune: teacher must be a torch.nn.Module"),
         (lambda a: a.update(batchnorm="train"), ValueError, "batchnorm must be one of frozen, adapt, got 'train'"),
+        (lambda a: a.update(trainable="gm"), ValueError, "trainable must be one of all, compressed, got 'gm'"),
+        (
+            lambda a: a.update(student=copy.deepcopy(a["teacher"]), trainable="compressed"),
+            ValueError,
+            r"trainable='compressed' trains the GM layers' parameters, but the student \(Sequential\) has none",
+        ),
     ],
 )  # fmt: skip
 def test_bad_arguments_fail_before_any_work(tmp_path, change, error, match):
@@ -336,6 +342,25 @@ def test_batchnorm_statistics_are_kept_unless_adapt_is_asked(batchnorm):
         assert not any(torch.equal(bn.state_dict()[k], stats[k]) for k in buffers)
     assert not torch.equal(bn.weight, stats["weight"]) and not torch.equal(bn.bias, stats["bias"])  # affine trains
     assert [m.training for m in student.modules()] == modes
+
+
+@pytest.mark.parametrize("trainable", ["all", "compressed"])
+def test_trainable_compressed_steps_only_the_gm_layers(trainable):
+    """``trainable="compressed"``: the layers left dense (the first Linear, excluded) keep their weights bit for bit,
+    the GM layer trains, and every requires_grad flag is as before; ``"all"`` trains the dense layer too."""
+    teacher = architecture()
+    student = gm.compress(teacher, group="C8", rank=2, exclude="0", progress=False)
+    assert isinstance(student.get_submodule("3"), gm.nn.GMLinear) and isinstance(student.get_submodule("0"), nn.Linear)
+    student.get_submodule("0").bias.requires_grad_(False)  # a flag of the caller's own, kept
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    before = copy.deepcopy(student.state_dict())
+    finetune(student, teacher, torch.randn(64, 16), steps=4, batch_size=16, lr=1e-2, loss="kd", progress=False,
+             trainable=trainable)  # fmt: skip
+    after = student.state_dict()
+    assert torch.equal(after["0.weight"], before["0.weight"]) == (trainable == "compressed")
+    assert torch.equal(after["0.bias"], before["0.bias"])  # requires_grad False: never stepped
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("3."))
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
 
 
 def test_recipes_take_the_batchnorm_setting():

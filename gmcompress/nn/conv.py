@@ -33,7 +33,7 @@ class GMConv2d(GMModule):
     scale sets the sign of all |H| orientation channels of its fibre at once, and after a few layers it
     outweighs the signal (about 0.4x per layer at this initialisation): behind a ReLU a layer of c fibres
     was then entirely off at initialisation as often as c coins all land tails, and a dead layer never
-    trains (the "drifting" relaxed seed of the smoke-plume benchmark, benchmarks/README.md).
+    trains (the "drifting" relaxed seed of the smoke-plume benchmark, benchmarks/studies/plume.md).
     """
 
     def __init__(

@@ -17,6 +17,7 @@ RESUME = ("auto", "never", "must")
 NONFINITE = ("raise", "skip")
 BATCHNORM = ("frozen", "adapt")  # running statistics of BatchNorm layers while training: kept, or updated
 AMP = (None, False, True, "bf16", "fp16")  # mixed precision: off, bf16 (True), or the dtype named
+TRAINABLE = ("all", "compressed")  # the parameters the optimizer steps: every one, or those of the GM layers
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; the epoch seeds stay below 2**63
 DEFAULT_BATCH_SIZE = 64
 _UNFINGERPRINTED = ("checkpoint_every", "nonfinite")  # they change when files are written / errors, not the weights
@@ -58,6 +59,7 @@ class _Settings:
     nonfinite: str = "raise"
     features: tuple[str, ...] | None = None  # submodules whose outputs join the distilled output (taps.py)
     batchnorm: str = "frozen"  # BATCHNORM: BatchNorm layers in eval mode while training ("frozen"), or not
+    trainable: str = "all"  # TRAINABLE: every parameter that requires grad, or only the GM layers' ones
 
     def validate(self, teacher: nn.Module | None) -> None:
         """Raise ValueError for the first bad setting: wrong type, NaN/inf, or out of range."""
@@ -89,6 +91,8 @@ class _Settings:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {self.nonfinite!r}")
         if self.batchnorm not in BATCHNORM:
             raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM)}, got {self.batchnorm!r}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         if self.loss != "task" and teacher is None:
             raise ValueError(f"loss={self.loss!r} distils from a teacher: pass teacher=<the original model>")
         if self.features is not None:

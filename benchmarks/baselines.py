@@ -50,7 +50,7 @@ def replace_layers(model: nn.Module, names: list[str], budget: dict[str, int], k
     weights (bias excluded, as for the GM layers' kernels + modulations)."""
     import copy
 
-    from gmcompress.fx import swap
+    from gmcompress.graph.fx import swap
 
     out = copy.deepcopy(model)
     for name in names:

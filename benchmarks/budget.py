@@ -29,7 +29,7 @@ from torch import nn
 
 import gmcompress as gm
 from gmcompress import zoo
-from gmcompress.report import measure_latency
+from gmcompress.measure.timing import measure_latency
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import replace_layers  # noqa: E402
@@ -150,7 +150,7 @@ def amdahl(net: nn.Module, x: torch.Tensor) -> list[str]:
     """The model's latency with every compressible layer made free (replaced by a stub returning zeros)."""
     import copy
 
-    from gmcompress.fx import swap
+    from gmcompress.graph.fx import swap
 
     names = [r.name for r in gm.plan(net, "C2").layers if r.form]
     shapes = {}

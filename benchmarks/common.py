@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gmcompress.report import interleaved_best
+from gmcompress.measure.timing import interleaved_best
 
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 """glibc settings of a long-running server: large blocks are reused, not mapped and faulted in afresh."""
@@ -48,7 +48,7 @@ ROUNDS = {"rounds": 3}  # interleaved timing rounds; the --quick smoke runs set 
 
 def interleaved(timers: dict, rounds: int | None = None) -> dict:
     """Best of ``rounds`` (default ``ROUNDS["rounds"]``) interleaved rounds of every timing function in
-    ``timers`` (each returns seconds): :func:`gmcompress.report.interleaved_best`."""
+    ``timers`` (each returns seconds): :func:`gmcompress.measure.timing.interleaved_best`."""
     return interleaved_best(timers, rounds or ROUNDS["rounds"])
 
 

@@ -10,8 +10,8 @@ matrix of the same shape is fitted too, as a reference for "no structure at all"
 
 Throughput: activation-aware fits of Gaussian weights on synthetic calibration rows (a decaying rank-256
 signal, isotropic noise and 8 outlier features: anisotropic like real activations), by layer size, rows
-and rank, on the CPU (and CUDA when available). "fast" is ``gmcompress.aware.project`` from the rows (the
-``X^T X`` statistics included), "scipy LSQR" the previous solver (``gmcompress.structure.project``, kept as
+and rank, on the CPU (and CUDA when available). "fast" is ``gmcompress.fit.aware.project`` from the rows (the
+``X^T X`` statistics included), "scipy LSQR" the previous solver (``gmcompress.fit.reference.project``, kept as
 the reference); both in one run. weights/s = layer weights / seconds; peak = the highest resident memory
 above the start of the fit; err ratio = fast output error / LSQR output error on the same layer.
 """
@@ -32,7 +32,8 @@ from common import PeakMemory, measured_on, table_head
 from readme import refresh
 
 import gmcompress as gm
-from gmcompress import aware, zoo
+from gmcompress import zoo
+from gmcompress.fit import aware
 
 POINTS = [
     ("C2", 1),

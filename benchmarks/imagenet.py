@@ -50,8 +50,9 @@ from torch import nn
 import gmcompress as gm
 from gmcompress import zoo
 from gmcompress.budget import _allocate
-from gmcompress.fx import swap
-from gmcompress.report import SLOWER_BELOW, is_slower, measure_latency
+from gmcompress.graph.fx import swap
+from gmcompress.measure.timing import measure_latency
+from gmcompress.report import SLOWER_BELOW, is_slower
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROUNDS, interleaved, measured_on, publish, pyplot, save_figure, steady_allocator  # noqa: E402

@@ -35,8 +35,8 @@ from common import ROUNDS, interleaved, measured_on, steady_allocator
 from readme import refresh
 from torch.utils import benchmark
 
+from gmcompress.measure.timing import settle_allocator
 from gmcompress.nn import GMLinear
-from gmcompress.report import settle_allocator
 
 
 def time_path(layer: torch.nn.Module, impl: str, x: torch.Tensor, min_run_time: float, sync: str = "") -> float:

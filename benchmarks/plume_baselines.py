@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmcompress.core.kernels import materialize
 from gmcompress.nn import GMConv2d
 from gmcompress.nn.base import expand_bias
-from gmcompress.nn.functional import materialize
 
 
 class RPPConv2d(nn.Module):

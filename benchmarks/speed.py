@@ -30,9 +30,9 @@ from torch.utils import benchmark
 
 import gmcompress as gm
 from gmcompress import zoo
-from gmcompress.batches import first_inputs, run_model
-from gmcompress.paths import AS_IS, TORCH_LAYER, FreezeReport
-from gmcompress.report import settle_allocator
+from gmcompress.graph.batches import first_inputs, run_model
+from gmcompress.measure.paths import AS_IS, TORCH_LAYER, FreezeReport
+from gmcompress.measure.timing import settle_allocator
 
 
 def median_ms(model: nn.Module, inputs: object, device: str, min_run_time: float) -> float:

@@ -1,8 +1,9 @@
 """gmcompress: compress pretrained PyTorch networks with (relaxed) group matrices.
 
-The workflow lives here; the layers are in :mod:`gmcompress.nn`, the group-matrix math in
-:mod:`gmcompress.structure` and :mod:`gmcompress.groups`, the per-kind layer handlers in
-:mod:`gmcompress.handlers`, the offline demo models in :mod:`gmcompress.zoo`.
+The workflow lives here (``__all__``); the rest is reached through its namespace: the layers in
+:mod:`gmcompress.nn`, the groups in :mod:`gmcompress.groups`, the group-matrix math in :mod:`gmcompress.structure`,
+fine-tuning in :mod:`gmcompress.training`, saving in :mod:`gmcompress.io`, the offline demo models in
+:mod:`gmcompress.zoo`. The package's layers, bottom to top, are in docs/design.md section 5.
 """
 
 from __future__ import annotations
@@ -11,49 +12,45 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from . import groups, nn, structure
+    from . import groups, nn
     from .api import CompressionPlan, compress, freeze, plan
-    from .budget import Budget, BudgetError
-    from .groups import group
     from .io import load, save
-    from .paths import FreezeReport
+    from .measure.paths import FreezeReport
+    from .planning.budget_spec import Budget, BudgetError
     from .recipe import Recipe
     from .report import CompressionReport
-    from .training import FeatureTaps, FinetuneResult, NonFiniteError, finetune
+    from .training import FinetuneResult, NonFiniteError, finetune
 
-# the module of each name of the workflow, imported on first use: ``import gmcompress`` (and the command line's
-# ``--help``, parsed before any work) does not import torch
+# the module of each name, imported on first use: ``import gmcompress`` (and the command line's ``--help``, parsed
+# before any work) does not import torch. ``group`` and ``FeatureTaps`` stay reachable here for existing code; their
+# homes are gm.groups.group and gm.training.FeatureTaps
 _EXPORTS = {
-    "compress": "api", "plan": "api", "CompressionPlan": "api", "Budget": "budget", "BudgetError": "budget",
-    "finetune": "training", "FeatureTaps": "training", "FinetuneResult": "training", "NonFiniteError": "training",
-    "freeze": "api", "save": "io", "load": "io", "Recipe": "recipe", "group": "groups",
-    "CompressionReport": "report", "FreezeReport": "paths",
+    "compress": "api", "plan": "api", "CompressionPlan": "api", "freeze": "api",
+    "Budget": "planning.budget_spec", "BudgetError": "planning.budget_spec", "Recipe": "recipe",
+    "finetune": "training", "FinetuneResult": "training", "NonFiniteError": "training", "FeatureTaps": "training",
+    "save": "io", "load": "io", "group": "groups", "CompressionReport": "report", "FreezeReport": "measure.paths",
 }  # fmt: skip
 
 __all__ = [
-    "__version__",
     "compress",
     "plan",
-    "Budget",
-    "BudgetError",
-    "finetune",
-    "FeatureTaps",
     "freeze",
+    "finetune",
     "save",
     "load",
+    "Budget",
+    "BudgetError",
     "Recipe",
-    "group",
     "CompressionPlan",
     "CompressionReport",
     "FreezeReport",
     "FinetuneResult",
     "NonFiniteError",
-    "groups",
     "nn",
-    "structure",
+    "groups",
 ]
 
 

@@ -10,25 +10,26 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .aware import InputStats
-from .batches import calibration_batches, eval_mode, first_inputs
-from .budget import Budget, BudgetOutcome, plan_budget
-from .calibration import MODES, calibrate
-from .checks import check_flag
-from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
-from .fx import find_layers, is_lifted, module_aliases, source_name, swap, unfused_paths
-from .groups import FiniteGroup, spec_of
-from .groups import group as parse_group
-from .handlers import LayerPlan, handler_for
-from .nn import GMLayer
-from .paths import (
+from .budget import BudgetOutcome, plan_budget
+from .core.checks import check_flag
+from .core.groups import FiniteGroup, spec_of
+from .core.groups import group as parse_group
+from .core.tables import format_table
+from .fit.aware import InputStats
+from .graph.batches import calibration_batches, cuda_devices, eval_mode, first_inputs
+from .graph.calibration import calibrate, check_mode
+from .graph.fx import TraceResult, find_layers, is_lifted, module_aliases, source_name, swap, unfused_paths
+from .measure.counts import count_macs, equivariance_error, state_dict_bytes
+from .measure.fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
+from .measure.paths import (
     AS_IS,
     FREEZE_ROUNDS,
     FREEZE_SECONDS,
@@ -41,24 +42,19 @@ from .paths import (
     serving_form,
     time_forms,
 )
+from .measure.timing import measure_latencies, measure_latency
+from .nn import GMLayer
+from .planning.budget_spec import Budget
+from .planning.handlers import LayerPlan, handler_for
 from .recipe import Recipe, check_pattern, load_recipe, name_matches
-from .report import (
-    CompressionReport,
-    LayerReport,
-    count_macs,
-    equivariance_error,
-    format_table,
-    measure_latencies,
-    measure_latency,
-    state_dict_bytes,
-)
+from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "plan", "apply_plan", "freeze", "CompressionPlan"]
 
 
 @dataclass
 class CompressionPlan:
-    """One :class:`~gmcompress.handlers.LayerPlan` per dense layer of the model (nothing fitted yet)."""
+    """One :class:`~gmcompress.planning.handlers.LayerPlan` per dense layer of the model (nothing fitted yet)."""
 
     model: nn.Module
     layers: list[LayerPlan]
@@ -145,36 +141,82 @@ def plan(
     _check_arguments(model, include, exclude, inplace, progress, calibration_mode)
     if calibration is not None:
         calibration = calibration_batches(model, calibration)
-    rules_recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe) if recipe is not None else None
-    budget, group = _budget(budget, rules_recipe, group, rank)
-    rules = _rules(
-        rules_recipe,
-        group=group,
-        rank=rank,
-        on_mismatch=on_mismatch,
-        modulate=modulate,
-        conv_group=conv_group,
-        min_features=min_features,
-        damping=damping,
-    )
+    overrides = dict(on_mismatch=on_mismatch, modulate=modulate, conv_group=conv_group)
+    resolved = _resolve(recipe, group, rank, budget, **overrides, min_features=min_features, damping=damping)
+    return _plan(
+        model, resolved, include, exclude, _Measure(calibration, example_inputs, max_calibration_rows, progress,
+                                                    heldout, calibration_mode),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """The settings of one call, resolved and checked once: the rules (recipe defaults with the keyword overrides)
+    and the budget (None without one)."""
+
+    rules: Recipe
+    budget: Budget | None
+
+
+@dataclass(frozen=True)
+class _Measure:
+    """What a budget measures its options on (the arguments of :func:`plan` a budget reads)."""
+
+    calibration: list[object] | None
+    example_inputs: object
+    max_rows: int | None
+    progress: bool
+    heldout: Iterable[object] | torch.Tensor | None
+    mode: str
+
+
+def _resolve(
+    recipe: str | Path | dict | Recipe | None,
+    group: str | FiniteGroup | list[str] | None,
+    rank: int | None,
+    budget: Budget | str | dict | None,
+    **overrides: object,
+) -> _Resolved:
+    """The recipe loaded, the budget parsed and the keyword overrides checked, once per call (bad values fail here,
+    before any copy or work)."""
+    loaded = recipe if recipe is None or isinstance(recipe, Recipe) else load_recipe(recipe)
+    budget, group = _budget(budget, loaded, group, rank)
+    return _Resolved(_rules(loaded, group=group, rank=rank, **overrides), budget)
+
+
+def _plan(
+    model: nn.Module, resolved: _Resolved, include: str | None, exclude: str | None, measure: _Measure
+) -> CompressionPlan:
+    """:func:`plan` on checked arguments: one :class:`LayerPlan` per dense layer, then the budget's allocation."""
     traced = find_layers(model)
-    tied = _tied_weights(model)
-    plans, matched = [], 0
+    plans = _layer_plans(model, traced, resolved, include, exclude)
+    the_plan = CompressionPlan(model, plans, traced.failure is None, traced.failure, traced.graph_module)
+    if resolved.budget is not None:
+        with unfused_paths(model):  # the measuring hooks see every Linear called, on plain tensors
+            the_plan.budget = plan_budget(
+                plans, model, traced.graph_module, resolved.budget, measure.calibration, measure.example_inputs,
+                measure.max_rows, measure.progress, measure.heldout, measure.mode,
+            )  # fmt: skip
+        the_plan.layers = the_plan.budget.allocated(plans)
+    return the_plan
+
+
+def _layer_plans(
+    model: nn.Module, traced: TraceResult, resolved: _Resolved, include: str | None, exclude: str | None
+) -> list[LayerPlan]:
+    """Each dense layer's plan from its rules (with a budget, ``on_mismatch="error"`` means that no candidate
+    group fits, which the budget checks, not that the first one does not); tied weights and the layers the graph
+    pass keeps dense stay dense. Warns about patterns and name rules that match no layer."""
+    rules, tied = resolved.rules, _tied_weights(model)
+    plans = []
     for name, module in traced.layers:
         handler = handler_for(module)
-        if (include is not None and not name_matches(include, name)) or (
-            exclude is not None and name_matches(exclude, name)
-        ):
+        if not _selected(name, include, exclude):
             plans.append(LayerPlan(name, module, handler, None, reason="excluded by include/exclude"))
             continue
-        matched += 1
         settings, decided = rules.resolve(name, handler.type_name)
-        if budget is not None and settings is not None and settings.on_mismatch == "error":
-            # with a budget, "error" means: no candidate group fits (checked by the budget), not: the first one
-            layer_plan = handler.plan(name, module, replace(settings, on_mismatch="skip"), decided)
-            layer_plan.settings = settings
-        else:
-            layer_plan = handler.plan(name, module, settings, decided)
+        budget_checks = resolved.budget is not None and settings is not None and settings.on_mismatch == "error"
+        layer_plan = handler.plan(name, module, settings, decided, on_mismatch="skip" if budget_checks else "")
         if layer_plan.form and id(module.weight) in tied:
             others = ", ".join(n for n in tied[id(module.weight)] if not n.startswith(f"{name}."))
             layer_plan.skip(f"weight tied to {others}: tied layers stay dense (untying them would change the model)")
@@ -182,18 +224,16 @@ def plan(
             layer_plan.skip(traced.kept_dense[name])
         plans.append(layer_plan)
     layer_names = [name for name, _ in traced.layers]
-    if include is not None and matched == 0:
+    if include is not None and not any(_selected(name, include, exclude) for name in layer_names):
         _warn_unmatched(f"include={include!r}", "the pattern must match the whole name", layer_names)
     for name in rules.unmatched_names(layer_names):
         _warn_unmatched(f"recipe rule name={name!r}", "a name rule gives the layer's whole name", layer_names)
-    the_plan = CompressionPlan(model, plans, traced.failure is None, traced.failure, traced.graph_module)
-    if budget is not None:
-        with unfused_paths(model):  # the measuring hooks see every Linear called, on plain tensors
-            the_plan.budget = plan_budget(
-                the_plan, budget, calibration, example_inputs, max_calibration_rows, progress, heldout,
-                calibration_mode,
-            )  # fmt: skip
-    return the_plan
+    return plans
+
+
+def _selected(name: str, include: str | None, exclude: str | None) -> bool:
+    """Whether ``include``/``exclude`` let the layer ``name`` through (each must match the whole name)."""
+    return (include is None or name_matches(include, name)) and (exclude is None or not name_matches(exclude, name))
 
 
 def _check_arguments(
@@ -207,7 +247,7 @@ def _check_arguments(
             check_pattern(pattern, what)
     check_flag(inplace, "inplace")
     check_flag(progress, "progress")
-    _check_mode(calibration_mode)
+    check_mode(calibration_mode)
 
 
 def _warn_unmatched(what: str, hint: str, layer_names: list[str]) -> None:
@@ -216,7 +256,7 @@ def _warn_unmatched(what: str, hint: str, layer_names: list[str]) -> None:
     warnings.warn(
         f"gmcompress: {what} matches none of the {len(layer_names)} dense layers ({hint}; the layers are "
         f"{shown or 'none'})",
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -311,20 +351,22 @@ def compress(
     ``conv_group``, ``min_features``, ``damping``) overriding its defaults; ``include``/``exclude`` are
     regexes that must match a whole module name. With ``calibration`` (one batch: a tensor or a dict of keyword
     inputs; or an iterable of batches such as a list or a DataLoader: tensors, tuples or dicts of model inputs, or
-    ``(inputs, labels)`` pairs read as ``finetune`` reads them, see :func:`~gmcompress.batches.calibration_batches`)
-    layers are fitted activation-aware from per-layer input statistics (``max_calibration_rows`` caps the rows
-    per layer; None: all of them). ``calibration_mode`` "sequential" fits the layers in call order, each on the
+    ``(inputs, labels)`` pairs read as ``finetune`` reads them, see
+    :func:`~gmcompress.graph.batches.calibration_batches`) layers are fitted activation-aware from per-layer input
+    statistics (``max_calibration_rows`` caps the rows per layer; None: all of them). ``calibration_mode``
+    "sequential" fits the layers in call order, each on the
     inputs the already compressed layers before it produce; "original" fits every layer on the original model's
-    activations (see :mod:`gmcompress.calibration`). ``example_inputs`` (one batch: a tensor, a tuple or a dict)
+    activations (see :mod:`gmcompress.graph.calibration`). ``example_inputs`` (one batch: a tensor, a tuple or a dict)
     lets the report measure MACs and latency. No forward path is timed here: each GM layer takes its documented
     ``"auto"`` rule, and the report's latency is the model's as compressed; :func:`freeze` measures every
     layer's forms for serving, on the serving device and batch.
-    ``budget`` (a :class:`~gmcompress.budget.Budget`, ``"params=4"`` or a mapping; or the recipe's ``budget:``)
+    ``budget`` (a :class:`~gmcompress.Budget`, ``"params=4"`` or a mapping; or the recipe's ``budget:``)
     chooses each layer's group and rank (or keeps it dense) from measured error, size and latency; ``group``
     then names the candidates (a family: "C", "D", a group or a list of groups). See :mod:`gmcompress.budget`.
 
     Fidelity: the report compares the compressed model with the original on data the fits did not see
-    (:mod:`gmcompress.fidelity`): ``heldout`` batches if given, else ``example_inputs``, else the last quarter of
+    (:mod:`gmcompress.measure.fidelity`): ``heldout`` batches if given, else ``example_inputs``, else the last
+    quarter of
     the calibration samples (kept out of the fits). When the model has lost its predictions (top-1 agreement
     under 0.9 for a classifier, else output error over 0.5) ``compress`` warns, naming the layers that fit worst.
 
@@ -335,25 +377,19 @@ def compress(
     :func:`plan` shows the plan without fitting. The result carries its
     :class:`~gmcompress.report.CompressionReport` as ``.gm_report``.
     """
-    overrides = dict(on_mismatch=on_mismatch, modulate=modulate, conv_group=conv_group)
-    overrides.update(min_features=min_features, damping=damping)
     _check_arguments(model, include, exclude, inplace, progress, calibration_mode)
-    loaded = recipe if recipe is None or isinstance(recipe, Recipe) else load_recipe(recipe)
-    _rules(loaded, group=_budget(budget, loaded, group, rank)[1], rank=rank, **overrides)  # fail before the copy
+    overrides = dict(on_mismatch=on_mismatch, modulate=modulate, conv_group=conv_group)
+    resolved = _resolve(recipe, group, rank, budget, **overrides, min_features=min_features, damping=damping)
     if calibration is not None:  # a list: a budget reads the batches before the fits do, a generator must not run dry
         calibration = calibration_batches(model, calibration)
     calibration, heldout, source = _fidelity_data(calibration, heldout, example_inputs)
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda_devices(model)):
         working = model if inplace else _copy(model)
         modes = {name: m.training for name, m in working.named_modules(remove_duplicate=False)}
         with eval_mode(working):
             reference = reference_outputs(working, heldout) if heldout is not None else None
-            the_plan = plan(
-                working, group, rank, recipe=loaded, include=include, exclude=exclude, **overrides, budget=budget,
-                calibration=calibration, example_inputs=example_inputs, max_calibration_rows=max_calibration_rows,
-                progress=progress, heldout=heldout, calibration_mode=calibration_mode,
-            )  # fmt: skip
+            measure = _Measure(calibration, example_inputs, max_calibration_rows, progress, heldout, calibration_mode)
+            the_plan = _plan(working, resolved, include, exclude, measure)
             if the_plan.trace_failure is not None:
                 warnings.warn(
                     f"gmcompress: {type(model).__name__} does not trace with torch.fx ({the_plan.trace_failure}); "
@@ -387,7 +423,7 @@ def _keep_lifted_dense(the_plan: CompressionPlan) -> None:
 def _restore_modes(root: nn.Module, modes: dict[str, bool]) -> None:
     """Each module of the result takes the training flag its counterpart in the model had (``modes``, by name):
     the module itself, the dense layer a GM layer replaced, the module a GraphModule stands for or whose weight a
-    lifted functional layer holds (:func:`~gmcompress.fx.source_name`); a module with none, its parent's."""
+    lifted functional layer holds (:func:`~gmcompress.graph.fx.source_name`); a module with none, its parent's."""
     for name, module in root.named_modules(remove_duplicate=False):
         source = source_name(root, name)
         module.training = modes[source] if source in modes else root.get_submodule(name.rpartition(".")[0]).training
@@ -398,7 +434,7 @@ def _fidelity_data(
 ) -> tuple[list[object] | torch.Tensor | None, list[object] | None, str]:
     """``(calibration for the fits, held-out batches, what they are)``: ``heldout`` if given, else
     ``example_inputs``, else the last quarter of the calibration samples, which the fits then do not see
-    (:func:`~gmcompress.fidelity.split_holdout`); no held-out batches when there is none of these."""
+    (:func:`~gmcompress.measure.fidelity.split_holdout`); no held-out batches when there is none of these."""
     if heldout is not None:
         return calibration, as_batches(heldout), "held-out"
     if example_inputs is not None:
@@ -430,11 +466,6 @@ def _layer_error(row: LayerReport) -> float:
     return -1.0 if error is None or error != error else error
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"calibration_mode must be one of {MODES}, got {mode!r}")
-
-
 def _copy(model: nn.Module, caller: str = "compress") -> nn.Module:
     try:
         return copy.deepcopy(model)
@@ -458,7 +489,7 @@ def apply_plan(
     """Fit every planned layer, swap it into ``root`` at all its names, and attach the report as ``root.gm_report``.
 
     ``original``: an untouched dense copy of the model; with it the latencies before and after are measured at
-    the end in alternating rounds (:func:`~gmcompress.report.measure_latencies`), else one after the other."""
+    the end in alternating rounds (:func:`~gmcompress.measure.timing.measure_latencies`), else one after the other."""
     model = the_plan.model
     report = CompressionReport(traced=the_plan.traced, trace_failure=the_plan.trace_failure)
     report.params_before, report.bytes_before = _count_params(model), state_dict_bytes(model)
@@ -468,34 +499,15 @@ def apply_plan(
         if original is None:
             report.latency_before_ms = measure_latency(model, example_inputs)
     todo = [p for p in the_plan.layers if p.form]
-    aliases = module_aliases(root)
-    rows = {}
     bar = tqdm(total=len(todo), desc="gmcompress: fitting", disable=not progress or not todo, unit="layer")
-
-    few_rows: list[str] = []
-
-    def install(p: LayerPlan, stats: InputStats | None) -> nn.Module:
-        if stats is not None and stats.rows < stats.gram.shape[0]:
-            few_rows.append(f"{p.name} ({stats.rows} rows for {stats.gram.shape[0]} inputs)")
-        new = p.build(stats)
-        _keep_frozen(p.module, new)
-        for alias in aliases.get(id(p.module), [p.name]):
-            swap(root, alias, new)
-        rows[p.name] = _fitted_row(p, new)
-        bar.set_postfix_str(p.name, refresh=False)
-        bar.update()
-        return new
-
+    swaps = _Swaps(root, module_aliases(root), bar)
     with bar, unfused_paths(model):
-        calibrate(model, the_plan.graph_module, todo, calibration, install, calibration_mode, max_calibration_rows)
-    if few_rows:
-        warnings.warn(
-            f"gmcompress: calibration reached {len(few_rows)} layer(s) with fewer rows than input features, so their "
-            f"activation-aware fits rest on the ridge term for the unseen directions: {', '.join(few_rows[:5])}"
-            f"{' ...' if len(few_rows) > 5 else ''}. Give more calibration samples",
-            stacklevel=3,
-        )
-    report.layers = [rows.get(p.name, _report_row(p)) for p in the_plan.layers]
+        calibrate(
+            model, the_plan.graph_module, todo, calibration, partial(install, swaps), calibration_mode,
+            max_calibration_rows,
+        )  # fmt: skip
+    _warn_few_rows(swaps.few_rows)
+    report.layers = [swaps.rows.get(p.name, _report_row(p)) for p in the_plan.layers]
     if the_plan.budget is not None:
         report.budget = _budget_outcome(the_plan.budget, root)
     report.params_after, report.bytes_after = _count_params(root), state_dict_bytes(root)
@@ -509,6 +521,42 @@ def apply_plan(
             row.macs_before, row.macs_after = macs_before.get(row.name), macs_after.get(row.name)
     root.gm_report = report
     return report
+
+
+@dataclass
+class _Swaps:
+    """Where :func:`install` puts the fitted layers (``root``, at every alias) and what it records of them."""
+
+    root: nn.Module
+    aliases: dict[int, list[str]]
+    bar: tqdm
+    rows: dict[str, LayerReport] = field(default_factory=dict)  # the report row of each fitted layer
+    few_rows: list[str] = field(default_factory=list)  # layers fitted on fewer calibration rows than inputs
+
+
+def install(swaps: _Swaps, p: LayerPlan, stats: InputStats | None) -> nn.Module:
+    """Build the planned layer ``p`` from ``stats``, swap it in at every name its dense layer has and record its
+    report row (the ``install`` step :func:`~gmcompress.graph.calibration.calibrate` calls per layer)."""
+    if stats is not None and stats.rows < stats.gram.shape[0]:
+        swaps.few_rows.append(f"{p.name} ({stats.rows} rows for {stats.gram.shape[0]} inputs)")
+    new = p.build(stats)
+    _keep_frozen(p.module, new)
+    for alias in swaps.aliases.get(id(p.module), [p.name]):
+        swap(swaps.root, alias, new)
+    swaps.rows[p.name] = _fitted_row(p, new)
+    swaps.bar.set_postfix_str(p.name, refresh=False)
+    swaps.bar.update()
+    return new
+
+
+def _warn_few_rows(few_rows: list[str]) -> None:
+    if few_rows:
+        warnings.warn(
+            f"gmcompress: calibration reached {len(few_rows)} layer(s) with fewer rows than input features, so their "
+            f"activation-aware fits rest on the ridge term for the unseen directions: {', '.join(few_rows[:5])}"
+            f"{' ...' if len(few_rows) > 5 else ''}. Give more calibration samples",
+            stacklevel=4,
+        )
 
 
 def _budget_outcome(outcome: BudgetOutcome, root: nn.Module) -> str:
@@ -545,13 +593,14 @@ def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, p
 
     Each GM layer's input is captured on ``example_inputs`` (one batch as it will be served: a tensor, a tuple or a
     dict, on the model's device), and the layer is timed there in each of its forward paths (``impls()``) and as its
-    plain torch layer (``to_dense()``), in interleaved rounds (:func:`~gmcompress.paths.time_forms`). The fastest is
-    kept (a GM form only when at least 5% faster than the plain layer, :func:`~gmcompress.paths.serving_form`): a
+    plain torch layer (``to_dense()``), in interleaved rounds (:func:`~gmcompress.measure.paths.time_forms`). The
+    fastest is kept (a GM form only when at least 5% faster than the plain layer,
+    :func:`~gmcompress.measure.paths.serving_form`): a
     path (``layer.impl``), or the plain ``nn.Linear``/``nn.Conv*`` swapped in at every name the layer has. Use it
     after ``compress`` (and ``finetune``), before serving, on the serving device and batch.
 
     The result is in eval mode with ``requires_grad`` False on every parameter, and carries a
-    :class:`~gmcompress.paths.FreezeReport` as ``.freeze_report``. It is for inference: ``finetune`` refuses it
+    :class:`~gmcompress.measure.paths.FreezeReport` as ``.freeze_report``. It is for inference: ``finetune`` refuses it
     and a backward through it reaches no parameter; train the compressed model and freeze it again. Freezing a
     frozen model is an error (its plain layers can no longer take a GM path): freeze the model it came from. A
     model without GM layers is returned as it is (a copy, eval, no gradients) with a warning. The user's model is

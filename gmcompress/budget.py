@@ -5,13 +5,14 @@ plan alone). For every layer the plan would compress, the options are "keep dens
 ``Budget.groups`` whose order divides the layer's sizes at ranks ``1, 2, 4, ..., min(N/2, max_rank)`` (a
 ladder: each step halves the compression, and ``C_N`` rank r has the size of ``C_2N`` rank 2r, so the groups
 together cover every power-of-two ratio). Each option is measured, then one option per layer is allocated
-(:func:`gmcompress.allocation.allocate`, a multiple-choice knapsack). Everything is measured on the traced graph
+(:func:`gmcompress.planning.allocation.allocate`, a multiple-choice knapsack). Everything is measured on the traced
+graph
 when there is one (it calls the layers lifted from functional calls as modules):
 
 * **size**: parameters from the planned layer (no fit);
 * **latency** (``speedup`` budgets): each option's fastest forward path, timed on the layer's real input
   from ``example_inputs`` on an unfitted layer of its shape, in the same interleaved rounds as the dense layer
-  (:func:`gmcompress.paths.time_layers`); the model's latency is predicted as ``T_model - sum_l t_dense_l +
+  (:func:`gmcompress.measure.paths.time_layers`); the model's latency is predicted as ``T_model - sum_l t_dense_l +
   sum_l t_l`` (``T_model`` measured);
 * **sensitivity** (needs ``calibration``): each option fitted activation-aware on the original model's
   statistics on the fit batches; its *layer error* ``||(W - W_gm) X^T|| / ||W X^T||`` and its *model error*, the
@@ -26,7 +27,7 @@ that no choice meets fail before any fit (size and latency are known first) with
 
 Fidelity budgets, ``max_error`` (relative output error) and ``agreement`` (top-1 agreement with the original,
 classifier-shaped outputs only), are checked on held-out batches (``heldout``, else the last part of the
-calibration batches, :func:`gmcompress.fidelity.split_holdout`, which the fits then do not use): errors compound
+calibration batches, :func:`gmcompress.measure.fidelity.split_holdout`, which the fits then do not use): errors compound
 through the layers, so the independent sum under-predicts. The fewest weights with summed squared model errors
 under a cap (``max_error^2``; for ``agreement`` ``8 (1 - agreement)`` to start) are fitted as ``compress`` fits
 them (``calibrate`` on the fit batches) and the model is measured on the held-out batches. While nothing has
@@ -43,171 +44,36 @@ passes, that is the allocation, with a warning.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import Allocation, Infeasible, allocate
-from .batches import eval_mode, first_tensor, output_tensors, run_model
-from .calibration import calibrate, capture_statistics
-from .fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
-from .groups import group as parse_group
-from .groups import square_group
-from .handlers import LayerPlan
-from .paths import capture_layer_inputs, time_layers
-from .report import format_table, measure_latency
-from .settings import LayerSettings
+from .core.tables import format_table
+from .graph.batches import cuda_devices, eval_mode, first_tensor, output_tensors, run_model
+from .graph.calibration import calibrate, capture_statistics
+from .measure.fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
+from .measure.paths import capture_layer_inputs, time_layers
+from .measure.timing import measure_latency
+from .planning.allocation import Allocation, Infeasible, allocate
+from .planning.budget_spec import FIDELITY_KINDS, Budget, BudgetError
+from .planning.handlers import LayerPlan
+from .planning.settings import LayerSettings
 
-if TYPE_CHECKING:
-    from .api import CompressionPlan
+__all__ = ["Option", "LayerOptions", "BudgetOutcome", "plan_budget", "rank_ladder"]
 
-__all__ = ["Budget", "BudgetError", "Option", "LayerOptions", "BudgetOutcome", "candidate_groups", "plan_budget"]
-
-FAMILIES = {
-    "C": tuple(f"C{2**k}" for k in range(1, 7)),  # cyclic orders 2 .. 64
-    "D": tuple(f"D{2**k}" for k in range(1, 6)),  # dihedral orders 4 .. 64
-}
-KINDS = ("params", "speedup", "max_error", "agreement")
-FIDELITY_KINDS = ("max_error", "agreement")  # verified on held-out batches after the allocation
 VERIFY_ROUNDS = 5  # allocations fitted and measured on the held-out batches at most (one more for min_params)
 TIGHTEN_MARGIN = 0.9  # a failed check shrinks the error cap a little further than the measured ratio asks
 MAX_TIGHTEN = 16.0  # ... but by at most this factor (an agreement far below target asked for 300x: all dense)
 CAP_RESOLUTION = 1.1  # a passed and a failed cap closer than this ratio end the search
 AGREEMENT_START = 8.0  # an agreement budget's first error cap: output error^2 <= 8 (1 - agreement), a guess the
 # checks then tighten (MNISTNet on 256 held-out digits: output errors 0.18, 0.33 and 0.47 kept 99.6%, 98.4%, 97.7%)
-
-
-class BudgetError(ValueError):
-    """A budget that no allocation meets (``closest``: the best value any choice reaches), or a budget given
-    without the data it needs (``closest`` None)."""
-
-    def __init__(self, message: str, closest: float | None = None) -> None:
-        super().__init__(message)
-        self.closest = closest
-
-
-def candidate_groups(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """``"C"`` (cyclic orders 2-64), ``"D"`` (dihedral orders 4-64), one group name or a list of names."""
-    expected = "expected a family ('C', 'D'), a group name or a non-empty list of group names"
-    if isinstance(spec, str):
-        names = FAMILIES.get(spec, (spec,))
-    elif isinstance(spec, (list, tuple)) and all(isinstance(n, str) for n in spec):
-        names = tuple(spec)
-    else:
-        raise ValueError(f"budget groups: {expected}, got {spec!r}")
-    if not names:
-        raise ValueError(f"budget groups: {expected}")
-    for n in names:
-        parse_group(n)  # unknown names fail here, with the accepted forms
-    return tuple(dict.fromkeys(names))
-
-
-@dataclass(frozen=True)
-class Budget:
-    """One target: ``params`` (times fewer weights in the candidate layers), ``speedup`` (whole-model latency on
-    ``example_inputs``, before / after), ``max_error`` (the largest relative change of the model's output) or
-    ``agreement`` (the least top-1 agreement with the original, for classifiers). ``max_error`` and ``agreement``
-    are fidelity budgets, checked on held-out batches (module doc); ``min_params`` asks them for at least that many
-    times fewer weights too (else the all-dense model always meets them). ``groups``: the candidate groups (see
-    :func:`candidate_groups`); ``max_rank`` caps the ranks tried (a fit's cost grows with rank squared, and C_N rank
-    r has the size of C_N/2 rank r/2)."""
-
-    params: float | None = None
-    speedup: float | None = None
-    max_error: float | None = None
-    agreement: float | None = None
-    groups: str | tuple[str, ...] = "C"
-    max_rank: int = 8
-    min_params: float | None = None
-
-    def __post_init__(self) -> None:
-        given = [k for k in KINDS if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"Budget takes exactly one of {', '.join(KINDS)}, got {given or 'none'}")
-        value = self._number(given[0])
-        if given[0] in ("params", "speedup") and value < 1:
-            raise ValueError(f"Budget({given[0]}={value}): expected a factor >= 1 (e.g. {given[0]}=4.0)")
-        if given[0] == "max_error" and value <= 0:
-            raise ValueError(f"Budget(max_error={value}): expected a relative error > 0 (e.g. 0.1)")
-        if given[0] == "agreement" and not 0 < value <= 1:
-            raise ValueError(f"Budget(agreement={value}): expected a fraction of samples in (0, 1] (e.g. 0.95)")
-        if self.min_params is not None:
-            if given[0] not in FIDELITY_KINDS:
-                raise ValueError(
-                    f"Budget(min_params=...) goes with a fidelity budget ({', '.join(FIDELITY_KINDS)}); "
-                    f"Budget({given[0]}=...) sets the size or speed itself"
-                )
-            if self._number("min_params") < 1:
-                raise ValueError(f"Budget(min_params={self.min_params}): expected a factor >= 1 (e.g. 2.0)")
-        object.__setattr__(self, "groups", candidate_groups(self.groups))
-        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
-            raise ValueError(f"Budget(max_rank={self.max_rank!r}): expected a whole number >= 1")
-
-    def _number(self, key: str) -> float:
-        """The value of ``key`` as a finite float (numpy scalars too), else a ValueError naming it."""
-        value = getattr(self, key)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"Budget({key}=...): expected a finite number, got {value!r}")
-        object.__setattr__(self, key, float(value))
-        return float(value)
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in KINDS if getattr(self, k) is not None)
-
-    @property
-    def target(self) -> float:
-        return float(getattr(self, self.kind))
-
-    @property
-    def fidelity(self) -> bool:
-        """A budget on what the model computes, verified on held-out batches."""
-        return self.kind in FIDELITY_KINDS
-
-    def __str__(self) -> str:
-        floor = f", min_params={self.min_params:g}" if self.min_params is not None else ""
-        return f"{self.kind}={self.target:g}{floor}"
-
-    @classmethod
-    def parse(cls, spec: str | Mapping[str, Any] | Budget) -> Budget:
-        """A Budget from ``"params=4"`` or ``"agreement=0.95,min_params=2"`` (CLI), a mapping (recipe ``budget:``
-        section) or a Budget."""
-        if isinstance(spec, Budget):
-            return spec
-        if isinstance(spec, str):
-            return cls(**dict(_parse_item(spec, item) for item in spec.split(",")))
-        if not isinstance(spec, Mapping):
-            raise TypeError(
-                f"budget: expected a gm.Budget, a 'KIND=VALUE' string or a mapping, got {spec!r} "
-                f"(e.g. gm.Budget(params=4.0))"
-            )
-        unknown = set(spec) - {*KINDS, "groups", "max_rank", "min_params"}
-        if unknown:
-            raise ValueError(
-                f"unknown budget keys {sorted(unknown)} (expected {', '.join(KINDS)}, groups, max_rank, min_params)"
-            )
-        return cls(**dict(spec))
-
-
-def _parse_item(spec: str, item: str) -> tuple[str, float]:
-    """One ``KEY=VALUE`` of a budget string: a kind or ``min_params``, and a number."""
-    key, sep, value = (part.strip() for part in item.partition("="))
-    if not sep or key not in (*KINDS, "min_params"):
-        raise ValueError(
-            f"budget {spec!r}: expected KIND=VALUE with KIND one of {', '.join(KINDS)} (and optionally ,min_params=N)"
-        )
-    try:
-        return key, float(value)
-    except ValueError:
-        raise ValueError(f"budget {spec!r}: {value!r} is not a number (e.g. {key}=4)") from None
 
 
 @dataclass
@@ -271,7 +137,7 @@ class BudgetOutcome:
         return self.measured_fidelity(model).output_error
 
     def measured_fidelity(self, model: nn.Module) -> Fidelity:
-        """:class:`~gmcompress.fidelity.Fidelity` of ``model`` against the original on the held-out batches."""
+        """:class:`~gmcompress.measure.fidelity.Fidelity` of ``model`` against the original on the held-out batches."""
         with eval_mode(model):
             return compare_outputs(self.heldout_reference, reference_outputs(model, self.heldout), "held-out")
 
@@ -300,6 +166,11 @@ class BudgetOutcome:
     @property
     def chosen(self) -> list[Option]:
         return [lo.options[j] for lo, j in zip(self.layers, self.allocation.choice)]
+
+    def allocated(self, plans: list[LayerPlan]) -> list[LayerPlan]:
+        """``plans`` with each candidate layer's plan replaced by its chosen option's (the others as they are)."""
+        chosen = {lo.name: o.plan for lo, o in zip(self.layers, self.chosen)}
+        return [chosen.get(p.name, p) for p in plans]
 
     @property
     def params_ratio(self) -> float:
@@ -455,7 +326,7 @@ def _is_candidate(p: LayerPlan) -> bool:
     conv_group) whose weight is not tied."""
     if p.settings is None or p.reason.startswith("weight tied"):
         return False
-    return p.settings.group is not None or p.form == "GMConv2d"
+    return p.settings.group is not None or bool(p.form)  # without a group, only conv_group plans a layer
 
 
 def _options(p: LayerPlan, groups: tuple[str, ...], max_rank: int) -> LayerOptions:
@@ -467,9 +338,7 @@ def _options(p: LayerPlan, groups: tuple[str, ...], max_rank: int) -> LayerOptio
         first = p.handler.plan(p.name, p.module, replace(base, group=g, rank=1), "budget")
         if not first.form:
             continue
-        tied = first.form == "GMConv2d"  # a k x k conv tied by conv_group: its ranks are bounded by that group
-        order = square_group(base.conv_group).order if tied else parse_group(g).order
-        for r in rank_ladder(order, max_rank):
+        for r in rank_ladder(first.gm_group.order, max_rank):  # a conv tied by conv_group: that group's order
             candidate = first if r == 1 else p.handler.plan(p.name, p.module, replace(base, group=g, rank=r), "budget")
             options.append(Option(f"{candidate.group} r{r}", candidate, candidate.params_after))
     return LayerOptions(p.name, _unique(options))
@@ -487,20 +356,23 @@ def _unique(options: list[Option]) -> list[Option]:
 
 
 def plan_budget(
-    the_plan: CompressionPlan,
+    plans: list[LayerPlan],
+    model: nn.Module,
+    graph_module: torch.fx.GraphModule | None,
     budget: Budget,
-    calibration: Iterable[object] | torch.Tensor | None,
+    calibration: list[object] | None,
     example_inputs: object = None,
     max_calibration_rows: int | None = None,
     progress: bool = True,
     heldout: Iterable[object] | torch.Tensor | None = None,
     calibration_mode: str = "sequential",
 ) -> BudgetOutcome:
-    """Measure every option of every candidate layer of ``the_plan`` and allocate them under ``budget``;
-    ``the_plan.layers`` are replaced by the chosen plans. ``heldout``: the batches a fidelity budget is checked
-    on (default: the last part of ``calibration``, :func:`~gmcompress.fidelity.split_holdout`, which the fits then
-    do not use); ``calibration_mode``: how the checked allocations are fitted (as ``compress`` will). See the
-    module doc."""
+    """Measure every option of every candidate layer of ``plans`` (the layers of ``model``, traced as
+    ``graph_module`` when it traces) and allocate them under ``budget``: the outcome, whose
+    :meth:`~BudgetOutcome.allocated` gives the plans with the chosen options. ``heldout``: the batches a fidelity
+    budget is checked on (default: the last part of ``calibration``, :func:`~gmcompress.measure.fidelity.split_holdout`,
+    which the fits then do not use); ``calibration_mode``: how the checked allocations are fitted (as ``compress``
+    will). See the module doc."""
     if calibration is None:
         raise BudgetError("a budget needs calibration batches (calibration=...) to measure each option's error")
     if budget.kind == "speedup" and example_inputs is None:
@@ -508,8 +380,7 @@ def plan_budget(
             "Budget(speedup=...) needs example inputs to time the model and each option (example_inputs=..., or "
             "--example-shape / --example-inputs on the command line)"
         )
-    model = the_plan.model
-    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    batches = list(calibration)  # the list of batches.calibration_batches
     if not batches:
         raise BudgetError("the calibration batches are empty: a budget measures each option's error on them")
     batches, heldout_batches = _holdout(budget, batches, heldout)
@@ -518,7 +389,7 @@ def plan_budget(
             "a budget fits and runs every option, so it needs the model's weights: this model is on the meta "
             "device (gm.plan without a budget shows the plan of a meta model)"
         )
-    candidates = [p for p in the_plan.layers if _is_candidate(p)]
+    candidates = [p for p in plans if _is_candidate(p)]
     if not candidates:
         raise BudgetError(
             "no layer is left for the budget to choose for: include/exclude, recipe rules (skip, group: null), "
@@ -535,9 +406,8 @@ def plan_budget(
     layers = [lo for lo in options if len(lo.options) > 1]
     if not layers:
         raise BudgetError(f"no layer can take any of the groups {', '.join(budget.groups)}: nothing to allocate")
-    root = measured_root(the_plan)
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with eval_mode(model), eval_mode(root), torch.random.fork_rng(devices=cuda):
+    root = measured_root(model, graph_module)
+    with eval_mode(model), eval_mode(root), torch.random.fork_rng(devices=cuda_devices(model)):
         model_seconds = _time_options(root, layers, example_inputs) if budget.kind == "speedup" else None
         _check_reachable(budget, layers, model_seconds)
         heldout_reference = _heldout_reference(budget, root, heldout_batches)
@@ -547,13 +417,11 @@ def plan_budget(
         if budget.fidelity:
 
             def check(allocation: Allocation) -> Verification:
-                return _verify(outcome, the_plan, root, allocation, calibration_mode, max_calibration_rows)
+                return _verify(outcome, plans, graph_module, root, allocation, calibration_mode, max_calibration_rows)
 
             outcome.allocation = _fidelity_allocation(budget, layers, check, outcome.verified)
         else:
             outcome.allocation = _allocate(budget, layers, model_seconds)
-    chosen = {lo.name: o.plan for lo, o in zip(layers, outcome.chosen)}
-    the_plan.layers = [chosen.get(p.name, p) for p in the_plan.layers]
     return outcome
 
 
@@ -561,7 +429,7 @@ def _holdout(
     budget: Budget, batches: list[object], heldout: Iterable[object] | torch.Tensor | None
 ) -> tuple[list[object], list[object] | None]:
     """``(batches for the fits, held-out batches)``: ``heldout`` when given; else, for a fidelity budget, the
-    calibration batches split by :func:`~gmcompress.fidelity.split_holdout`; else no held-out batches."""
+    calibration batches split by :func:`~gmcompress.measure.fidelity.split_holdout`; else no held-out batches."""
     if heldout is not None:
         return batches, as_batches(heldout)
     if not budget.fidelity:
@@ -589,7 +457,8 @@ def _heldout_reference(budget: Budget, root: nn.Module, heldout: list[object] | 
 
 def _verify(
     outcome: BudgetOutcome,
-    the_plan: CompressionPlan,
+    plans: list[LayerPlan],
+    graph_module: torch.fx.GraphModule | None,
     root: nn.Module,
     allocation: Allocation,
     mode: str,
@@ -599,16 +468,10 @@ def _verify(
     model on the held-out batches. Nothing is swapped: a forward hook on each original layer returns its fitted
     replacement's output while the fits and the measurement run, and is removed after."""
     chosen = {lo.name: lo.options[j].plan for lo, j in zip(outcome.layers, allocation.choice)}
-    todo = [q for q in (chosen.get(p.name, p) for p in the_plan.layers) if q.form]
-    handles = []
-
-    def install(p: LayerPlan, stats: object) -> nn.Module:
-        fitted = p.build(stats)
-        handles.append(p.module.register_forward_hook(partial(_replace_output, fitted), with_kwargs=True))
-        return fitted
-
+    todo = [q for q in (chosen.get(p.name, p) for p in plans) if q.form]
+    handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        calibrate(root, the_plan.graph_module, todo, outcome.fit_batches, install, mode, max_rows)
+        calibrate(root, graph_module, todo, outcome.fit_batches, partial(install_by_hook, handles), mode, max_rows)
         measured = outcome.measured_fidelity(root)
     finally:
         for handle in handles:
@@ -617,6 +480,15 @@ def _verify(
     dense = sum(lo.dense.params for lo in outcome.layers)
     predicted = math.sqrt(_total(errors, allocation.choice))
     return Verification(allocation.choice, dense / _total(params, allocation.choice), predicted, measured)
+
+
+def install_by_hook(handles: list[torch.utils.hooks.RemovableHandle], p: LayerPlan, stats: object) -> nn.Module:
+    """Build the planned layer ``p`` from ``stats`` and make its dense layer return the fitted layer's output (a
+    forward hook, appended to ``handles`` for removal): the ``install`` step of a checked allocation, which swaps
+    nothing."""
+    fitted = p.build(stats)
+    handles.append(p.module.register_forward_hook(partial(_replace_output, fitted), with_kwargs=True))
+    return fitted
 
 
 def _replace_output(replacement: nn.Module, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
@@ -746,17 +618,17 @@ def _all_dense(budget: Budget, layers: list[LayerOptions], checked: list[Verific
         f"gmcompress: budget {budget}: none of the {len(checked)} allocations checked on the held-out batches met "
         f"it (the closest: {closest.value(budget.kind):.4f} at {closest.params_ratio:.2f}x fewer weights), so every "
         "candidate layer stays dense; allow a larger error (or lower agreement), higher ranks or other groups",
-        stacklevel=5,
+        stacklevel=6,
     )
     dense = float(sum(lo.dense.params for lo in layers))
     return Allocation(tuple(0 for _ in layers), dense, 0.0, dense, True)
 
 
-def measured_root(the_plan: CompressionPlan) -> nn.Module:
+def measured_root(model: nn.Module, graph_module: torch.fx.GraphModule | None) -> nn.Module:
     """The module whose run calls the planned layers: the traced graph when there is one (it calls the layers
     lifted from ``F.linear``/``F.conv*d`` calls, and a bare ``nn.Linear`` model's own product, as modules; the
     user's model calls neither as a module, so hooks there would never fire), else the model itself."""
-    return the_plan.graph_module if the_plan.graph_module is not None else the_plan.model
+    return graph_module if graph_module is not None else model
 
 
 def _time_options(root: nn.Module, layers: list[LayerOptions], example_inputs: object) -> float:

@@ -30,7 +30,7 @@ from ._version import __version__
 if TYPE_CHECKING:
     from torch import nn
 
-    from .budget import Budget
+    from .planning.budget_spec import Budget
     from .report import CompressionReport
     from .zoo import DemoModel
 
@@ -248,7 +248,7 @@ def _plan(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> 
 
 def _budget(args: argparse.Namespace) -> tuple[Budget | None, str | list[str] | None]:
     """``--budget`` parsed, and ``--group`` (with a budget, a comma-separated list names the candidates)."""
-    from .budget import Budget
+    from .planning.budget_spec import Budget
 
     budget = Budget.parse(args.budget) if args.budget else None
     group = args.group
@@ -300,8 +300,8 @@ def _finetune_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _finetune(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:
     from . import training
+    from .core.tables import format_table
     from .io import load, save
-    from .report import format_table
 
     if args.checkpoint:
         _refuse_compression_options(args)
@@ -346,7 +346,8 @@ def _print_served(original: nn.Module, student: nn.Module, example: Any, quiet: 
     """The fine-tuned model as it would serve: ``gm.freeze`` on the example batch (each layer's fastest form,
     measured), its latency against the original's in the same rounds. The saved model stays trainable."""
     from .api import freeze
-    from .report import is_slower, measure_latencies
+    from .measure.timing import measure_latencies
+    from .report import is_slower
 
     served = freeze(student, example, progress=not quiet)
     before, after = measure_latencies(original, served, example)
@@ -374,8 +375,8 @@ def _compress_command(args: argparse.Namespace, factory: DemoModel, original: nn
 
 
 def _report(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:
+    from .core.tables import format_table
     from .io import load
-    from .report import format_table
 
     model = load(args.checkpoint, _build(factory, args.model))
     report = _totals(original, model, _example(args, factory))
@@ -396,7 +397,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _totals(original: nn.Module, model: nn.Module, example: Any) -> CompressionReport:
     """Model totals (parameters, bytes, MACs and latency on ``example``) of a loaded compressed model."""
-    from .report import CompressionReport, count_macs, measure_latencies, state_dict_bytes
+    from .measure.counts import count_macs, state_dict_bytes
+    from .measure.timing import measure_latencies
+    from .report import CompressionReport
 
     report = CompressionReport(
         params_before=sum(p.numel() for p in original.parameters()),

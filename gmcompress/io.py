@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .fx import find_layers, module_aliases, swap
+from .graph.fx import find_layers, module_aliases, swap
 from .nn import GM_LAYERS, GMLayer, GMModule
 
 __all__ = ["save", "load", "manifest", "atomic_torch_save", "read_checkpoint", "FORMAT"]

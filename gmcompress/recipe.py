@@ -1,9 +1,9 @@
 """Recipes: which layers to compress and how, from YAML, a dict or keyword arguments.
 
-A recipe is ``version``, ``defaults`` (layer settings, :class:`~gmcompress.settings.LayerSettings`),
+A recipe is ``version``, ``defaults`` (layer settings, :class:`~gmcompress.planning.settings.LayerSettings`),
 ``layers`` (ordered rules) and an optional ``finetune`` section (the keyword arguments of
 :func:`gmcompress.finetune`). A rule matches by exact ``name``, by ``regex`` or by module ``type``
-(``Linear``, ``Conv1d``, ``Conv2d``, ... as :func:`gmcompress.handlers.type_names` lists; subclasses
+(``Linear``, ``Conv1d``, ``Conv2d``, ... as :func:`gmcompress.planning.handlers.type_names` lists; subclasses
 match their base type) and either sets layer settings or says ``skip: true``.
 
 Regular expressions, here and in ``compress(include=..., exclude=...)``, must match the *whole* fully
@@ -25,9 +25,10 @@ from typing import Any
 
 import yaml
 
-from .budget import Budget
-from .handlers import type_names
-from .settings import SETTING_TYPES, LayerSettings, check_setting
+from .planning.budget_spec import Budget
+from .planning.handlers import type_names
+from .planning.settings import SETTING_TYPES, LayerSettings, check_setting
+from .training.settings import AMP, BATCHNORM, LOSSES, NONFINITE, RESUME, check_feature_names
 
 __all__ = ["Rule", "Recipe", "RecipeError", "load_recipe", "parse_recipe", "name_matches", "check_pattern"]
 
@@ -81,23 +82,37 @@ FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _one_of(choices: tuple[str, ...]) -> tuple[str, Any]:
+    return f"one of {', '.join(choices)}", lambda v: v in choices
+
+
+def _feature_names(names: object) -> bool:
+    try:
+        check_feature_names(names)
+    except ValueError:
+        return False
+    return True
+
+
+# the ranges of the settings a recipe's finetune section may give; the choices are the training settings' own
+# (gmcompress.training.settings), which check the run's settings again with the other arguments of finetune
 FINETUNE_RANGES: dict[str, tuple[str, Any]] = {
     "epochs": (">= 1", lambda v: v >= 1),
     "steps": (">= 1", lambda v: v >= 1),
     "lr": ("> 0", lambda v: v > 0),
     "batch_size": (">= 1", lambda v: v >= 1),
-    "loss": ("one of kd, mse, cosine, task, mix", lambda v: v in ("kd", "mse", "cosine", "task", "mix")),
+    "loss": _one_of(LOSSES),
     "temperature": ("> 0", lambda v: v > 0),
     "alpha": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "warmup": ("in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (">= 0", lambda v: v >= 0),
     "clip": ("> 0 or null", lambda v: v is None or v > 0),
     "checkpoint_every": (">= 1", lambda v: v >= 1),
-    "resume": ("one of auto, never, must", lambda v: v in ("auto", "never", "must")),
-    "nonfinite": ("one of raise, skip", lambda v: v in ("raise", "skip")),
-    "amp": ("null, false, true, bf16 or fp16", lambda v: v in (None, False, True, "bf16", "fp16")),
-    "features": ("a non-empty list of submodule names", lambda v: bool(v) and all(isinstance(n, str) and n for n in v)),
-    "batchnorm": ("one of frozen, adapt", lambda v: v in ("frozen", "adapt")),
+    "resume": _one_of(RESUME),
+    "nonfinite": _one_of(NONFINITE),
+    "amp": ("null, false, true, bf16 or fp16", lambda v: v in AMP),
+    "features": ("a non-empty list of submodule names", _feature_names),
+    "batchnorm": _one_of(BATCHNORM),
 }
 
 

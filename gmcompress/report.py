@@ -1,43 +1,24 @@
-"""What compression did: parameters, bytes, MACs, latency, fit and equivariance error, metrics.
+"""What compression did (the report types): parameters, bytes, MACs, latency, fit and equivariance error, metrics.
 
-MACs are counted with forward hooks on the layers that hold the weights: dense layers as their handler
-(:mod:`gmcompress.handlers`) counts them, GM layers at their *real* cost on the path they run
-(``GMLayer.macs``); matmuls written as functions (attention scores) are not counted by either side.
+The numbers are measured by :mod:`gmcompress.measure`: MACs are counted with forward hooks on the layers that hold
+the weights (:mod:`gmcompress.measure.counts`: dense layers as their handler counts them, GM layers at their *real*
+cost on the path they run, ``GMLayer.macs``; matmuls written as functions, such as attention scores, are not
+counted by either side), latency by :mod:`gmcompress.measure.timing`.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from torch.utils import benchmark
+from .core.tables import format_table
+from .measure.counts import count_macs
+from .measure.fidelity import Fidelity
 
-from .batches import eval_mode, forward_hooks, run_model
-from .fidelity import Fidelity
-from .handlers import handler_for
-from .nn import GMLayer, NotApplicable
-
-__all__ = [
-    "LayerReport",
-    "CompressionReport",
-    "count_macs",
-    "measure_latency",
-    "measure_latencies",
-    "interleaved_best",
-    "block_seconds",
-    "state_dict_bytes",
-    "format_table",
-    "equivariance_error",
-]
+# count_macs: also gm.report.count_macs, as before the measurements moved to gmcompress.measure
+__all__ = ["LayerReport", "CompressionReport", "format_table", "count_macs", "is_slower", "SLOWER_BELOW"]
 
 
 @dataclass
@@ -78,7 +59,7 @@ class CompressionReport:
     trace_failure: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     budget: str | None = None  # the budget asked and what the plan predicts (gmcompress.budget)
-    fidelity: Fidelity | None = None  # the whole model against the original on held-out data (gmcompress.fidelity)
+    fidelity: Fidelity | None = None  # the whole model against the original on held-out data (measure.fidelity)
 
     @property
     def compressed(self) -> list[LayerReport]:
@@ -246,155 +227,9 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
-
-
-# ---------------------------------------------------------------------- measurements
-
-
-def layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int | None:
-    """MACs of one call of a weight-holding layer (dense or GM), or None for other modules."""
-    if isinstance(module, GMLayer):
-        return module.macs(inp, out)
-    handler = handler_for(module)
-    return None if handler is None else handler.dense_macs(module, inp, out)
-
-
-def equivariance_error(layer: nn.Module, max_elements: int = 16) -> float | None:
-    """``layer.check_equivariance`` of the structured weight (bias excluded) on up to ``max_elements``
-    group elements; None where it is not defined (padded layers, no group action)."""
-    try:
-        order = layer.group.order if getattr(layer, "group", None) is not None else max_elements
-        with torch.no_grad(), eval_mode(layer):  # the derived weights are built once, not on every probe call
-            return layer.check_equivariance(elements=range(min(order, max_elements)), bias=False)
-    except NotApplicable:
-        return None
-
-
-def count_macs(model: nn.Module, example_inputs: object) -> tuple[int, dict[str, int]]:
-    """Total and per-layer MACs of one forward on ``example_inputs``."""
-    per_layer: dict[str, int] = {}
-
-    def hook(mod: nn.Module, x: torch.Tensor, out: object, name: str) -> None:
-        macs = layer_macs(mod, x, out)
-        if macs is not None:
-            per_layer[name] = per_layer.get(name, 0) + macs
-
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GMLayer) or handler_for(m) is not None]
-    with forward_hooks((m, partial(hook, name=n)) for n, m in layers), torch.inference_mode():
-        run_model(model, example_inputs)
-    return sum(per_layer.values()), per_layer
-
-
-def measure_latency(model: nn.Module, example_inputs: object, min_run_time: float = 0.3) -> float:
-    """Median milliseconds of one forward (eval, inference mode, after a warm-up call), measured by
-    ``torch.utils.benchmark`` with the process's thread count, as the model will run."""
-    return median_seconds(lambda: run_model(model, example_inputs), model, min_run_time) * 1e3
-
-
-LATENCY_ROUNDS = 3  # interleaved rounds of measure_latencies
-
-
-def interleaved_best(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """The best of ``rounds`` rounds of every timing function in ``timers``, called in turn each round: a burst of
-    load on a shared machine then slows one round of every candidate, not one candidate."""
-    best: dict[str, float] = {}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            best[name] = min(best.get(name, math.inf), timer())
-    return best
-
-
 SLOWER_BELOW = 0.98  # a model is called slower below 0.98x the original: interleaved medians of one model differ ~1-2%
 
 
 def is_slower(original_ms: float, compressed_ms: float) -> bool:
     """Whether ``compressed_ms`` is slower than ``original_ms`` beyond timing noise (:data:`SLOWER_BELOW`)."""
     return original_ms / compressed_ms < SLOWER_BELOW
-
-
-def measure_latencies(
-    original: nn.Module, compressed: nn.Module, example_inputs: object, min_run_time: float = 0.3
-) -> tuple[float, float]:
-    """Median milliseconds of ``original`` and of ``compressed`` (as :func:`measure_latency`), each the best of
-    :data:`LATENCY_ROUNDS` alternating rounds (:func:`interleaved_best`; measured one after the other, the same
-    MNISTNet pair read 0.89x and 1.10x)."""
-    best = interleaved_best(
-        {
-            "original": lambda: measure_latency(original, example_inputs, min_run_time),
-            "compressed": lambda: measure_latency(compressed, example_inputs, min_run_time),
-        },
-        LATENCY_ROUNDS,
-    )
-    return best["original"], best["compressed"]
-
-
-SETTLE_BYTES = 31 * 2**20  # just under glibc's largest adaptive mmap threshold (32 MiB on 64-bit)
-
-
-def settle_allocator() -> None:
-    """Put the C allocator in the state of a process that has run for a while, before timing.
-
-    glibc serves an allocation at or above its adaptive mmap threshold (128 KiB at start) with fresh pages,
-    which fault on first touch, and raises the threshold to the size of the largest such block freed.
-    A process that has not yet freed a block larger than its temporaries keeps mapping each one anew:
-    a layer with three 3 MB temporaries then measured 2 to 3x slower than the same layer later in the
-    same process (and 20x for a plain fill). Allocating and freeing one block of :data:`SETTLE_BYTES`
-    (never touched, so it costs no page faults) moves the threshold to where a warmed-up process has it.
-    Harmless with other allocators.
-    """
-    block = torch.empty(SETTLE_BYTES, dtype=torch.uint8)
-    del block
-
-
-def median_seconds(call: Callable[[], object], model: nn.Module, min_run_time: float) -> float:
-    """``torch.utils.benchmark`` median of ``call()`` with ``model`` in eval and inference mode (one warm-up
-    call, after :func:`settle_allocator`)."""
-    settle_allocator()
-    with eval_mode(model), torch.inference_mode():
-        call()
-        timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def block_seconds(call: Callable[[], object], model: nn.Module, block_seconds: float, blocks: int = 3) -> float:
-    """Seconds of one ``call()``: the least mean over ``blocks`` timed blocks of about ``block_seconds`` each
-    (one warm-up call sizes the blocks), with ``model`` in eval and inference mode. A cheap timer for choosing
-    among paths: ``torch.utils.benchmark``'s ``blocked_autorange`` spends about 60 ms sizing its block even for
-    a 50 us call, which made timing paths cost more than fitting them."""
-    settle_allocator()
-    with eval_mode(model), torch.inference_mode():
-        start = time.perf_counter()
-        call()
-        number = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-7)))
-        best = math.inf
-        for _ in range(blocks):
-            start = time.perf_counter()
-            for _ in range(number):
-                call()
-            best = min(best, (time.perf_counter() - start) / number)
-        return best
-
-
-class _ByteCounter(io.RawIOBase):
-    """A write-only stream that only counts: sizing a saved model without holding a copy of it in memory."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes) -> int:
-        self.size += len(data)
-        return len(data)
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes ``torch.save(model.state_dict())`` writes (counted as they stream, never buffered)."""
-    counter = _ByteCounter()
-    torch.save(model.state_dict(), counter)
-    return counter.size

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import gmcompress as gm
-from gmcompress import allocation
-from gmcompress.budget import Budget, BudgetError, rank_ladder
-from gmcompress.handlers import LayerPlan
+from gmcompress.budget import rank_ladder
+from gmcompress.planning import allocation
+from gmcompress.planning.budget_spec import Budget, BudgetError
+from gmcompress.planning.handlers import LayerPlan
 
 
 def matplotlib_image():
@@ -225,7 +226,7 @@ def _fake_clock(monkeypatch):
             return 1e-3
         return 1e-3 if model.impl == "dense" else 1e-3 / 8
 
-    from gmcompress import paths
+    from gmcompress.measure import paths
 
     monkeypatch.setattr(paths, "block_seconds", seconds)
     monkeypatch.setattr(budget_module, "measure_latency", lambda model, inputs: 2.1)
@@ -476,7 +477,7 @@ def test_layers_called_by_keyword_are_measured():
 
 
 def test_speed_budget_times_the_dense_layer_and_its_options_in_the_same_rounds(monkeypatch):
-    from gmcompress import paths
+    from gmcompress.measure import paths
 
     calls = []
     monkeypatch.setattr(paths, "block_seconds", lambda call, model, t: calls.append(model) or 1e-3)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gmcompress as gm
-from gmcompress.budget import Budget, BudgetError
+from gmcompress.planning.budget_spec import Budget, BudgetError
 
 
 def relative_error(model, reference, batches):
@@ -107,7 +107,7 @@ def test_agreement_search_keeps_compressing_when_the_first_allocation_misses_far
     the search must not jump from a far miss straight to every layer dense, but close in on the lightest
     allocation that meets the target, within VERIFY_ROUNDS checks."""
     from gmcompress.budget import VERIFY_ROUNDS, LayerOptions, Option, Verification, _fidelity_allocation
-    from gmcompress.fidelity import Fidelity
+    from gmcompress.measure.fidelity import Fidelity
 
     squared = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32]  # each layer's squared model error when compressed (2x fewer)
     layers = [

@@ -7,8 +7,8 @@ from test_nn import kernel_grad  # the kernels' gradient from the stored form's
 from torch import nn
 
 import gmcompress as gm
+from gmcompress.fit.reference import project
 from gmcompress.nn import GMChannelConv
-from gmcompress.structure import project
 
 CONFIGS = [
     (2, 3, dict(padding=1)),
@@ -95,7 +95,7 @@ def test_activation_aware_fit_lowers_the_output_error_on_its_calibration_patches
     # channels near a 4-dim subspace (not exactly in it: float32 calibration statistics resolve output errors
     # down to about 1e-3 of the output, and an exactly degenerate covariance would ask for less)
     x = torch.einsum("ck,bkhw->bchw", torch.randn(16, 4), torch.randn(64, 4, 6, 6)) + 0.03 * torch.randn(64, 16, 6, 6)
-    from gmcompress.handlers import handler_for
+    from gmcompress.planning.handlers import handler_for
 
     rows = handler_for(conv).calibration_rows(conv, x)
     plain = GMChannelConv.from_dense(conv, "C8", rank=2)

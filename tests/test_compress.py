@@ -15,10 +15,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import gmcompress as gm
+from gmcompress.core.patterns import conv_pattern
+from gmcompress.fit.reference import project_pattern
 from gmcompress.nn import GMConv2d, GMLinear
 from gmcompress.recipe import RecipeError, load_recipe, parse_recipe
 from gmcompress.report import CompressionReport
-from gmcompress.structure import conv_pattern, project_pattern
 
 
 class Small(nn.Module):

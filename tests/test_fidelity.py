@@ -8,7 +8,7 @@ import torch
 from scipy.special import log_softmax as np_log_softmax
 from torch import nn
 
-from gmcompress.fidelity import Fidelity, compare_outputs, measure_fidelity, split_holdout
+from gmcompress.measure.fidelity import Fidelity, compare_outputs, measure_fidelity, split_holdout
 
 
 def _by_hand(ref: np.ndarray, new: np.ndarray) -> dict:

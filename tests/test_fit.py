@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 import gmcompress as gm
-from gmcompress import aware
-from gmcompress.calibration import capture_statistics
+from gmcompress.core.patterns import conv_pattern, regular_pattern
+from gmcompress.fit import aware
+from gmcompress.fit.plain import plain_fit
+from gmcompress.fit.reference import project_pattern
+from gmcompress.graph.calibration import capture_statistics
 from gmcompress.nn import GMLinear
-from gmcompress.structure import conv_pattern, plain_fit, project_pattern, regular_pattern
 
 
 def anisotropic_rows(rng, samples, fan_in):
@@ -189,7 +191,7 @@ def test_saved_size_is_counted_without_buffering_the_model():
     """The report sizes state dicts by counting bytes as torch.save streams them (no in-memory copy of a big model)."""
     import io
 
-    from gmcompress.report import state_dict_bytes
+    from gmcompress.measure.counts import state_dict_bytes
 
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
     buffer = io.BytesIO()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gmcompress as gm
-import gmcompress.paths as paths
+import gmcompress.measure.paths as paths
 from gmcompress import zoo
 from gmcompress.nn import GMChannelConv, GMConv2d, GMLayer, GMLinear
 from gmcompress.report import CompressionReport

@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 
 import gmcompress as gm  # noqa: E402
 from gmcompress import zoo  # noqa: E402
-from gmcompress.fidelity import measure_fidelity  # noqa: E402
+from gmcompress.measure.fidelity import measure_fidelity  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from imagenet import DAMPING, LowRank, input_gram, low_rank_fit, svd_model  # noqa: E402

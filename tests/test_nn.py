@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 import gmcompress as gm
+from gmcompress.core.patterns import conv_pattern
+from gmcompress.fit.reference import project_pattern
 from gmcompress.nn import GMChannelConv, GMConv2d, GMLinear, GMPool, transform_feature_map
 from gmcompress.nn.functional import spectrum_map
-from gmcompress.structure import conv_pattern, project_pattern
 
 GROUPS = ["C8", "D4", "S3", "C4xC4", "C2^3"]
 

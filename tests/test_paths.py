@@ -67,7 +67,7 @@ def test_a_layer_with_batch_paths_exports_and_compiles_with_a_dynamic_batch():
 def test_latency_before_and_after_are_measured_in_alternating_rounds(monkeypatch):
     """compress (not in place) times the user's untouched model and the compressed one alternately, keeping
     each one's best round; the user's model keeps its mode and weights."""
-    import gmcompress.report as report
+    import gmcompress.measure.timing as report
 
     calls = []
     times = iter([5.0, 4.0, 3.0, 6.0, 7.0, 2.5])  # before, after, before, after, before, after
@@ -104,7 +104,7 @@ def test_the_rule_takes_the_dense_path_on_cuda():
 def test_capturing_inputs_never_changes_what_the_layers_compute():
     """A forward pre-hook that returns a value replaces the module's arguments: capturing each layer's first input
     must not feed that input to the layer's later calls (a layer called twice, as in a shared block)."""
-    from gmcompress.batches import first_inputs
+    from gmcompress.graph.batches import first_inputs
 
     torch.manual_seed(0)
     shared, head = nn.Linear(16, 16), nn.Linear(16, 4)

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..checks import check_rank
-from ..groups import FiniteGroup
-from ..structure import GMFit, Pattern
+from ..core.checks import check_rank
+from ..core.groups import FiniteGroup
+from ..core.kernels import materialize
+from ..core.patterns import GMFit, Pattern
 from .functional import (
     ProductPlan,
     gauss_weights,
     has_gauss_blocks,
-    materialize,
     packed_index,
     packed_weights,
     product_plan,
@@ -521,7 +521,7 @@ class GMModule(GMLayer):
                 self.modulations.fill_(1.0)
 
     def load_fit(self, fit: GMFit) -> None:
-        """Write kernels and modulations of a :class:`~gmcompress.structure.GMFit` into the layer's parameters."""
+        """Write kernels and modulations of a :class:`~gmcompress.core.patterns.GMFit` into the layer's parameters."""
         if tuple(fit.kernels.shape) != self._kernel_shape():
             raise ValueError(f"fit kernels {fit.kernels.shape} do not match layer kernels {self._kernel_shape()}")
         self.set_kernels(torch.from_numpy(np.ascontiguousarray(fit.kernels)))

@@ -19,18 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
-from .. import aware
-from ..groups import FiniteGroup
-from ..groups import group as _as_group
-from ..structure import channel_counts, pattern_for
+from ..core.groups import FiniteGroup
+from ..core.groups import group as _as_group
+from ..core.kernels import block_plan
+from ..core.patterns import channel_counts, pattern_for
+from ..fit import aware
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import (
-    ProductPlan,
-    block_plan,
-    grouped_conv_forward,
-    has_gauss_blocks,
-    modulated_back,
-)
+from .functional import ProductPlan, grouped_conv_forward, has_gauss_blocks, modulated_back
 
 CONV_IMPLS = ("auto", "dense", "grouped", "packed")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -121,14 +116,14 @@ class GMChannelConv(GMModule):
         *,
         impl: str = "auto",
         pad: bool = False,
-        damping: float = 0.1,
+        damping: float = aware.DAMPING,
         bias: BiasMode | None = None,
         name: str = "",
     ) -> GMChannelConv:
         """Least-squares fit of a ``groups=1`` Conv1d/Conv2d (activation-aware with ``inputs``).
 
         The weight is viewed as the matrix ``W.reshape(C_out, c_in, N, K).permute(0, 1, 3, 2)`` (input index
-        (i, k, q)) and projected (:func:`gmcompress.structure.project_pattern`). ``inputs`` are unfolded
+        (i, k, q)) and projected (:func:`gmcompress.fit.aware.project_pattern`). ``inputs`` are unfolded
         patches ``(samples, C_in * K)`` in ``F.unfold`` order (channel, offset).
         """
         label = f"{name or type(conv).__name__}({conv.in_channels}, {conv.out_channels}, {tuple(conv.kernel_size)})"

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .. import aware
-from ..checks import check_finite
-from ..groups import FiniteGroup, square_element, square_group
-from ..structure import conv_pattern
+from ..core.checks import check_finite
+from ..core.groups import FiniteGroup, square_element, square_group
+from ..core.patterns import conv_pattern
+from ..fit import aware
 from .base import BiasMode, GMModule, expand_bias, make_bias
 
 
@@ -90,7 +90,7 @@ class GMConv2d(GMModule):
         lifting: bool | None = None,
         inputs: np.ndarray | torch.Tensor | aware.InputStats | None = None,
         *,
-        damping: float = 0.1,
+        damping: float = aware.DAMPING,
         bias: BiasMode | None = None,
         name: str = "",
     ) -> GMConv2d:

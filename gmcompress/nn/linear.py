@@ -9,20 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import aware
-from ..groups import FiniteGroup, left_cosets
-from ..groups import group as _as_group
-from ..structure import channel_counts, pattern_for
+from ..core.groups import FiniteGroup, left_cosets
+from ..core.groups import group as _as_group
+from ..core.kernels import block_plan, full_kernels
+from ..core.patterns import channel_counts, pattern_for
+from ..fit import aware
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import (
-    ProductPlan,
-    block_plan,
-    blocks_forward,
-    fft_forward,
-    full_kernels,
-    has_gauss_blocks,
-    kernel_spectra,
-)
+from .functional import ProductPlan, blocks_forward, fft_forward, has_gauss_blocks, kernel_spectra
 
 IMPLS = ("auto", "dense", "blocks", "packed", "fft")
 
@@ -116,11 +109,11 @@ class GMLinear(GMModule):
         pad: bool = False,
         in_subgroup: Sequence[int] | None = None,
         out_subgroup: Sequence[int] | None = None,
-        damping: float = 0.1,
+        damping: float = aware.DAMPING,
         bias: BiasMode | None = None,
         name: str = "",
     ) -> GMLinear:
-        """Fit ``linear`` by :func:`gmcompress.structure.project` (activation-aware when ``inputs`` is given).
+        """Fit ``linear`` by :func:`gmcompress.fit.aware.project_pattern` (activation-aware when ``inputs`` is given).
 
         The bias is kept per output feature (``bias=None``, exact copy) or, with ``bias="shared"``,
         replaced by its mean over each output channel's group axis (the least-squares equivariant bias).

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..groups import FiniteGroup, group, left_cosets, subgroup
+from ..core.groups import FiniteGroup, group, left_cosets, subgroup
 from .base import GMLayer, NotApplicable
 
 

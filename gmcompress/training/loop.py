@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from ..budget import eval_mode
+from ..graph.batches import eval_mode
 from ..io import save
 from ..nn import GMModule
 from .checkpoint import _checkpoint_on_interrupt, _rng_state, _write_checkpoint

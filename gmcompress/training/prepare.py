@@ -14,9 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..batches import split_batch, to_device
-from ..budget import eval_mode
-from ..paths import is_frozen
+from ..graph.batches import eval_mode, split_batch, to_device
+from ..measure.paths import is_frozen
 from .checkpoint import _restore
 from .data import _END, _as_dataset, _batches_data, _Data, _dataset_data, _isolated_rng
 from .fingerprint import _fingerprint

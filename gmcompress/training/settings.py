@@ -16,6 +16,7 @@ FEATURE_LOSSES = ("mse", "cosine")  # the losses that compare feature vectors, n
 RESUME = ("auto", "never", "must")
 NONFINITE = ("raise", "skip")
 BATCHNORM = ("frozen", "adapt")  # running statistics of BatchNorm layers while training: kept, or updated
+AMP = (None, False, True, "bf16", "fp16")  # mixed precision: off, bf16 (True), or the dtype named
 TRAINABLE = ("all", "compressed")  # the parameters the optimizer steps: every one, or those of the GM layers
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; the epoch seeds stay below 2**63
 DEFAULT_BATCH_SIZE = 64
@@ -112,7 +113,7 @@ def check_feature_names(names: object) -> None:
 
 def _amp_dtype(amp: bool | str | None) -> torch.dtype | None:
     """None, or the autocast dtype of ``amp`` (True means bf16)."""
-    if amp not in (None, False, True, "bf16", "fp16"):
+    if amp not in AMP:
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if amp is True:
         return torch.bfloat16

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..batches import split_batch, to_device
+from ..graph.batches import split_batch, to_device
 from .checkpoint import _rng_state
 from .losses import _feature_loss, _loss
 from .result import NonFiniteError

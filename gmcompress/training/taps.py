@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx, nn
 
-from ..batches import first_tensor, forward_hooks, run_model
+from ..graph.batches import first_tensor, forward_hooks, run_model
 from .settings import check_feature_names
 
 

@@ -19,11 +19,11 @@ Two operators compute these products:
   with ``H~ = (I x Q^T) H^ (I x Q)``: a block-sparse product that costs about ``4 r out in^2 / N``
   instead of ``2 out in^2``. M is a c_in x c_in matrix of group matrices, hence block-diagonal in Q too:
   its inverse is one small inverse per block.
-* :class:`DenseOperator` (any :class:`~gmcompress.structure.Pattern`, any support): materialise
+* :class:`DenseOperator` (any :class:`~gmcompress.core.patterns.Pattern`, any support): materialise
   ``W_gm``, multiply by ``H^``, sum the classes back; M is assembled densely and factored once.
 
 The heavy products run on H's device in float32 for large layers (float64 for small ones); CG vectors
-and inner products are float64. :func:`gmcompress.structure.project` with ``inputs`` (scipy LSQR on the
+and inner products are float64. :func:`gmcompress.fit.reference.project` with ``inputs`` (scipy LSQR on the
 rows) is the reference the tests compare with.
 """
 
@@ -36,15 +36,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import structure
-from .checks import check_nonnegative
-from .groups import FiniteGroup
-from .groups import group as as_group
-from .nn.functional import block_plan, materialize
-from .structure import GMFit, Pattern, pattern_for, regular_pattern
+from ..core.checks import check_nonnegative
+from ..core.groups import FiniteGroup
+from ..core.groups import group as as_group
+from ..core.kernels import block_plan, materialize
+from ..core.patterns import GMFit, Pattern, pattern_for, regular_pattern
+from .plain import plain_fit, plain_project
 
 __all__ = ["InputStats", "stats_dtype", "project", "project_pattern", "fit_kernels", "solve"]
 
+DAMPING = 0.1  # the ridge of an activation-aware fit, relative to mean(diag(X^T X)): every damping default
 SMALL_LAYER = 1 << 22  # weights; smaller layers run their products in float64
 
 
@@ -199,7 +200,7 @@ class BlockOperator:
     """Products with ``b -> W_gm(b) H^`` for plain group matrices (regular pattern, full support).
 
     Coordinates: rows are output features, columns the block-basis coordinates ``(c, j)`` of the inputs
-    (``transform(m) = m (I x Q)``, Q the permuted basis of :func:`~gmcompress.nn.functional.block_plan`,
+    (``transform(m) = m (I x Q)``, Q the permuted basis of :func:`~gmcompress.core.kernels.block_plan`,
     whose classes order the coordinates of equal-size blocks as ``off + y * nb + b``).
     """
 
@@ -373,7 +374,7 @@ def fit_kernels(
     w: torch.Tensor,
     fit: GMFit,
     stats: InputStats,
-    damping: float = 0.1,
+    damping: float = DAMPING,
     *,
     group: FiniteGroup | None = None,
     max_iter: int = 100,
@@ -429,14 +430,14 @@ def project_pattern(
     support: Iterable[int] | None = None,
     inputs: np.ndarray | torch.Tensor | InputStats | None = None,
     *,
-    damping: float = 0.1,
+    damping: float = DAMPING,
     group: FiniteGroup | None = None,
     max_iter: int = 100,
     tol: float = 1e-3,
     dtype: torch.dtype | None = None,
     what: str = "weight",
 ) -> GMFit:
-    """:func:`gmcompress.structure.project_pattern` with the fast activation-aware fit.
+    """:func:`gmcompress.fit.reference.project_pattern` with the fast activation-aware fit.
 
     ``inputs`` are calibration rows ``(samples, fan_in)`` or their :class:`InputStats`; without them
     this is the plain fit. ``group`` (the group of a regular pattern) enables :class:`BlockOperator`.
@@ -444,8 +445,8 @@ def project_pattern(
     w = torch.as_tensor(w)
     w64 = w.detach().to("cpu", torch.float64).numpy()
     if inputs is None:
-        return structure.project_pattern(w64, pattern, rank, modulate, support, what=what)
-    kernels, modulations, sup = structure.plain_fit(w64, pattern, rank, modulate, support, what)
+        return plain_project(w64, pattern, rank, modulate, support, what=what)
+    kernels, modulations, sup = plain_fit(w64, pattern, rank, modulate, support, what)
     fit = GMFit(pattern, kernels, modulations, sup, 0.0, modulate)
     stats = InputStats.of(inputs, w.shape[1], w.device)
     fit.kernels, fit.output_error, fit.relative_error, _ = fit_kernels(
@@ -465,12 +466,12 @@ def project(
     *,
     in_subgroup: Iterable[int] | None = None,
     out_subgroup: Iterable[int] | None = None,
-    damping: float = 0.1,
+    damping: float = DAMPING,
     max_iter: int = 100,
     tol: float = 1e-3,
     dtype: torch.dtype | None = None,
 ) -> GMFit:
-    """:func:`gmcompress.structure.project` (same arguments) with the fast activation-aware fit."""
+    """:func:`gmcompress.fit.reference.project` (same arguments) with the fast activation-aware fit."""
     g = as_group(g)
     pattern, classes = pattern_for(g, support, in_subgroup, out_subgroup)
     regular = in_subgroup is None and out_subgroup is None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import short_repr
+from ..core.checks import short_repr
 
 __all__ = [
     "run_model", "call_arguments", "layer_input", "forward_hooks", "first_inputs", "first_tensor", "output_tensors",
@@ -209,3 +209,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices ``model``'s parameters are on (for ``torch.random.fork_rng(devices=...)``)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})

@@ -1,6 +1,6 @@
 """Calibration for activation-aware fits: per-layer input statistics, captured all at once or layer by layer.
 
-Each planned layer keeps ``H = X^T X`` of the rows its weight multiplies (:class:`~gmcompress.aware.InputStats`,
+Each planned layer keeps ``H = X^T X`` of the rows its weight multiplies (:class:`~gmcompress.fit.aware.InputStats`,
 summed batch by batch), never the rows themselves. Two modes (``compress(..., calibration_mode=...)``):
 
 * ``"original"``: one pass of the original model over the calibration batches collects every layer's
@@ -24,14 +24,20 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import fx, nn
 
-from .aware import InputStats
+from ..fit.aware import InputStats
+from ..planning.handlers import LayerPlan
 from .batches import calibration_batches, call_arguments, forward_hooks, layer_input, run_model
-from .handlers import LayerPlan
 
-__all__ = ["MODES", "capture_statistics", "calibrate"]
+__all__ = ["MODES", "check_mode", "capture_statistics", "calibrate"]
 
 MODES = ("sequential", "original")
 Install = Callable[[LayerPlan, "InputStats | None"], nn.Module]
+
+
+def check_mode(mode: object) -> None:
+    """ValueError unless ``mode`` is one of :data:`MODES` (``compress(calibration_mode=...)``)."""
+    if mode not in MODES:
+        raise ValueError(f"calibration_mode must be one of {MODES}, got {mode!r}")
 
 
 class _Accumulator:
@@ -46,7 +52,8 @@ class _Accumulator:
 
     def add(self, plan: LayerPlan, module: nn.Module, x: torch.Tensor, source: object = None) -> None:
         """Add the rows of input ``x``. Consecutive layers given the same ``source`` (the input's identity in this
-        pass) whose rows agree (:meth:`~gmcompress.handlers.LayerHandler.rows_key`) share one statistics object."""
+        pass) whose rows agree (:meth:`~gmcompress.planning.handlers.LayerHandler.rows_key`) share one statistics
+        object."""
         key = None if source is None else (source, plan.handler.rows_key(module))
         if key is not None and self.shared is not None and self.shared[0] == key and self.shared[1] is not plan:
             self.stats[plan.name] = self.shared[2]
@@ -69,7 +76,7 @@ class _Accumulator:
 def capture_statistics(
     model: nn.Module, plans: list[LayerPlan], calibration: Iterable[object] | torch.Tensor, max_rows: int | None = None
 ) -> dict[str, InputStats]:
-    """One pass of ``model`` over the calibration batches (forms: :func:`~gmcompress.batches.calibration_batches`):
+    """One pass of ``model`` over the calibration batches (forms: :func:`~.batches.calibration_batches`):
     the input statistics of every layer in ``plans``."""
     acc = _Accumulator(max_rows)
     hooks = [(p.module, lambda mod, x, p=p: acc.add(p, mod, x)) for p in plans]
@@ -93,8 +100,7 @@ def calibrate(
     Plans that are not activation-aware get ``None`` (a plain fit), as does every plan without calibration or
     whose layer the calibration never reaches. ``mode`` is one of :data:`MODES`.
     """
-    if mode not in MODES:
-        raise ValueError(f"calibration_mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     done: set[str] = set()
     if calibration is not None:
         aware = [p for p in plans if p.settings.activation_aware]

@@ -11,9 +11,10 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .groups import FiniteGroup, spec_of
-from .groups import group as parse_group
-from .nn.linear import IMPLS
+from ..core.groups import FiniteGroup, spec_of
+from ..core.groups import group as parse_group
+from ..fit.aware import DAMPING
+from ..nn import IMPLS
 
 __all__ = ["LayerSettings", "ON_MISMATCH", "BIAS", "SETTING_TYPES", "check_setting"]
 
@@ -50,7 +51,7 @@ class LayerSettings:
     conv_group: str | FiniteGroup | None = None
     lifting: bool | None = None
     activation_aware: bool = True
-    damping: float = 0.1
+    damping: float = DAMPING
     bias: str = "keep"
 
 

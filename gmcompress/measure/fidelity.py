@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .batches import call_arguments, first_tensor, output_tensors, run_model
+from ..graph.batches import call_arguments, first_tensor, output_tensors, run_model
 
 __all__ = [
     "Fidelity",

@@ -10,23 +10,20 @@ a layer class. Adding a kind of layer means writing its GM layer (``gmcompress.n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aware import InputStats
-from .checks import check_finite, check_rank
-from .groups import group as parse_group
-from .groups import square_group
-from .nn import GMChannelConv, GMConv2d, GMLayer, GMLinear
+from ..core.checks import check_finite, check_rank
+from ..core.groups import FiniteGroup, square_group
+from ..core.groups import group as parse_group
+from ..fit.aware import InputStats
+from ..nn import GMChannelConv, GMConv2d, GMLayer, GMLinear
 from .settings import LayerSettings
 
 __all__ = ["LayerPlan", "LayerHandler", "register", "handler_for", "own_forward_base", "type_names", "HANDLERS"]
-
-Build = Callable[[InputStats | torch.Tensor | None], GMLayer]  # calibration statistics (or rows) -> fitted layer
 
 
 @dataclass
@@ -42,8 +39,24 @@ class LayerPlan:
     reason: str = ""
     padded: bool = False
     params_after: int = 0
-    build: Build | None = field(default=None, repr=False)
-    shell: Callable[[torch.device], GMLayer] | None = field(default=None, repr=False)  # unfitted, for timing
+    gm_type: type[GMLayer] | None = field(default=None, repr=False)  # the GM layer class, None when dense
+    gm_group: FiniteGroup | None = field(default=None, repr=False)  # the parsed group (of the square for GMConv2d)
+    lifting: bool = False  # GMConv2d only: the input channels are plain, not fibres of the group
+
+    def build(self, stats: InputStats | torch.Tensor | None) -> GMLayer:
+        """The fitted GM layer, from calibration statistics (or rows, or None for a plain fit):
+        :meth:`LayerHandler.build`."""
+        return self.handler.build(self._planned(), stats)
+
+    def shell(self, device: torch.device) -> GMLayer:
+        """The GM layer unfitted (freshly initialised) on ``device``: its size on ``meta``, its speed on the model's
+        device (:meth:`LayerHandler.shell`)."""
+        return self.handler.shell(self._planned(), device)
+
+    def _planned(self) -> LayerPlan:
+        if not self.form:
+            raise ValueError(f"layer {self.name!r} ({self.type}) stays dense: {self.reason or 'nothing planned'}")
+        return self
 
     @property
     def type(self) -> str:
@@ -58,7 +71,13 @@ class LayerPlan:
         return sum(p.numel() for p in self.module.parameters())
 
     def skip(self, reason: str) -> LayerPlan:
-        self.form, self.reason, self.build, self.shell = "", reason, None, None
+        self.form, self.reason, self.gm_type, self.gm_group = "", reason, None, None
+        return self
+
+    def planned(self, gm_type: type[GMLayer], gm_group: FiniteGroup, group: str) -> LayerPlan:
+        """The plan of a layer that becomes ``gm_type`` over ``gm_group`` (named ``group``), with its size."""
+        self.form, self.gm_type, self.gm_group, self.group = gm_type.__name__, gm_type, gm_group, group
+        self.params_after = sum(p.numel() for p in self.shell(torch.device("meta")).parameters())
         return self
 
 
@@ -84,8 +103,12 @@ class LayerHandler:
         geometry = tuple(getattr(module, a, None) for a in ("kernel_size", "stride", "padding", "dilation"))
         return (self.type_name, tuple(module.weight.shape[1:]), *geometry)
 
-    def plan(self, name: str, module: nn.Module, settings: LayerSettings | None, decided: str) -> LayerPlan:
-        """The plan for one layer: shared checks first, then :meth:`plan_kind`."""
+    def plan(
+        self, name: str, module: nn.Module, settings: LayerSettings | None, decided: str, on_mismatch: str = ""
+    ) -> LayerPlan:
+        """The plan for one layer: shared checks first, then :meth:`plan_kind`. ``on_mismatch``, when given, is
+        used instead of the settings' own (a budget checks ``"error"`` itself, over all its candidate groups: the
+        plan keeps the layer's settings and skips the layer on a mismatch)."""
         plan = LayerPlan(name, module, self, settings)
         check_finite(
             module.weight,
@@ -98,9 +121,17 @@ class LayerHandler:
         reason = _module_blocker(module, self.module_types)
         if reason:
             return plan.skip(reason)
-        return self.plan_kind(plan, settings)
+        return self.plan_kind(plan, settings, on_mismatch or settings.on_mismatch)
 
-    def plan_kind(self, plan: LayerPlan, settings: LayerSettings) -> LayerPlan:
+    def plan_kind(self, plan: LayerPlan, settings: LayerSettings, on_mismatch: str) -> LayerPlan:
+        raise NotImplementedError
+
+    def build(self, plan: LayerPlan, stats: InputStats | torch.Tensor | None) -> GMLayer:
+        """The fitted GM layer of a planned layer (see :meth:`LayerPlan.build`)."""
+        raise NotImplementedError
+
+    def shell(self, plan: LayerPlan, device: torch.device) -> GMLayer:
+        """The unfitted GM layer of a planned layer (see :meth:`LayerPlan.shell`)."""
         raise NotImplementedError
 
 
@@ -133,7 +164,9 @@ def own_forward_base(module: nn.Module, base_types: tuple[type[nn.Module], ...] 
     return base
 
 
-def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings, layer_type: type) -> LayerPlan:
+def _plan_group_matrix(
+    plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings, on_mismatch: str, layer_type: type[GMLayer]
+) -> LayerPlan:
     """Plan a GM over features (Linear) or channels (1x1 conv): group, rank, sizes, padding."""
     if s.group is None:
         return plan.skip("no group set (give group= or a recipe default)")
@@ -144,39 +177,29 @@ def _plan_group_matrix(plan: LayerPlan, n_in: int, n_out: int, s: LayerSettings,
     check_rank(s.rank, g.order, s.modulate, label)
     if n_in % g.order or n_out % g.order:
         msg = f"sizes in={n_in}, out={n_out} are not multiples of |{s.group}|={g.order}"
-        if s.on_mismatch == "error":
+        if on_mismatch == "error":
             raise ValueError(f"{label}: {msg}; choose a group whose order divides both, on_mismatch='pad' or 'skip'")
-        if s.on_mismatch == "skip":
+        if on_mismatch == "skip":
             return plan.skip(msg)
         plan.padded = True
-    plan.form, plan.group = layer_type.__name__, s.group if isinstance(s.group, str) else g.name
-    bias_mode = ("shared" if s.bias == "shared" else True) if plan.module.bias is not None else False
-    module, padded = plan.module, plan.padded
-    plan.shell = lambda device: _shell(module, layer_type, g, s, bias_mode, padded, device)
-    plan.params_after = sum(p.numel() for p in plan.shell(torch.device("meta")).parameters())
-    kwargs = dict(
-        support=s.support,
-        impl=s.impl if layer_type is GMLinear or s.impl in ("auto", "dense", "packed") else "grouped",
-        pad=plan.padded,
-        damping=s.damping,
-        bias="shared" if s.bias == "shared" else None,
-        name=plan.name,
-    )
-    plan.build = lambda x: layer_type.from_dense(module, g, s.rank, s.modulate, inputs=x, **kwargs)
-    return plan
+    return plan.planned(layer_type, g, s.group if isinstance(s.group, str) else g.name)
 
 
-def _shell(
-    module: nn.Module, layer_type: type, g, s: LayerSettings, bias_mode, padded: bool, device: torch.device
-) -> GMLayer:
-    """The GM layer a plan builds, unfitted (freshly initialised) on ``device``: its size on ``meta``, its speed
-    on the model's device."""
-    if layer_type is GMLinear:
-        sizes = (module.in_features, module.out_features)
-        return GMLinear(*sizes, g, s.rank, s.modulate, s.support, bias=bias_mode, pad=padded, device=device)
-    return GMChannelConv(
-        module.in_channels, module.out_channels, tuple(module.kernel_size), g, s.rank, s.modulate,
-        bias=bias_mode, support=s.support, pad=padded, device=device, **_conv_geometry(module),
+def _shell_bias(plan: LayerPlan) -> bool | str:
+    """The bias of an unfitted GM layer: none when the dense layer has none, else shared or per output."""
+    return ("shared" if plan.settings.bias == "shared" else True) if plan.module.bias is not None else False
+
+
+def _fitted_bias(plan: LayerPlan) -> str | None:
+    return "shared" if plan.settings.bias == "shared" else None
+
+
+def _fit_group_matrix(plan: LayerPlan, stats: InputStats | torch.Tensor | None, impl: str) -> GMLayer:
+    """:class:`GMLinear` or :class:`GMChannelConv` fitted to the dense layer (activation-aware with ``stats``)."""
+    s = plan.settings
+    return plan.gm_type.from_dense(
+        plan.module, plan.gm_group, s.rank, s.modulate, inputs=stats, support=s.support, impl=impl, pad=plan.padded,
+        damping=s.damping, bias=_fitted_bias(plan), name=plan.name,
     )  # fmt: skip
 
 
@@ -196,9 +219,19 @@ class LinearHandler(LayerHandler):
     def calibration_rows(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, module.in_features)
 
-    def plan_kind(self, plan: LayerPlan, settings: LayerSettings) -> LayerPlan:
+    def plan_kind(self, plan: LayerPlan, settings: LayerSettings, on_mismatch: str) -> LayerPlan:
         m = plan.module
-        return _plan_group_matrix(plan, m.in_features, m.out_features, settings, GMLinear)
+        return _plan_group_matrix(plan, m.in_features, m.out_features, settings, on_mismatch, GMLinear)
+
+    def build(self, plan: LayerPlan, stats: InputStats | torch.Tensor | None) -> GMLayer:
+        return _fit_group_matrix(plan, stats, plan.settings.impl)
+
+    def shell(self, plan: LayerPlan, device: torch.device) -> GMLayer:
+        m, s = plan.module, plan.settings
+        return GMLinear(
+            m.in_features, m.out_features, plan.gm_group, s.rank, s.modulate, s.support, bias=_shell_bias(plan),
+            pad=plan.padded, device=device,
+        )  # fmt: skip
 
 
 class ConvHandler(LayerHandler):
@@ -240,21 +273,41 @@ class ConvHandler(LayerHandler):
         patches = F.unfold(x, kernel, dilation, padding, stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
-    def plan_kind(self, plan: LayerPlan, s: LayerSettings) -> LayerPlan:
+    def plan_kind(self, plan: LayerPlan, s: LayerSettings, on_mismatch: str) -> LayerPlan:
         m = plan.module
         if m.groups != 1:
             kind = "depthwise" if m.groups == m.in_channels else f"grouped (groups={m.groups})"
             return plan.skip(f"{kind} convolution: only groups=1 convolutions are compressed")
         if s.conv_group is not None and isinstance(m, nn.Conv2d) and any(k != 1 for k in m.kernel_size):
-            return _plan_tied_conv(plan, s)
-        return _plan_group_matrix(plan, m.in_channels, m.out_channels, s, GMChannelConv)
+            return _plan_tied_conv(plan, s, on_mismatch)
+        return _plan_group_matrix(plan, m.in_channels, m.out_channels, s, on_mismatch, GMChannelConv)
+
+    def build(self, plan: LayerPlan, stats: InputStats | torch.Tensor | None) -> GMLayer:
+        s = plan.settings
+        if plan.gm_type is GMConv2d:
+            return GMConv2d.from_dense(
+                plan.module, plan.gm_group, s.rank, s.modulate, plan.lifting, stats, damping=s.damping,
+                bias=_fitted_bias(plan), name=plan.name,
+            )  # fmt: skip
+        return _fit_group_matrix(plan, stats, s.impl if s.impl in ("auto", "dense", "packed") else "grouped")
+
+    def shell(self, plan: LayerPlan, device: torch.device) -> GMLayer:
+        m, s = plan.module, plan.settings
+        if plan.gm_type is GMConv2d:
+            return GMConv2d(
+                m.in_channels, m.out_channels, m.kernel_size[0], plan.gm_group, s.rank, s.modulate,
+                bias=_shell_bias(plan), lifting=plan.lifting, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                device=device,
+            )  # fmt: skip
+        return GMChannelConv(
+            m.in_channels, m.out_channels, tuple(m.kernel_size), plan.gm_group, s.rank, s.modulate,
+            bias=_shell_bias(plan), support=s.support, pad=plan.padded, device=device, **_conv_geometry(m),
+        )  # fmt: skip
 
 
-def _plan_tied_conv(plan: LayerPlan, s: LayerSettings) -> LayerPlan:
+def _plan_tied_conv(plan: LayerPlan, s: LayerSettings, on_mismatch: str) -> LayerPlan:
     """A k x k Conv2d tied by a group of the square (:class:`GMConv2d`)."""
     m = plan.module
-    if s.conv_group is None:
-        return plan.skip("k x k convolution: set conv_group (C2, C4, D2, D4) to compress it")
     h = square_group(s.conv_group)
     if m.kernel_size[0] != m.kernel_size[1] or m.padding_mode != "zeros":
         return plan.skip("GMConv2d needs a square kernel and zero padding")
@@ -263,25 +316,15 @@ def _plan_tied_conv(plan: LayerPlan, s: LayerSettings) -> LayerPlan:
         msg = (
             f"channels in={m.in_channels}, out={m.out_channels} do not split into fibres of |{s.conv_group}|={h.order}"
         )
-        if s.on_mismatch == "error":
+        if on_mismatch == "error":
             raise ValueError(
                 f"layer {plan.name!r} (Conv2d {plan.shape}): {msg}; pick a smaller conv_group, lifting=true "
                 "for plain inputs, or skip it"
             )
-        return plan.skip(msg + (" (padding is not supported for convolutions)" if s.on_mismatch == "pad" else ""))
+        return plan.skip(msg + (" (padding is not supported for convolutions)" if on_mismatch == "pad" else ""))
     check_rank(s.rank, h.order, s.modulate, f"layer {plan.name!r} (Conv2d {plan.shape})")
-    plan.shell = lambda device: GMConv2d(
-        m.in_channels, m.out_channels, m.kernel_size[0], h, s.rank, s.modulate,
-        bias=("shared" if s.bias == "shared" else True) if m.bias is not None else False, lifting=lifting,
-        stride=m.stride, padding=m.padding, dilation=m.dilation, device=device,
-    )  # fmt: skip
-    plan.form, plan.group = "GMConv2d", s.conv_group
-    plan.params_after = sum(p.numel() for p in plan.shell(torch.device("meta")).parameters())
-    bias = "shared" if s.bias == "shared" else None
-    plan.build = lambda x: GMConv2d.from_dense(
-        m, h, s.rank, s.modulate, lifting, x, damping=s.damping, bias=bias, name=plan.name
-    )
-    return plan
+    plan.lifting = lifting
+    return plan.planned(GMConv2d, h, s.conv_group)
 
 
 class UnsupportedHandler(LayerHandler):
@@ -300,7 +343,7 @@ class UnsupportedHandler(LayerHandler):
     def _transposed(module: nn.Module) -> bool:
         return bool(getattr(module, "transposed", False))
 
-    def plan_kind(self, plan: LayerPlan, settings: LayerSettings) -> LayerPlan:
+    def plan_kind(self, plan: LayerPlan, settings: LayerSettings, on_mismatch: str) -> LayerPlan:
         return plan.skip(self.reason)
 
 

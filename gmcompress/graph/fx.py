@@ -1,7 +1,7 @@
 """The graph pass: find the dense layers a model really calls, and swap in replacements.
 
 ``find_layers`` traces the model with ``torch.fx`` (every module that has a handler in
-:mod:`gmcompress.handlers` is kept as a leaf, subclasses included, unless its own ``forward`` reduces to one
+:mod:`gmcompress.planning.handlers` is kept as a leaf, subclasses included, unless its own ``forward`` reduces to one
 functional call on its weight) and lists the ``call_module`` nodes of those layers in execution order, with the
 dense layers inside the torch.nn containers the tracer keeps whole (``nn.TransformerEncoder``, ...). Functional
 calls ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` on a module's own parameters become layers too: each is lifted
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, jit, nn
 
-from .handlers import handler_for, own_forward_base
-from .nn import GMLayer
+from ..nn import GMLayer
+from ..planning.handlers import handler_for, own_forward_base
 
 __all__ = [
     "TraceResult", "find_layers", "swap", "module_aliases", "source_name", "is_lifted", "unfused_paths",

@@ -3,7 +3,7 @@
 :func:`time_forms` times every form a GM layer can take on its real input: each forward path it offers
 (``GMLayer.impls()``: materialised dense weight, block-diagonal GEMMs, FFT, grouped convolutions) and the plain
 torch layer it exports (``GMLayer.to_dense()``), in interleaved rounds of short blocks
-(:func:`~gmcompress.report.block_seconds`: eval, inference mode; on a CUDA device each call is synchronised).
+(:func:`~gmcompress.measure.timing.block_seconds`: eval, inference mode; on a CUDA device each call is synchronised).
 :func:`gmcompress.freeze` keeps the fastest form of each layer; :class:`FreezeReport` says which and by how much.
 ``compress`` times no path: its layers take their documented ``"auto"`` rule. :func:`time_layers` serves budgets
 (:mod:`gmcompress.budget`), which time every candidate option of every layer in the same rounds.
@@ -18,10 +18,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from .batches import first_inputs
-from .handlers import LayerPlan
-from .nn import GMLayer, NotApplicable
-from .report import block_seconds, format_table, interleaved_best
+from ..core.tables import format_table
+from ..graph.batches import first_inputs
+from ..nn import GMLayer, NotApplicable
+from ..planning.handlers import LayerPlan
+from .timing import block_seconds, interleaved_best
 
 __all__ = [
     "PATH_SECONDS",

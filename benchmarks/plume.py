@@ -79,7 +79,7 @@ LR = 2e-3  # AdamW peak learning rate, every model
 ADAM_BETAS = (0.9, 0.99)  # beta2 0.999: loss spikes near the peak learning rate killed channels (--spikes)
 WARMUP = 0.25  # fraction of the steps with a linear warm-up, then cosine decay
 EVAL_CHUNK = 64  # training windows per forward pass when a whole split is evaluated (bounds the activations)
-EPOCHS = 60  # the sweep's and the studies' default (20 leaves the large models short of converged: benchmarks/studies/plume.md)
+EPOCHS = 60  # the default of the sweep and studies (at 20 the large models were not converged: studies/plume.md)
 RECIPE = (
     f"{'inputs divided by their training RMS, ' if NORMALIZE else ''}AdamW {LR:g} (betas {ADAM_BETAS[0]:g}, "
     f"{ADAM_BETAS[1]:g}) with {100 * WARMUP:g}% linear warm-up then cosine, weight decay 0.01, batch 16"

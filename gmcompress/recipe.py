@@ -28,7 +28,7 @@ import yaml
 from .planning.budget_spec import Budget
 from .planning.handlers import type_names
 from .planning.settings import SETTING_TYPES, LayerSettings, check_setting
-from .training.settings import AMP, BATCHNORM, LOSSES, NONFINITE, RESUME, check_feature_names
+from .training.settings import AMP, BATCHNORM, LOSSES, NONFINITE, RESUME, TRAINABLE, check_feature_names
 
 __all__ = ["Rule", "Recipe", "RecipeError", "load_recipe", "parse_recipe", "name_matches", "check_pattern"]
 
@@ -79,6 +79,7 @@ FINETUNE_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "features": (list,),
     "batchnorm": (str,),
+    "trainable": (str,),
 }
 
 
@@ -113,6 +114,7 @@ FINETUNE_RANGES: dict[str, tuple[str, Any]] = {
     "amp": ("null, false, true, bf16 or fp16", lambda v: v in AMP),
     "features": ("a non-empty list of submodule names", _feature_names),
     "batchnorm": _one_of(BATCHNORM),
+    "trainable": _one_of(TRAINABLE),
 }
 
 

@@ -222,8 +222,9 @@ def _fmt(v: Any, pattern: str = "{:.3f}") -> str:
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; a ``|`` inside a cell (a skip reason naming ``|C8|``) is escaped so it stays one cell."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

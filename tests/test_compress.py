@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -631,3 +632,13 @@ def test_a_weight_used_by_its_module_and_functionally_is_not_lifted():
     with torch.no_grad():
         expected = out.head(out.proj(x) + torch.nn.functional.linear(x, out.proj.weight))
         torch.testing.assert_close(out(x), expected, rtol=0, atol=0)
+
+
+def test_markdown_report_keeps_a_bar_in_a_skip_reason_inside_its_cell():
+    """A skip reason names ``|C8|``: escaped, every row of the Markdown table has the header's number of cells."""
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
+    report = gm.compress(model, "C8", progress=False).gm_report
+    table = report.to_markdown().split("\n\n")[0].splitlines()
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table]
+    assert {len(c) for c in cells} == {len(cells[0])}
+    assert cells[2][3].strip() == r"skipped: sizes in=12, out=16 are not multiples of \|C8\|=8"

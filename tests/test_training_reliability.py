@@ -363,12 +363,15 @@ def test_trainable_compressed_steps_only_the_gm_layers(trainable):
     assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
 
 
-def test_recipes_take_the_batchnorm_setting():
+def test_recipes_take_the_batchnorm_and_trainable_settings():
     from gmcompress.recipe import RecipeError, parse_recipe
 
     assert parse_recipe({"version": 1, "finetune": {"batchnorm": "adapt"}}).finetune == {"batchnorm": "adapt"}
     with pytest.raises(RecipeError, match=r"finetune.batchnorm: expected one of frozen, adapt, got 'train'"):
         parse_recipe({"version": 1, "finetune": {"batchnorm": "train"}})
+    assert parse_recipe({"version": 1, "finetune": {"trainable": "compressed"}}).finetune == {"trainable": "compressed"}
+    with pytest.raises(RecipeError, match=r"finetune.trainable: expected one of all, compressed, got 'gm'"):
+        parse_recipe({"version": 1, "finetune": {"trainable": "gm"}})
 
 
 # --- feature taps: each part's loss on its own scale ----------------------------------------------------------------

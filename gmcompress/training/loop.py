@@ -199,8 +199,9 @@ def finetune(
     the GM layers' parameters (the others are held by ``requires_grad`` False during the run and restored after);
     the layers left dense keep their pretrained weights exactly. AdamW moves every parameter it steps by about
     ``lr`` a step whatever the size of its gradient, so layers the compression did not touch, whose gradients are
-    small or only rounding noise, drift: distilling an unchanged MobileNetV2 from itself for 10 steps at lr 2e-4
-    left 0.70 top-1 agreement with itself on held-out photos (its gradients at zero loss are 1e-10 to 1e-7).
+    small or only rounding noise, drift: an unchanged MobileNetV2 distilled from itself (zero loss, so its gradients
+    are rounding noise) loses much of its agreement with itself within 10 steps at lr 2e-4 (``benchmarks/imagenet.py
+    --drift``).
 
     ``features``: names of submodules (as ``named_modules()`` gives them, the same in student and teacher) whose
     outputs are distilled with the model's own: each side's tapped outputs and output, flattened per sample

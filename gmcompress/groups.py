@@ -4,37 +4,8 @@
 refers to its groups through this module, so it stays importable here.
 """
 
+from .core.groups import *  # noqa: F403  (the names of core.groups.__all__)
 from .core.groups import (
-    FiniteGroup,
-    RegularBasis,
+    __all__,  # noqa: F401
     _rebuild,  # noqa: F401  (whole-model pickles name gmcompress.groups._rebuild)
-    cyclic,
-    dihedral,
-    direct_product,
-    from_permutations,
-    from_table,
-    group,
-    left_cosets,
-    regular_basis,
-    semidirect_product,
-    spec_of,
-    subgroup,
-    symmetric,
 )
-
-__all__ = [
-    "FiniteGroup",
-    "RegularBasis",
-    "cyclic",
-    "dihedral",
-    "symmetric",
-    "direct_product",
-    "semidirect_product",
-    "from_table",
-    "from_permutations",
-    "group",
-    "spec_of",
-    "subgroup",
-    "left_cosets",
-    "regular_basis",
-]

@@ -88,7 +88,10 @@ def test_the_frozen_copy_computes_what_the_compressed_model_does(case):
         else:
             assert isinstance(layer, GMLayer) and choice.chosen in (*layer.impls(), paths.AS_IS)
             assert choice.chosen == paths.AS_IS or layer.impl == choice.chosen
-        assert choice.times_ms[choice.chosen] == min(choice.times_ms.values())
+        times = choice.times_ms  # the fastest form, or the torch layer when no GM form beats it by the margin
+        fastest = min(times, key=times.get)
+        torch_kept = choice.chosen == paths.TORCH_LAYER and times[fastest] * paths.FREEZE_MARGIN > times[choice.chosen]
+        assert choice.chosen == fastest or torch_kept, choice
         assert paths.TORCH_LAYER in choice.times_ms and choice.name in str(report)
     with torch.no_grad():
         want = model.eval()(x)

@@ -435,15 +435,11 @@ def main() -> None:
     start = time.perf_counter()
     teacher = zoo.mobilenet_v2_imagenet()
     data = load_data(args.quick, max(steps, DRIFT_STUDENT_STEPS) if args.drift else steps)
-    if args.drift:
-        lines = [f"{measured_on()}; {{minutes}} min.", "", *drift(teacher, data, args.quick)]
-        text = "\n".join(lines).replace("{minutes}", f"{(time.perf_counter() - start) / 60:.1f}")
-        publish(text, RESULTS / "imagenet_drift.md", args.quick)
-        return
-    if args.frontier:
-        lines = [f"{measured_on()}; {{minutes}} min.", "", *frontier(teacher, data)]
-        text = "\n".join(lines).replace("{minutes}", f"{(time.perf_counter() - start) / 60:.1f}")
-        publish(text, RESULTS / "imagenet_frontier.md", args.quick)
+    if args.drift or args.frontier:
+        lines = drift(teacher, data, args.quick) if args.drift else frontier(teacher, data)
+        minutes = (time.perf_counter() - start) / 60
+        text = "\n".join([f"{measured_on()}; {minutes:.1f} min.", "", *lines])
+        publish(text, RESULTS / ("imagenet_drift.md" if args.drift else "imagenet_frontier.md"), args.quick)
         return
     if args.quick:
         rows = budget_rows(teacher, data, [QUICK_BUDGET], QUICK_LAYERS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -31,18 +31,22 @@ from .measure.counts import count_macs, equivariance_error, state_dict_bytes
 from .measure.fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
 from .measure.paths import (
     AS_IS,
+    FREEZE_MARGIN,
     FREEZE_ROUNDS,
     FREEZE_SECONDS,
     FROZEN_ATTRIBUTE,
+    GM_FORMS,
     TORCH_LAYER,
+    TORCH_LAYERS,
     FormChoice,
     FreezeReport,
     is_frozen,
+    model_seconds,
     plain_layer,
     serving_form,
     time_forms,
 )
-from .measure.timing import measure_latencies, measure_latency
+from .measure.timing import interleaved_best, measure_latencies, measure_latency
 from .nn import GMLayer
 from .planning.budget_spec import Budget
 from .planning.handlers import LayerPlan, handler_for
@@ -596,7 +600,11 @@ def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, p
     plain torch layer (``to_dense()``), in interleaved rounds (:func:`~gmcompress.measure.paths.time_forms`). The
     fastest is kept (a GM form only when at least 5% faster than the plain layer,
     :func:`~gmcompress.measure.paths.serving_form`): a
-    path (``layer.impl``), or the plain ``nn.Linear``/``nn.Conv*`` swapped in at every name the layer has. Use it
+    path (``layer.impl``), or the plain ``nn.Linear``/``nn.Conv*`` swapped in at every name the layer has. Last,
+    the whole model is timed on ``example_inputs`` with the GM forms kept and with those layers as plain torch layers
+    (interleaved rounds, :func:`~gmcompress.measure.paths.model_seconds`); unless the GM forms make it at least
+    5% faster, every layer serves as its plain torch layer: layers timed alone do not add up to the model (caches,
+    threads and memory traffic differ), and the frozen copy should never be slower than the dense model. Use it
     after ``compress`` (and ``finetune``), before serving, on the serving device and batch.
 
     The result is in eval mode with ``requires_grad`` False on every parameter, and carries a
@@ -620,13 +628,19 @@ def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, p
         )
     inputs = first_inputs(frozen, example_inputs, layers) if layers else {}
     aliases = module_aliases(frozen)
+    kept: list[_Kept] = []  # the layers left on a GM form that have a plain torch layer: the whole-model check's
     for name, layer in tqdm(layers.items(), desc="gmcompress: timing forms", disable=not progress, unit="layer"):
         if name not in inputs:
             report.not_called.append(name)
             continue
-        choice = _freeze_layer(frozen, name, layer, inputs[name], aliases.get(id(layer), [name]))
+        names = aliases.get(id(layer), [name])
+        choice, torch_layer = _freeze_layer(frozen, name, layer, inputs[name], names)
         if choice is not None:
             report.layers.append(choice)
+            if choice.chosen != TORCH_LAYER and torch_layer is not None:
+                kept.append(_Kept(choice, layer, torch_layer, names))
+    if kept:
+        _check_whole_model(frozen, example_inputs, kept, report)
     frozen.requires_grad_(False)
     setattr(frozen, FROZEN_ATTRIBUTE, report)
     return frozen
@@ -655,19 +669,58 @@ def _device_of(model: nn.Module) -> str:
     return ", ".join(devices) or "cpu"
 
 
-def _freeze_layer(root: nn.Module, name: str, layer: GMLayer, x: torch.Tensor, names: list[str]) -> FormChoice | None:
+def _freeze_layer(
+    root: nn.Module, name: str, layer: GMLayer, x: torch.Tensor, names: list[str]
+) -> tuple[FormChoice | None, nn.Module | None]:
     """Time every form of ``layer`` on ``x`` and keep the fastest: its path, or its plain torch layer at ``names``
-    (None, and nothing timed, for a layer with one form: one path and no plain torch layer, such as ``GMPool``)."""
+    (None, and nothing timed, for a layer with one form: one path and no plain torch layer, such as ``GMPool``);
+    with the plain torch layer (None where it has none)."""
     torch_layer = plain_layer(layer)
     if torch_layer is None and len(layer.impls()) <= 1:
-        return None
+        return None, None
+    torch_layer = torch_layer.train(False) if torch_layer is not None else None
     times = time_forms(layer, x, torch_layer, FREEZE_SECONDS, FREEZE_ROUNDS)
     chosen = serving_form(times)
     if chosen == TORCH_LAYER:
-        torch_layer.train(False)
         for alias in names:
             swap(root, alias, torch_layer)
     elif chosen != AS_IS:
         layer.impl = chosen
     ms = {form: seconds * 1e3 for form, seconds in times.items()}
-    return FormChoice(name, type(layer).__name__, tuple(x.shape), ms, chosen)
+    return FormChoice(name, type(layer).__name__, tuple(x.shape), ms, chosen), torch_layer
+
+
+@dataclass
+class _Kept:
+    """A GM layer freeze left on a GM form, with its plain torch layer and every name it has in the model."""
+
+    choice: FormChoice
+    layer: GMLayer
+    torch_layer: nn.Module
+    names: list[str]
+
+
+def _check_whole_model(frozen: nn.Module, example_inputs: object, kept: list[_Kept], report: FreezeReport) -> None:
+    """Time ``frozen`` on ``example_inputs`` with the ``kept`` layers on their GM forms and as plain torch layers,
+    in :data:`FREEZE_ROUNDS` interleaved rounds, and leave it in the form that is faster (the GM forms only by
+    :data:`FREEZE_MARGIN`); the times go to ``report.model_ms``."""
+
+    def serve(as_torch: bool) -> None:
+        for k in kept:
+            for alias in k.names:
+                swap(frozen, alias, k.torch_layer if as_torch else k.layer)
+
+    def timer(as_torch: bool) -> Callable[[], float]:
+        def run() -> float:
+            serve(as_torch)
+            return model_seconds(frozen, example_inputs)
+
+        return run
+
+    times = interleaved_best({GM_FORMS: timer(False), TORCH_LAYERS: timer(True)}, FREEZE_ROUNDS)
+    as_torch = times[GM_FORMS] * FREEZE_MARGIN > times[TORCH_LAYERS]
+    serve(as_torch)
+    if as_torch:
+        for k in kept:
+            k.choice.chosen, k.choice.by_model = TORCH_LAYER, True
+    report.model_ms = {form: seconds * 1e3 for form, seconds in times.items()}

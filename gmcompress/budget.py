@@ -2,12 +2,13 @@
 
 ``compress(model, budget=Budget(params=4.0), calibration=..., example_inputs=...)`` (or ``plan(...)`` for the
 plan alone). For every layer the plan would compress, the options are "keep dense" and every group of
-``Budget.groups`` whose order divides the layer's sizes at ranks ``1, 2, 4, ..., min(N/2, max_rank)`` (a
-ladder: each step halves the compression, and ``C_N`` rank r has the size of ``C_2N`` rank 2r, so the groups
-together cover every power-of-two ratio). Each option is measured, then one option per layer is allocated
-(:func:`gmcompress.planning.allocation.allocate`, a multiple-choice knapsack). Everything is measured on the traced
-graph
-when there is one (it calls the layers lifted from functional calls as modules):
+``Budget.groups`` whose order divides the layer's sizes at the ranks of :func:`rank_ladder` up to ``max_rank``:
+``1, 2, 4, ..., N/2`` (each step halves the compression, and ``C_N`` rank r has the size of ``C_2N`` rank 2r, so
+the groups together cover every power-of-two ratio), then ``3N/4, 7N/8, ..., N - 1`` (fractions of the dense
+size between 1/2 and 1, so a sensitive layer can give up a little instead of half). Each option is measured, then
+one option per layer is allocated (:func:`gmcompress.planning.allocation.allocate`, a multiple-choice knapsack).
+Everything is measured on the traced graph when there is one (it calls the layers lifted from functional calls as
+modules):
 
 * **size**: parameters from the planned layer (no fit);
 * **latency** (``speedup`` budgets): each option's fastest forward path, timed on the layer's real input
@@ -313,12 +314,18 @@ def _rest_seconds(model_seconds: float, layers: list[LayerOptions]) -> float:
 
 
 def rank_ladder(order: int, max_rank: int = 8) -> list[int]:
-    """Ranks 1, 2, 4, ... up to order / 2 (just 1 for groups of order 2) and ``max_rank``."""
-    ranks, r = [], 1
-    while r <= min(max(order // 2, 1), max_rank):
-        ranks.append(r)
+    """The ranks a budget tries for a group of this order, up to ``max_rank``: 1, 2, 4, ..., order / 2 (each step
+    halves the compression), then order - order / 4, order - order / 8, ..., order - 1 (each step halves what is
+    saved, so a layer can stay close to its dense size: C8 rank 6 and 7 keep 3/4 and 7/8 of its weights)."""
+    ladder, r = [], 1
+    while r <= order // 2:
+        ladder.append(r)
         r *= 2
-    return ranks
+    step = order // 4
+    while step >= 1:
+        ladder.append(order - step)
+        step //= 2
+    return [r for r in ladder if r <= max_rank] or [1]
 
 
 def _is_candidate(p: LayerPlan) -> bool:

@@ -88,7 +88,8 @@ def test_budget_validation_and_parsing():
     with pytest.raises(ValueError):
         Budget(params=2, groups="Q7")
     assert rank_ladder(16) == [1, 2, 4, 8] and rank_ladder(2) == [1] and rank_ladder(64) == [1, 2, 4, 8]
-    assert rank_ladder(64, max_rank=2) == [1, 2]
+    assert rank_ladder(64, max_rank=2) == [1, 2] and rank_ladder(4) == [1, 2, 3] and rank_ladder(8) == [1, 2, 4, 6, 7]
+    assert rank_ladder(16, max_rank=16) == [1, 2, 4, 8, 12, 14, 15]
     with pytest.raises(ValueError, match="max_rank"):
         Budget(params=2, max_rank=0)
 
@@ -129,6 +130,23 @@ def test_params_budget_is_met_and_the_choice_is_the_best_of_all_measured_options
     after = sum(r.params_after for r in rows)
     assert dense / after >= 3.0 and dense / after == pytest.approx(out.params_ratio)
     assert "budget params=3" in str(model.gm_report)
+
+
+def test_a_gentle_size_budget_keeps_most_of_a_layer_instead_of_half():
+    """Between dense and half the weights the ladder has ranks above N/2 (C4 r3, C8 r6 and r7): a 1.2x budget on
+    one layer takes the most accurate of those that meet it, not the 2x option the target does not need."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(128, 128)).eval()
+    cal = [torch.randn(256, 128) for _ in range(2)]
+    out = gm.plan(net, budget=Budget(params=1.2, groups=("C2", "C4", "C8")), calibration=cal, progress=False).budget
+    (lo,) = out.layers
+    assert {"C4 r3", "C8 r6", "C8 r7"} <= {o.label for o in lo.options}
+    dense = lo.dense.params
+    meets = [o for o in lo.options if o.params <= dense / 1.2]
+    chosen = out.chosen[0]
+    assert chosen.label in {"C4 r3", "C8 r6", "C8 r7"} and chosen.model_error == min(o.model_error for o in meets)
+    half = next(o for o in lo.options if o.label == "C2 r1")
+    assert chosen.model_error < 0.8 * half.model_error and 1.2 <= dense / chosen.params < 2
 
 
 def test_report_gives_the_measured_model_error_and_warns_over_max_error(monkeypatch):
@@ -243,7 +261,7 @@ def test_speed_budget_options_are_timed_and_the_prediction_uses_them(monkeypatch
         return gm.plan(net, budget=Budget(speedup=speedup, groups=groups), calibration=[x], example_inputs=x).budget
 
     free = budget_plan(1.0)
-    assert [[o.seconds for o in lo.options] for lo in free.layers] == [[1e-3] + [1e-3 / 8] * 3] * 2  # C8 r1, r2, r4
+    assert [[o.seconds for o in lo.options] for lo in free.layers] == [[1e-3] + [1e-3 / 8] * 5] * 2  # C8 r1, 2, 4, 6, 7
     assert [o.label for o in free.chosen] == ["dense", "dense"]  # speed-up 1 costs nothing: no error taken
     assert free.predicted_speedup == pytest.approx(1.0)
     one = budget_plan(1.5)  # needs one layer on its block path: 2.1 / (0.1 + 1 + 0.125) = 1.71
@@ -342,7 +360,7 @@ def test_conv_group_bounds_the_ranks_of_tied_convolutions():
     cal = torch.randn(4, 8, 12, 12)
     out = gm.plan(net, budget=Budget(params=2.0), conv_group="C4", calibration=cal, progress=False).budget
     ranks = {o.plan.settings.rank for lo in out.layers for o in lo.options[1:] if o.plan.form == "GMConv2d"}
-    assert ranks == {1, 2}  # C4 bounds the ranks of a GMConv2d to 1..4, the ladder to 1, 2
+    assert ranks == {1, 2, 3}  # C4 bounds the ranks of a GMConv2d to 1..4, the ladder to 1, 2, 3
 
 
 def test_plan_keeps_every_module_mode_and_the_rng():
@@ -488,7 +506,7 @@ def test_speed_budget_times_the_dense_layer_and_its_options_in_the_same_rounds(m
     dense, options = out.layers[0].dense.plan.module, [o for o in out.layers[0].options[1:]]
     paths_per_round = len(calls) // paths.PATH_ROUNDS
     rounds = [calls[i * paths_per_round : (i + 1) * paths_per_round] for i in range(paths.PATH_ROUNDS)]
-    assert len(options) == 2 and paths_per_round > 3  # C4 r1, r2, each with several paths
+    assert len(options) == 3 and paths_per_round > 3  # C4 r1, r2, r3, each with several paths
     for timed in rounds:  # every round times the dense layer, then every path of every option
         assert timed[0] is dense and dense not in timed[1:]
         assert [m for m in timed[1:]] == rounds[0][1:]

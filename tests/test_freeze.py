@@ -91,22 +91,38 @@ def test_the_frozen_copy_computes_what_the_compressed_model_does(case):
         times = choice.times_ms  # the fastest form, or the torch layer when no GM form beats it by the margin
         fastest = min(times, key=times.get)
         torch_kept = choice.chosen == paths.TORCH_LAYER and times[fastest] * paths.FREEZE_MARGIN > times[choice.chosen]
-        assert choice.chosen == fastest or torch_kept, choice
+        assert choice.chosen == fastest or torch_kept or choice.by_model, choice
         assert paths.TORCH_LAYER in choice.times_ms and choice.name in str(report)
+    gm_form = [c for c in report.layers if c.chosen != paths.TORCH_LAYER or c.by_model]
+    if any(c.chosen not in (paths.AS_IS,) for c in gm_form):  # the whole-model check ran: its rule holds
+        model_ms = report.model_ms
+        overruled = model_ms[paths.GM_FORMS] * paths.FREEZE_MARGIN > model_ms[paths.TORCH_LAYERS]
+        assert all(c.by_model == overruled for c in gm_form if c.chosen != paths.AS_IS), report
     with torch.no_grad():
         want = model.eval()(x)
         torch.testing.assert_close(frozen(x), want, rtol=1e-4, atol=1e-5)
 
 
-def time_by_form(times: dict[str, float]):
+def time_by_form(times: dict[str, float], model_times: dict[str, float] | None = None):
     """A stand-in for the block timer: seconds by the timed layer's form (a GM layer's impl; "torch" for a plain
-    torch layer); it runs the call once, as the real one does."""
+    torch layer); it runs the call once, as the real one does. A whole model (freeze's last check) takes the sum
+    of its layers' times, or ``model_times["GM forms"]`` / ``["torch layers"]`` when given (by whether it still
+    holds a GM layer with a torch layer)."""
+
+    def form_seconds(layer: nn.Module) -> float:
+        form = layer.impl if isinstance(layer, GMLayer) and layer.impls() else "as is"
+        return times.get(form if isinstance(layer, GMLayer) else "torch", 2.0)
 
     def block_seconds(call, model, seconds):
         with torch.inference_mode():
             call()
-        form = model.impl if isinstance(model, GMLayer) and model.impls() else "as is"
-        return times.get(form if isinstance(model, GMLayer) else "torch", 2.0)
+        if isinstance(model, GMLayer) or not list(model.children()):
+            return form_seconds(model)
+        layers = [m for m in model.modules() if isinstance(m, (GMLayer, nn.Linear, nn.Conv2d))]
+        if model_times is not None:
+            with_gm = any(isinstance(m, GMLayer) and paths.plain_layer(m) is not None for m in layers)
+            return model_times[paths.GM_FORMS if with_gm else paths.TORCH_LAYERS]
+        return sum(form_seconds(m) for m in layers)
 
     return block_seconds
 
@@ -161,6 +177,29 @@ def test_a_layer_fastest_on_a_path_takes_it(monkeypatch, fastest):
     assert choices["0"].chosen == conv_best and choices["0"].speedup == pytest.approx(4.0 / times[conv_best])
     assert set(choices["3"].times_ms) == {"torch", *linear.impls()}
     assert model.get_submodule("0").impl == "auto"  # the compressed model keeps its setting
+
+
+@pytest.mark.parametrize(("gm_ms", "torch_ms", "overruled"), [(3.0, 2.0, True), (1.0, 1.04, True), (1.0, 1.2, False)])
+def test_the_whole_model_serves_as_torch_layers_unless_its_gm_forms_make_it_faster(monkeypatch, gm_ms, torch_ms,
+                                                                                   overruled):  # fmt: skip
+    """Layer by layer the block path wins (0.5 against the torch layer's 1.0), but the model is timed whole at the
+    end: unless it is FREEZE_MARGIN faster with the GM forms, every such layer becomes its plain torch layer."""
+    times = {"torch": 1.0, "dense": 2.0, "grouped": 2.0, "blocks": 0.5, "packed": 2.0, "fft": 2.0}
+    monkeypatch.setattr(paths, "block_seconds", time_by_form(times, {"GM forms": gm_ms, "torch layers": torch_ms}))
+    torch.manual_seed(0)
+    model = quiet_compress(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), group="C8")
+    x = torch.randn(4, 64)
+    frozen = gm.freeze(model, x, progress=False)
+    report = frozen.freeze_report
+    assert report.model_ms == pytest.approx({"GM forms": gm_ms * 1e3, "torch layers": torch_ms * 1e3})
+    kinds = [type(frozen.get_submodule(n)) for n in ("0", "2")]
+    assert kinds == ([nn.Linear, nn.Linear] if overruled else [GMLinear, GMLinear])
+    want = [("torch", True)] * 2 if overruled else [("blocks", False)] * 2
+    assert [(c.chosen, c.by_model) for c in report.layers] == want
+    assert ("so they serve as plain torch layers" in str(report)) == overruled
+    assert ("torch (whole model)" in str(report)) == overruled
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_layer_with_one_path_keeps_it_when_it_is_faster(monkeypatch):

@@ -4,7 +4,9 @@
 (``GMLayer.impls()``: materialised dense weight, block-diagonal GEMMs, FFT, grouped convolutions) and the plain
 torch layer it exports (``GMLayer.to_dense()``), in interleaved rounds of short blocks
 (:func:`~gmcompress.measure.timing.block_seconds`: eval, inference mode; on a CUDA device each call is synchronised).
-:func:`gmcompress.freeze` keeps the fastest form of each layer; :class:`FreezeReport` says which and by how much.
+:func:`gmcompress.freeze` keeps the fastest form of each layer, then checks the whole model with those forms against
+the same model with the layers as plain torch layers (:func:`model_seconds`); :class:`FreezeReport` says which and by
+how much.
 ``compress`` times no path: its layers take their documented ``"auto"`` rule. :func:`time_layers` serves budgets
 (:mod:`gmcompress.budget`), which time every candidate option of every layer in the same rounds.
 """
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.tables import format_table
-from ..graph.batches import first_inputs
+from ..graph.batches import first_inputs, run_model
 from ..nn import GMLayer, NotApplicable
 from ..planning.handlers import LayerPlan
 from .timing import block_seconds, interleaved_best
@@ -38,6 +40,7 @@ __all__ = [
     "serving_form",
     "time_forms",
     "plain_layer",
+    "model_seconds",
 ]
 
 PATH_SECONDS = 0.005  # seconds of one timed block (block_seconds takes the best of three) per path and round
@@ -48,6 +51,8 @@ FREEZE_ROUNDS = 3
 FREEZE_MARGIN = 1.05  # a GM form serves only if measured at least 5% faster than the plain torch layer: on this
 # project's shared 2-core VM one form timed twice differed by 10-25%, and a 10% "win" served 0.88x in the model
 AS_IS = "as is"  # the form of a GM layer with one forward path (no impls()): the layer as it runs
+GM_FORMS, TORCH_LAYERS = "GM forms", "torch layers"  # the two whole-model candidates of gm.freeze's last check
+FREEZE_MODEL_SECONDS = 0.05  # one timed block of the whole model (at least one call)
 
 
 @dataclass
@@ -60,6 +65,7 @@ class FormChoice:
     input_shape: tuple[int, ...]
     times_ms: dict[str, float]
     chosen: str
+    by_model: bool = False  # the torch layer serves because the whole model was not faster with the GM forms
 
     @property
     def speedup(self) -> float | None:
@@ -74,6 +80,7 @@ class FreezeReport:
     device: str
     layers: list[FormChoice] = field(default_factory=list)
     not_called: list[str] = field(default_factory=list)  # GM layers example_inputs did not reach: left as they were
+    model_ms: dict[str, float] = field(default_factory=dict)  # the whole model, GM forms / torch layers (module doc)
 
     @property
     def to_torch(self) -> list[str]:
@@ -86,7 +93,7 @@ class FreezeReport:
                 c.name,
                 c.kind,
                 "x".join(map(str, c.input_shape)),
-                c.chosen,
+                f"{c.chosen} (whole model)" if c.by_model else c.chosen,
                 ", ".join(f"{form} {ms:.3f}" for form, ms in c.times_ms.items()),
                 "-" if c.speedup is None else f"{c.speedup:.2f}x",
             ]
@@ -96,6 +103,18 @@ class FreezeReport:
         kept = len(self.layers) - len(self.to_torch)
         notes = [f"{kept} GM layer(s) kept a GM path, {len(self.to_torch)} became plain torch layers (measured on "
                  f"{self.device}, on the example inputs' batch)."]  # fmt: skip
+        if self.model_ms:
+            gm_ms, torch_ms = self.model_ms[GM_FORMS], self.model_ms[TORCH_LAYERS]
+            verdict = (
+                "so they serve as plain torch layers"
+                if any(c.by_model for c in self.layers)
+                else "so they keep them"
+            )
+            notes.append(
+                f"Whole model on the example inputs: {gm_ms:.3f} ms with the GM forms chosen layer by layer, "
+                f"{torch_ms:.3f} ms with those layers as plain torch layers ({torch_ms / gm_ms:.2f}x), {verdict} "
+                f"(a GM form serves only when the model is at least {FREEZE_MARGIN:.2f}x faster with it)."
+            )
         if self.not_called:
             notes.append(f"Not called on example_inputs, left as they were: {', '.join(self.not_called)}.")
         return "\n".join([table, *notes])
@@ -175,6 +194,21 @@ def serving_form(times: dict[str, float]) -> str:
     if TORCH_LAYER in times and fastest != TORCH_LAYER and times[fastest] * FREEZE_MARGIN > times[TORCH_LAYER]:
         return TORCH_LAYER
     return fastest
+
+
+def model_seconds(model: nn.Module, example_inputs: object) -> float:
+    """Seconds of one forward of the whole ``model`` on ``example_inputs`` (:func:`block_seconds`, eval, inference
+    mode; synchronised on CUDA): gm.freeze's last check, the model with its chosen GM forms against the same model
+    with those layers as plain torch layers."""
+    devices = {t.device for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"}
+
+    def call() -> object:
+        out = run_model(model, example_inputs)
+        for device in devices:
+            torch.cuda.synchronize(device)
+        return out
+
+    return block_seconds(call, model, FREEZE_MODEL_SECONDS)
 
 
 def _path_timers(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> dict[str, Callable[[], float]]:

@@ -23,7 +23,8 @@ Rows:
   as a user runs it (checked on the held-out quarter of the calibration crops, tightened until it holds).
 
 Each calibrated row is then distilled from the original for ``--steps`` steps (KL on softened logits, batches of
-32 crops of the training photos, only the GM layers trainable: ``trainable="compressed"``) and measured again;
+32 crops of the training photos, only the replaced layers trainable: ``trainable="compressed"``, and the SVD
+rows' low-rank pairs) and measured again;
 latency at batch 1 and 8 against the original. Writes ``benchmarks/results/imagenet.md`` and ``imagenet.png``
 (agreement against parameter ratio). ``--quick``: 2 training photos, 32 calibration and 32 held-out crops, one
 budget plan (C8 rank 1 or dense) over the last two layers and its SVD twin, 2 steps, one timing round; nothing is
@@ -53,6 +54,7 @@ from gmcompress import zoo
 from gmcompress.budget import _allocate
 from gmcompress.graph.fx import swap
 from gmcompress.measure.timing import measure_latency
+from gmcompress.nn import GMLayer
 from gmcompress.report import SLOWER_BELOW, is_slower
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -264,12 +266,26 @@ def agreement_row(teacher: nn.Module, data: Data, target: float) -> Row:
     return Row(f"budget {budget} (checked on held-out calibration crops)", "budget", model, seconds)
 
 
-def distill(row: Row, teacher: nn.Module, data: Data, steps: int, lr: float) -> None:
+def distill(row: Row, teacher: nn.Module, data: Data, steps: int, lr: float) -> bool:
+    """Distil only the layers the row replaced (GM layers: ``trainable="compressed"``; the SVD rows' low-rank
+    pairs: every other parameter held by ``requires_grad`` False), as a user of a partly compressed pretrained
+    network should; False, and nothing trained, where the row replaced no layer."""
+    replaced = {id(p) for m in row.model.modules() if isinstance(m, (GMLayer, LowRank)) for p in m.parameters()}
+    if not replaced:
+        return False
+    held = [p for p in row.model.parameters() if id(p) not in replaced and p.requires_grad]
     start = time.perf_counter()
-    gm.finetune(row.model, teacher, data.train, loss="kd", steps=steps, lr=lr, batch_size=BATCH, progress=False,
-                device="cpu", trainable="compressed")  # fmt: skip
+    try:
+        for p in held:
+            p.requires_grad_(False)
+        gm.finetune(row.model, teacher, data.train, loss="kd", steps=steps, lr=lr, batch_size=BATCH, progress=False,
+                    device="cpu")  # fmt: skip
+    finally:
+        for p in held:
+            p.requires_grad_(True)
     row.distill_minutes = (time.perf_counter() - start) / 60
     row.model.eval()
+    return True
 
 
 def latencies(row: Row, teacher: nn.Module, data: Data) -> None:
@@ -305,8 +321,9 @@ def table(rows: list[Row], dense_params: int, steps: int, lr: float) -> list[str
     return lines + [
         "",
         "Metric cells: top-1 agreement / top-5 overlap / mean KL (nats) against the original on the held-out crops. "
-        f'Distillation: {steps} steps of {BATCH} training-photo crops, `loss="kd"`, `trainable="compressed"` '
-        f"(the layers kept dense keep their pretrained weights; results/imagenet_drift.md), AdamW lr {lr:g}. Latency: "
+        f'Distillation: {steps} steps of {BATCH} training-photo crops, `loss="kd"`, only the replaced layers trained '
+        f'(`trainable="compressed"`; the SVD rows\' low-rank pairs; the layers kept dense keep their pretrained '
+        f"weights, results/imagenet_drift.md), AdamW lr {lr:g}. Latency: "
         "the compressed model's median and the original's time divided by it (\"slower\" below "
         f"{SLOWER_BELOW}x, gmcompress's threshold).",
     ]
@@ -454,8 +471,7 @@ def main() -> None:
         rows += svd_rows(teacher, data, matched) + planned
     for row in rows:
         row.before = zoo.imagenet_agreement(row.model, teacher, data.heldout)
-        if row.kind != "uniform, no calibration":
-            distill(row, teacher, data, steps, args.lr)
+        if row.kind != "uniform, no calibration" and distill(row, teacher, data, steps, args.lr):
             row.after = zoo.imagenet_agreement(row.model, teacher, data.heldout)
         latencies(row, teacher, data)
         print(table([row], sum(p.numel() for p in teacher.parameters()), steps, args.lr)[2], flush=True)

@@ -19,6 +19,10 @@ with the same number of parameters, with the MAC-limited speed-up (dense MACs / 
 and the path's function called directly on the layer's tensors (the layer's forward should be within about 1 us
 of it).
 ``--threads N`` sets torch's threads; ``--compile`` adds the block path's function under ``torch.compile``.
+
+``--direct-rows`` (``results/layers_direct_rows_cpu.md``): GMLinear's block path at 1 to 64 rows, rank 1, in its two
+forms, Gauss's derived weights against the stored spectrum read directly (``gmcompress.nn.linear.DIRECT_ROWS``
+picks the second up to that many rows), and ``nn.Linear``, in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -47,13 +51,17 @@ def time_path(layer: torch.nn.Module, impl: str, x: torch.Tensor, min_run_time: 
 
 
 def blocks_function(layer: GMLinear, x: torch.Tensor) -> partial:
-    """GMLinear's block path as its functions called directly on the layer's tensors (the weights derived from the
-    stored form, the block products, the bias): what ``forward`` adds to it is the module's own overhead."""
-    from gmcompress.nn.functional import blocks_forward
+    """GMLinear's block path as its functions called directly on the layer's tensors (up to ``DIRECT_ROWS`` rows
+    the products on the stored spectrum itself, else the weights derived from it and Gauss's products; the bias):
+    what ``forward`` adds to it is the module's own overhead."""
+    from gmcompress.nn.functional import blocks_forward, direct_forward
 
     impl = layer.resolved_impl()
     q_in, q_out = (layer._q_packed, layer._q_packed) if impl == "packed" else (layer._q_in, layer._q_out)
     xg = x.view(x.shape[0], layer.c_in, -1)
+    if impl == "blocks" and layer.reads_spectrum(x.shape[0]):
+        q_in, q_out, spectrum = layer._q_direct_in, layer._q_direct_out, layer.spectrum
+        return lambda: direct_forward(xg, q_in, q_out, spectrum, layer.modulations, layer.c_out, layer.bias)
 
     def run() -> torch.Tensor:
         return blocks_forward(xg, q_in, q_out, layer._block_weights(impl), layer.modulations, layer.c_out, layer.bias)
@@ -255,9 +263,9 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
             layer = GMLinear(fin, fout, group, 1, impl="blocks").eval()
             k = max(1, sum(p.numel() for p in layer.parameters()) // (fin + fout))
             a, b = torch.randn(k, fin) / fin**0.5, torch.randn(fout, k) / k**0.5
-            limit = fin * fout / layer.macs_per_row()
             for rows in (1, 32, 512):
                 x = torch.randn(rows, fin)
+                limit = fin * fout * rows / layer.macs(x, None)  # the products as they run at this many rows
                 with torch.inference_mode():
                     layer(x)
                     best = interleaved(
@@ -296,6 +304,48 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
     return lines
 
 
+DIRECT_SHAPES = [(384, 1536, "C8"), (1536, 384, "C8"), (384, 1536, "C16"), (1536, 384, "C16"), (768, 3072, "C8"),
+                 (3072, 768, "C16"), (4096, 4096, "C16")]  # fmt: skip
+DIRECT_ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def direct_rows_lines(quick: bool, min_run_time: float) -> list[str]:
+    """Gauss / direct time ratio of GMLinear's block path per shape and row count (above 1: the direct form is
+    faster), with both times and the dense layer's, all in the same interleaved rounds."""
+    import gmcompress.nn.linear as linear_module
+
+    head = "| layer | group | " + " | ".join(f"{r} rows: Gauss / direct / dense us" for r in DIRECT_ROW_COUNTS) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    kept = linear_module.DIRECT_ROWS
+    for fin, fout, group in DIRECT_SHAPES[:2] if quick else DIRECT_SHAPES:
+        torch.manual_seed(0)
+        layer, dense = GMLinear(fin, fout, group, 1, impl="blocks").eval(), torch.nn.Linear(fin, fout).eval()
+        cells = []
+        for rows in DIRECT_ROW_COUNTS:
+            x = torch.randn(rows, fin)
+
+            def form(direct: bool, x: torch.Tensor = x, layer: GMLinear = layer) -> float:
+                linear_module.DIRECT_ROWS = 10**9 if direct else 0
+                try:
+                    return timed("f(x)", min_run_time, f=layer, x=x)
+                finally:
+                    linear_module.DIRECT_ROWS = kept
+
+            with torch.inference_mode():
+                best = interleaved(
+                    {
+                        "gauss": partial(form, False),
+                        "direct": partial(form, True),
+                        "dense": partial(timed, "f(x)", min_run_time, f=dense, x=x),
+                    }
+                )
+            g, d, n = (best[k] * 1e6 for k in ("gauss", "direct", "dense"))
+            cells.append(f"{g:.0f} / {d:.0f} / {n:.0f} ({g / d:.2f}x)")
+        lines.append(f"| {fin} -> {fout} | {group} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return lines + ["", f"The block path reads the spectrum directly up to DIRECT_ROWS = {kept} rows."]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n=4096, C16, rank 1 only (under a minute)")
@@ -306,6 +356,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--convs", action="store_true", help="only the CPU convolution table (no header)")
     parser.add_argument("--min-run-time", type=float, help="seconds per timing (default 0.5, 0.2 with --quick)")
+    parser.add_argument("--direct-rows", action="store_true", help="the block path's two forms by rows (results/)")
     args = parser.parse_args()
     steady_allocator()
     ROUNDS["rounds"] = 1 if args.quick else 3
@@ -315,6 +366,15 @@ def main() -> None:
     start = time.perf_counter()
     if args.convs:
         print("\n".join(conv_lines(args.quick, min_run_time)))
+        return
+    if args.direct_rows:
+        lines = direct_rows_lines(args.quick, min(min_run_time, 0.2))
+        text = "\n".join([f"{measured_on()}; {time.perf_counter() - start:.0f} s.", "", *lines])
+        out = Path(__file__).parent / "results" / "layers_direct_rows_cpu.md"
+        print(text)
+        if not args.quick:
+            out.write_text(text + "\n")
+            refresh()
         return
     if args.shapes:
         lines = shape_lines(args.quick, min_run_time, args.compile)

@@ -30,6 +30,7 @@ from .graph.fx import TraceResult, find_layers, is_lifted, module_aliases, sourc
 from .measure.counts import count_macs, equivariance_error, state_dict_bytes
 from .measure.fidelity import Fidelity, as_batches, compare_outputs, reference_outputs, split_holdout
 from .measure.paths import (
+    AS_COMPRESSED,
     AS_IS,
     FREEZE_MARGIN,
     FREEZE_ROUNDS,
@@ -601,10 +602,12 @@ def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, p
     fastest is kept (a GM form only when at least 5% faster than the plain layer,
     :func:`~gmcompress.measure.paths.serving_form`): a
     path (``layer.impl``), or the plain ``nn.Linear``/``nn.Conv*`` swapped in at every name the layer has. Last,
-    the whole model is timed on ``example_inputs`` with the GM forms kept and with those layers as plain torch layers
-    (interleaved rounds, :func:`~gmcompress.measure.paths.model_seconds`); unless the GM forms make it at least
-    5% faster, every layer serves as its plain torch layer: layers timed alone do not add up to the model (caches,
-    threads and memory traffic differ), and the frozen copy should never be slower than the dense model. Use it
+    the whole model is timed on ``example_inputs`` (interleaved rounds,
+    :func:`~gmcompress.measure.paths.model_seconds`) with the forms chosen layer by layer, with the forms the layers
+    had as compressed, and with every such layer as its plain torch layer, and the fastest serves (one with GM
+    forms only when at least 5% faster than the torch layers): layers timed alone do not add up to the model
+    (caches, threads and memory traffic differ), and the frozen copy should not be slower than the dense model or
+    the compressed one. Use it
     after ``compress`` (and ``finetune``), before serving, on the serving device and batch.
 
     The result is in eval mode with ``requires_grad`` False on every parameter, and carries a
@@ -628,19 +631,18 @@ def freeze(model: nn.Module, example_inputs: object, *, inplace: bool = False, p
         )
     inputs = first_inputs(frozen, example_inputs, layers) if layers else {}
     aliases = module_aliases(frozen)
-    kept: list[_Kept] = []  # the layers left on a GM form that have a plain torch layer: the whole-model check's
+    timed: list[_Timed] = []  # the layers with a plain torch layer: the whole-model check chooses among their forms
     for name, layer in tqdm(layers.items(), desc="gmcompress: timing forms", disable=not progress, unit="layer"):
         if name not in inputs:
             report.not_called.append(name)
             continue
-        names = aliases.get(id(layer), [name])
-        choice, torch_layer = _freeze_layer(frozen, name, layer, inputs[name], names)
-        if choice is not None:
-            report.layers.append(choice)
-            if choice.chosen != TORCH_LAYER and torch_layer is not None:
-                kept.append(_Kept(choice, layer, torch_layer, names))
-    if kept:
-        _check_whole_model(frozen, example_inputs, kept, report)
+        entry = _freeze_layer(frozen, name, layer, inputs[name], aliases.get(id(layer), [name]))
+        if entry is not None:
+            report.layers.append(entry.choice)
+            if entry.torch_layer is not None:
+                timed.append(entry)
+    if timed:
+        _check_whole_model(frozen, example_inputs, timed, report)
     frozen.requires_grad_(False)
     setattr(frozen, FROZEN_ATTRIBUTE, report)
     return frozen
@@ -669,58 +671,72 @@ def _device_of(model: nn.Module) -> str:
     return ", ".join(devices) or "cpu"
 
 
-def _freeze_layer(
-    root: nn.Module, name: str, layer: GMLayer, x: torch.Tensor, names: list[str]
-) -> tuple[FormChoice | None, nn.Module | None]:
+def _freeze_layer(root: nn.Module, name: str, layer: GMLayer, x: torch.Tensor, names: list[str]) -> _Timed | None:
     """Time every form of ``layer`` on ``x`` and keep the fastest: its path, or its plain torch layer at ``names``
-    (None, and nothing timed, for a layer with one form: one path and no plain torch layer, such as ``GMPool``);
-    with the plain torch layer (None where it has none)."""
+    (None, and nothing timed, for a layer with one form: one path and no plain torch layer, such as ``GMPool``)."""
     torch_layer = plain_layer(layer)
     if torch_layer is None and len(layer.impls()) <= 1:
-        return None, None
+        return None
     torch_layer = torch_layer.train(False) if torch_layer is not None else None
+    as_compressed = layer.path_for(layer.batch_of(x)) if layer.impls() else AS_IS  # before timing moves impl
     times = time_forms(layer, x, torch_layer, FREEZE_SECONDS, FREEZE_ROUNDS)
     chosen = serving_form(times)
-    if chosen == TORCH_LAYER:
-        for alias in names:
-            swap(root, alias, torch_layer)
-    elif chosen != AS_IS:
-        layer.impl = chosen
     ms = {form: seconds * 1e3 for form, seconds in times.items()}
-    return FormChoice(name, type(layer).__name__, tuple(x.shape), ms, chosen), torch_layer
+    entry = _Timed(FormChoice(name, type(layer).__name__, tuple(x.shape), ms, chosen), layer, torch_layer, names,
+                   as_compressed)  # fmt: skip
+    entry.serve(root, chosen)
+    return entry
 
 
 @dataclass
-class _Kept:
-    """A GM layer freeze left on a GM form, with its plain torch layer and every name it has in the model."""
+class _Timed:
+    """A GM layer freeze timed: its choice, its plain torch layer (None where it has none), every name it has in the
+    model, and the path it took as compressed (its ``impl`` rule at this input)."""
 
     choice: FormChoice
     layer: GMLayer
-    torch_layer: nn.Module
+    torch_layer: nn.Module | None
     names: list[str]
+    as_compressed: str
+
+    def serve(self, root: nn.Module, form: str) -> None:
+        """Put the layer in ``root`` in ``form``: a path (or :data:`AS_IS`), or :data:`TORCH_LAYER`."""
+        module = self.torch_layer if form == TORCH_LAYER else self.layer
+        for alias in self.names:
+            swap(root, alias, module)
+        if form not in (TORCH_LAYER, AS_IS):
+            self.layer.impl = form
 
 
-def _check_whole_model(frozen: nn.Module, example_inputs: object, kept: list[_Kept], report: FreezeReport) -> None:
-    """Time ``frozen`` on ``example_inputs`` with the ``kept`` layers on their GM forms and as plain torch layers,
-    in :data:`FREEZE_ROUNDS` interleaved rounds, and leave it in the form that is faster (the GM forms only by
-    :data:`FREEZE_MARGIN`); the times go to ``report.model_ms``."""
+def _check_whole_model(frozen: nn.Module, example_inputs: object, timed: list[_Timed], report: FreezeReport) -> None:
+    """Time ``frozen`` on ``example_inputs`` with the ``timed`` layers in each whole-model candidate (the forms
+    chosen layer by layer, the forms they had as compressed, all plain torch layers) in :data:`FREEZE_ROUNDS`
+    interleaved rounds, and leave it in the fastest (a candidate with GM forms only when :data:`FREEZE_MARGIN`
+    faster than the torch layers); the times go to ``report.model_ms``, the winner to ``report.served``."""
+    candidates = {
+        GM_FORMS: [t.choice.chosen for t in timed],
+        AS_COMPRESSED: [t.as_compressed for t in timed],
+        TORCH_LAYERS: [TORCH_LAYER] * len(timed),
+    }
+    if candidates[GM_FORMS] in (candidates[AS_COMPRESSED], candidates[TORCH_LAYERS]):
+        del candidates[GM_FORMS]  # the same model as another candidate
 
-    def serve(as_torch: bool) -> None:
-        for k in kept:
-            for alias in k.names:
-                swap(frozen, alias, k.torch_layer if as_torch else k.layer)
+    def serve(label: str) -> None:
+        for t, form in zip(timed, candidates[label]):
+            t.serve(frozen, form)
 
-    def timer(as_torch: bool) -> Callable[[], float]:
+    def timer(label: str) -> Callable[[], float]:
         def run() -> float:
-            serve(as_torch)
+            serve(label)
             return model_seconds(frozen, example_inputs)
 
         return run
 
-    times = interleaved_best({GM_FORMS: timer(False), TORCH_LAYERS: timer(True)}, FREEZE_ROUNDS)
-    as_torch = times[GM_FORMS] * FREEZE_MARGIN > times[TORCH_LAYERS]
-    serve(as_torch)
-    if as_torch:
-        for k in kept:
-            k.choice.chosen, k.choice.by_model = TORCH_LAYER, True
-    report.model_ms = {form: seconds * 1e3 for form, seconds in times.items()}
+    times = interleaved_best({label: timer(label) for label in candidates}, FREEZE_ROUNDS)
+    best = min((label for label in candidates if label != TORCH_LAYERS), key=times.get)
+    served = TORCH_LAYERS if times[best] * FREEZE_MARGIN > times[TORCH_LAYERS] else best
+    serve(served)
+    for t, form in zip(timed, candidates[served]):
+        t.choice.chosen, t.choice.by_model = form, form != t.choice.chosen
+    report.model_ms = {label: seconds * 1e3 for label, seconds in times.items()}
+    report.served = served

@@ -143,18 +143,18 @@ def test_report_fit_errors_equal_structure_project():
     assert rows["conv"].fit_error == pytest.approx(conv.relative_error, rel=1e-12)
 
 
-def test_macs_count_gm_layers_at_their_real_cost():
+@pytest.mark.parametrize("rows", [8, 32])  # the block products read from the spectrum (few rows), and Gauss's form
+def test_macs_count_gm_layers_at_their_real_cost(rows):
     layer = GMLinear(256, 256, "C16", rank=2, impl="blocks").eval()
-    x = torch.randn(8, 256)
-    with torch.no_grad():
-        layer(x)  # builds the cached block weights (a one-off, not per-call cost)
+    x = torch.randn(rows, 256)
+    assert layer.reads_spectrum(rows) == (rows == 8)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         layer(x)
     matmul_macs = counter.get_total_flops() // 2  # torch's own count of the matmuls the path runs
     total, per_layer = gm.report.count_macs(layer, x)
-    modulation = 8 * 2 * 256  # rows x rank x out features: elementwise products FlopCounterMode does not count
+    modulation = rows * 2 * 256  # rows x rank x out features: elementwise products FlopCounterMode does not count
     assert total == matmul_macs + modulation
-    assert total < 8 * 256 * 256  # cheaper than dense
+    assert total < rows * 256 * 256  # cheaper than dense
 
 
 def test_dry_run_plan_matches_compression():

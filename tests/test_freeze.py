@@ -91,23 +91,21 @@ def test_the_frozen_copy_computes_what_the_compressed_model_does(case):
         times = choice.times_ms  # the fastest form, or the torch layer when no GM form beats it by the margin
         fastest = min(times, key=times.get)
         torch_kept = choice.chosen == paths.TORCH_LAYER and times[fastest] * paths.FREEZE_MARGIN > times[choice.chosen]
-        assert choice.chosen == fastest or torch_kept or choice.by_model, choice
+        assert choice.chosen == fastest or torch_kept or choice.by_model, choice  # by_model: the whole-model check
         assert paths.TORCH_LAYER in choice.times_ms and choice.name in str(report)
-    gm_form = [c for c in report.layers if c.chosen != paths.TORCH_LAYER or c.by_model]
-    if any(c.chosen not in (paths.AS_IS,) for c in gm_form):  # the whole-model check ran: its rule holds
-        model_ms = report.model_ms
-        overruled = model_ms[paths.GM_FORMS] * paths.FREEZE_MARGIN > model_ms[paths.TORCH_LAYERS]
-        assert all(c.by_model == overruled for c in gm_form if c.chosen != paths.AS_IS), report
+    model_ms = report.model_ms  # the whole-model check ran, and its rule holds
+    best = min((label for label in model_ms if label != paths.TORCH_LAYERS), key=model_ms.get)
+    torch_serves = model_ms[best] * paths.FREEZE_MARGIN > model_ms[paths.TORCH_LAYERS]
+    assert report.served == (paths.TORCH_LAYERS if torch_serves else best), report
     with torch.no_grad():
         want = model.eval()(x)
         torch.testing.assert_close(frozen(x), want, rtol=1e-4, atol=1e-5)
 
 
-def time_by_form(times: dict[str, float], model_times: dict[str, float] | None = None):
+def time_by_form(times: dict[str, float]):
     """A stand-in for the block timer: seconds by the timed layer's form (a GM layer's impl; "torch" for a plain
     torch layer); it runs the call once, as the real one does. A whole model (freeze's last check) takes the sum
-    of its layers' times, or ``model_times["GM forms"]`` / ``["torch layers"]`` when given (by whether it still
-    holds a GM layer with a torch layer)."""
+    of its layers' times."""
 
     def form_seconds(layer: nn.Module) -> float:
         form = layer.impl if isinstance(layer, GMLayer) and layer.impls() else "as is"
@@ -118,11 +116,7 @@ def time_by_form(times: dict[str, float], model_times: dict[str, float] | None =
             call()
         if isinstance(model, GMLayer) or not list(model.children()):
             return form_seconds(model)
-        layers = [m for m in model.modules() if isinstance(m, (GMLayer, nn.Linear, nn.Conv2d))]
-        if model_times is not None:
-            with_gm = any(isinstance(m, GMLayer) and paths.plain_layer(m) is not None for m in layers)
-            return model_times[paths.GM_FORMS if with_gm else paths.TORCH_LAYERS]
-        return sum(form_seconds(m) for m in layers)
+        return sum(form_seconds(m) for m in model.modules() if isinstance(m, (GMLayer, nn.Linear, nn.Conv2d)))
 
     return block_seconds
 
@@ -179,25 +173,45 @@ def test_a_layer_fastest_on_a_path_takes_it(monkeypatch, fastest):
     assert model.get_submodule("0").impl == "auto"  # the compressed model keeps its setting
 
 
-@pytest.mark.parametrize(("gm_ms", "torch_ms", "overruled"), [(3.0, 2.0, True), (1.0, 1.04, True), (1.0, 1.2, False)])
-def test_the_whole_model_serves_as_torch_layers_unless_its_gm_forms_make_it_faster(monkeypatch, gm_ms, torch_ms,
-                                                                                   overruled):  # fmt: skip
-    """Layer by layer the block path wins (0.5 against the torch layer's 1.0), but the model is timed whole at the
-    end: unless it is FREEZE_MARGIN faster with the GM forms, every such layer becomes its plain torch layer."""
+@pytest.mark.parametrize(
+    ("chosen_ms", "compressed_ms", "torch_ms", "served"),
+    [(3.0, 3.5, 2.0, "torch"), (1.0, 1.5, 1.04, "torch"), (1.0, 1.5, 1.2, "blocks"), (1.5, 1.0, 1.2, "dense")],
+)
+def test_the_whole_model_serves_in_its_fastest_candidate(monkeypatch, chosen_ms, compressed_ms, torch_ms, served):
+    """Layer by layer the block path wins (0.5 against the torch layer's 1.0; as compressed the layers run "dense",
+    their "auto" rule at this size), but the model is timed whole at the end, with the forms chosen layer by layer,
+    with the forms as compressed and with plain torch layers: the fastest serves, a GM candidate only when
+    FREEZE_MARGIN faster than the torch layers."""
+    import gmcompress.api as api
+
     times = {"torch": 1.0, "dense": 2.0, "grouped": 2.0, "blocks": 0.5, "packed": 2.0, "fft": 2.0}
-    monkeypatch.setattr(paths, "block_seconds", time_by_form(times, {"GM forms": gm_ms, "torch layers": torch_ms}))
+    monkeypatch.setattr(paths, "block_seconds", time_by_form(times))
+    by_form = {"blocks": chosen_ms, "dense": compressed_ms, "torch": torch_ms}
+
+    def model_seconds(model, inputs):  # the candidate recognised by the form its two layers are in
+        layers = [model.get_submodule(n) for n in ("0", "2")]
+        forms = {m.impl if isinstance(m, GMLayer) else "torch" for m in layers}
+        (form,) = forms
+        return by_form[form]
+
+    monkeypatch.setattr(api, "model_seconds", model_seconds)
     torch.manual_seed(0)
     model = quiet_compress(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), group="C8")
+    assert [model.get_submodule(n).path_for(4) for n in ("0", "2")] == ["dense", "dense"]
     x = torch.randn(4, 64)
     frozen = gm.freeze(model, x, progress=False)
     report = frozen.freeze_report
-    assert report.model_ms == pytest.approx({"GM forms": gm_ms * 1e3, "torch layers": torch_ms * 1e3})
-    kinds = [type(frozen.get_submodule(n)) for n in ("0", "2")]
-    assert kinds == ([nn.Linear, nn.Linear] if overruled else [GMLinear, GMLinear])
-    want = [("torch", True)] * 2 if overruled else [("blocks", False)] * 2
-    assert [(c.chosen, c.by_model) for c in report.layers] == want
-    assert ("so they serve as plain torch layers" in str(report)) == overruled
-    assert ("torch (whole model)" in str(report)) == overruled
+    labels = {"blocks": paths.GM_FORMS, "dense": paths.AS_COMPRESSED, "torch": paths.TORCH_LAYERS}
+    assert report.model_ms == pytest.approx({labels[f]: ms * 1e3 for f, ms in by_form.items()})
+    assert report.served == labels[served]
+    if served == "torch":
+        assert [type(frozen.get_submodule(n)) for n in ("0", "2")] == [nn.Linear, nn.Linear]
+    else:
+        assert [(type(m), m.impl) for m in (frozen.get_submodule("0"), frozen.get_submodule("2"))] == [
+            (GMLinear, served)
+        ] * 2
+    assert [(c.chosen, c.by_model) for c in report.layers] == [(served, served != "blocks")] * 2
+    assert f"serving: {labels[served]}" in str(report)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), model.eval()(x), rtol=1e-4, atol=1e-5)
 

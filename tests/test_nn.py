@@ -493,6 +493,56 @@ def test_an_empty_batch_gives_an_empty_output_on_every_path(impl):
         assert x.grad.shape == x.shape
 
 
+# ---------------------------------------------------------------- block path at few rows: the spectrum read directly
+@pytest.mark.parametrize(("spec", "rank"), [("C8", 1), ("C8", 2), ("C4", 3), ("C16", 2), ("C4xC2", 1), ("C3", 1)])
+def test_the_block_path_at_few_rows_multiplies_by_the_stored_spectrum_and_matches_gauss(spec, rank, monkeypatch):
+    """Up to DIRECT_ROWS rows the block path runs direct_forward on the spectrum parameter (four products a 2x2
+    block, nothing derived); outputs and gradients equal Gauss's three-product form (forced by DIRECT_ROWS = 0) and
+    the plain product with the dense weight, with padding, rank and modulations."""
+    import gmcompress.nn.linear as linear_module
+
+    n = gm.group(spec).order
+    torch.manual_seed(0)
+    layer = GMLinear(3 * n + 1, 2 * n + 3, spec, rank=rank, impl="blocks", pad=True)
+    with torch.no_grad():
+        if layer.modulations is not None:
+            layer.modulations.uniform_(0.5, 1.5)
+    for rows in (1, 5, linear_module.DIRECT_ROWS):
+        x = torch.randn(rows, 3 * n + 1, requires_grad=True)
+        assert layer.reads_spectrum(rows) and not layer.reads_spectrum(linear_module.DIRECT_ROWS + 1)
+        y = layer(x)
+        torch.testing.assert_close(y, layer.to_dense()(x), atol=1e-5, rtol=1e-4)
+        grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+        with monkeypatch.context() as patch:
+            patch.setattr(linear_module, "DIRECT_ROWS", 0)
+            assert not layer.reads_spectrum(rows)
+            gauss = layer(x)
+            gauss_grads = torch.autograd.grad(gauss.square().sum(), [x, *layer.parameters()])
+        torch.testing.assert_close(y, gauss, atol=1e-5, rtol=1e-4)
+        for g, h in zip(grads, gauss_grads):
+            torch.testing.assert_close(g, h, atol=1e-4, rtol=1e-4)
+
+
+def test_the_direct_block_products_read_the_spectrum_parameter_itself():
+    """No weight is derived on the direct form: the only tensor the block product multiplies by is the stored
+    spectrum (its storage), and D4 (2x2 blocks of another type) and kernels-stored layers keep Gauss's or the
+    packed form."""
+    layer = GMLinear(64, 64, "C8", impl="blocks").eval()
+    seen = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.bmm:
+                seen.append(args[1].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    with Watch(), torch.no_grad():
+        layer(torch.randn(2, 64))
+    assert seen == [layer.spectrum.data_ptr()]
+    assert not GMLinear(64, 64, "D4", impl="blocks").reads_spectrum(1)
+    assert not GMLinear(64, 64, "C8", impl="dense").reads_spectrum(1)  # stored as kernels
+
+
 # ---------------------------------------------------------------- no cache: forward reads the live parameters
 def layer_cases():
     """(id, builder, input) for every path of GMLinear (abelian and not, a stencil), GMChannelConv and GMConv2d."""

@@ -41,6 +41,9 @@ __all__ = [
     "time_forms",
     "plain_layer",
     "model_seconds",
+    "GM_FORMS",
+    "AS_COMPRESSED",
+    "TORCH_LAYERS",
 ]
 
 PATH_SECONDS = 0.005  # seconds of one timed block (block_seconds takes the best of three) per path and round
@@ -51,7 +54,9 @@ FREEZE_ROUNDS = 3
 FREEZE_MARGIN = 1.05  # a GM form serves only if measured at least 5% faster than the plain torch layer: on this
 # project's shared 2-core VM one form timed twice differed by 10-25%, and a 10% "win" served 0.88x in the model
 AS_IS = "as is"  # the form of a GM layer with one forward path (no impls()): the layer as it runs
-GM_FORMS, TORCH_LAYERS = "GM forms", "torch layers"  # the two whole-model candidates of gm.freeze's last check
+GM_FORMS = "forms chosen layer by layer"  # the whole-model candidates of gm.freeze's last check
+AS_COMPRESSED = "forms as compressed"  # each layer on the path its impl rule takes at this input
+TORCH_LAYERS = "plain torch layers"
 FREEZE_MODEL_SECONDS = 0.05  # one timed block of the whole model (at least one call)
 
 
@@ -65,7 +70,7 @@ class FormChoice:
     input_shape: tuple[int, ...]
     times_ms: dict[str, float]
     chosen: str
-    by_model: bool = False  # the torch layer serves because the whole model was not faster with the GM forms
+    by_model: bool = False  # the whole-model check gave the layer another form than its own timing chose
 
     @property
     def speedup(self) -> float | None:
@@ -80,7 +85,8 @@ class FreezeReport:
     device: str
     layers: list[FormChoice] = field(default_factory=list)
     not_called: list[str] = field(default_factory=list)  # GM layers example_inputs did not reach: left as they were
-    model_ms: dict[str, float] = field(default_factory=dict)  # the whole model, GM forms / torch layers (module doc)
+    model_ms: dict[str, float] = field(default_factory=dict)  # the whole model in each candidate (module doc)
+    served: str = ""  # the candidate that serves
 
     @property
     def to_torch(self) -> list[str]:
@@ -104,16 +110,10 @@ class FreezeReport:
         notes = [f"{kept} GM layer(s) kept a GM path, {len(self.to_torch)} became plain torch layers (measured on "
                  f"{self.device}, on the example inputs' batch)."]  # fmt: skip
         if self.model_ms:
-            gm_ms, torch_ms = self.model_ms[GM_FORMS], self.model_ms[TORCH_LAYERS]
-            verdict = (
-                "so they serve as plain torch layers"
-                if any(c.by_model for c in self.layers)
-                else "so they keep them"
-            )
+            times = ", ".join(f"{label} {ms:.3f} ms" for label, ms in self.model_ms.items())
             notes.append(
-                f"Whole model on the example inputs: {gm_ms:.3f} ms with the GM forms chosen layer by layer, "
-                f"{torch_ms:.3f} ms with those layers as plain torch layers ({torch_ms / gm_ms:.2f}x), {verdict} "
-                f"(a GM form serves only when the model is at least {FREEZE_MARGIN:.2f}x faster with it)."
+                f"Whole model on the example inputs: {times}; serving: {self.served} (GM forms serve only when at "
+                f"least {FREEZE_MARGIN:.2f}x faster than the plain torch layers)."
             )
         if self.not_called:
             notes.append(f"Not called on example_inputs, left as they were: {', '.join(self.not_called)}.")

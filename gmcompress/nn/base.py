@@ -23,6 +23,7 @@ from ..core.kernels import materialize
 from ..core.patterns import GMFit, Pattern
 from .functional import (
     ProductPlan,
+    direct_plan,
     gauss_weights,
     has_gauss_blocks,
     packed_index,
@@ -403,6 +404,10 @@ class GMModule(GMLayer):
         self._register_constant("_to_spectrum", to_spectrum)
         self._register_constant("_from_spectrum", np.linalg.inv(to_spectrum))
         self._n_pairs = sum(1 for _, _, role in product_plan(g).parts if role == 1)
+        direct = direct_plan(g)
+        if direct is not None:  # the block products read from the spectrum itself (GMLinear.reads_spectrum)
+            self._register_constant("_q_direct_in", direct[0])
+            self._register_constant("_q_direct_out", direct[1])
         if self._n_pairs:
             index, sign = packed_index(g)
             self.register_buffer("_packed_index", torch.as_tensor(index, device=self._free().device), persistent=False)

@@ -188,6 +188,40 @@ def gauss_weights(spectrum: torch.Tensor, n_pairs: int) -> torch.Tensor:
     return torch.cat([spectrum[: singles + n_pairs], q - p, p + q])
 
 
+@functools.lru_cache(maxsize=64)
+def direct_plan(g: FiniteGroup) -> tuple[np.ndarray, np.ndarray] | None:
+    """The basis changes ``(q_in, q_out)``, each ``(N, 2N)``, of :func:`direct_forward`: the block products read
+    straight from a spectrum (:func:`spectrum_map`), four products a 2x2 block instead of Gauss's three, so that no
+    weight is derived. None for groups without 2x2 blocks (their spectrum is already the products' weights).
+
+    Every spectrum row ``f`` (a 1x1 value, a P or a Q) multiplies two rows of the transformed input, ``h = 0, 1``
+    (column ``2 f + h``): for a 2x2 block with basis columns ``q0, q1`` both P and Q take ``(z0, z1) = (x q0, x
+    q1)``; P's products go back along ``(q0, q1)`` and Q's along ``(q1, -q0)``, which is ``out0 = z0 P - z1 Q``,
+    ``out1 = z0 Q + z1 P`` (:class:`ProductPlan`); a 1x1 value takes ``x q0`` and a zero row."""
+    products = product_plan(g)
+    if products.parts is None or not any(role == 1 for _, _, role in products.parts):
+        return None
+    plan = block_plan(g)
+    n = g.order
+    q_in, q_out = np.zeros((n, 2 * n)), np.zeros((n, 2 * n))
+
+    def columns(c: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        _, nb, offset = plan.classes[c]
+        return plan.q[:, offset + b], plan.q[:, offset + nb + b]
+
+    singles = [(c, b) for c, b, role in products.parts if role == 0]
+    pairs = [(c, b) for c, b, role in products.parts if role == 1]
+    for f, (c, b) in enumerate(singles):
+        q0 = plan.q[:, plan.classes[c][2] + b]
+        q_in[:, 2 * f], q_out[:, 2 * f] = q0, q0
+    for k, (c, b) in enumerate(pairs):
+        q0, q1 = columns(c, b)
+        p, q = len(singles) + k, len(singles) + len(pairs) + k
+        q_in[:, 2 * p], q_in[:, 2 * p + 1], q_out[:, 2 * p], q_out[:, 2 * p + 1] = q0, q1, q0, q1
+        q_in[:, 2 * q], q_in[:, 2 * q + 1], q_out[:, 2 * q], q_out[:, 2 * q + 1] = q0, q1, q1, -q0
+    return q_in, q_out
+
+
 def packed_index(g: FiniteGroup) -> tuple[np.ndarray, np.ndarray]:
     """Where the packed block weights (:func:`grouped_plan`, ``(groups, size y, size x)`` entries of ``c_in x r
     c_out``) take their values from a spectrum: entry ``e`` is ``sign[e] * spectrum[index[e]]`` (sign 0: zero)."""
@@ -251,6 +285,29 @@ def blocks_forward(
     z = torch.matmul(q_in.t(), x.transpose(1, 2))  # (B, M, c_in)
     t = torch.bmm(z.view(batch, groups, size * c_in).transpose(0, 1), weight_t)  # (G, B, size r c_out)
     return _rows_back(t.transpose(0, 1).reshape(batch, m, r * c_out), q_out, modulations, c_out, bias)
+
+
+def direct_forward(
+    x: torch.Tensor,
+    q_in: torch.Tensor,
+    q_out: torch.Tensor,
+    spectrum: torch.Tensor,
+    modulations: torch.Tensor | None,
+    c_out: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x (B, c_in, N) -> (B, c_out N)`` with the spectrum ``(N, c_in, r c_out)`` itself as the products' weights
+    (``q_in``, ``q_out`` from :func:`direct_plan`): one ``bmm`` of ``(N, 2B, c_in)`` against the stored parameter,
+    no weight derived, so a call reads each weight once. It costs ``2N`` products a row against Gauss's ``M``
+    (:func:`blocks_forward`), which pays off at few rows, where deriving the Gauss weights each call costs more
+    than the products."""
+    batch, c_in, _ = x.shape
+    n = spectrum.shape[0]
+    r = 1 if modulations is None else modulations.shape[0]
+    z = torch.matmul(x, q_in)  # (B, c_in, 2N), columns (f, h)
+    t = torch.bmm(z.permute(2, 0, 1).reshape(n, 2 * batch, c_in), spectrum)  # (N, 2B, r c_out), rows (h, b)
+    t = t.view(n, 2, batch, r * c_out).permute(2, 0, 1, 3).reshape(batch, 2 * n, r * c_out)
+    return _rows_back(t, q_out, modulations, c_out, bias)
 
 
 def _rows_back(

@@ -15,9 +15,10 @@ from ..core.kernels import block_plan, full_kernels
 from ..core.patterns import channel_counts, pattern_for
 from ..fit import aware
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import ProductPlan, blocks_forward, fft_forward, has_gauss_blocks, kernel_spectra
+from .functional import ProductPlan, blocks_forward, direct_forward, fft_forward, has_gauss_blocks, kernel_spectra
 
 IMPLS = ("auto", "dense", "blocks", "packed", "fft")
+DIRECT_ROWS = 8  # the block path multiplies by the stored spectrum itself up to this many rows (direct_forward)
 
 
 class GMLinear(GMModule):
@@ -253,16 +254,19 @@ class GMLinear(GMModule):
         xg = x2.view(-1, self.c_in, n)
         modulations = self._param("modulations")
         if impl in ("blocks", "packed"):
-            weight_t = self._block_weights(impl)
             buffers = self._buffers
-            q_in, q_out = (
-                (buffers["_q_packed"], buffers["_q_packed"])
-                if impl == "packed"
-                else (buffers["_q_in"], buffers["_q_out"])
-            )
             inside = self.out_padded == self.out_features and bias is not None  # the bias added in place
             inside_bias = expand_bias(bias, self.out_features, n) if inside else None
-            y = blocks_forward(xg, q_in, q_out, weight_t, modulations, self.c_out, inside_bias)
+            if impl == "blocks" and self.reads_spectrum(rows):
+                q_in, q_out, spectrum = buffers["_q_direct_in"], buffers["_q_direct_out"], self._parameters["spectrum"]
+                y = direct_forward(xg, q_in, q_out, spectrum, modulations, self.c_out, inside_bias)
+            else:
+                q_in, q_out = (
+                    (buffers["_q_packed"], buffers["_q_packed"])
+                    if impl == "packed"
+                    else (buffers["_q_in"], buffers["_q_out"])
+                )
+                y = blocks_forward(xg, q_in, q_out, self._block_weights(impl), modulations, self.c_out, inside_bias)
             if inside:
                 return y.reshape(*lead, self.out_features)
         else:
@@ -296,6 +300,19 @@ class GMLinear(GMModule):
     def _plan(self, impl: str) -> ProductPlan:
         return self._packed if impl == "packed" else self._products
 
+    def reads_spectrum(self, rows: object) -> bool:
+        """Whether the block path at ``rows`` rows multiplies by the stored spectrum itself
+        (:func:`~gmcompress.nn.functional.direct_forward`: four products a 2x2 block, no weight derived) rather than
+        by Gauss's derived weights: at most :data:`DIRECT_ROWS` rows of a layer that stores a spectrum with 2x2
+        blocks, in eager mode (traced, compiled or exported graphs keep one form for every batch)."""
+        return (
+            isinstance(rows, int)
+            and rows <= DIRECT_ROWS
+            and "_q_direct_in" in self._buffers
+            and "spectrum" in self._parameters
+            and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        )
+
     def _block_weights(self, impl: str = "blocks") -> torch.Tensor:
         """The right-hand sides of the block products of path ``impl``, laid out for ``bmm``."""
         return self._product_weights(self._plan(impl)).contiguous()
@@ -309,7 +326,12 @@ class GMLinear(GMModule):
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Multiply-accumulates of one call: rows of ``inp`` times :meth:`macs_per_row`."""
         rows = self.batch_of(inp)
-        return rows * self.macs_per_row(self.path_for(rows))
+        impl = self.path_for(rows)
+        if impl == "blocks" and self.reads_spectrum(rows):
+            n, rco = self.pattern.n_out, self.rank * self.c_out
+            modulation = rco * n if self.modulations is not None else 0
+            return rows * (2 * n * n * (self.c_in + rco) + 2 * n * self.c_in * rco + modulation)  # direct_forward
+        return rows * self.macs_per_row(impl)
 
     def macs_per_row(self, impl: str | None = None) -> int:
         """Multiply-accumulates per input row on path ``impl`` (default: the one :meth:`resolved_impl` names), the

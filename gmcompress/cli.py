@@ -30,6 +30,7 @@ from ._version import __version__
 if TYPE_CHECKING:
     from torch import nn
 
+    from .measure.paths import FreezeReport
     from .planning.budget_spec import Budget
     from .report import CompressionReport
     from .zoo import DemoModel
@@ -347,13 +348,30 @@ def _print_served(original: nn.Module, student: nn.Module, example: Any, quiet: 
     measured), its latency against the original's in the same rounds. The saved model stays trainable."""
     from .api import freeze
     from .measure.timing import measure_latencies
-    from .report import is_slower
 
     served = freeze(student, example, progress=not quiet)
     before, after = measure_latencies(original, served, example)
-    forms = ", ".join(f"{c.name}: {c.chosen}" for c in served.freeze_report.layers)
-    print(f"served (gm.freeze on the example batch; {forms}): latency {after:.3f} ms against the original's "
-          f"{before:.3f} ms, {before / after:.2f}x" + (" (SLOWER)" if is_slower(before, after) else ""))  # fmt: skip
+    print(_served_line(served.freeze_report, before, after))
+
+
+def _served_line(report: FreezeReport, before: float, after: float) -> str:
+    """The finetune command's last line: the frozen model's forms and latency against the original's. When every
+    compressed layer serves as its plain torch layer the frozen model runs the original's computation, so a
+    SLOWER reading there is the machine's timing noise, and the line says so."""
+    from .measure.paths import TORCH_LAYER
+    from .report import is_slower
+
+    forms = ", ".join(f"{c.name}: {c.chosen}" for c in report.layers)
+    line = (f"served (gm.freeze on the example batch; {forms}): latency {after:.3f} ms against the original's "
+            f"{before:.3f} ms, {before / after:.2f}x")  # fmt: skip
+    if not is_slower(before, after):
+        return line
+    if report.layers and not report.not_called and all(c.chosen == TORCH_LAYER for c in report.layers):
+        return line + (
+            " (SLOWER as timed, but every compressed layer serves as its plain torch layer: the same computation as "
+            "the original's, so the gap is timing noise)"
+        )
+    return line + " (SLOWER)"
 
 
 def _compress_command(args: argparse.Namespace, factory: DemoModel, original: nn.Module) -> int:

@@ -519,6 +519,21 @@ def test_cli_plan_compress_report_finetune(tmp_path, capsys):
     assert "no fine-tuning budget" in capsys.readouterr().err
 
 
+def test_the_served_line_calls_a_slower_all_torch_model_the_original_computation():
+    """A frozen model whose compressed layers all serve as plain torch layers runs the original's computation: the
+    line says a SLOWER reading is noise; with a GM form serving it is plainly SLOWER."""
+    from gmcompress.cli import _served_line
+    from gmcompress.measure.paths import FormChoice, FreezeReport
+
+    def report(*forms):
+        return FreezeReport("cpu", [FormChoice(f"l{i}", "GMLinear", (4, 8), {}, f) for i, f in enumerate(forms)])
+
+    noise = _served_line(report("torch", "torch"), 10.0, 13.0)
+    assert noise.endswith("the same computation as the original's, so the gap is timing noise)") and "0.77x" in noise
+    assert _served_line(report("torch", "blocks"), 10.0, 13.0).endswith("0.77x (SLOWER)")
+    assert _served_line(report("torch", "torch"), 10.0, 9.0).endswith("1.11x")
+
+
 def test_cli_finetune_features_distil_the_named_outputs(monkeypatch, capsys):
     import gmcompress.training as training
     from gmcompress.cli import main

@@ -4,9 +4,9 @@
 (``GMLayer.impls()``: materialised dense weight, block-diagonal GEMMs, FFT, grouped convolutions) and the plain
 torch layer it exports (``GMLayer.to_dense()``), in interleaved rounds of short blocks
 (:func:`~gmcompress.measure.timing.block_seconds`: eval, inference mode; on a CUDA device each call is synchronised).
-:func:`gmcompress.freeze` keeps the fastest form of each layer, then checks the whole model with those forms against
-the same model with the layers as plain torch layers (:func:`model_seconds`); :class:`FreezeReport` says which and by
-how much.
+:func:`gmcompress.freeze` keeps the fastest form of each layer, then times the whole model (:func:`model_seconds`) in
+three candidates: those forms (:data:`GM_FORMS`), the forms as compressed (:data:`AS_COMPRESSED`) and plain torch
+layers (:data:`TORCH_LAYERS`); :class:`FreezeReport` says which serves and by how much.
 ``compress`` times no path: its layers take their documented ``"auto"`` rule. :func:`time_layers` serves budgets
 (:mod:`gmcompress.budget`), which time every candidate option of every layer in the same rounds.
 """
@@ -198,8 +198,7 @@ def serving_form(times: dict[str, float]) -> str:
 
 def model_seconds(model: nn.Module, example_inputs: object) -> float:
     """Seconds of one forward of the whole ``model`` on ``example_inputs`` (:func:`block_seconds`, eval, inference
-    mode; synchronised on CUDA): gm.freeze's last check, the model with its chosen GM forms against the same model
-    with those layers as plain torch layers."""
+    mode; synchronised on CUDA): gm.freeze's last check, which times the model in each whole-model candidate."""
     devices = {t.device for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"}
 
     def call() -> object:

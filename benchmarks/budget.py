@@ -189,7 +189,7 @@ def minilm_section(quick: bool) -> list[str]:
     blocks = 1 if quick else 6
     names = [f"bert.encoder.layer.{i}.{part}.dense" for i in range(blocks) for part in ("intermediate", "output")]
     include = FFN_QUICK if quick else FFN
-    budget_4x = gm.Budget(params=4.0, groups=("C4", "C8") if quick else "C")
+    budget_4x = gm.Budget(params=4.0, groups=("C4", "C8"), max_rank=2) if quick else gm.Budget(params=4.0, groups="C")
     calibration = zoo.minilm_calibration(batches=1 if quick else 4)
     train, _ = zoo.split_sentences()
     data = zoo.SentenceDataset(train[:32] if quick else train[:512])

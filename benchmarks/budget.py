@@ -1,4 +1,4 @@
-"""Compression under a budget (issue 13): per-layer groups and ranks chosen by ``gm.Budget``, against uniform choices.
+"""Compression under a budget: per-layer groups and ranks chosen by ``gm.Budget``, against uniform choices.
 
     python benchmarks/budget.py [--quick] [--only mlp|mnist|minilm] [--threads N]
 

@@ -245,7 +245,7 @@ SHAPES = [(384, 1536), (1536, 384), (768, 3072), (3072, 768), (4096, 4096), (409
 
 
 def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> list[str]:
-    """Issue 16: GMLinear (blocks) vs dense vs equal-parameter low rank, per shape, rows and group; with
+    """GMLinear (blocks) vs dense vs equal-parameter low rank, per shape, rows and group; with
     ``compiled``, also the block path's function (``blocks_forward`` plus the bias) under ``torch.compile``."""
     import torch.nn.functional as F
 
@@ -351,7 +351,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n=4096, C16, rank 1 only (under a minute)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
-    parser.add_argument("--shapes", action="store_true", help="issue 16's table: feed-forward shapes vs low rank")
+    parser.add_argument("--shapes", action="store_true", help="the feed-forward shapes against dense and low rank")
     parser.add_argument("--compile", action="store_true", help="with --shapes: also the block path under torch.compile")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--convs", action="store_true", help="only the CPU convolution table (no header)")

@@ -7,7 +7,7 @@ grouped-query attention through ``F.scaled_dot_product_attention``, SwiGLU feed-
 has TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads, feed-forward 5632,
 vocabulary 32,000); ``350m`` is a smaller one (hidden 1024, 24 layers, feed-forward 2816). ``bert-base`` is an
 encoder of BERT-base's size (12 layers, hidden 768, GELU feed-forward 3072, 109 M parameters) whose 24
-feed-forward Linears are compressed, the setting of issue 15. Every run is a fresh process: the model is
+feed-forward Linears are compressed. Every run is a fresh process: the model is
 built, then compressed **in place** (``inplace=True``: no copy of the weights) with C16 rank 1 (on every
 projection of every block of the decoders), calibrated on random token batches. Reported:
 wall time of ``compress``, the resident memory after building the model and its peak during ``compress``

@@ -34,8 +34,10 @@ Models (all residual: ``v_next = v_last + f(history)``, 3x3 convolutions, zero p
   group convolutions with 2 filter banks) on the same C4-regular fields.
 
 ``w`` counts orientation fibres for the p4 models (4 w channels). The widths give two matched parameter
-budgets (about 2.5k and 5.5k parameters). Every (case, model, seed) result is kept in ``out/plume-runs``, so
-an interrupted sweep resumes. ``--drift`` writes ``results/plume_drift.md``: why a relaxed seed "drifted".
+budgets (about 2.5k and 5.5k parameters). Every (case, model, seed) result is kept in ``results/plume-runs`` (a
+small JSON each, committed), so an interrupted sweep resumes and a study too long for one machine's session builds
+up across machines; ``--cached`` reports what is kept. ``--drift`` writes ``results/plume_drift.md``: why a
+relaxed seed "drifted".
 ``--study NAME --families ... --cases ... [--models ...] [--epochs N] [--cached]`` trains only those models and
 writes every seed's RMSE to ``results/plume_NAME.md`` (the seed-spread and longer-training studies).
 ``--history1 [--quick] [--cases ...] [--families ...] [--cached]`` writes ``results/plume_history1.md``: the same
@@ -71,7 +73,7 @@ from gmcompress.nn import GMConv2d
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / "out" / "plume-cache"
-RUNS = CACHE.parent / "plume-runs"  # one JSON per (case, model, seed, epochs): the sweep resumes
+RUNS = RESULTS / "plume-runs"  # one JSON per (case, model, seed, epochs), committed: studies build up across machines
 RUN_VERSION = 3  # bump when a model, its initialisation or the training change
 RPP_DECAY = 10.0  # AdamW weight decay of the RPP residual paths (the equivariant paths and all else: 0.01)
 NORMALIZE = False  # divide the inputs by their training RMS (and scale the predicted change back), every model
@@ -555,7 +557,7 @@ def run_case(
     min_seeds: int | None = None,
 ) -> tuple[dict[str, Result], dict]:
     """Every model of :func:`widths` (``families``, ``models``: a subset) on one case; per-seed results are kept
-    in ``out/plume-runs`` (resumable). ``cached``: train nothing, leave out the models with a seed not kept, or
+    in ``results/plume-runs`` (resumable). ``cached``: train nothing, leave out the models with a seed not kept, or
     with ``min_seeds``, those with fewer than its first ``min_seeds`` seeds kept (the others keep what is kept)."""
     sims = dataset(cfg)
     data = windows(sims["train"], cfg.history, 0, cfg.train_frames)
@@ -654,7 +656,7 @@ def describe(
         f"fixed force `{cases['background'].background:g} s0` along +y on the smoke. Symmetry breaking of each case, "
         f"`max |R sim(10 deg) - sim(100 deg)| / max |sim(100 deg)|`: {asym} (beta 0: the solver's own error, "
         f"the case is exactly symmetric). Training time summed over all runs: {trained:.0f} min; this report "
-        f"took {minutes:.0f} min (runs are kept in out/plume-runs and reused).",
+        f"took {minutes:.0f} min (runs are kept in benchmarks/results/plume-runs and reused).",
     ]
 
 
@@ -850,7 +852,7 @@ def study(
     minutes = (time.perf_counter() - t0) / 60
     lines = [
         f"{epochs} epochs, {seeds} seeds, {RECIPE}; models {', '.join(models or families)}; "
-        f"this report took {minutes:.0f} min (runs are kept in out/plume-runs and reused).",
+        f"this report took {minutes:.0f} min (runs are kept in benchmarks/results/plume-runs and reused).",
         "",
         "| case | model | parameters | future RMSE per seed | mean | spread / mean | held-out directions, mean | "
         "largest modulation change abs(a - 1) (-: exact, or not kept) |",
@@ -979,7 +981,8 @@ def history1_lines(
         f"{epochs} epochs ({RECIPE}, RPP residual paths weight decay {RPP_DECAY:g}), {seeds} seeds "
         "per model (fewer where a cell says so). "
         f"Symmetry breaking of each case (as the sweep): {asym}. Training time summed over the runs shown: "
-        f"{trained:.0f} min; this report took {minutes:.0f} min (runs are kept in out/plume-runs and reused). "
+        f"{trained:.0f} min; this report took {minutes:.0f} min (runs are kept in benchmarks/results/plume-runs and "
+        "reused). "
         "`not run`: no kept run for that cell.",
         "",
         "Future-frame rollout RMSE, mean ± spread (max - min over the seeds) and spread / mean:",

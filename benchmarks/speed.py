@@ -31,7 +31,7 @@ from torch.utils import benchmark
 import gmcompress as gm
 from gmcompress import zoo
 from gmcompress.graph.batches import first_inputs, run_model
-from gmcompress.measure.paths import AS_IS, TORCH_LAYER, FreezeReport
+from gmcompress.measure.paths import AS_IS, TORCH_LAYER, TORCH_LAYERS, FreezeReport
 from gmcompress.measure.timing import settle_allocator
 
 
@@ -138,8 +138,10 @@ def measure(
         layers = layer_times(original, frozen, inputs, device, min_run_time)
         before, after = sum(r[1] for r in layers), sum(r[2] for r in layers)
         limit = f"{t0 / (t0 - before):.2f}x" if before < t0 else "-"
+        served_torch = frozen.freeze_report.served == TORCH_LAYERS
+        same = " (plain torch layers: the original's computation)" if served_torch else ""
         lines.append(
-            f"| {batch} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x | {t2:.3f} | {t0 / t2:.2f}x | {before:.3f} -> "
+            f"| {batch} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x | {t2:.3f} | {t0 / t2:.2f}x{same} | {before:.3f} -> "
             f"{after:.3f} ({before / t0:.0%} of the original) | {limit} | {batch / t0 * 1e3:,.0f} | "
             f"{batch / t2 * 1e3:,.0f} | {m0:,} | {m2:,} | {m0 / m2:.2f}x |"
         )

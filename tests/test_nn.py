@@ -493,6 +493,66 @@ def test_an_empty_batch_gives_an_empty_output_on_every_path(impl):
         assert x.grad.shape == x.shape
 
 
+def _ops_of_one_call(layer: nn.Module, x: torch.Tensor) -> set:
+    """The torch functions one forward call runs."""
+    seen = set()
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.add(func)
+            return func(*args, **(kwargs or {}))
+
+    with Watch(), torch.no_grad():
+        layer(x)
+    return seen
+
+
+@pytest.mark.parametrize("make", [lambda: GMLinear(64, 64, "C8"), lambda: GMChannelConv(16, 16, 1, "C8")])
+def test_the_path_forward_takes_follows_every_change_of_impl_and_batch_paths(make):
+    """forward reads a path settled when the configuration changes (not resolved on each call): after every change
+    of ``impl`` or ``batch_paths``, a state_dict load, a dtype move and a pickle round trip it takes the path asked."""
+    layer = make()
+    dense_op = torch.nn.functional.linear if isinstance(layer, GMLinear) else torch.nn.functional.conv2d
+    small, large = (torch.randn(1, 64), torch.randn(64, 64)) if isinstance(layer, GMLinear) else (
+        torch.randn(1, 16, 3, 3), torch.randn(8, 16, 3, 3))  # fmt: skip
+    block = "blocks" if isinstance(layer, GMLinear) else "grouped"
+
+    def dense_at(x: torch.Tensor) -> bool:
+        return dense_op in _ops_of_one_call(layer, x)
+
+    layer.impl = "dense"
+    assert dense_at(small) and dense_at(large)
+    layer.impl = block
+    assert not dense_at(small) and not dense_at(large)
+    layer.impl = "auto"
+    layer.batch_paths = {1: "dense", large.shape[0]: block}
+    assert dense_at(small) and not dense_at(large)
+    layer.batch_paths = {1: block, large.shape[0]: "dense"}
+    assert not dense_at(small) and dense_at(large)
+    layer.load_state_dict(layer.state_dict())
+    layer = layer.double().float()
+    assert not dense_at(small) and dense_at(large)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    layer = torch.load(buffer, weights_only=False)
+    assert not dense_at(small) and dense_at(large)
+    layer.batch_paths = {}
+    layer.impl = "dense"
+    assert dense_at(small) and dense_at(large)
+
+
+def test_a_move_settles_the_path_again(monkeypatch):
+    """The "auto" rule resolves by device (dense on CUDA); the path is settled again on every ``.to()``. A stand-in
+    rule that reads the dtype shows it on a CPU-only machine."""
+    by_dtype = lambda self: "dense" if self._free().dtype == torch.float64 else "blocks"  # noqa: E731
+    monkeypatch.setattr(GMLinear, "resolved_impl", by_dtype)
+    layer = GMLinear(64, 64, "C8", impl="auto")
+    assert torch.nn.functional.linear not in _ops_of_one_call(layer, torch.randn(2, 64))
+    layer.double()
+    assert torch.nn.functional.linear in _ops_of_one_call(layer, torch.randn(2, 64, dtype=torch.float64))
+
+
 # ---------------------------------------------------------------- block path at few rows: the spectrum read directly
 @pytest.mark.parametrize(("spec", "rank"), [("C8", 1), ("C8", 2), ("C4", 3), ("C16", 2), ("C4xC2", 1), ("C3", 1)])
 def test_the_block_path_at_few_rows_multiplies_by_the_stored_spectrum_and_matches_gauss(spec, rank, monkeypatch):

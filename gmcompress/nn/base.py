@@ -249,6 +249,7 @@ class GMModule(GMLayer):
             if self._spectrum_group() is not None:  # the products as this version orders them (role-major)
                 self._register_products(self._spectrum_group())
             self._enable_spectrum()
+        self._settle_path()
 
     # ------------------------------------------------------------------ constants
     def _register_constant(self, name: str, value: np.ndarray) -> None:
@@ -263,6 +264,7 @@ class GMModule(GMLayer):
         out = super()._apply(fn, recurse)
         for name in self._constants:
             setattr(self, name, self._constant_tensor(name))
+        self._settle_path()  # "auto" takes another path on another device
         return out
 
     def _explicit_path(self, unpacked: str) -> str:
@@ -276,6 +278,17 @@ class GMModule(GMLayer):
 
     batch_unit = "batch"  # what path_for's batch counts (a Linear's rows, a convolution's images)
     _batch_paths: dict[int, str] = {}  # never changed in place; for layers pickled before batch paths existed
+    _settled_path: str | None = None  # see _settle_path; None: resolved on each call
+
+    def _settle_path(self) -> None:
+        """Settle the path ``forward`` takes when it does not depend on the batch (an explicit ``impl``, or "auto"
+        without measured batch paths), so that a call reads one attribute instead of resolving it. It depends on
+        ``impl``, the batch paths and the device only (never on tensor values), and is settled again whenever one
+        of them changes: the ``impl`` and ``batch_paths`` setters, ``.to()`` and the like (``_apply``), loading a
+        state_dict, unpickling."""
+        self._settled_path = None  # resolved_impl below resolves; it never reads the settled path
+        if "_impl" in self.__dict__ and (self._impl != "auto" or not self._batch_paths):
+            self._settled_path = self.resolved_impl()
 
     def path_for(self, batch: int) -> str:
         """The path ``forward`` takes on ``batch`` inputs (a Linear's rows, a convolution's images).
@@ -286,6 +299,9 @@ class GMModule(GMLayer):
         * hi`` on (exact integer arithmetic). Under ``torch.compile`` or ``torch.export`` (a symbolic batch), the
         path of the largest measured size, so one graph serves every batch. Explicit paths and unmeasured
         layers take :meth:`resolved_impl`."""
+        settled = self._settled_path
+        if settled is not None:
+            return settled
         if self.impl != "auto" or not self._batch_paths:
             return self.resolved_impl()
         sizes = list(self._batch_paths)  # ascending
@@ -316,6 +332,7 @@ class GMModule(GMLayer):
                              f"sizes >= 1 and paths among {self.impls()}")  # fmt: skip
         self._batch_paths = dict(sorted(paths.items()))
         self._store_as(self._form_for(self.impl))
+        self._settle_path()
 
     def _impl_repr(self) -> str:
         if self.impl != "auto" or not self._batch_paths:
@@ -499,6 +516,7 @@ class GMModule(GMLayer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         self.convert_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._settle_path()  # load_state_dict(assign=True) may bring the parameters to another device
 
     @property
     def impl(self) -> str:
@@ -514,6 +532,7 @@ class GMModule(GMLayer):
             raise ValueError(f"{type(self).__name__}({self.extra_repr()}): no path {value!r}; choose one of {valid}")
         self._impl = value
         self._store_as(self._form_for(value))
+        self._settle_path()
 
     # ------------------------------------------------------------------ parameters
     def reset_structure_parameters(self, fan_in: int) -> None:

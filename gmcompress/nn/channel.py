@@ -98,6 +98,7 @@ class GMChannelConv(GMModule):
             self._register_constant(f"_rho{i}", r if classes is None else r[classes])
         self._enable_spectrum()
         self._store_as(self._form_for(impl))
+        self._settle_path()
         fan_in = in_padded * math.prod(ks)
         self.reset_structure_parameters(fan_in)
         if self.bias is not None:

@@ -90,6 +90,7 @@ class GMLinear(GMModule):
                 self._register_constant(f"_rho{i}", r)
         self._enable_spectrum()
         self._store_as(self._form_for(impl))
+        self._settle_path()
         self.reset_structure_parameters(in_padded)
         if self.bias is not None:
             bound = 1.0 / np.sqrt(in_padded)
@@ -241,45 +242,51 @@ class GMLinear(GMModule):
         x = input
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GMLinear expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        rows = self.batch_of(x)
-        impl = "dense" if isinstance(rows, int) and rows == 0 else self.path_for(rows)  # no rows: nothing to block
+        rows = x.numel() // self.in_features  # batch_of, inlined: a forward's own Python is most of its overhead
+        impl = self._settled_path or self.path_for(rows)
+        if impl == "dense" or (isinstance(rows, int) and rows == 0):  # no rows: nothing to block
+            return self._dense_forward(x)
         n, bias = self.pattern.n_out, self._param("bias")
-        if impl == "dense":  # one GEMM with the weight trimmed to the real features, the bias inside (nn.Linear's op)
-            bias = None if bias is None else expand_bias(bias, self.out_features, n)
-            return F.linear(x, self.weight, bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.in_padded != self.in_features:
-            x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        xg = x2.view(-1, self.c_in, n)
-        modulations = self._param("modulations")
-        if impl in ("blocks", "packed"):
-            buffers = self._buffers
-            inside = self.out_padded == self.out_features and bias is not None  # the bias added in place
-            inside_bias = expand_bias(bias, self.out_features, n) if inside else None
-            if impl == "blocks" and self.reads_spectrum(rows):
-                q_in, q_out, spectrum = buffers["_q_direct_in"], buffers["_q_direct_out"], self._parameters["spectrum"]
-                y = direct_forward(xg, q_in, q_out, spectrum, modulations, self.c_out, inside_bias)
-            else:
-                q_in, q_out = (
-                    (buffers["_q_packed"], buffers["_q_packed"])
-                    if impl == "packed"
-                    else (buffers["_q_in"], buffers["_q_out"])
-                )
-                y = blocks_forward(xg, q_in, q_out, self._block_weights(impl), modulations, self.c_out, inside_bias)
-            if inside:
-                return y.reshape(*lead, self.out_features)
+        flat = x.dim() == 2  # (rows, features): no leading shape to restore
+        if self.in_padded == self.in_features:
+            xg = x.reshape(-1, self.c_in, n)
         else:
-            self._check_fft_not_in_onnx_export()
-            spectra = self._kernel_spectra()
-            y = fft_forward(xg, spectra, self.group.cyclic_shape, self.rank)
-            y = y[:, 0] if modulations is None else (y * modulations).sum(1)
-            y = y.reshape(-1, self.out_padded)
+            xg = F.pad(x.reshape(-1, self.in_features), (0, self.in_padded - self.in_features)).view(-1, self.c_in, n)
+        modulations = self._param("modulations")
+        if impl == "fft":
+            return self._fft_forward(x, xg, modulations, bias)
+        inside = self.out_padded == self.out_features and bias is not None  # the bias added in place
+        inside_bias = (bias if self.bias_mode is True else expand_bias(bias, self.out_features, n)) if inside else None
+        buffers = self._buffers
+        if impl == "blocks" and self.reads_spectrum(rows):
+            q_in, q_out, spectrum = buffers["_q_direct_in"], buffers["_q_direct_out"], self._parameters["spectrum"]
+            y = direct_forward(xg, q_in, q_out, spectrum, modulations, self.c_out, inside_bias)
+        else:
+            q_in, q_out = ("_q_packed", "_q_packed") if impl == "packed" else ("_q_in", "_q_out")
+            q_in, q_out = buffers[q_in], buffers[q_out]
+            y = blocks_forward(xg, q_in, q_out, self._block_weights(impl), modulations, self.c_out, inside_bias)
         if self.out_padded != self.out_features:
             y = y[:, : self.out_features]
-        if bias is not None:
+        if bias is not None and not inside:
             y = y + expand_bias(bias, self.out_features, n)
-        return y.reshape(*lead, self.out_features)
+        return y if flat and inside else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One GEMM with the weight trimmed to the real features, the bias inside (nn.Linear's op)."""
+        bias = self._param("bias")
+        bias = None if bias is None else expand_bias(bias, self.out_features, self.pattern.n_out)
+        return F.linear(x, self.weight, bias)
+
+    def _fft_forward(
+        self, x: torch.Tensor, xg: torch.Tensor, modulations: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        self._check_fft_not_in_onnx_export()
+        y = fft_forward(xg, self._kernel_spectra(), self.group.cyclic_shape, self.rank)
+        y = y[:, 0] if modulations is None else (y * modulations).sum(1)
+        y = y.reshape(-1, self.out_padded)[:, : self.out_features]
+        if bias is not None:
+            y = y + expand_bias(bias, self.out_features, self.pattern.n_out)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _check_fft_not_in_onnx_export(self) -> None:
         """torch.onnx cannot export the fft path: one error naming this layer and its way out, not the exporter's.
@@ -308,9 +315,9 @@ class GMLinear(GMModule):
         return (
             isinstance(rows, int)
             and rows <= DIRECT_ROWS
-            and "_q_direct_in" in self._buffers
             and "spectrum" in self._parameters
-            and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+            and "_q_direct_in" in self._buffers
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting())
         )
 
     def _block_weights(self, impl: str = "blocks") -> torch.Tensor:

@@ -305,9 +305,9 @@ def direct_forward(
     Group-major: the basis change is one matrix product over every (row, channel), ``z[(b, i), (f, h)]``; one copy
     puts it in the bmm's layout ``(f, (h, b), i)``; the products' output ``(N, 2B, r c_out)`` is, as it lies, the
     ``(2N, B r c_out)`` right-hand side of the way back, one matrix product ``u = q_out t`` with rows ``p``; the
-    modulated transpose writes the channel-major output once. (At 1-8 rows this ran 1.05-1.76x faster than the
-    row-major layout of :func:`blocks_forward` at 1 row; Gauss's products at 32 and more rows stay row-major, where
-    this layout was 1.2-2.4x slower: docs/design.md, section 3.)"""
+    modulated transpose writes the channel-major output once. Against the row-major layout of :func:`blocks_forward`
+    it ran 1.05-1.76x faster at 1 row and 0.79-1.52x at 8; Gauss's products, at more rows, stay row-major, where
+    this layout was 1.2-2.4x slower (docs/design.md, section 4)."""
     batch, c_in, n = x.shape
     r = 1 if modulations is None else modulations.shape[0]
     rco = r * c_out

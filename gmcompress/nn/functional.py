@@ -315,21 +315,9 @@ def direct_forward(
     z = z.view(batch, c_in, n, 2).permute(2, 3, 0, 1).reshape(n, 2 * batch, c_in)  # (f, (h, b), i)
     t = torch.bmm(z, spectrum)  # (N, 2B, r c_out): row (f, h) is column 2 f + h of q_out
     u = torch.mm(q_out, t.view(2 * n, batch * rco)).view(n, batch, r, c_out)  # (p, b, k, o)
-    y = _modulate_group_major(u, modulations).view(batch, c_out * n)
+    y = _modulate(u.transpose(0, 1), modulations).view(batch, c_out * n)  # read as (b, p, k, o)
     if bias is not None:
         y.add_(bias)
-    return y
-
-
-def _modulate_group_major(u: torch.Tensor, modulations: torch.Tensor | None) -> torch.Tensor:
-    """``y[b, o, p] = sum_k a[k, o, p] u[p, b, k, o]`` (``a = 1`` without modulations), contiguous, in ``u``'s dtype:
-    :func:`_modulate` for a group-major ``u``."""
-    if modulations is None:
-        return u[:, :, 0].permute(1, 2, 0).contiguous()
-    a = modulations.to(u.dtype)
-    y = torch.mul(a[0], u[:, :, 0].permute(1, 2, 0)).contiguous()
-    for k in range(1, a.shape[0]):
-        y.addcmul_(u[:, :, k].permute(1, 2, 0), a[k])
     return y
 
 

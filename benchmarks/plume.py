@@ -35,7 +35,7 @@ Models (all residual: ``v_next = v_last + f(history)``, 3x3 convolutions, zero p
 
 ``w`` counts orientation fibres for the p4 models (4 w channels). The widths give two matched parameter
 budgets (about 2.5k and 5.5k parameters). Every (case, model, seed) result is kept in ``results/plume-runs`` (a
-small JSON each, committed), so an interrupted sweep resumes and a study too long for one machine's session builds
+small JSON each, committed), so an interrupted sweep resumes and a study too long for one machine's sitting builds
 up across machines; ``--cached`` reports what is kept. ``--drift`` writes ``results/plume_drift.md``: why a
 relaxed seed "drifted".
 ``--study NAME --families ... --cases ... [--models ...] [--epochs N] [--cached]`` trains only those models and

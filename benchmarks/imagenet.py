@@ -1,7 +1,7 @@
 """An ImageNet CNN on real photographs: MobileNetV2 (torchvision's weights) compressed by uniform group matrices,
 by activation-aware truncated SVD at equal size and by budget plans, before and after a short distillation.
 
-    python benchmarks/imagenet.py [--quick] [--steps N] [--lr LR] [--threads N] [--frontier | --drift]
+    python benchmarks/imagenet.py [--quick] [--steps N] [--lr LR] [--threads N] [--frontier | --drift | --mixing]
 
 Data (``gmcompress.zoo``, docs/data.md): random-resized 224x224 crops of the colour photographs that scikit-image,
 scikit-learn and matplotlib ship, split by photo. Calibration (512 crops) and distillation crops come from the 8
@@ -33,7 +33,10 @@ written.
 ``--frontier``: only the budget plans before distillation (``results/imagenet_frontier.md``). ``--drift``: what
 distillation does to layers it should leave alone (``results/imagenet_drift.md``): the unchanged original
 distilled from itself (zero loss, so its gradients are rounding noise), and the classifier alone compressed,
-distilled with ``trainable="all"`` and ``"compressed"``.
+distilled with ``trainable="all"`` and ``"compressed"``. ``--mixing``: distillation data
+(``results/imagenet_mixing.md``): the first table's crops against blends of pairs of wider crops
+(``gm.training.MixedInputs``), for the classifier alone at C8 rank 4 and uniform C2 rank 1 everywhere, the
+held-out agreement every 50 steps.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from gmcompress.graph.fx import swap
 from gmcompress.measure.timing import measure_latency
 from gmcompress.nn import GMLayer
 from gmcompress.report import SLOWER_BELOW, is_slower
+from gmcompress.training import MixedInputs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROUNDS, interleaved, measured_on, publish, pyplot, save_figure, steady_allocator  # noqa: E402
@@ -266,7 +270,14 @@ def agreement_row(teacher: nn.Module, data: Data, target: float) -> Row:
     return Row(f"budget {budget} (checked on held-out calibration crops)", "budget", model, seconds)
 
 
-def distill(row: Row, teacher: nn.Module, data: Data, steps: int, lr: float) -> bool:
+def distill(
+    row: Row,
+    teacher: nn.Module,
+    train: torch.utils.data.Dataset,
+    steps: int,
+    lr: float,
+    on_step: Callable[[int], None] | None = None,
+) -> bool:
     """Distil only the layers the row replaced (GM layers: ``trainable="compressed"``; the SVD rows' low-rank
     pairs: every other parameter held by ``requires_grad`` False), as a user of a partly compressed pretrained
     network should; False, and nothing trained, where the row replaced no layer."""
@@ -278,8 +289,8 @@ def distill(row: Row, teacher: nn.Module, data: Data, steps: int, lr: float) -> 
     try:
         for p in held:
             p.requires_grad_(False)
-        gm.finetune(row.model, teacher, data.train, loss="kd", steps=steps, lr=lr, batch_size=BATCH, progress=False,
-                    device="cpu")  # fmt: skip
+        gm.finetune(row.model, teacher, train, loss="kd", steps=steps, lr=lr, batch_size=BATCH, progress=False,
+                    device="cpu", on_step=on_step)  # fmt: skip
     finally:
         for p in held:
             p.requires_grad_(True)
@@ -437,6 +448,61 @@ def drift(teacher: nn.Module, data: Data, quick: bool) -> list[str]:
     ]
 
 
+MIXING_SCALE = (0.05, 1.0)  # --mixing: area fractions of the blended crops (torchvision's default is 0.08-1)
+MIXING_EVERY = 50  # --mixing: steps between held-out measurements
+MIXING_STEPS = 100
+
+
+def mixing_students(teacher: nn.Module, data: Data, quick: bool) -> dict[str, nn.Module]:
+    """The students of ``--mixing``: the classifier alone (:data:`DRIFT_STUDENT`) and uniform C2 rank 1 in every
+    compressible layer (about 2x fewer parameters in the model), both calibrated."""
+    students = {}
+    for include, group, rank in (DRIFT_STUDENT, (QUICK_LAYERS if quick else None, "C2", 1)):
+        model = gm.compress(teacher, group, rank, include=include, calibration=data.calibration, progress=False)
+        ratio = sum(p.numel() for p in teacher.parameters()) / sum(p.numel() for p in model.parameters())
+        where = include.replace(chr(92), "") if include else "every compressible layer"
+        students[f"{where} at {group} rank {rank} ({ratio:.2f}x fewer in the model)"] = model
+    return students
+
+
+def mixing(teacher: nn.Module, data: Data, steps: int, lr: float, quick: bool) -> list[str]:
+    """Distillation data: the table's crops against blends of pairs of wider crops (:class:`MixedInputs`), the
+    held-out agreement measured every :data:`MIXING_EVERY` steps of one run."""
+    every = 1 if quick else MIXING_EVERY
+    marks = list(range(0, steps + 1, every))
+    lines = [
+        "| student | distillation data | " + " | ".join(f"step {s}" for s in marks) + " |",
+        "|---|---|" + "---|" * len(marks),
+    ]
+    photos, n = zoo.photo_split()[0][: 2 if quick else None], steps * BATCH
+    sources = {
+        "crops (as the first table)": data.train,
+        f"blends of crops of area {MIXING_SCALE[0]:g}-{MIXING_SCALE[1]:g}": MixedInputs(
+            zoo.PhotoCrops(photos, n, zoo.TRAIN_SEED, scale=MIXING_SCALE)
+        ),
+    }
+    for name, student in mixing_students(teacher, data, quick).items():
+        for label, train in sources.items():
+            row = Row(name, "budget", copy.deepcopy(student), 0.0)
+            curve = [zoo.imagenet_agreement(row.model, teacher, data.heldout)]
+
+            def measure(step: int, row: Row = row, curve: list = curve) -> None:
+                if step % every == 0:
+                    curve.append(zoo.imagenet_agreement(copy.deepcopy(row.model), teacher, data.heldout))
+
+            distill(row, teacher, train, steps, lr, on_step=measure)
+            lines.append(f"| {name} | {label} | " + " | ".join(metrics_cell(m) for m in curve) + " |")
+            print(lines[-1], flush=True)
+    return lines + [
+        "",
+        f"Metric cells: top-1 agreement / top-5 overlap / mean KL on the held-out crops. One run of {steps} steps per "
+        f'row (`gm.finetune(loss="kd")`, lr {lr:g}, batches of {BATCH}, only the replaced layers trained), measured '
+        f"every {every} steps. Blends: `gm.training.MixedInputs` over `zoo.PhotoCrops(..., scale={MIXING_SCALE})` of "
+        "the same training photos (each input a convex mixture of two crops, weight uniform in [0, 1]; the teacher "
+        "labels the mixture).",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few photos and crops, one budget plan (CI smoke run)")
@@ -445,20 +511,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--frontier", action="store_true", help="only the budget frontier before distillation")
     parser.add_argument("--drift", action="store_true", help="only distillation of layers it should leave alone")
+    parser.add_argument("--mixing", action="store_true", help="only distillation on crops against blended crops")
     args = parser.parse_args()
     steady_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     ROUNDS["rounds"] = 1 if args.quick else 3
-    steps = args.steps or (2 if args.quick else DISTILL_STEPS)
+    steps = args.steps or (2 if args.quick else MIXING_STEPS if args.mixing else DISTILL_STEPS)
     start = time.perf_counter()
     teacher = zoo.mobilenet_v2_imagenet()
     data = load_data(args.quick, max(steps, DRIFT_STUDENT_STEPS) if args.drift else steps)
-    if args.drift or args.frontier:
-        lines = drift(teacher, data, args.quick) if args.drift else frontier(teacher, data)
+    if args.drift or args.frontier or args.mixing:
+        if args.mixing:
+            lines, name = mixing(teacher, data, steps, args.lr, args.quick), "imagenet_mixing.md"
+        elif args.drift:
+            lines, name = drift(teacher, data, args.quick), "imagenet_drift.md"
+        else:
+            lines, name = frontier(teacher, data), "imagenet_frontier.md"
         minutes = (time.perf_counter() - start) / 60
-        text = "\n".join([f"{measured_on()}; {minutes:.1f} min.", "", *lines])
-        publish(text, RESULTS / ("imagenet_drift.md" if args.drift else "imagenet_frontier.md"), args.quick)
+        publish("\n".join([f"{measured_on()}; {minutes:.1f} min.", "", *lines]), RESULTS / name, args.quick)
         return
     if args.quick:
         rows = budget_rows(teacher, data, [QUICK_BUDGET], QUICK_LAYERS)
@@ -471,7 +542,7 @@ def main() -> None:
         rows += svd_rows(teacher, data, matched) + planned
     for row in rows:
         row.before = zoo.imagenet_agreement(row.model, teacher, data.heldout)
-        if row.kind != "uniform, no calibration" and distill(row, teacher, data, steps, args.lr):
+        if row.kind != "uniform, no calibration" and distill(row, teacher, data.train, steps, args.lr):
             row.after = zoo.imagenet_agreement(row.model, teacher, data.heldout)
         latencies(row, teacher, data)
         print(table([row], sum(p.numel() for p in teacher.parameters()), steps, args.lr)[2], flush=True)

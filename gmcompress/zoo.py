@@ -419,13 +419,18 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
 class PhotoCrops(torch.utils.data.Dataset):
     """``n`` random-resized crops (:func:`random_resized_crop`) of the named photos: crop ``i`` is of photo
     ``i % len(names)``, drawn with a generator seeded by ``(seed, i)``, so the crops are the same in any order
-    and any DataLoader worker. Items are ``(3, 224, 224)`` float tensors (inputs only: the teacher labels them)."""
+    and any DataLoader worker; ``scale``: the range of a crop's area fraction. Items are ``(3, 224, 224)`` float
+    tensors (inputs only: the teacher labels them)."""
 
-    def __init__(self, names: tuple[str, ...], n: int, seed: int = 0) -> None:
+    def __init__(
+        self, names: tuple[str, ...], n: int, seed: int = 0, scale: tuple[float, float] = CROP_SCALE
+    ) -> None:
         if not names or n < 1 or seed < 0:
             raise ValueError(f"PhotoCrops needs photos, n >= 1 and seed >= 0; got {names!r}, n={n}, seed={seed}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"PhotoCrops(scale={scale!r}): expected area fractions 0 < low <= high <= 1")
         self.images = list(imagenet_photos(tuple(names)).values())
-        self.n, self.seed = n, seed
+        self.n, self.seed, self.scale = n, seed, scale
 
     def __len__(self) -> int:
         return self.n
@@ -434,7 +439,7 @@ class PhotoCrops(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise IndexError(f"crop {i} of {self.n}")
         generator = torch.Generator().manual_seed(_crop_seed(self.seed, i))
-        return random_resized_crop(self.images[i % len(self.images)], generator)
+        return random_resized_crop(self.images[i % len(self.images)], generator, scale=self.scale)
 
 
 def _crop_seed(seed: int, i: int) -> int:

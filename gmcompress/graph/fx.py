@@ -89,6 +89,7 @@ def find_layers(model: nn.Module) -> TraceResult:
         )
     try:
         graph = _LayerTracer(_traced_into(model)).trace(model)
+        _drop_string_annotations(graph)
         optional = _arguments_with_defaults(graph)
         if not optional:  # (no GraphModule for a trace that will not be used)
             gm = fx.GraphModule(model, graph, type(model).__name__)
@@ -114,6 +115,15 @@ def find_layers(model: nn.Module) -> TraceResult:
                     layers.setdefault(name, layer)
                 kept.update(reasons)
     return TraceResult(list(layers.items()), gm, None, kept)
+
+
+def _drop_string_annotations(graph: fx.Graph) -> None:
+    """Forget the type annotations that are strings (a forward written under ``from __future__ import annotations``
+    annotates ``x: "torch.Tensor"``): torch.fx keeps them as generated globals that ``torch.save`` of the
+    GraphModule cannot write in torch up to 2.13 (pytorch/pytorch#167117). They play no part in the computation."""
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
 
 
 def _module_tree(model: nn.Module, reason: str) -> TraceResult:

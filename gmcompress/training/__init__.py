@@ -19,13 +19,15 @@ The modules, each depending only on those before it: :mod:`.result` (what a run 
 error), :mod:`.settings` (hyper-parameters and their validation), :mod:`.losses`, :mod:`.fingerprint`,
 :mod:`.data` (the data forms), :mod:`.state` (the trainer state), :mod:`.epochs` (an epoch's batches),
 :mod:`.checkpoint`, :mod:`.taps` (inner outputs as targets: ``finetune(features=...)`` and
-:class:`FeatureTaps`), :mod:`.step` (one optimizer step), :mod:`.prepare` (everything before the first step)
+:class:`FeatureTaps`), :mod:`.mixing` (blended inputs for distillation from few examples:
+:class:`MixedInputs`), :mod:`.step` (one optimizer step), :mod:`.prepare` (everything before the first step)
 and :mod:`.loop` (:func:`finetune` itself).
 """
 
 from .loop import finetune
+from .mixing import MixedInputs
 from .result import FinetuneResult, NonFiniteError
 from .settings import LOSSES
 from .taps import FeatureTaps
 
-__all__ = ["finetune", "FinetuneResult", "NonFiniteError", "LOSSES", "FeatureTaps"]
+__all__ = ["finetune", "FinetuneResult", "NonFiniteError", "LOSSES", "FeatureTaps", "MixedInputs"]

@@ -482,9 +482,10 @@ def mixing(teacher: nn.Module, data: Data, steps: int, lr: float, quick: bool) -
         ),
     }
     for name, student in mixing_students(teacher, data, quick).items():
+        before = zoo.imagenet_agreement(student, teacher, data.heldout)  # step 0: the same for every source
         for label, train in sources.items():
             row = Row(name, "budget", copy.deepcopy(student), 0.0)
-            curve = [zoo.imagenet_agreement(row.model, teacher, data.heldout)]
+            curve = [before]
 
             def measure(step: int, row: Row = row, curve: list = curve) -> None:
                 if step % every == 0:

@@ -30,7 +30,8 @@ latency at batch 1 and 8 against the original. Writes ``benchmarks/results/image
 budget plan (C8 rank 1 or dense) over the last two layers and its SVD twin, 2 steps, one timing round; nothing is
 written.
 
-``--frontier``: only the budget plans before distillation (``results/imagenet_frontier.md``). ``--drift``: what
+``--frontier``: only the budget plans before distillation, each beside its SVD twin at the same per-layer sizes
+(``results/imagenet_frontier.md``). ``--drift``: what
 distillation does to layers it should leave alone (``results/imagenet_drift.md``): the unchanged original
 distilled from itself (zero loss, so its gradients are rounding noise), and the classifier alone compressed,
 distilled with ``trainable="all"`` and ``"compressed"``. ``--mixing``: distillation data
@@ -383,25 +384,37 @@ FRONTIER_TARGETS = (1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 2.0)  # --frontier: Bu
 def frontier(teacher: nn.Module, data: Data) -> list[str]:
     """The measured frontier before any distillation: one measurement of every option, then the least-error
     allocation at each of :data:`FRONTIER_TARGETS` compressed as a user would (its recipe, the calibration crops)
-    and ``Budget(agreement=0.95)`` as a user runs it; top-1 agreement on the held-out photos."""
+    and ``Budget(agreement=0.95)`` as a user runs it; top-1 agreement on the held-out photos. Beside each plan,
+    activation-aware truncated SVD at the same per-layer sizes (:func:`svd_model`): whether the low-rank form keeps
+    the predictions where group matrices do not."""
     budgets = [gm.Budget(params=t) for t in FRONTIER_TARGETS]
     rows = budget_rows(teacher, data, budgets, None) + [agreement_row(teacher, data, AGREEMENT_TARGET)]
     dense = sum(p.numel() for p in teacher.parameters())
     lines = [
-        "| plan | parameters | times fewer | held-out top-1 agreement / top-5 overlap / KL | fit s |",
-        "|---|---|---|---|---|",
+        "| plan | parameters | times fewer | held-out top-1 agreement / top-5 overlap / KL | fit s | "
+        "SVD at the same sizes: times fewer | SVD agreement / overlap / KL |",
+        "|---|---|---|---|---|---|---|",
     ]
+    twins: dict[tuple, tuple[float, dict[str, float]]] = {}  # per-layer sizes -> the SVD twin's ratio and metrics
     for row in rows:
         row.before = zoo.imagenet_agreement(row.model, teacher, data.heldout)
+        sizes = compressed_sizes(row.model)
+        if tuple(sorted(sizes.items())) not in twins:
+            twin = svd_model(teacher, sizes, data.calibration)
+            twin_ratio = dense / sum(p.numel() for p in twin.parameters())
+            twins[tuple(sorted(sizes.items()))] = twin_ratio, zoo.imagenet_agreement(twin, teacher, data.heldout)
+        twin_ratio, twin_metrics = twins[tuple(sorted(sizes.items()))]
         lines.append(f"| {row.label} | {row.params():,} | {dense / row.params():.2f}x | {metrics_cell(row.before)} | "
-                     f"{row.seconds:.0f} |")  # fmt: skip
+                     f"{row.seconds:.0f} | {twin_ratio:.2f}x | {metrics_cell(twin_metrics)} |")  # fmt: skip
         print(lines[-1], flush=True)
     best = [dense / r.params() for r in rows if r.before["agreement"] >= AGREEMENT_TARGET and r.params() < dense]
+    best_svd = [ratio for ratio, m in twins.values() if m["agreement"] >= AGREEMENT_TARGET and ratio > 1]
     lines += [
         "",
         f"Largest ratio with top-1 agreement >= {AGREEMENT_TARGET} before distillation: "
         + (f"{max(best):.2f}x" if best else "none below the original's size")
-        + " (target: 1.3x).",
+        + " (target: 1.3x); the SVD twins: "
+        + (f"{max(best_svd):.2f}x." if best_svd else "none below the original's size."),
     ]
     return lines
 

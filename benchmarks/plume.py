@@ -995,13 +995,22 @@ def history1_lines(
         params = next((one[t][0][name].params for t in tags if name in one[t][0]), None)
         if params is not None:
             lines.append(f"| {name} | {params:,} | " + " | ".join(cell(one[t][0], name, seeds) for t in tags) + " |")
+    kept_four = any(four.values())  # none when the four-frame sweep ran before its runs were kept
     lines += [
         "",
         "Relaxed GM against exact at each budget (the i-th width of each family), future-frame RMSE; negative: "
-        "relaxed lower. Last column: the same comparison with four input frames, from the sweep's kept runs:",
+        "relaxed lower"
+        + (
+            ". Last column: the same comparison with four input frames, from the sweep's kept runs:"
+            if kept_four
+            else " (no run of the four-frame sweep is kept: its comparison, at its own widths, is in results/plume.md):"
+        ),
         "",
-        "| case | budget | " + " | ".join(FAMILIES) + " | better relaxed GM vs exact, 1 frame | 4 frames |",
-        "|---|---|" + "---|" * (len(FAMILIES) + 2),
+        "| case | budget | "
+        + " | ".join(FAMILIES)
+        + " | better relaxed GM vs exact, 1 frame |"
+        + (" 4 frames |" if kept_four else ""),
+        "|---|---|" + "---|" * (len(FAMILIES) + 1 + kept_four),
     ]
     for tag in tags:
         results = one[tag][0]
@@ -1012,8 +1021,8 @@ def history1_lines(
             relaxed = [budget[f] for f in RELAXED]
             lines.append(
                 f"| {tag} | {('small', 'large')[i] if len(ws['p4 exact']) == 2 else ws['p4 exact'][i]} | "
-                f"{' | '.join(cells)} | {relaxed_vs_exact(results, budget['p4 exact'], relaxed)} | "
-                f"{relaxed_vs_exact(four.get(tag, {}), budget['p4 exact'], relaxed)} |"
+                f"{' | '.join(cells)} | {relaxed_vs_exact(results, budget['p4 exact'], relaxed)} |"
+                + (f" {relaxed_vs_exact(four.get(tag, {}), budget['p4 exact'], relaxed)} |" if kept_four else "")
             )
     lines += [
         "",

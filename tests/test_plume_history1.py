@@ -231,6 +231,14 @@ def test_history1_report_marks_missing_cells_and_compares_at_each_budget():
             tables.append(block)
             block = []
     assert len(tables) == 4 and all(set(t) == {t[0]} for t in tables)
+    # no four-frame run kept anywhere: no column of dashes, the sweep's own report named instead
+    lines = plume.history1_lines(
+        plume.PlumeConfig(), {"background": (one_bg, info)}, {"background": {}}, 60, 3, False, 1.0
+    )
+    header = next(line for line in lines if line.startswith("| case | budget |"))
+    assert "4 frames" not in header and any("results/plume.md" in line for line in lines)
+    row = next(line for line in lines if line.startswith("| background | small |"))
+    assert row.endswith("| `p4 relaxed r2 3` -20.0% |") and row.count("|") == header.count("|")
 
 
 def test_kept_runs_keep_each_seeds_modulations_and_cached_reports_take_what_is_kept(tmp_path, monkeypatch):

@@ -31,13 +31,12 @@ budget plan (C8 rank 1 or dense) over the last two layers and its SVD twin, 2 st
 written.
 
 ``--frontier``: only the budget plans before distillation, each beside its SVD twin at the same per-layer sizes
-(``results/imagenet_frontier.md``). ``--drift``: what
-distillation does to layers it should leave alone (``results/imagenet_drift.md``): the unchanged original
-distilled from itself (zero loss, so its gradients are rounding noise), and the classifier alone compressed,
-distilled with ``trainable="all"`` and ``"compressed"``. ``--mixing``: distillation data
-(``results/imagenet_mixing.md``): the first table's crops against blends of pairs of wider crops
-(``gm.training.MixedInputs``), for the classifier alone at C8 rank 4 and uniform C2 rank 1 everywhere, the
-held-out agreement every 50 steps.
+(``results/imagenet_frontier.md``). ``--drift``: what distillation does to layers it should leave alone
+(``results/imagenet_drift.md``): the unchanged original distilled from itself (zero loss, so its gradients are
+rounding noise), and the classifier alone compressed, distilled with ``trainable="all"`` and ``"compressed"``.
+``--mixing``: distillation data (``results/imagenet_mixing.md``): the first table's crops against blends of pairs
+of wider crops (``gm.training.MixedInputs``), for the classifier alone at C8 rank 4 and uniform C2 rank 1
+everywhere, the held-out agreement every 50 steps.
 """
 
 from __future__ import annotations
@@ -399,11 +398,12 @@ def frontier(teacher: nn.Module, data: Data) -> list[str]:
     for row in rows:
         row.before = zoo.imagenet_agreement(row.model, teacher, data.heldout)
         sizes = compressed_sizes(row.model)
-        if tuple(sorted(sizes.items())) not in twins:
+        key = tuple(sorted(sizes.items()))  # plans of equal sizes (1.05 and 1.1, 1.15 and 1.2) share one twin
+        if key not in twins:
             twin = svd_model(teacher, sizes, data.calibration)
             twin_ratio = dense / sum(p.numel() for p in twin.parameters())
-            twins[tuple(sorted(sizes.items()))] = twin_ratio, zoo.imagenet_agreement(twin, teacher, data.heldout)
-        twin_ratio, twin_metrics = twins[tuple(sorted(sizes.items()))]
+            twins[key] = twin_ratio, zoo.imagenet_agreement(twin, teacher, data.heldout)
+        twin_ratio, twin_metrics = twins[key]
         lines.append(f"| {row.label} | {row.params():,} | {dense / row.params():.2f}x | {metrics_cell(row.before)} | "
                      f"{row.seconds:.0f} | {twin_ratio:.2f}x | {metrics_cell(twin_metrics)} |")  # fmt: skip
         print(lines[-1], flush=True)

@@ -115,7 +115,6 @@ def test_photo_crops_are_fixed_by_seed_and_index():
         crops[6]
 
 
-
 def test_photo_crops_take_their_area_fractions_from_scale():
     """At scale (1, 1) a window of the whole area fits a square photo only as the photo itself, so every crop is the
     resized photo or its mirror (at the default scale they are windows inside it)."""
@@ -128,6 +127,7 @@ def test_photo_crops_take_their_area_fractions_from_scale():
     assert not any(torch.equal(default[i], whole) or torch.equal(default[i], whole.flip(-1)) for i in range(6))
     with pytest.raises(ValueError, match="area fractions"):
         zoo.PhotoCrops(("astronaut",), 6, scale=(0.0, 1.0))
+
 
 @torch.no_grad()
 def test_agreement_metrics_match_gmcompress_fidelity(net):

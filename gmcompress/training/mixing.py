@@ -65,4 +65,3 @@ class MixedInputs(Dataset):
                 "does not mix): give it a Dataset of input tensors and distil with loss='kd', 'mse' or 'cosine'"
             )
         return item
-

@@ -473,7 +473,7 @@ def mixing_students(teacher: nn.Module, data: Data, quick: bool) -> dict[str, nn
     for include, group, rank in (DRIFT_STUDENT, (QUICK_LAYERS if quick else None, "C2", 1)):
         model = gm.compress(teacher, group, rank, include=include, calibration=data.calibration, progress=False)
         ratio = sum(p.numel() for p in teacher.parameters()) / sum(p.numel() for p in model.parameters())
-        where = include.replace("\\", "") if include else "every compressible layer"
+        where = include.replace("\\", "").replace("|", " and ") if include else "every compressible layer"
         students[f"{where} at {group} rank {rank} ({ratio:.2f}x fewer in the model)"] = model
     return students
 

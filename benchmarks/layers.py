@@ -52,19 +52,21 @@ def time_path(layer: torch.nn.Module, impl: str, x: torch.Tensor, min_run_time: 
 
 def blocks_function(layer: GMLinear, x: torch.Tensor) -> partial:
     """GMLinear's block path as its functions called directly on the layer's tensors (up to ``DIRECT_ROWS`` rows
-    the products on the stored spectrum itself, else the weights derived from it and Gauss's products; the bias):
+    the products on the stored spectrum itself, else Gauss's products on the spectrum and its pair sums; the bias):
     what ``forward`` adds to it is the module's own overhead."""
-    from gmcompress.nn.functional import blocks_forward, direct_forward
+    from gmcompress.nn.functional import blocks_forward, direct_forward, spectrum_forward
 
     impl = layer.resolved_impl()
     q_in, q_out = (layer._q_packed, layer._q_packed) if impl == "packed" else (layer._q_in, layer._q_out)
-    xg = x.view(x.shape[0], layer.c_in, -1)
     if impl == "blocks" and layer.reads_spectrum(x.shape[0]):
         q_in, q_out, spectrum = layer._q_direct_in, layer._q_direct_out, layer.spectrum
-        return lambda: direct_forward(xg, q_in, q_out, spectrum, layer.modulations, layer.c_out, layer.bias)
+        return lambda: direct_forward(x, q_in, q_out, spectrum, layer.modulations, layer.c_out, layer.bias)
+    if impl == "blocks" and layer.stored_form == "spectrum":
+        spectrum, pairs = layer.spectrum, layer._n_pairs
+        return lambda: spectrum_forward(x, q_in, q_out, spectrum, pairs, layer.modulations, layer.c_out, layer.bias)
 
     def run() -> torch.Tensor:
-        return blocks_forward(xg, q_in, q_out, layer._block_weights(impl), layer.modulations, layer.c_out, layer.bias)
+        return blocks_forward(x, q_in, q_out, layer._block_weights(impl), layer.modulations, layer.c_out, layer.bias)
 
     return run
 
@@ -166,14 +168,13 @@ def read_time_line(min_run_time: float) -> str:
         # the floor of any path made of the library's products: one matrix-vector product over the same bytes
         matrix, vector = params.view(-1, 1024), torch.randn(1024)  # 1,056,768 = 1032 x 1024
         t_mv = timed("torch.mv(a, v)", min_run_time, torch=torch, a=matrix, v=vector)
-        weights = layer._block_weights().numel()
     return (
         f"GMLinear 4096 -> 4096, C16 rank 1, batch 1: {t_gm * 1e6:.0f} us; reading its {params.numel():,} parameters "
         f"once ({params.numel() * 4 / 2**20:.1f} MiB, `sum`): {t_read * 1e6:.0f} us; ratio {t_gm / t_read:.1f}x "
-        f"(target: within 2x). The block products read {weights:,} weights derived on each call "
-        f"({weights / params.numel():.2f}x the parameters: the Gauss form of the 2x2 blocks). A dense "
-        f"matrix-vector product (`torch.mv`) over the same {params.numel():,} floats takes {t_mv * 1e6:.0f} us, "
-        f"{t_mv / t_read:.1f}x the read: the floor of a path built on the library's products."
+        f"(target: within 2x). At one row the block products multiply by the stored spectrum itself (each weight "
+        f"read once, nothing derived). A dense matrix-vector product (`torch.mv`) over the same {params.numel():,} "
+        f"floats takes {t_mv * 1e6:.0f} us, {t_mv / t_read:.1f}x the read: the floor of a path built on the "
+        f"library's products."
     )
 
 
@@ -290,7 +291,7 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
                     fast = torch.compile(blocks_forward, dynamic=False)
                     with torch.inference_mode():
                         args = (
-                            x.view(rows, layer.c_in, -1),
+                            x,
                             layer._q_in,
                             layer._q_out,
                             layer._block_weights(),
@@ -302,6 +303,51 @@ def shape_lines(quick: bool, min_run_time: float, compiled: bool = False) -> lis
                     lines[-1] += f" {t_comp * 1e6:.0f} | {c_speed:.2f}x | {c_speed / limit:.0%} |"
                 print(lines[-1], flush=True)
     return lines
+
+
+def forward_overhead_line(rounds: int = 15) -> str:
+    """What GMLinear's forward adds to its path's function, measured with the path's functions replaced by a stub
+    that returns at once (the end-to-end difference in the table is within the timing noise of the products):
+    the forward's own Python, at 1 row (the spectrum read directly) and 32 (Gauss's products), and what
+    ``nn.Module.__call__`` adds on top of it, beside the same for ``nn.Linear``. Sub-microsecond differences: the
+    best of ``rounds`` interleaved rounds of 20,000 calls each (a median carries the machine's noise)."""
+    import timeit
+    from unittest import mock
+
+    import gmcompress.nn.linear as linear_module
+
+    layer, dense = GMLinear(384, 1536, "C8", 1, impl="blocks").eval(), torch.nn.Linear(384, 1536).eval()
+    out = torch.empty(0)
+
+    def stub(*args: object) -> torch.Tensor:
+        return out
+
+    args = (layer._q_in, layer._q_out, layer.spectrum, layer._n_pairs, layer.modulations, layer.c_out, layer.bias)
+    x1, x32 = torch.randn(1, 384), torch.randn(32, 384)
+    calls = {
+        "function 1": lambda: stub(x1, *args),
+        "forward 1": lambda: layer.forward(x1),
+        "call 1": lambda: layer(x1),
+        "function 32": lambda: stub(x32, *args),
+        "forward 32": lambda: layer.forward(x32),
+        "call 32": lambda: layer(x32),
+        "linear function": lambda: stub(x1),
+        "linear call": lambda: dense(x1),
+    }
+    best = dict.fromkeys(calls, float("inf"))
+    with torch.inference_mode(), mock.patch.object(linear_module, "direct_forward", stub), \
+            mock.patch.object(linear_module, "spectrum_forward", stub), \
+            mock.patch.object(dense, "forward", stub):  # fmt: skip
+        for _ in range(rounds):
+            for name, call in calls.items():
+                best[name] = min(best[name], timeit.timeit(call, number=20000) / 20000 * 1e6)
+    own = [best[f"forward {r}"] - best[f"function {r}"] for r in (1, 32)]
+    call = [best[f"call {r}"] - best[f"forward {r}"] for r in (1, 32)]
+    return (
+        f"GMLinear 384 -> 1536 (C8) forward over its path's function, the functions stubbed: {own[0]:.2f} us at 1 row, "
+        f"{own[1]:.2f} us at 32 rows (the forward's own Python); `nn.Module.__call__` adds {call[0]:.2f} / "
+        f"{call[1]:.2f} us to it, as it adds {best['linear call'] - best['linear function']:.2f} us to `nn.Linear`."
+    )
 
 
 DIRECT_SHAPES = [(384, 1536, "C8"), (1536, 384, "C8"), (384, 1536, "C16"), (1536, 384, "C16"), (768, 3072, "C8"),
@@ -378,6 +424,7 @@ def main() -> None:
         return
     if args.shapes:
         lines = shape_lines(args.quick, min_run_time, args.compile)
+        lines += ["", forward_overhead_line(3 if args.quick else 15)]
         text = "\n".join([f"{measured_on()}; {time.perf_counter() - start:.0f} s.", "", *lines])
         print(text)
         if args.out:

@@ -483,12 +483,15 @@ def test_gmlinear_path_set_after_construction_is_checked():
 
 
 @pytest.mark.parametrize("impl", ["dense", "blocks", "packed", "fft", "auto"])
-def test_an_empty_batch_gives_an_empty_output_on_every_path(impl):
-    layer = GMLinear(64, 37, "C8", rank=2, impl=impl, pad=True)  # padded outputs too
+@pytest.mark.parametrize(("spec", "out", "pad"), [("C8", 37, True), ("C8", 32, False), ("C2", 32, False)])
+def test_an_empty_batch_gives_an_empty_output_on_every_path(impl, spec, out, pad):
+    """Padded outputs too, and the unpadded layers whose block path forward takes its short way (C2: no 2x2 blocks,
+    Gauss's products at every batch)."""
+    layer = GMLinear(64, out, spec, rank=2, impl=impl, pad=pad)
     for shape in [(0, 64), (2, 0, 64)]:
         x = torch.randn(*shape, requires_grad=True)
         y = layer(x)
-        assert y.shape == (*shape[:-1], 37)
+        assert y.shape == (*shape[:-1], out)
         y.sum().backward()
         assert x.grad.shape == x.shape
 
@@ -583,11 +586,8 @@ def test_the_block_path_at_few_rows_multiplies_by_the_stored_spectrum_and_matche
             torch.testing.assert_close(g, h, atol=1e-4, rtol=1e-4)
 
 
-def test_the_direct_block_products_read_the_spectrum_parameter_itself():
-    """No weight is derived on the direct form: the only tensor the block product multiplies by is the stored
-    spectrum (its storage), and D4 (2x2 blocks of another type) and kernels-stored layers keep Gauss's or the
-    packed form."""
-    layer = GMLinear(64, 64, "C8", impl="blocks").eval()
+def _bmm_weights_of_one_call(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """One forward call's output and the data pointers of the right-hand sides of every ``bmm`` it runs."""
     seen = []
 
     class Watch(torch.overrides.TorchFunctionMode):
@@ -596,8 +596,41 @@ def test_the_direct_block_products_read_the_spectrum_parameter_itself():
                 seen.append(args[1].data_ptr())
             return func(*args, **(kwargs or {}))
 
-    with Watch(), torch.no_grad():
-        layer(torch.randn(2, 64))
+    with Watch():
+        y = layer(x)
+    return y, seen
+
+
+@pytest.mark.parametrize(("spec", "rank"), [("C8", 1), ("C8", 2), ("C4", 3), ("C16", 2), ("C4xC2", 1), ("C3", 1)])
+def test_gauss_products_without_autograd_multiply_the_stored_spectrum_where_it_lies(spec, rank):
+    """Above DIRECT_ROWS rows and with nothing to record, Gauss's first N products multiply the spectrum parameter
+    itself (its storage) and the rest P + Q; outputs equal the autograd form (one bmm on the concatenated weights)
+    and the product with the dense weight, with rank, modulations and leading dims."""
+    import gmcompress.nn.linear as linear_module
+
+    n = gm.group(spec).order
+    torch.manual_seed(0)
+    layer = GMLinear(3 * n, 2 * n, spec, rank=rank, impl="blocks")
+    with torch.no_grad():
+        if layer.modulations is not None:
+            layer.modulations.uniform_(0.5, 1.5)
+    x = torch.randn(2, linear_module.DIRECT_ROWS + 3, 3 * n)
+    with torch.no_grad():
+        fast, seen = _bmm_weights_of_one_call(layer, x)
+    assert seen[0] == layer.spectrum.data_ptr() and len(seen) == 2
+    recorded = layer(x)  # autograd: one bmm on the concatenated weights
+    assert recorded.requires_grad
+    torch.testing.assert_close(fast, recorded.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, layer.to_dense()(x).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_direct_block_products_read_the_spectrum_parameter_itself():
+    """No weight is derived on the direct form: the only tensor the block product multiplies by is the stored
+    spectrum (its storage), and D4 (2x2 blocks of another type) and kernels-stored layers keep Gauss's or the
+    packed form."""
+    layer = GMLinear(64, 64, "C8", impl="blocks").eval()
+    with torch.no_grad():
+        _, seen = _bmm_weights_of_one_call(layer, torch.randn(2, 64))
     assert seen == [layer.spectrum.data_ptr()]
     assert not GMLinear(64, 64, "D4", impl="blocks").reads_spectrum(1)
     assert not GMLinear(64, 64, "C8", impl="dense").reads_spectrum(1)  # stored as kernels

@@ -72,6 +72,29 @@ def test_a_parametrized_kernel_is_read_through_its_parametrization():
         assert not torch.allclose(layer(x), first)
 
 
+@pytest.mark.parametrize("name", ["modulations", "bias"])
+def test_a_parametrized_modulation_or_bias_is_read_through_its_parametrization(name):
+    """On the block path of a layer that stores its spectrum, a parametrized modulation or bias is read through its
+    attribute at few rows (the spectrum multiplied directly) and at many (Gauss's products), with leading dims."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, v):
+            return 2.0 * v
+
+    torch.manual_seed(0)
+    layer = GMLinear(64, 64, "C8", rank=2, impl="blocks").eval()
+    with torch.no_grad():
+        layer.modulations.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1.0, 1.0)
+    parametrize.register_parametrization(layer, name, Scale())
+    assert layer.stored_form == "spectrum"
+    with torch.no_grad():
+        for shape in ((1, 64), (32, 64), (2, 3, 64)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
 def test_in_place_update_under_inference_mode_is_seen():
     torch.manual_seed(0)
     with torch.inference_mode():

@@ -82,14 +82,14 @@ class ProductPlan:
     of complex type (every abelian group): a complex-type block's weight is ``[[P, Q], [-Q, P]]`` (rows the
     input coordinate y, columns the output coordinate x; P, Q are ``c_in x r c_out``), i.e.
     ``out0 = z0 P - z1 Q``, ``out1 = z0 Q + z1 P``. Gauss's trick needs three products instead of four:
-    ``k1 = (z0 + z1) P``, ``k2 = z0 (Q - P)``, ``k3 = z1 (P + Q)``, ``out0 = k1 - k3``, ``out1 = k1 + k2``.
-    The input sums fold into the basis change (columns ``q0 + q1, q0, q1`` of ``q_in``) and the output
-    sums into the way back (columns ``q0 + q1, q1, -q0`` of ``q_out``), so every product has width one:
+    ``k1 = z0 P``, ``k2 = z1 Q``, ``k3 = (z0 + z1)(P + Q)``, ``out0 = k1 - k2``, ``out1 = k3 - k1 - k2``.
+    The input sum folds into the basis change (columns ``q0, q1, q0 + q1`` of ``q_in``) and the output sums
+    into the way back (columns ``q0 - q1, -(q0 + q1), q1`` of ``q_out``), so every product has width one:
     ``M = n_1 + 3 n_2`` products of ``c_in x r c_out`` (11 instead of 16 for C8, 23 instead of 32 for C16),
     and the weights are about 0.7 of the packed form's (11/16, 23/32). ``parts[j] = (class, block, role)``:
-    role 0 a 1x1 block, 1, 2, 3 the P, Q - P, P + Q of a 2x2 block, ordered by role (all 1x1 blocks, all P, all
-    Q - P, all P + Q), so that :func:`gauss_weights` derives them from a spectrum with one ``cat``. *Packed*
-    (``packing`` set): :func:`grouped_plan`.
+    role 0 a 1x1 block, 1, 2, 3 the P, Q, P + Q of a 2x2 block, ordered by role (all 1x1 blocks, all P, all Q,
+    all P + Q): the first N products multiply by a spectrum (:func:`spectrum_map`) as it is stored, and only the
+    ``P + Q`` are derived (:func:`gauss_weights`). *Packed* (``packing`` set): :func:`grouped_plan`.
     """
 
     q_in: np.ndarray
@@ -121,7 +121,7 @@ def product_plan(g: FiniteGroup, gauss: bool = True) -> ProductPlan:
                     columns[c, b, 0] = (q0, q0)
                     continue
                 q1 = plan.q[:, offset + nb + b]  # columns are (coordinate-in-block, block)
-                columns.update({(c, b, 1): (q0 + q1, q0 + q1), (c, b, 2): (q0, q1), (c, b, 3): (q1, -q0)})
+                columns.update({(c, b, 1): (q0, q0 - q1), (c, b, 2): (q1, -(q0 + q1)), (c, b, 3): (q0 + q1, q1)})
         parts = sorted(columns, key=lambda part: (part[2], part[0], part[1]))  # role-major (see spectrum_plan)
         q_in, q_out = zip(*(columns[part] for part in parts))
         return ProductPlan(np.stack(q_in, 1), np.stack(q_out, 1), len(parts), 1, tuple(parts))
@@ -151,12 +151,9 @@ def product_weights(kernels: torch.Tensor, rho: list[torch.Tensor], plan: Produc
     # w[c][b, y, x, i, (k, o)] = sum_s kernels[k, o, i, s] rho_c[s, y, x, b]: block b's weight, input y, output x
     w = [torch.einsum("kocs,syxb->byxcko", kernels, rho_c).flatten(4) for rho_c in rho]
     pieces = []
-    for c, b, role in plan.parts:
-        p = w[c][b, 0, 0]
-        if role >= 2:
-            q = w[c][b, 0, 1]
-            p = q - p if role == 2 else p + q
-        pieces.append(p)
+    for c, b, role in plan.parts:  # role 0: a 1x1 block's value, 1: P, 2: Q, 3: P + Q
+        p = w[c][b, 0, 0] if role != 2 else w[c][b, 0, 1]
+        pieces.append(p + w[c][b, 0, 1] if role == 3 else p)
     return torch.stack(pieces)
 
 
@@ -179,13 +176,18 @@ def spectrum_map(g: FiniteGroup) -> np.ndarray | None:
 
 def gauss_weights(spectrum: torch.Tensor, n_pairs: int) -> torch.Tensor:
     """The right-hand sides ``(M, c_in, r c_out)`` of the Gauss products (:func:`product_plan`, role-major) from a
-    spectrum ``(N, c_in, r c_out)`` (:func:`spectrum_map`) with ``n_pairs`` 2x2 blocks: the 1x1 values and every P
-    as they are stored, then ``Q - P`` and ``P + Q`` (one read of the spectrum's 2x2 part)."""
+    spectrum ``(N, c_in, r c_out)`` (:func:`spectrum_map`) with ``n_pairs`` 2x2 blocks: the spectrum as it is
+    stored, then every ``P + Q`` (:func:`pair_sums`)."""
     if n_pairs == 0:
         return spectrum
-    singles = spectrum.shape[0] - 2 * n_pairs
-    p, q = spectrum[singles : singles + n_pairs], spectrum[singles + n_pairs :]
-    return torch.cat([spectrum[: singles + n_pairs], q - p, p + q])
+    return torch.cat([spectrum, pair_sums(spectrum, n_pairs)])
+
+
+def pair_sums(spectrum: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """``P + Q`` of every 2x2 block of a spectrum ``(N, c_in, r c_out)``: the weights of the last ``n_pairs`` Gauss
+    products, the only ones not stored."""
+    n = spectrum.shape[0]
+    return spectrum[n - 2 * n_pairs : n - n_pairs] + spectrum[n - n_pairs :]
 
 
 @functools.lru_cache(maxsize=64)
@@ -264,7 +266,7 @@ def blocks_forward(
     c_out: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x (B, c_in, N) -> (B, c_out N)``: transform, one ``bmm`` over the block products, transform back, modulate.
+    """``x (B, c_in N) -> (B, c_out N)``: transform, one ``bmm`` over the block products, transform back, modulate.
 
     ``q_in``, ``q_out`` and ``weight_t`` (``(groups, size c_in, size r c_out)``, columns ``(x, k, o)``) come from
     a :class:`ProductPlan` and :func:`product_weights`; ``bias`` (optional) is the ``(c_out N,)`` bias added at
@@ -276,15 +278,40 @@ def blocks_forward(
     - ``t[g, b, (x, k, o)] = z[b, g] W_g``, copied to row-major ``(B, M, r c_out)``.
     - ``u[b, p, (k, o)] = sum_m q_out[p, m] t[b, m, (k, o)]``: the way back, batched over rows;
       ``y[b, o, p] = sum_k a[k, o, p] u[b, p, k, o]`` (``a = 1`` without modulations) reads ``u``
-      transposed and writes the channel-major output once; the bias is added in place.
+      transposed and writes the channel-major output once; the bias is added in the same pass.
     """
-    batch, c_in, _ = x.shape
-    groups, m = weight_t.shape[0], q_in.shape[1]
+    (n, m), batch = q_in.shape, x.shape[0]
+    c_in, groups = x.shape[1] // n, weight_t.shape[0]
     size = m // groups
     r = 1 if modulations is None else modulations.shape[0]
-    z = torch.matmul(q_in.t(), x.transpose(1, 2))  # (B, M, c_in)
+    z = torch.matmul(q_in.t(), x.reshape(batch, c_in, n).transpose(1, 2))  # (B, M, c_in)
     t = torch.bmm(z.view(batch, groups, size * c_in).transpose(0, 1), weight_t)  # (G, B, size r c_out)
     return _rows_back(t.transpose(0, 1).reshape(batch, m, r * c_out), q_out, modulations, c_out, bias)
+
+
+def spectrum_forward(
+    x: torch.Tensor,
+    q_in: torch.Tensor,
+    q_out: torch.Tensor,
+    spectrum: torch.Tensor,
+    n_pairs: int,
+    modulations: torch.Tensor | None,
+    c_out: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`blocks_forward` with Gauss's products on a stored spectrum ``(N, c_in, r c_out)`` with ``n_pairs`` 2x2
+    blocks (``q_in``, ``q_out`` of :func:`product_plan`): the first N products multiply by the spectrum where it
+    lies and the last ``n_pairs`` by ``P + Q`` (:func:`pair_sums`, the only weights derived), the two ``bmm`` writing
+    into one buffer. Where ``out=`` is not allowed (autograd, autocast, vmap, compile; :func:`_may_write_into`), one
+    ``bmm`` on the concatenated weights (:func:`gauss_weights`)."""
+    if n_pairs == 0 or not _may_write_into(x, spectrum, modulations, bias):
+        return blocks_forward(x, q_in, q_out, gauss_weights(spectrum, n_pairs), modulations, c_out, bias)
+    (n, m), batch = q_in.shape, x.shape[0]
+    z = torch.matmul(q_in.t(), x.reshape(batch, -1, n).transpose(1, 2)).transpose(0, 1)  # (M, B, c_in), a view
+    t = x.new_empty(m, batch, spectrum.shape[2])
+    torch.bmm(z[:n], spectrum, out=t[:n])
+    torch.bmm(z[n:], pair_sums(spectrum, n_pairs), out=t[n:])
+    return _rows_back(t.transpose(0, 1), q_out, modulations, c_out, bias)
 
 
 def direct_forward(
@@ -296,7 +323,7 @@ def direct_forward(
     c_out: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x (B, c_in, N) -> (B, c_out N)`` with the spectrum ``(N, c_in, r c_out)`` itself as the products' weights
+    """``x (B, c_in N) -> (B, c_out N)`` with the spectrum ``(N, c_in, r c_out)`` itself as the products' weights
     (``q_in``, ``q_out`` from :func:`direct_plan`): one ``bmm`` of ``(N, 2B, c_in)`` against the stored parameter,
     no weight derived, so a call reads each weight once. It costs ``2N`` products a row against Gauss's ``M``
     (:func:`blocks_forward`), which pays off at few rows, where deriving the Gauss weights each call costs more
@@ -308,40 +335,38 @@ def direct_forward(
     modulated transpose writes the channel-major output once. Against the row-major layout of :func:`blocks_forward`
     it ran 1.05-1.76x faster at 1 row and 0.79-1.52x at 8; Gauss's products, at more rows, stay row-major, where
     this layout was 1.2-2.4x slower (docs/design.md, section 4)."""
-    batch, c_in, n = x.shape
+    n, batch = q_in.shape[0], x.shape[0]
+    c_in = x.shape[1] // n
     r = 1 if modulations is None else modulations.shape[0]
     rco = r * c_out
     z = torch.mm(x.reshape(batch * c_in, n), q_in)  # ((b, i), (f, h))
     z = z.view(batch, c_in, n, 2).permute(2, 3, 0, 1).reshape(n, 2 * batch, c_in)  # (f, (h, b), i)
     t = torch.bmm(z, spectrum)  # (N, 2B, r c_out): row (f, h) is column 2 f + h of q_out
     u = torch.mm(q_out, t.view(2 * n, batch * rco)).view(n, batch, r, c_out)  # (p, b, k, o)
-    y = _modulate(u.transpose(0, 1), modulations).view(batch, c_out * n)  # read as (b, p, k, o)
-    if bias is not None:
-        y.add_(bias)
-    return y
+    return _modulate(u.transpose(0, 1), modulations, bias).view(batch, c_out * n)  # read as (b, p, k, o)
 
 
 def _rows_back(
     t: torch.Tensor, q_out: torch.Tensor, modulations: torch.Tensor | None, c_out: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """The way back of row-batched products ``t (rows, M, r c_out)`` -> ``(rows, c_out N)``: ``u = q_out t`` per
-    row, the modulated, transposed product (:func:`_modulate`), the bias added in place."""
+    row, the modulated, transposed product with the bias (:func:`_modulate`)."""
     n = q_out.shape[0]
     u = torch.matmul(q_out, t).view(t.shape[0], n, -1, c_out)
-    y = _modulate(u, modulations).view(t.shape[0], c_out * n)
-    if bias is not None:
-        y.add_(bias)
-    return y
+    return _modulate(u, modulations, bias).view(t.shape[0], c_out * n)
 
 
-def _modulate(u: torch.Tensor, modulations: torch.Tensor | None) -> torch.Tensor:
-    """``y[b, o, p] = sum_k a[k, o, p] u[b, p, k, o]`` (``a = 1`` without modulations), contiguous, in the dtype of
-    ``u`` (under autocast the products ran in the lower precision, as a dense layer's would)."""
+def _modulate(u: torch.Tensor, modulations: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[b, o, p] = sum_k a[k, o, p] u[b, p, k, o] + bias[o N + p]`` (``a = 1`` without modulations, no bias
+    without one), contiguous, in the dtype of ``u`` (under autocast the products ran in the lower precision, as a
+    dense layer's would). The bias goes into the same pass as the first term (``addcmul``, or ``add``)."""
+    first = u[:, :, 0].transpose(1, 2)  # (B, c_out, N), read transposed
+    b = None if bias is None else bias.to(u.dtype).view(first.shape[1:])
     if modulations is None:
-        return u[:, :, 0].transpose(1, 2).contiguous()
+        return first.contiguous() if b is None else torch.add(b, first).contiguous()
     a = modulations.to(u.dtype)
-    # the modulations first: the product takes their (contiguous) layout, so .contiguous() copies nothing
-    y = torch.mul(a[0], u[:, :, 0].transpose(1, 2)).contiguous()
+    # the modulations (or the bias) first: the result takes their (contiguous) layout, so .contiguous() copies nothing
+    y = (torch.mul(a[0], first) if b is None else torch.addcmul(b, a[0], first)).contiguous()
     for k in range(1, a.shape[0]):
         y.addcmul_(u[:, :, k].transpose(1, 2), a[k])
     return y
@@ -414,12 +439,12 @@ def grouped_conv_forward(
     c_in, c_out = channels // n, back.shape[0]
     r = 1 if modulations is None else modulations.shape[0]
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        rows = x.permute(0, 2, 3, 1).reshape(-1, c_in, n)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
         if conv is None:  # a pointwise convolution is the linear layer on the pixels
             weight_t = weight.view(groups, -1, weight.shape[1]).transpose(1, 2)
             y = blocks_forward(rows, q_in, q_out, weight_t, modulations, c_out, bias)
             return y.view(batch, height, width, c_out * n).permute(0, 3, 1, 2)
-        z = torch.matmul(q_in.t(), rows.transpose(1, 2))  # (B H W, M, c_in)
+        z = torch.matmul(q_in.t(), rows.view(-1, c_in, n).transpose(1, 2))  # (B H W, M, c_in)
         t = conv(z.view(batch, height, width, m * c_in).permute(0, 3, 1, 2), weight, groups)  # channels-last
         y = _rows_back(t.permute(0, 2, 3, 1).reshape(-1, m, r * c_out), q_out, modulations, c_out, bias)
         return y.view(batch, *t.shape[2:], c_out * n).permute(0, 3, 1, 2)

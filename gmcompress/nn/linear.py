@@ -15,7 +15,15 @@ from ..core.kernels import block_plan, full_kernels
 from ..core.patterns import channel_counts, pattern_for
 from ..fit import aware
 from .base import BiasMode, GMModule, NotApplicable, expand_bias, make_bias
-from .functional import ProductPlan, blocks_forward, direct_forward, fft_forward, has_gauss_blocks, kernel_spectra
+from .functional import (
+    ProductPlan,
+    blocks_forward,
+    direct_forward,
+    fft_forward,
+    has_gauss_blocks,
+    kernel_spectra,
+    spectrum_forward,
+)
 
 IMPLS = ("auto", "dense", "blocks", "packed", "fft")
 DIRECT_ROWS = 8  # the block path multiplies by the stored spectrum itself up to this many rows (direct_forward)
@@ -242,25 +250,65 @@ class GMLinear(GMModule):
         x = input
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GMLinear expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        rows = x.numel() // self.in_features  # batch_of, inlined: a forward's own Python is most of its overhead
+        own = self._parameters
+        spectrum = own.get("spectrum")
+        if self._short_way and spectrum is not None:  # the block path on the stored spectrum: the fewest Python steps
+            rows = x.numel() // self.in_features
+            flat = x if x.dim() == 2 else x.reshape(rows, self.in_features)
+            modulations = own["modulations"] if "modulations" in own else self.modulations
+            bias = own["bias"] if "bias" in own else self.bias
+            buffers = self._buffers
+            small = type(rows) is int and rows <= DIRECT_ROWS and not _in_graph()
+            if small and rows == 0:
+                return self._dense_forward(x)  # no rows: nothing to block
+            if small and "_q_direct_in" in buffers:
+                q_in, q_out = buffers["_q_direct_in"], buffers["_q_direct_out"]
+                y = direct_forward(flat, q_in, q_out, spectrum, modulations, self.c_out, bias)
+            else:
+                q_in, q_out = buffers["_q_in"], buffers["_q_out"]
+                y = spectrum_forward(flat, q_in, q_out, spectrum, self._n_pairs, modulations, self.c_out, bias)
+            return y if flat is x else y.view(*x.shape[:-1], self.out_features)
+        return self._path_forward(x)
+
+    _short_way = False  # see _settle_path
+
+    def _settle_path(self) -> None:
+        """Also settle whether ``forward`` takes its short way: the block path (Gauss's products, or up to
+        :data:`DIRECT_ROWS` rows the stored spectrum itself), no padding, a bias per output feature or none. Whether
+        the spectrum is stored is asked on each call (a parametrization registered later moves it)."""
+        super()._settle_path()
+        self._short_way = (
+            self._settled_path == "blocks"
+            and self.regular
+            and self.bias_mode != "shared"
+            and self.in_padded == self.in_features
+            and self.out_padded == self.out_features
+        )
+
+    def _path_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` on any path: batch-dependent paths, padding, a shared bias, the kernels form."""
+        rows = x.numel() // self.in_features  # batch_of, inlined
         impl = self._settled_path or self.path_for(rows)
         if impl == "dense" or (isinstance(rows, int) and rows == 0):  # no rows: nothing to block
             return self._dense_forward(x)
         n, bias = self.pattern.n_out, self._param("bias")
         flat = x.dim() == 2  # (rows, features): no leading shape to restore
-        if self.in_padded == self.in_features:
-            xg = x.reshape(-1, self.c_in, n)
-        else:
-            xg = F.pad(x.reshape(-1, self.in_features), (0, self.in_padded - self.in_features)).view(-1, self.c_in, n)
+        xg = x.reshape(-1, self.in_features)
+        if self.in_padded != self.in_features:
+            xg = F.pad(xg, (0, self.in_padded - self.in_features))
         modulations = self._param("modulations")
         if impl == "fft":
-            return self._fft_forward(x, xg, modulations, bias)
+            return self._fft_forward(x, xg.view(-1, self.c_in, n), modulations, bias)
         inside = self.out_padded == self.out_features and bias is not None  # the bias added in place
         inside_bias = (bias if self.bias_mode is True else expand_bias(bias, self.out_features, n)) if inside else None
         buffers = self._buffers
-        if impl == "blocks" and self.reads_spectrum(rows):
-            q_in, q_out, spectrum = buffers["_q_direct_in"], buffers["_q_direct_out"], self._parameters["spectrum"]
+        spectrum = self._parameters.get("spectrum") if impl == "blocks" else None
+        if spectrum is not None and self.reads_spectrum(rows):
+            q_in, q_out = buffers["_q_direct_in"], buffers["_q_direct_out"]
             y = direct_forward(xg, q_in, q_out, spectrum, modulations, self.c_out, inside_bias)
+        elif spectrum is not None:
+            q_in, q_out = buffers["_q_in"], buffers["_q_out"]
+            y = spectrum_forward(xg, q_in, q_out, spectrum, self._n_pairs, modulations, self.c_out, inside_bias)
         else:
             q_in, q_out = ("_q_packed", "_q_packed") if impl == "packed" else ("_q_in", "_q_out")
             q_in, q_out = buffers[q_in], buffers[q_out]
@@ -317,7 +365,7 @@ class GMLinear(GMModule):
             and rows <= DIRECT_ROWS
             and "spectrum" in self._parameters
             and "_q_direct_in" in self._buffers
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting())
+            and not _in_graph()
         )
 
     def _block_weights(self, impl: str = "blocks") -> torch.Tensor:
@@ -413,6 +461,13 @@ class GMLinear(GMModule):
             f"in_features={self.in_features}, out_features={self.out_features}, group={self.group.name}, "
             f"{self._structure_repr()}, impl={self._impl_repr()}, bias={self.bias is not None}{extra}"
         )
+
+
+def _in_graph() -> bool:
+    """Whether this call is compiled, exported or traced (the graph keeps one form of the block path for every
+    batch). ``torch._C._is_tracing`` is what ``torch.jit.is_tracing`` asks after its TorchScript check, which
+    costs a Python call on every forward and cannot apply here (these layers are not scripted)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch._C._is_tracing()
 
 
 def _in_onnx_export() -> bool:

@@ -122,7 +122,7 @@ def product_plan(g: FiniteGroup, gauss: bool = True) -> ProductPlan:
                     continue
                 q1 = plan.q[:, offset + nb + b]  # columns are (coordinate-in-block, block)
                 columns.update({(c, b, 1): (q0, q0 - q1), (c, b, 2): (q1, -(q0 + q1)), (c, b, 3): (q0 + q1, q1)})
-        parts = sorted(columns, key=lambda part: (part[2], part[0], part[1]))  # role-major (see spectrum_plan)
+        parts = sorted(columns, key=lambda part: (part[2], part[0], part[1]))  # role-major (see spectrum_map)
         q_in, q_out = zip(*(columns[part] for part in parts))
         return ProductPlan(np.stack(q_in, 1), np.stack(q_out, 1), len(parts), 1, tuple(parts))
     packed = grouped_plan(g)

@@ -299,7 +299,7 @@ class GMLinear(GMModule):
         modulations = self._param("modulations")
         if impl == "fft":
             return self._fft_forward(x, xg.view(-1, self.c_in, n), modulations, bias)
-        inside = self.out_padded == self.out_features and bias is not None  # the bias added in place
+        inside = self.out_padded == self.out_features and bias is not None  # the bias added in the last pass
         inside_bias = (bias if self.bias_mode is True else expand_bias(bias, self.out_features, n)) if inside else None
         buffers = self._buffers
         spectrum = self._parameters.get("spectrum") if impl == "blocks" else None

@@ -284,7 +284,7 @@ def blocks_forward(
     c_in, groups = x.shape[1] // n, weight_t.shape[0]
     size = m // groups
     r = 1 if modulations is None else modulations.shape[0]
-    z = torch.matmul(q_in.t(), x.reshape(batch, c_in, n).transpose(1, 2))  # (B, M, c_in)
+    z = _transformed(x, q_in)
     t = torch.bmm(z.view(batch, groups, size * c_in).transpose(0, 1), weight_t)  # (G, B, size r c_out)
     return _rows_back(t.transpose(0, 1).reshape(batch, m, r * c_out), q_out, modulations, c_out, bias)
 
@@ -307,11 +307,18 @@ def spectrum_forward(
     if n_pairs == 0 or not _may_write_into(x, spectrum, modulations, bias):
         return blocks_forward(x, q_in, q_out, gauss_weights(spectrum, n_pairs), modulations, c_out, bias)
     (n, m), batch = q_in.shape, x.shape[0]
-    z = torch.matmul(q_in.t(), x.reshape(batch, -1, n).transpose(1, 2)).transpose(0, 1)  # (M, B, c_in), a view
+    z = _transformed(x, q_in).transpose(0, 1)  # (M, B, c_in), a view
     t = x.new_empty(m, batch, spectrum.shape[2])
     torch.bmm(z[:n], spectrum, out=t[:n])
     torch.bmm(z[n:], pair_sums(spectrum, n_pairs), out=t[n:])
     return _rows_back(t.transpose(0, 1), q_out, modulations, c_out, bias)
+
+
+def _transformed(x: torch.Tensor, q_in: torch.Tensor) -> torch.Tensor:
+    """The basis change of row-major products: ``z[b, m, i] = sum_n q_in[n, m] x[b, i, n]`` for ``x (B, c_in N)``,
+    one product batched over rows, ``(B, M, c_in)`` contiguous."""
+    n = q_in.shape[0]
+    return torch.matmul(q_in.t(), x.reshape(x.shape[0], -1, n).transpose(1, 2))
 
 
 def direct_forward(
@@ -444,7 +451,7 @@ def grouped_conv_forward(
             weight_t = weight.view(groups, -1, weight.shape[1]).transpose(1, 2)
             y = blocks_forward(rows, q_in, q_out, weight_t, modulations, c_out, bias)
             return y.view(batch, height, width, c_out * n).permute(0, 3, 1, 2)
-        z = torch.matmul(q_in.t(), rows.view(-1, c_in, n).transpose(1, 2))  # (B H W, M, c_in)
+        z = _transformed(rows, q_in)  # (B H W, M, c_in)
         t = conv(z.view(batch, height, width, m * c_in).permute(0, 3, 1, 2), weight, groups)  # channels-last
         y = _rows_back(t.permute(0, 2, 3, 1).reshape(-1, m, r * c_out), q_out, modulations, c_out, bias)
         return y.view(batch, *t.shape[2:], c_out * n).permute(0, 3, 1, 2)

@@ -252,23 +252,41 @@ class GMLinear(GMModule):
             raise ValueError(f"GMLinear expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         own = self._parameters
         spectrum = own.get("spectrum")
-        if self._short_way and spectrum is not None:  # the block path on the stored spectrum: the fewest Python steps
-            rows = x.numel() // self.in_features
-            flat = x if x.dim() == 2 else x.reshape(rows, self.in_features)
-            modulations = own["modulations"] if "modulations" in own else self.modulations
-            bias = own["bias"] if "bias" in own else self.bias
-            buffers = self._buffers
-            small = type(rows) is int and rows <= DIRECT_ROWS and not _in_graph()
-            if small and rows == 0:
-                return self._dense_forward(x)  # no rows: nothing to block
-            if small and "_q_direct_in" in buffers:
-                q_in, q_out = buffers["_q_direct_in"], buffers["_q_direct_out"]
-                y = direct_forward(flat, q_in, q_out, spectrum, modulations, self.c_out, bias)
-            else:
-                q_in, q_out = buffers["_q_in"], buffers["_q_out"]
-                y = spectrum_forward(flat, q_in, q_out, spectrum, self._n_pairs, modulations, self.c_out, bias)
-            return y if flat is x else y.view(*x.shape[:-1], self.out_features)
-        return self._path_forward(x)
+        if not self._short_way or spectrum is None:
+            return self._path_forward(x)
+        # the block path on the stored spectrum: the fewest Python steps
+        rows = x.numel() // self.in_features
+        if type(rows) is int and rows == 0:
+            return self._dense_forward(x)  # no rows: nothing to block
+        flat = x if x.dim() == 2 else x.reshape(rows, self.in_features)
+        modulations = own["modulations"] if "modulations" in own else self.modulations
+        bias = own["bias"] if "bias" in own else self.bias
+        # _spectrum_products and reads_spectrum, inlined: calling them cost 0.25-0.4 us more a forward (measured)
+        buffers = self._buffers
+        if type(rows) is int and rows <= DIRECT_ROWS and "_q_direct_in" in buffers and not _in_graph():
+            q_in, q_out = buffers["_q_direct_in"], buffers["_q_direct_out"]
+            y = direct_forward(flat, q_in, q_out, spectrum, modulations, self.c_out, bias)
+        else:
+            q_in, q_out = buffers["_q_in"], buffers["_q_out"]
+            y = spectrum_forward(flat, q_in, q_out, spectrum, self._n_pairs, modulations, self.c_out, bias)
+        return y if flat is x else y.view(*x.shape[:-1], self.out_features)
+
+    def _spectrum_products(
+        self,
+        x: torch.Tensor,
+        rows: object,
+        spectrum: torch.Tensor,
+        modulations: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The block path on the stored spectrum, ``x (rows, c_in N) -> (rows, c_out N)``: the spectrum multiplied
+        directly where :meth:`reads_spectrum` says so, else Gauss's products (the spectrum and its pair sums)."""
+        buffers = self._buffers
+        if self.reads_spectrum(rows):
+            q_in, q_out = buffers["_q_direct_in"], buffers["_q_direct_out"]
+            return direct_forward(x, q_in, q_out, spectrum, modulations, self.c_out, bias)
+        q_in, q_out = buffers["_q_in"], buffers["_q_out"]
+        return spectrum_forward(x, q_in, q_out, spectrum, self._n_pairs, modulations, self.c_out, bias)
 
     _short_way = False  # see _settle_path
 
@@ -301,17 +319,12 @@ class GMLinear(GMModule):
             return self._fft_forward(x, xg.view(-1, self.c_in, n), modulations, bias)
         inside = self.out_padded == self.out_features and bias is not None  # the bias added in the last pass
         inside_bias = (bias if self.bias_mode is True else expand_bias(bias, self.out_features, n)) if inside else None
-        buffers = self._buffers
         spectrum = self._parameters.get("spectrum") if impl == "blocks" else None
-        if spectrum is not None and self.reads_spectrum(rows):
-            q_in, q_out = buffers["_q_direct_in"], buffers["_q_direct_out"]
-            y = direct_forward(xg, q_in, q_out, spectrum, modulations, self.c_out, inside_bias)
-        elif spectrum is not None:
-            q_in, q_out = buffers["_q_in"], buffers["_q_out"]
-            y = spectrum_forward(xg, q_in, q_out, spectrum, self._n_pairs, modulations, self.c_out, inside_bias)
+        if spectrum is not None:
+            y = self._spectrum_products(xg, rows, spectrum, modulations, inside_bias)
         else:
             q_in, q_out = ("_q_packed", "_q_packed") if impl == "packed" else ("_q_in", "_q_out")
-            q_in, q_out = buffers[q_in], buffers[q_out]
+            q_in, q_out = self._buffers[q_in], self._buffers[q_out]
             y = blocks_forward(xg, q_in, q_out, self._block_weights(impl), modulations, self.c_out, inside_bias)
         if self.out_padded != self.out_features:
             y = y[:, : self.out_features]
